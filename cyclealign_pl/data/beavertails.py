@@ -1,0 +1,195 @@
+"""BeaverTails-Evaluation: 700 unsafe prompts in 14 harm categories, as evaluation rows.
+
+The paper evaluates generalisation to BeaverTails (Table 8). Its prompts become single-turn HH-format rows
+(``"\\n\\nHuman: {prompt}\\n\\nAssistant:"``) whose ``subset`` is the harm category, so the LightningModule
+that reports HH-RLHF per subset reports BeaverTails per category with no change. The dataset has no
+reference replies: ``chosen`` and ``rejected`` are empty strings. Licence: CC BY-NC 4.0 (PKU-Alignment);
+it is not shipped with the package.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+from datasets.exceptions import DatasetGenerationError
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from cyclealign_pl.data.rows import (
+    CleaningStats,
+    DataFileError,
+    PromptRow,
+    Turn,
+    render_prompt,
+    rows_dataloader,
+    sample_indices,
+)
+
+log = logging.getLogger(__name__)
+
+HUB_NAME = "PKU-Alignment/BeaverTails-Evaluation"
+REQUIRED_COLUMNS: tuple[str, ...] = ("prompt", "category")
+
+
+def _check_csv_header(path: Path) -> None:
+    """A missing file, an empty file or a missing column is an error naming the file (and the column)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"BeaverTails file not found: {path}")
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh), None)
+    except UnicodeDecodeError as err:
+        raise DataFileError(path, f"not UTF-8 ({err.reason})", 1) from err
+    if not header:
+        raise DataFileError(path, "no header row (the file is empty)")
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise DataFileError(path, f"missing column(s) {missing}; header is {header}", 1)
+
+
+def load_raw(
+    path: str | Path | None, cache_dir: str | None = None, hub_split: str = "test"
+) -> tuple[datasets.Dataset, str]:
+    """The raw rows from a local CSV (checked first) or, when ``path`` is None, from the hub."""
+    if path is None:
+        raw = datasets.load_dataset(HUB_NAME, split=hub_split, cache_dir=cache_dir)
+        source = f"{HUB_NAME}/{hub_split}"
+    else:
+        path = Path(path)
+        _check_csv_header(path)
+        try:
+            raw = datasets.load_dataset("csv", data_files={"train": str(path)}, split="train",
+                                        cache_dir=cache_dir)
+        except DatasetGenerationError as err:  # pandas' message names the line
+            raise DataFileError(path, f"cannot parse CSV: {err.__cause__ or err}".strip()) from err
+        source = str(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in raw.column_names]
+    if missing:
+        raise DataFileError(source, f"missing column(s) {missing}; columns are {raw.column_names}")
+    if len(raw) == 0:
+        raise DataFileError(source, "no rows")
+    return raw, source
+
+
+def clean_rows(raw: datasets.Dataset, source: str) -> tuple[list[PromptRow], CleaningStats]:
+    """Evaluation rows ``beavertails:<row>``; rows without prompt or category are counted and skipped."""
+    stats = CleaningStats(source=source)
+    rows: list[PromptRow] = []
+    for index, record in enumerate(raw):
+        stats.rows += 1
+        prompt = str(record["prompt"]).strip() if record["prompt"] is not None else ""
+        category = str(record["category"]).strip() if record["category"] is not None else ""
+        if not prompt:
+            stats.drop("empty_prompt")
+            continue
+        if not category:
+            stats.drop("missing_category")
+            continue
+        rows.append(PromptRow(id=f"beavertails:{index}", subset=category,
+                              prompt=render_prompt([Turn("Human", prompt)]), chosen="", rejected=""))
+    stats.kept = len(rows)
+    stats.log(log)
+    return rows, stats
+
+
+def load_beavertails(
+    path: str | Path | None, cache_dir: str | None = None, hub_split: str = "test"
+) -> tuple[list[PromptRow], CleaningStats]:
+    """Load and check BeaverTails-Evaluation (local CSV with columns prompt, category; or the hub)."""
+    raw, source = load_raw(path, cache_dir, hub_split)
+    return clean_rows(raw, source)
+
+
+class BeaverTailsDataModule(LightningDataModule):
+    """BeaverTails-Evaluation prompts for ``validate``/``test``/``predict``, grouped by harm category.
+
+    Evaluation only (there is no training split): use it with ``trainer.validate`` and the same
+    LightningModule trained on HH-RLHF. ``path`` is the local CSV; ``None`` loads the hub dataset.
+    ``categories`` keeps only those categories; ``prompts_per_category`` draws a seeded sample of each.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        categories: Sequence[str] | None = None,
+        prompts_per_category: int | None = None,
+        eval_batch_size: int = 8,
+        seed: int = 0,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        hub_split: str = "test",
+    ) -> None:
+        super().__init__()
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"BeaverTails CSV not found: {path}")
+        if prompts_per_category is not None and prompts_per_category < 1:
+            raise ValueError(f"prompts_per_category must be >= 1 or None (all), got {prompts_per_category}")
+        if eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if categories is not None and not categories:
+            raise ValueError("categories must be None (all) or name at least one category")
+        self.save_hyperparameters()
+        self.path = path
+        self.categories = list(categories) if categories is not None else None
+        self.prompts_per_category = prompts_per_category
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.cache_dir = cache_dir
+        self.hub_split = hub_split
+        self._stats: dict[str, CleaningStats] = {}
+        self.eval_rows: list[PromptRow] | None = None
+
+    @property
+    def cleaning_stats(self) -> dict[str, CleaningStats]:
+        """Rows read, kept and dropped per reason (filled by setup)."""
+        return dict(self._stats)
+
+    def prepare_data(self) -> None:
+        if self.path is None:
+            datasets.load_dataset(HUB_NAME, split=self.hub_split, cache_dir=self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "fit":
+            raise ValueError("BeaverTailsDataModule is evaluation-only: use validate, test or predict")
+        if self.eval_rows is not None:
+            return
+        rows, stats = load_beavertails(self.path, self.cache_dir, self.hub_split)
+        self._stats = {"beavertails": stats}
+        by_category: dict[str, list[PromptRow]] = {}
+        for row in rows:
+            by_category.setdefault(row["subset"], []).append(row)
+        if self.categories is not None:
+            unknown = [c for c in self.categories if c not in by_category]
+            if unknown:
+                raise ValueError(f"unknown BeaverTails categories {unknown}; "
+                                 f"available: {sorted(by_category)}")
+            by_category = {c: by_category[c] for c in self.categories}
+        selected: list[PromptRow] = []
+        for category, group in by_category.items():
+            seed = f"{self.seed}:beavertails:{category}"
+            picks = sample_indices(len(group), self.prompts_per_category, seed)
+            selected.extend(group[i] for i in picks)
+        self.eval_rows = selected
+        log.info("BeaverTails prompts: %d evaluation over %d categories", len(selected), len(by_category))
+
+    def _eval_dataloader(self) -> DataLoader:
+        if self.eval_rows is None:
+            raise RuntimeError("evaluation prompts are not loaded: call setup() first (Lightning does)")
+        return rows_dataloader(self.eval_rows, self.eval_batch_size, shuffle=False, seed=self.seed,
+                               num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_dataloader()

@@ -1,0 +1,121 @@
+"""The prompt-row format every data module yields, and what the data modules share.
+
+A row is one contextualised question: the dialogue so far rendered in the HH-RLHF format and ending with
+``"\\n\\nAssistant:"`` (the white-box continues after it), plus the dataset's own chosen/rejected replies
+where it has them. Batches are dicts of lists of strings; tokenisation is the model's job, so the same
+rows serve any tokenizer and any judge.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, NamedTuple, TypedDict
+
+import torch
+from torch.utils.data import DataLoader
+
+Speaker = Literal["Human", "Assistant"]
+BATCH_KEYS: tuple[str, ...] = ("id", "subset", "prompt", "chosen", "rejected")
+
+
+class Turn(NamedTuple):
+    speaker: Speaker
+    text: str
+
+
+class PromptRow(TypedDict):
+    id: str  # stable across runs: "<subset>:<split>:<line>" for HH-RLHF
+    subset: str  # what evaluation reports are grouped by (HH-RLHF subset, BeaverTails category)
+    prompt: str
+    chosen: str  # "" where the dataset has no reference replies
+    rejected: str
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read as promised; the message names the file (and line, when known)."""
+
+    def __init__(self, path: str | Path, problem: str, line: int | None = None) -> None:
+        self.path = str(path)
+        self.line = line
+        self.problem = problem
+        where = self.path if line is None else f"{self.path}, line {line}"
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass
+class CleaningStats:
+    """What loading one source did to its rows: counts only, never text (the data holds harmful text)."""
+
+    source: str
+    rows: int = 0
+    kept: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    merged_turns: int = 0  # same-speaker turns merged into the previous turn (both sides of each pair)
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+
+    @property
+    def num_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "rows": self.rows,
+            "kept": self.kept,
+            "dropped": dict(sorted(self.dropped.items())),
+            "merged_turns": self.merged_turns,
+        }
+
+    def log(self, logger: logging.Logger) -> None:
+        """One line per source; a warning when rows were dropped, so a drop is never silent."""
+        level = logging.WARNING if self.dropped else logging.INFO
+        logger.log(
+            level,
+            "%s: %d rows, kept %d, dropped %d %s, merged %d same-speaker turns",
+            self.source, self.rows, self.kept, self.num_dropped, dict(sorted(self.dropped.items())),
+            self.merged_turns,
+        )
+
+
+def render_prompt(context: Sequence[Turn]) -> str:
+    """The canonical HH-RLHF text of ``context`` followed by the open assistant turn."""
+    parts = [f"\n\n{t.speaker}: {t.text}" if t.text else f"\n\n{t.speaker}:" for t in context]
+    return "".join(parts) + "\n\nAssistant:"
+
+
+def collate_rows(rows: Sequence[PromptRow]) -> dict[str, list[str]]:
+    """Dict of lists, one list per key of :data:`BATCH_KEYS`, in row order."""
+    return {key: [row[key] for row in rows] for key in BATCH_KEYS}
+
+
+def rows_dataloader(
+    rows: Sequence[PromptRow], batch_size: int, *, shuffle: bool, seed: int, num_workers: int
+) -> DataLoader:
+    """A DataLoader over rows; shuffling draws from its own seeded generator so runs repeat."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        list(rows),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=collate_rows,
+        num_workers=num_workers,
+    )
+
+
+def sample_indices(n: int, k: int | None, seed: str) -> list[int]:
+    """``k`` of ``range(n)`` drawn with ``seed``, in ascending order (all of them when ``k`` is None or >= n).
+
+    A string seed lets callers derive independent streams (``"0:eval:harmless-base"``) so that adding a
+    subset or changing the training count leaves the other draws unchanged.
+    """
+    if k is None or k >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), k))

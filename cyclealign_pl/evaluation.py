@@ -1,0 +1,261 @@
+"""Reward-model evaluation of the white-box (paper Table 1 per HH-RLHF subset, Table 8 on BeaverTails).
+
+One pass generates a greedy reply for every evaluation prompt, scores it with the evaluator (a
+``RewardModelJudge``), and accumulates the rewards per subset in :class:`SubsetMeanReward`, whose sum/count
+states reduce across processes. The run directory then gets three files under ``<log_dir>/eval/``:
+
+* ``<stage>_rewards.csv`` - ``subset,n,mean_reward``, one row per subset and a last ``total`` row (the
+  sample-weighted mean), the table of the paper;
+* ``<stage>_generations.jsonl`` - one ``{"id", "subset", "prompt", "reply", "reward"}`` object per prompt.
+  Prompts and replies may be harmful text: they go to this file only, never to the logs;
+* ``<stage>_meta.json`` - what was evaluated (checkpoint, training steps, evaluator, data), so the results
+  notebook can label its rows.
+
+With several processes, Lightning's distributed sampler may repeat up to ``world_size - 1`` prompts to even
+out the ranks; the metric counts them, the generations file is deduplicated by id. Evaluate on one device
+for exact paper numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, TypedDict
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torchmetrics import Metric
+
+log = logging.getLogger(__name__)
+
+TOTAL = "total"  # the name of the sample-weighted row; no subset may be called this
+
+
+class RewardRow(NamedTuple):
+    """One row of the results table: a subset (or ``"total"``), its number of scored replies, their mean."""
+
+    subset: str
+    n: int
+    mean_reward: float
+
+
+class GenerationRecord(TypedDict):
+    id: str
+    subset: str
+    prompt: str
+    reply: str
+    reward: float | None  # None when no evaluator was set (predict without a reward model)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class SubsetMeanReward(Metric):
+    """Mean reward per subset and the sample-weighted total (every reply counts once, whatever its subset).
+
+    Subset names are best given up front (from the evaluation rows), so that every process holds the same
+    state layout; in a single process new names are also registered as they come. ``compute()`` returns
+    ``{subset: mean, ..., "total": mean}`` for subsets with at least one reply; :meth:`table` gives the rows
+    with their counts. Non-finite rewards are skipped and counted (``skipped``), never averaged in.
+    """
+
+    # forward() then updates the global state first, so a subset first seen in a batch grows it before the
+    # batch-only state is built from the (grown) defaults
+    full_state_update = True
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, subsets: Iterable[str] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.subsets: list[str] = []
+        self._index: dict[str, int] = {}
+        self.add_state("sums", torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("counts", torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("skipped", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in subsets:
+            self.add_subset(name)
+
+    def add_subset(self, name: str) -> int:
+        """Register ``name`` (idempotent) and return its slot; the states grow by one zero entry."""
+        if name in self._index:
+            return self._index[name]
+        if name == TOTAL:
+            raise ValueError(f"a subset may not be called {TOTAL!r}: that name is the sample-weighted total")
+        grown: dict[str, Tensor] = {}
+        for state in ("sums", "counts"):
+            current: Tensor = getattr(self, state)
+            grown[state] = torch.cat([current, current.new_zeros(1)])
+            # re-registering updates the default, so reset() keeps the subsets and zeroes their values
+            self.add_state(state, current.new_zeros(len(self.subsets) + 1), dist_reduce_fx="sum")
+        self.sums, self.counts = grown["sums"], grown["counts"]
+        self._index[name] = len(self.subsets)
+        self.subsets.append(name)
+        return self._index[name]
+
+    def update(self, subsets: Sequence[str], rewards: Sequence[float] | Tensor) -> None:
+        values = torch.as_tensor(rewards, dtype=torch.float64, device=self.sums.device).flatten()
+        if len(subsets) != values.numel():
+            raise ValueError(f"got {len(subsets)} subset names for {values.numel()} rewards")
+        unknown = sorted({s for s in subsets if s not in self._index})
+        if unknown and _distributed():
+            raise ValueError(f"subset(s) {unknown} were not registered up front; with several processes "
+                             "every subset must be given to SubsetMeanReward(subsets=...) so all ranks share "
+                             "one state layout")
+        for name in unknown:
+            self.add_subset(name)
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            dropped = int((~finite).sum())
+            self.skipped += dropped
+            log.warning("skipped %d non-finite reward(s) of subset(s) %s", dropped,
+                        sorted({s for s, ok in zip(subsets, finite.tolist()) if not ok}))
+        index = torch.tensor([self._index[s] for s in subsets], device=values.device)[finite]
+        self.sums.index_add_(0, index, values[finite])
+        self.counts.index_add_(0, index, torch.ones_like(values[finite]))
+
+    def _rows(self) -> list[RewardRow]:
+        rows = [
+            RewardRow(name, int(n), float(s / n))
+            for name, s, n in zip(self.subsets, self.sums.tolist(), self.counts.tolist())
+            if n > 0
+        ]
+        n_total = float(self.counts.sum())
+        total = float(self.sums.sum() / n_total) if n_total > 0 else math.nan
+        return [*rows, RewardRow(TOTAL, int(n_total), total)]
+
+    def compute(self) -> dict[str, Tensor]:
+        return {row.subset: torch.tensor(row.mean_reward) for row in self._rows()}
+
+    def table(self) -> list[RewardRow]:
+        """The rows over all processes (a collective call: every rank must make it)."""
+        with self.sync_context(should_sync=True, should_unsync=True):
+            return self._rows()
+
+
+# ------------------------------------------------------------------------------------------------ one pass
+
+
+class RewardEvaluation:
+    """One evaluation pass (a validate/test/predict epoch): generate greedily, score, accumulate."""
+
+    def __init__(self, subsets: Iterable[str] = (), device: torch.device | str = "cpu") -> None:
+        self.metric = SubsetMeanReward(subsets).to(device)
+        self.records: list[GenerationRecord] = []
+
+    def step(
+        self, whitebox, reward_model, batch: Mapping[str, Sequence[str]], max_new_tokens: int
+    ) -> list[GenerationRecord]:
+        """Greedy replies (prompt left-truncated, reply cut at the next turn) and their rewards for one batch.
+
+        ``reward_model`` is anything with ``score(prompts, responses) -> list[float]`` (``RewardModelJudge``);
+        ``None`` records replies without rewards.
+        """
+        prompts = list(batch["prompt"])
+        replies = whitebox.greedy(prompts, max_new_tokens)
+        rewards: list[float | None] = [None] * len(prompts)
+        if reward_model is not None:
+            rewards = [float(r) for r in reward_model.score(prompts, replies)]
+            self.metric.update(list(batch["subset"]), rewards)
+        records = [
+            GenerationRecord(id=i, subset=s, prompt=p, reply=r, reward=w)
+            for i, s, p, r, w in zip(batch["id"], batch["subset"], prompts, replies, rewards)
+        ]
+        self.records.extend(records)
+        return records
+
+
+def subsets_of(dataloaders: Any) -> list[str]:
+    """Subset names in order of first appearance in the evaluation rows of one or more dataloaders.
+
+    Works for any dataloader whose dataset is a sequence of rows with a ``subset`` key (the package's data
+    modules); otherwise returns what it found and the metric registers the rest as they come.
+    """
+    if dataloaders is None:
+        return []
+    loaders = dataloaders if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+    names: dict[str, None] = {}
+    for loader in loaders:
+        dataset = getattr(loader, "dataset", None)
+        if not isinstance(dataset, Sequence):
+            continue
+        for row in dataset:
+            if isinstance(row, Mapping) and "subset" in row:
+                names.setdefault(str(row["subset"]), None)
+    return list(names)
+
+
+def gather_records(records: list[GenerationRecord]) -> list[GenerationRecord]:
+    """All processes' records (a collective call), each id once; the records as given in one process."""
+    if not _distributed():
+        return records
+    gathered: list[list[GenerationRecord] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, records)
+    seen: set[str] = set()
+    merged: list[GenerationRecord] = []
+    for part in gathered:
+        for record in part or []:
+            if record["id"] not in seen:
+                seen.add(record["id"])
+                merged.append(record)
+    return merged
+
+
+# ------------------------------------------------------------------------------------------------- files
+
+
+def eval_paths(log_dir: str | Path, stage: str) -> dict[str, Path]:
+    """Where one stage's files go: ``rewards`` (CSV), ``generations`` (JSONL), ``meta`` (JSON)."""
+    root = Path(log_dir) / "eval"
+    return {
+        "rewards": root / f"{stage}_rewards.csv",
+        "generations": root / f"{stage}_generations.jsonl",
+        "meta": root / f"{stage}_meta.json",
+    }
+
+
+def write_eval_outputs(
+    log_dir: str | Path,
+    stage: str,
+    rows: Sequence[RewardRow] | None,
+    records: Sequence[GenerationRecord],
+    meta: Mapping[str, Any],
+) -> dict[str, Path]:
+    """Write the table (when there are rewards), the generations and the metadata; return the paths."""
+    paths = eval_paths(log_dir, stage)
+    paths["rewards"].parent.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    if rows is not None:
+        with paths["rewards"].open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(RewardRow._fields)
+            writer.writerows((r.subset, r.n, repr(r.mean_reward)) for r in rows)
+        written["rewards"] = paths["rewards"]
+    with paths["generations"].open("w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    written["generations"] = paths["generations"]
+    paths["meta"].write_text(json.dumps(dict(meta), indent=2, default=str) + "\n", encoding="utf-8")
+    written["meta"] = paths["meta"]
+    return written
+
+
+def read_rewards_csv(path: str | Path) -> list[RewardRow]:
+    """The rows of a ``<stage>_rewards.csv`` file; a malformed row is an error naming the file and line."""
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames != list(RewardRow._fields):
+            raise ValueError(f"{path}: header {reader.fieldnames} is not {list(RewardRow._fields)}")
+        rows = []
+        for line, record in enumerate(reader, start=2):
+            try:
+                rows.append(RewardRow(record["subset"], int(record["n"]), float(record["mean_reward"])))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{path}, line {line}: {error}") from error
+    return rows

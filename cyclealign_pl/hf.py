@@ -1,0 +1,78 @@
+"""Loading Hugging Face models and tokenizers: from a path/hub name, or built from a config (tests, CPU default).
+
+One place for the error messages users see when a path is wrong, so every caller fails the same clear way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+OFFLINE_TOKENIZER = "byt5"  # ByT5's byte tokenizer needs no files: the offline default for tiny models
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded; the message names the path and the likely cause."""
+
+
+def _explain(kind: str, name: str, error: Exception) -> ModelLoadError:
+    hint = "" if Path(name).exists() else " (not a local directory; a hub name needs network access or a local cache)"
+    return ModelLoadError(f"could not load {kind} {name!r}{hint}: {error}")
+
+
+def load_tokenizer(name: str):
+    """``"byt5"`` builds the file-free byte tokenizer; anything else goes to ``AutoTokenizer.from_pretrained``."""
+    if name == OFFLINE_TOKENIZER:
+        from transformers import ByT5Tokenizer
+
+        return ByT5Tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise _explain("tokenizer", name, error) from error
+
+
+def build_config(config: dict[str, Any], **overrides: Any):
+    """A transformers config from a plain dict with a ``model_type`` key (e.g. ``{"model_type": "llama", ...}``)."""
+    settings = dict(config)
+    model_type = settings.pop("model_type", None)
+    if not model_type:
+        raise ModelLoadError(f"a model config needs a 'model_type' key (e.g. 'llama'), got keys {sorted(config)}")
+    settings.update(overrides)
+    try:
+        return AutoConfig.for_model(model_type, **settings)
+    except (ValueError, TypeError) as error:
+        raise ModelLoadError(f"invalid model config {config!r}: {error}") from error
+
+
+def _init_from_config(auto_cls, config, seed: int) -> PreTrainedModel:
+    with torch.random.fork_rng(devices=[]):  # a built model must not shift the run's RNG stream
+        torch.manual_seed(seed)
+        return auto_cls.from_config(config)
+
+
+def load_causal_lm(path: str | None, config: dict[str, Any] | None = None, *, seed: int = 0, dtype: str | None = None) -> PreTrainedModel:
+    """The white-box: ``from_pretrained(path)``, or a freshly initialised model from ``config``."""
+    if config is not None:
+        return _init_from_config(AutoModelForCausalLM, build_config(config), seed)
+    if not path:
+        raise ModelLoadError("no white-box model given: set model.model (a path or hub name) or model.model_config")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    except (OSError, ValueError) as error:
+        raise _explain("causal LM", path, error) from error
+
+
+def load_reward_model(path: str | None, config: dict[str, Any] | None = None, *, seed: int = 0, dtype: str | None = None) -> PreTrainedModel:
+    """A sequence-classification reward model with one output (the reward)."""
+    if config is not None:
+        return _init_from_config(AutoModelForSequenceClassification, build_config(config, num_labels=1), seed)
+    if not path:
+        raise ModelLoadError("no reward model given: set its model (a path or hub name) or its config")
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype or "auto")
+    except (OSError, ValueError) as error:
+        raise _explain("reward model", path, error) from error

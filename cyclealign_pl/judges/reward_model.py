@@ -1,0 +1,123 @@
+"""A judge that ranks by a local reward model: the offline black box, and the reference ranker/evaluator.
+
+Any ``AutoModelForSequenceClassification`` with one output works (a hub name or path, or one built from a
+config for tests and the CPU default). The input format is configurable: ``"plain"`` scores the HH-format
+dialogue followed by the reply; ``"oasst"`` reproduces the paper's evaluator, OpenAssistant's
+oasst-rm-2-pythia-6.9b-epoch-1, whose input is ``<|prompter|>...<eos><|assistant|>...<eos>`` turns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from cyclealign_pl.hf import OFFLINE_TOKENIZER, load_reward_model, load_tokenizer
+from cyclealign_pl.judges.base import Judge, Judgment, RankRequest
+from cyclealign_pl.ranking import rank_by_scores
+
+RewardFormat = Literal["plain", "oasst"]
+
+
+def format_for_reward_model(prompt: str, response: str, input_format: RewardFormat, eos_token: str = "") -> str:
+    """The reward model's input text for one (HH-format dialogue prompt, reply) pair."""
+    if input_format == "plain":
+        return f"{prompt.rstrip()} {response.strip()}"
+    if input_format == "oasst":
+        from cyclealign_pl.data.hh_rlhf import parse_dialogue
+
+        turns = [turn for turn in parse_dialogue(prompt).turns if turn.text]  # drops the open "Assistant:" turn
+        tags = {"Human": "<|prompter|>", "Assistant": "<|assistant|>"}
+        text = "".join(f"{tags[turn.speaker]}{turn.text}{eos_token}" for turn in turns)
+        return f"{text}<|assistant|>{response.strip()}{eos_token}"
+    raise ValueError(f"unknown reward-model input format {input_format!r}; use 'plain' or 'oasst'")
+
+
+class RewardModelJudge(Judge):
+    """Ranks each request's candidates by descending reward (no better response of its own).
+
+    Args:
+        model: path or hub name of the reward model (``None`` with ``config`` builds one from scratch).
+        config: a transformers config as a dict with ``model_type`` (random init, seeded by ``seed``).
+        tokenizer: tokenizer name; defaults to ``model``; ``"byt5"`` is the file-free offline tokenizer.
+        input_format: ``"plain"`` or ``"oasst"`` (see module docstring).
+        sigmoid, scale: reported reward = scale * (sigmoid(logit) if sigmoid else logit); the paper's Table 1 uses
+            sigmoid and scale 100. Rankings do not depend on either.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        input_format: RewardFormat = "plain",
+        sigmoid: bool = False,
+        scale: float = 1.0,
+        max_length: int = 512,
+        batch_size: int = 16,
+        seed: int = 0,
+        dtype: str | None = None,
+    ) -> None:
+        if model is None and config is None:
+            raise ValueError("RewardModelJudge needs a model path or a config")
+        if input_format not in ("plain", "oasst"):
+            raise ValueError(f"unknown reward-model input format {input_format!r}; use 'plain' or 'oasst'")
+        self.model_name = model
+        self.input_format = input_format
+        self.sigmoid = sigmoid
+        self.scale = scale
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.model = load_reward_model(model, config, seed=seed, dtype=dtype).eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = load_tokenizer(tokenizer or model or OFFLINE_TOKENIZER)
+        self.tokenizer.truncation_side = "left"  # the reply is at the end: keep it, drop old turns
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.calls = 0
+
+    def to(self, device: Any) -> "RewardModelJudge":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """The reward of each (prompt, response) pair, batched."""
+        eos = self.tokenizer.eos_token or ""
+        texts = [format_for_reward_model(p, r, self.input_format, eos) for p, r in zip(prompts, responses)]
+        device = next(self.model.parameters()).device
+        rewards: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size],
+                add_special_tokens=False,
+                truncation=True,
+                max_length=self.max_length,
+                padding=True,
+                return_tensors="pt",
+            ).to(device)
+            logits = self.model(**enc).logits[:, 0].float()
+            values = torch.sigmoid(logits) if self.sigmoid else logits
+            rewards.extend((values * self.scale).tolist())
+        return rewards
+
+    def rank(self, requests: Sequence[RankRequest]) -> list[Judgment]:
+        self.calls += len(requests)
+        prompts = [r.instruction for r in requests for _ in r.candidates]
+        responses = [c for r in requests for c in r.candidates]
+        flat = self.score(prompts, responses)
+        judgments, offset = [], 0
+        for request in requests:
+            scores = tuple(flat[offset : offset + len(request.candidates)])
+            offset += len(request.candidates)
+            judgments.append(Judgment(ranking=rank_by_scores(scores), scores=scores))
+        return judgments
+
+    def metrics(self) -> dict[str, float]:
+        return {"requests": float(self.calls)}
+
+    def __repr__(self) -> str:
+        return f"RewardModelJudge(model={self.model_name!r}, input_format={self.input_format!r})"

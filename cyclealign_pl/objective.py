@@ -1,0 +1,245 @@
+"""The white-box training objective: L = L_rank + lambda * L_sft (paper, Eq. 1), batched and masked.
+
+Shapes follow one convention: B prompts x C candidates x T tokens, right padding. A candidate's score is
+its mean response log-prob p_i (paper, below Eq. 4). Rankings are ``LongTensor[B, K]`` of candidate
+indices, best first, padded on the right with ``-1``; a partial ranking (the LCS agreement, or a
+judge that ranked only some candidates) uses only its ranked entries.
+
+The paper's equations carry two typos that the reference code of the cited methods does not have:
+
+* Eq. (3) writes ``L_RRHF = -sum_i sum_{j<i} max(0, p_i - p_j)``. With y^1 the best, the pair (j better,
+  i worse) should be penalised when p_i > p_j, so the loss to *minimise* is ``+sum max(0, p_i - p_j)``;
+  the leading minus is a sign slip. We follow RRHF (Yuan et al. 2023, reference ``rrhf_loss``:
+  ``-diff[aval].sum()`` over pairs where the reward says better but the score says worse).
+* Eq. (4) writes ``-sum_j exp(p_j) / sum_{i>=j} exp(p_i)`` without a log. PRO (Song et al. 2023) is a
+  sum of cross-entropies, ``-sum_j log softmax(p_j, ..., p_n)[0]``, which is what we implement.
+
+Both methods' reference code take p_i as the length-normalised sum of response token log-probs, with
+the EOS token counted once in the response, and add an SFT term on the best response weighted, in PRO,
+by (l-1)^2 for l ranked responses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LossParts",
+    "cycle_loss",
+    "default_sft_weight",
+    "mean_response_logprob",
+    "pad_rankings",
+    "pro_loss",
+    "rrhf_loss",
+    "sft_loss",
+    "token_logprobs",
+]
+
+
+class LossParts(NamedTuple):
+    """The total loss and its two parts (all 0-dim tensors), so each can be logged."""
+
+    total: Tensor
+    rank: Tensor
+    sft: Tensor
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16/fp16 (their exp/sum lose too much), unchanged for float32/float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """Per-token log p(input_ids[t] | input_ids[<t]) for causal-LM ``logits`` [..., T, V].
+
+    Position t of the result holds the log-prob of ``input_ids[..., t]`` (predicted by the logits at
+    t-1); position 0 has no prediction and holds 0. Low-precision logits are upcast to float32, but only
+    once: log_softmax(x)[y] = x[y] - logsumexp(x), with the logsumexp done in place on the single float32
+    copy instead of materialising a full log_softmax next to it.
+    """
+    if logits.shape[:-1] != input_ids.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)} disagree: "
+            "expected logits of shape input_ids.shape + (vocab_size,)"
+        )
+    if input_ids.shape[-1] == 0:
+        return logits.new_zeros(input_ids.shape, dtype=_at_least_float32(logits.dtype))
+    shifted = logits[..., :-1, :]  # logits at t-1 predict the token at t
+    targets = input_ids[..., 1:].unsqueeze(-1)
+    # The max only stabilises exp; logsumexp's value (and its gradient, softmax) do not depend on it.
+    dtype = _at_least_float32(logits.dtype)
+    row_max = shifted.detach().amax(dim=-1, keepdim=True).to(dtype)
+    # The one float32 copy (a copy even for float32 input, so the in-place ops below never touch `logits`).
+    work = shifted.to(dtype, copy=True)
+    work.sub_(row_max).exp_()  # in place: exp's backward needs only its output, which is `work` itself
+    logsumexp = work.sum(dim=-1, keepdim=True).log() + row_max
+    selected = shifted.gather(dim=-1, index=targets).to(dtype)
+    logps = (selected - logsumexp).squeeze(-1)
+    return torch.nn.functional.pad(logps, (1, 0), value=0.0)
+
+
+def mean_response_logprob(token_logps: Tensor, response_mask: Tensor) -> Tensor:
+    """The candidate score p_i: mean log-prob over the response tokens that ``response_mask`` selects.
+
+    The mask excludes prompt and padding and includes the EOS token once (RRHF/PRO convention). A row
+    with an empty mask scores 0 with zero (not NaN) gradient: the masked positions are *selected away*
+    with ``where`` (so a -inf there cannot make 0 * inf = NaN) and the count is clamped to 1.
+    """
+    if token_logps.shape != response_mask.shape:
+        raise ValueError(
+            f"token_logps {tuple(token_logps.shape)} and response_mask {tuple(response_mask.shape)} disagree"
+        )
+    mask = response_mask.to(torch.bool)
+    total = torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(dim=-1)
+    count = mask.sum(dim=-1).clamp(min=1)
+    return total / count
+
+
+def pad_rankings(
+    rankings: Sequence[Sequence[int] | None], width: int, device: torch.device | str | None = None
+) -> Tensor:
+    """Rankings as the ``LongTensor[B, width]`` the losses take, right-padded with -1 (None = unranked)."""
+    rows = []
+    for b, ranking in enumerate(rankings):
+        row = list(ranking) if ranking is not None else []
+        if len(row) > width:
+            raise ValueError(f"ranking {b} has {len(row)} entries, more than the width {width}")
+        rows.append(row + [-1] * (width - len(row)))
+    return torch.tensor(rows, dtype=torch.long, device=device).reshape(len(rows), width)
+
+
+def _check_rankings(scores: Tensor, rankings: Tensor) -> None:
+    """Raise ValueError naming the first malformed ranking row (one small device-to-host copy)."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [prompts, candidates], got shape {tuple(scores.shape)}")
+    if rankings.dim() != 2 or rankings.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"rankings must be [prompts, K] with {scores.shape[0]} prompts, got shape {tuple(rankings.shape)}"
+        )
+    if rankings.dtype.is_floating_point or rankings.dtype == torch.bool or rankings.dtype.is_complex:
+        raise ValueError(f"rankings must hold integer candidate indices, got dtype {rankings.dtype}")
+    num_candidates = scores.shape[1]
+    for b, row in enumerate(rankings.detach().cpu().tolist()):
+        ranked = [i for i in row if i != -1]
+        if any(not -1 <= i < num_candidates for i in row):
+            raise ValueError(f"ranking {b} {row}: indices must be in [0, {num_candidates}) or -1 (padding)")
+        if row[: len(ranked)] != ranked:
+            raise ValueError(f"ranking {b} {row}: -1 padding must come after all ranked indices")
+        if len(set(ranked)) != len(ranked):
+            raise ValueError(f"ranking {b} {row}: a candidate is ranked twice")
+
+
+def _ranked_scores(scores: Tensor, rankings: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(scores in ranked order [B, K] float32, entry mask [B, K], prompt validity [B] = >= 2 entries)."""
+    _check_rankings(scores, rankings)
+    rankings = rankings.to(device=scores.device, dtype=torch.long)
+    entry = rankings >= 0
+    ranked = scores.gather(dim=1, index=rankings.clamp(min=0)).to(_at_least_float32(scores.dtype))
+    valid = entry.sum(dim=1) >= 2  # fewer than two ranked candidates carry no preference
+    return ranked, entry, valid
+
+
+def _mean_over_valid(per_prompt: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``per_prompt`` over valid prompts.
+
+    With no valid prompt this is 0, still computed from ``per_prompt`` (selected away by ``where``), so
+    it keeps a grad_fn connected to the scores and ``backward()`` works (zero gradients) instead of raising.
+    """
+    kept = torch.where(valid, per_prompt, torch.zeros_like(per_prompt))
+    return kept.sum() / valid.sum().clamp(min=1)
+
+
+def rrhf_loss(scores: Tensor, rankings: Tensor) -> Tensor:
+    """RRHF ranking loss: per prompt, sum over ranked pairs (better, worse) of max(0, p_worse - p_better).
+
+    This is the paper's Eq. (3) with its sign slip fixed (the loss is minimised, as in RRHF's reference
+    code). Ties cost 0. Reduced by the mean over prompts with >= 2 ranked candidates; see
+    :func:`_mean_over_valid` for the all-invalid batch (returns 0 with a working backward).
+    """
+    ranked, entry, valid = _ranked_scores(scores, rankings)
+    # diff[b, i, j] = p(rank j) - p(rank i): positive when the worse-ranked j outscores the better i.
+    diff = ranked.unsqueeze(1) - ranked.unsqueeze(2)
+    k = ranked.shape[1]
+    better_first = torch.ones(k, k, dtype=torch.bool, device=ranked.device).triu(diagonal=1)  # i < j
+    pairs = better_first & entry.unsqueeze(2) & entry.unsqueeze(1)
+    per_prompt = torch.where(pairs, diff.clamp(min=0), torch.zeros_like(diff)).sum(dim=(1, 2))
+    return _mean_over_valid(per_prompt, valid)
+
+
+def pro_loss(scores: Tensor, rankings: Tensor) -> Tensor:
+    """PRO ranking loss: per prompt, -sum_{j=0}^{k-2} log softmax(p_{r_j}, ..., p_{r_{k-1}})[0].
+
+    This is the paper's Eq. (4) with the missing log restored (PRO's reference code is a sum of
+    cross-entropies, each with the j-th best as the target class among it and all worse ones). Each
+    denominator is a masked logsumexp, so it is stable for any score magnitude. Same masking and
+    reduction as :func:`rrhf_loss`.
+    """
+    ranked, entry, valid = _ranked_scores(scores, rankings)
+    k = ranked.shape[1]
+    # suffix[b, j, i] selects the candidates ranked at j or below (i >= j) that are present.
+    at_or_below = torch.ones(k, k, dtype=torch.bool, device=ranked.device).triu()
+    suffix = at_or_below & entry.unsqueeze(1)
+    masked = torch.where(suffix, ranked.unsqueeze(1).expand(-1, k, -1), -torch.inf)
+    log_denominator = torch.logsumexp(masked, dim=-1)  # [B, K]; -inf where nothing is selected
+    # A term exists for every ranked j with at least one ranked candidate after it (j <= k-2).
+    has_worse = (entry.flip(1).cumsum(1).flip(1) - entry.long()) > 0
+    terms = entry & has_worse
+    nll = torch.where(terms, log_denominator - ranked, torch.zeros_like(ranked))
+    return _mean_over_valid(nll.sum(dim=1), valid)
+
+
+def sft_loss(token_logps: Tensor, response_mask: Tensor, valid: Tensor | None = None) -> Tensor:
+    """L_sft (paper, Eq. 2): mean token NLL of each prompt's best response, averaged over prompts.
+
+    ``token_logps``/``response_mask`` are [B, T] for the one best response per prompt. Prompts where
+    ``valid`` is False, or whose mask is empty (no response tokens to imitate), are left out of the
+    mean; with none left the result is 0 with a working backward.
+    """
+    nll = -mean_response_logprob(token_logps, response_mask)
+    keep = response_mask.to(torch.bool).any(dim=-1)
+    if valid is not None:
+        if valid.shape != keep.shape:
+            raise ValueError(f"valid {tuple(valid.shape)} must be one flag per prompt {tuple(keep.shape)}")
+        keep = keep & valid.to(device=keep.device, dtype=torch.bool)
+    return _mean_over_valid(nll.to(_at_least_float32(nll.dtype)), keep)
+
+
+def default_sft_weight(num_candidates: int) -> float:
+    """lambda = (l-1)^2 for l ranked candidates, PRO's weighting of the SFT term."""
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+    return float((num_candidates - 1) ** 2)
+
+
+def cycle_loss(
+    scores: Tensor,
+    rankings: Tensor,
+    best_token_logps: Tensor,
+    best_mask: Tensor,
+    objective: Literal["rrhf", "pro"],
+    sft_weight: float | None = None,
+    sft_valid: Tensor | None = None,
+) -> LossParts:
+    """L = L_rank + lambda * L_sft (paper, Eq. 1) for one optimizer step.
+
+    Args:
+        scores: [B, C] candidate scores p_i from :func:`mean_response_logprob`.
+        rankings: [B, K] best-first candidate indices, -1 padded (e.g. from :func:`pad_rankings`).
+        best_token_logps, best_mask: [B, T] token log-probs and response mask of each prompt's best response.
+        objective: ``"rrhf"`` or ``"pro"`` for L_rank.
+        sft_weight: lambda; None means :func:`default_sft_weight` of C.
+        sft_valid: [B] prompts whose best response is imitated; None means every non-empty one.
+    """
+    if objective == "rrhf":
+        rank = rrhf_loss(scores, rankings)
+    elif objective == "pro":
+        rank = pro_loss(scores, rankings)
+    else:
+        raise ValueError(f"objective must be 'rrhf' or 'pro', got {objective!r}")
+    weight = default_sft_weight(scores.shape[-1]) if sft_weight is None else float(sft_weight)
+    sft = sft_loss(best_token_logps, best_mask, sft_valid)
+    return LossParts(total=rank + weight * sft, rank=rank, sft=sft)

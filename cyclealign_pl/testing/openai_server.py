@@ -1,0 +1,362 @@
+"""A real OpenAI-compatible chat-completions server on 127.0.0.1, for tests, benchmarks and offline demos.
+
+``POST /v1/chat/completions`` answers with proper ``chat.completion`` JSON (with ``usage``). By default it is a
+deterministic *ranker*: it reads the request's candidates out of our prompt format
+(:func:`cyclealign_pl.judges.prompt.parse_prompt`) and ranks them by :func:`harm_score` (fewer harmful keywords
+first), then by length (more words first), then by index; its better response is the best candidate when that
+one is harmless, else a polite refusal. On the paper's static demonstration this gives the paper's ranking
+``[1, 3, 2, 0]``. Messages that are not in our format get a reply without a ranking.
+
+Each request can be scripted (:class:`Behaviour`): an HTTP error with or without ``Retry-After``, a reply that
+hangs, a garbage body, a dropped connection, a custom reply text. Behaviours come from a queue (one per request,
+in arrival order), then from ``responder(index, body)``, then from the random ``failure_rate``; otherwise the
+ranker answers. Every request is recorded (body, headers, arrival time) for assertions.
+
+    with LocalOpenAIServer(delay=0.5) as server:
+        judge = OpenAIJudge(model="local-ranker", base_url=server.url)
+
+    python -m cyclealign_pl.testing.openai_server --port 8000 --delay 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal
+
+from cyclealign_pl.judges.prompt import format_reply, parse_prompt
+
+_HARMFUL = re.compile(
+    r"\b(?:rob|robb|steal|stole|fraud|drug|kill|murder|weapon|bomb|explosive|hack|poison|scam|illegal|hurt"
+    r"|attack|violen|cheat|launder|kidnap|smuggl)\w*",
+    re.IGNORECASE,
+)
+
+
+def harm_score(text: str) -> int:
+    """How many harmful keywords the text contains (the ranker's first criterion; lower is better)."""
+    return len(_HARMFUL.findall(text))
+
+
+def rank_candidates(candidates: Iterable[str]) -> tuple[int, ...]:
+    """The ranker's rule: fewer harmful keywords, then more words, then lower index."""
+    texts = list(candidates)
+    return tuple(sorted(range(len(texts)), key=lambda i: (harm_score(texts[i]), -len(texts[i].split()), i)))
+
+
+def count_tokens(text: str) -> int:
+    """A stand-in tokenizer for usage figures: one token per 4 characters, rounded up."""
+    return math.ceil(len(text) / 4)
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How the server answers one request. Build with the class methods."""
+
+    kind: Literal["rank", "reply", "status", "hang", "garbage", "drop"] = "rank"
+    text: str | None = None
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    seconds: float = 0.0
+
+    @classmethod
+    def rank(cls) -> "Behaviour":
+        return cls("rank")
+
+    @classmethod
+    def reply(cls, text: str) -> "Behaviour":
+        """A 200 reply whose message content is ``text``."""
+        return cls("reply", text=text)
+
+    @classmethod
+    def error(
+        cls, status: int, retry_after: float | str | None = None, retry_after_ms: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> "Behaviour":
+        """An HTTP error with an OpenAI-style error body and optional Retry-After / retry-after-ms headers."""
+        extra = dict(headers or {})
+        if retry_after is not None:
+            extra["Retry-After"] = str(retry_after)
+        if retry_after_ms is not None:
+            extra["retry-after-ms"] = str(retry_after_ms)
+        return cls("status", status=status, headers=tuple(extra.items()))
+
+    @classmethod
+    def hang(cls, seconds: float = 30.0) -> "Behaviour":
+        """Read the request, send nothing for ``seconds`` (or until the server stops), then close."""
+        return cls("hang", seconds=seconds)
+
+    @classmethod
+    def garbage(cls) -> "Behaviour":
+        """A 200 response whose body is not JSON."""
+        return cls("garbage")
+
+    @classmethod
+    def drop(cls) -> "Behaviour":
+        """Close the connection without any response."""
+        return cls("drop")
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """A request as the server saw it; ``time`` is ``time.monotonic()`` at arrival."""
+
+    index: int
+    time: float
+    path: str
+    headers: dict[str, str]
+    body: Any
+    behaviour: str = field(default="rank")
+
+
+class LocalOpenAIServer:
+    """An OpenAI-compatible HTTP server in a background thread (see the module docstring).
+
+    Args:
+        host, port: where to listen (port 0: an ephemeral port; read :attr:`url`).
+        delay: seconds to wait before every answer (simulates the black box's latency).
+        failure_rate: probability that a request (not scripted otherwise) gets ``failure`` instead.
+        failure: the behaviour used by ``failure_rate`` (default: HTTP 500).
+        seed: seeds the failure draws, so a run is reproducible.
+        model: the model name reported back.
+        responder: ``f(index, body) -> Behaviour | None`` consulted after the queue (None: fall through).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        delay: float = 0.0,
+        failure_rate: float = 0.0,
+        failure: Behaviour | None = None,
+        seed: int = 0,
+        model: str = "local-ranker",
+        responder: Callable[[int, Any], Behaviour | None] | None = None,
+    ) -> None:
+        if not 0.0 <= failure_rate <= 1.0:
+            raise ValueError(f"failure_rate must be in [0, 1], got {failure_rate}")
+        self.host, self.port = host, port
+        self.delay = delay
+        self.failure_rate = failure_rate
+        self.failure = failure or Behaviour.error(500)
+        self.model = model
+        self.responder = responder
+        self._rng = random.Random(seed)
+        self._queue: deque[Behaviour] = deque()
+        self._requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -------------------------------------------------------------------------------------------- control
+
+    @property
+    def url(self) -> str:
+        """The base URL to give a client (``http://127.0.0.1:PORT/v1``)."""
+        if self._httpd is None:
+            raise RuntimeError("the server is not running; call start() or use it as a context manager")
+        return f"http://{self.host}:{self._httpd.server_address[1]}/v1"
+
+    def start(self) -> "LocalOpenAIServer":
+        if self._httpd is not None:
+            return self
+        self._stopping.clear()
+        handler = type("Handler", (_Handler,), {"server_owner": self})
+        httpd = ThreadingHTTPServer((self.host, self.port), handler)
+        httpd.daemon_threads = True
+        httpd.block_on_close = False  # type: ignore[attr-defined]  # hung handlers must not block stop()
+        self._httpd = httpd
+        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="LocalOpenAIServer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening (later connections are refused) and release hung handlers."""
+        if self._httpd is None:
+            return
+        self._stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._httpd = self._thread = None
+
+    def __enter__(self) -> "LocalOpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def enqueue(self, *behaviours: Behaviour) -> None:
+        """Script the next requests, one behaviour each, in arrival order."""
+        with self._lock:
+            self._queue.extend(behaviours)
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every chat-completions request received so far, in arrival order."""
+        with self._lock:
+            return list(self._requests)
+
+    def clear(self) -> None:
+        """Forget recorded requests and queued behaviours."""
+        with self._lock:
+            self._requests.clear()
+            self._queue.clear()
+
+    # ---------------------------------------------------------------------------------------- answering
+
+    def _record(self, path: str, headers: dict[str, str], body: Any) -> tuple[RecordedRequest, Behaviour]:
+        with self._lock:
+            index = len(self._requests)
+            if self._queue:
+                behaviour = self._queue.popleft()
+            else:
+                behaviour = self.responder(index, body) if self.responder else None
+                if behaviour is None:
+                    draw = self._rng.random()
+                    behaviour = self.failure if draw < self.failure_rate else Behaviour.rank()
+            record = RecordedRequest(index, time.monotonic(), path, headers, body, behaviour.kind)
+            self._requests.append(record)
+        return record, behaviour
+
+    def completion(self, body: Any, text: str) -> dict[str, Any]:
+        """A ``chat.completion`` object answering ``body`` with ``text``."""
+        messages = body.get("messages", []) if isinstance(body, dict) else []
+        prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
+        completion_tokens = count_tokens(text)
+        return {
+            "id": f"chatcmpl-local-{len(self._requests)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", self.model) if isinstance(body, dict) else self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": "stop", "logprobs": None}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+
+    def ranker_reply(self, body: Any) -> str:
+        """The default answer: our ranking rule applied to the candidates found in the prompt."""
+        try:
+            request = parse_prompt(body["messages"])
+        except (KeyError, TypeError, ValueError):
+            return "I could not find any responses to rank in your message."
+        ranking = rank_candidates(request.candidates)
+        best = request.candidates[ranking[0]]
+        better = best if harm_score(best) == 0 else "I can't help with that, but I'm glad to help with a safe alternative."
+        return format_reply(ranking, better)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_owner: LocalOpenAIServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence the default stderr log
+        pass
+
+    def _send_json(self, status: int, payload: Any, headers: Iterable[tuple[str, str]] = ()) -> None:
+        data = json.dumps(payload).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802
+        owner = self.server_owner
+        if self.path.rstrip("/").endswith("/models"):
+            self._send_json(200, {"object": "list", "data": [{"id": owner.model, "object": "model",
+                                                              "owned_by": "cyclealign-pl"}]})
+        else:
+            self._send_json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+
+    def do_POST(self) -> None:  # noqa: N802
+        owner = self.server_owner
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if not self.path.rstrip("/").endswith("/chat/completions"):
+            self._send_json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+            return
+        try:
+            body: Any = json.loads(raw or b"null")
+        except json.JSONDecodeError:
+            body = None
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        _, behaviour = owner._record(self.path, headers, body)
+        try:
+            self._answer(owner, behaviour, body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): nothing to do
+            self.close_connection = True
+
+    def _answer(self, owner: LocalOpenAIServer, behaviour: Behaviour, body: Any) -> None:
+        if behaviour.kind == "hang":
+            owner._stopping.wait(behaviour.seconds)
+            self.close_connection = True
+            return
+        if owner.delay > 0 and owner._stopping.wait(owner.delay):
+            self.close_connection = True
+            return
+        if behaviour.kind == "drop":
+            self.close_connection = True
+            return
+        if behaviour.kind == "status":
+            payload = {"error": {"message": f"scripted HTTP {behaviour.status}", "type": "scripted_error",
+                                 "code": str(behaviour.status)}}
+            self._send_json(behaviour.status, payload, behaviour.headers)
+            return
+        if behaviour.kind == "garbage":
+            data = b"<html>this is not JSON"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            self._send_json(400, {"error": {"message": "body must be JSON with 'messages'", "type": "invalid"}})
+            return
+        text = behaviour.text if behaviour.kind == "reply" and behaviour.text is not None else owner.ranker_reply(body)
+        self._send_json(200, owner.completion(body, text), behaviour.headers)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A local OpenAI-compatible ranking server (tests and demos).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before every answer")
+    parser.add_argument("--failure-rate", type=float, default=0.0, help="share of requests answered with HTTP 500")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="local-ranker")
+    args = parser.parse_args(argv)
+    server = LocalOpenAIServer(args.host, args.port, delay=args.delay, failure_rate=args.failure_rate,
+                               seed=args.seed, model=args.model).start()
+    print(f"serving OpenAI-compatible chat completions at {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["Behaviour", "LocalOpenAIServer", "RecordedRequest", "count_tokens", "harm_score", "rank_candidates"]

@@ -1,0 +1,406 @@
+"""The training objective against hand computation (plain Python math), plus a tiny real Llama that learns."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cyclealign_pl.objective import (
+    LossParts,
+    cycle_loss,
+    default_sft_weight,
+    mean_response_logprob,
+    pad_rankings,
+    pro_loss,
+    rrhf_loss,
+    sft_loss,
+    token_logprobs,
+)
+from cyclealign_pl.ranking import rank_by_scores
+
+# --- hand references: plain Python, one prompt at a time -----------------------------------------
+
+
+def rrhf_by_hand(scores: list[float], ranking: tuple[int, ...]) -> float:
+    """sum over (better, worse) pairs of max(0, p_worse - p_better)."""
+    return sum(
+        max(0.0, scores[worse] - scores[better])
+        for i, better in enumerate(ranking)
+        for worse in ranking[i + 1 :]
+    )
+
+
+def pro_by_hand(scores: list[float], ranking: tuple[int, ...]) -> float:
+    """-sum_j log( exp(p_{r_j}) / sum_{i >= j} exp(p_{r_i}) ), j up to the second last."""
+    total = 0.0
+    for j in range(len(ranking) - 1):
+        denominator = sum(math.exp(scores[i]) for i in ranking[j:])
+        total -= math.log(math.exp(scores[ranking[j]]) / denominator)
+    return total
+
+
+def batch_by_hand(per_prompt, scores: list[list[float]], rankings: list[tuple[int, ...]]) -> float:
+    """Mean over prompts with at least two ranked candidates; 0 when there is none."""
+    values = [per_prompt(s, r) for s, r in zip(scores, rankings) if len(r) >= 2]
+    return sum(values) / len(values) if values else 0.0
+
+
+def as_tensors(
+    scores: list[list[float]], rankings: list[tuple[int, ...]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = len(scores[0])
+    return torch.tensor(scores, dtype=torch.float64, requires_grad=True), pad_rankings(rankings, width)
+
+
+# --- token_logprobs ------------------------------------------------------------------------------
+
+
+def test_token_logprobs_matches_hand_loop() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    ids = torch.randint(0, 7, (2, 5))
+    out = token_logprobs(logits, ids)
+    assert out.shape == (2, 5)
+    for b in range(2):
+        assert out[b, 0].item() == 0.0
+        for t in range(1, 5):
+            row = logits[b, t - 1].tolist()  # the prediction for token t
+            expected = row[ids[b, t]] - math.log(sum(math.exp(x) for x in row))
+            assert out[b, t].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_token_logprobs_leading_dims_and_gradient_match_log_softmax() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 6, 11, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 11, (2, 3, 6))
+    before = logits.detach().clone()
+    out = token_logprobs(logits, ids)
+    reference = torch.log_softmax(logits, -1)[..., :-1, :].gather(-1, ids[..., 1:, None]).squeeze(-1)
+    torch.testing.assert_close(out[..., 1:], reference)
+    weights = torch.randn(2, 3, 5, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((out[..., 1:] * weights).sum(), logits)
+    (expected_grad,) = torch.autograd.grad((reference * weights).sum(), logits)
+    torch.testing.assert_close(grad, expected_grad)
+    assert torch.equal(logits.detach(), before)  # the in-place work never touches the input
+
+
+def test_token_logprobs_bf16() -> None:
+    torch.manual_seed(2)
+    logits = (torch.randn(2, 4, 9) * 5).to(torch.bfloat16).requires_grad_()
+    ids = torch.randint(0, 9, (2, 4))
+    out = token_logprobs(logits, ids)
+    assert out.dtype == torch.float32  # upcast, not bf16 arithmetic
+    reference = torch.log_softmax(logits.detach().float(), -1)[:, :-1]
+    reference = reference.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(out[:, 1:].detach(), reference)
+    out.sum().backward()
+    assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
+    assert torch.isfinite(logits.grad.float()).all()
+
+
+def test_token_logprobs_shape_mismatch() -> None:
+    with pytest.raises(ValueError, match="input_ids"):
+        token_logprobs(torch.randn(2, 5, 7), torch.zeros(2, 4, dtype=torch.long))
+
+
+# --- mean_response_logprob -----------------------------------------------------------------------
+
+
+def test_mean_response_logprob_masks_prompt_and_padding() -> None:
+    logps = torch.tensor([[[0.0, -9.0, -1.0, -2.0, -9.0], [0.0, -0.5, -9.0, -9.0, -9.0]]])
+    mask = torch.tensor([[[0, 0, 1, 1, 0], [0, 1, 0, 0, 0]]])
+    out = mean_response_logprob(logps, mask)
+    assert out.shape == (1, 2)
+    assert out[0, 0].item() == pytest.approx((-1.0 + -2.0) / 2)
+    assert out[0, 1].item() == pytest.approx(-0.5)
+
+
+def test_mean_response_logprob_empty_mask_is_zero_with_finite_gradient() -> None:
+    # -inf at masked positions must not leak NaN through 0 * inf.
+    logps = torch.tensor([[0.0, -math.inf, -1.0], [0.0, -2.0, -4.0]], requires_grad=True)
+    mask = torch.tensor([[False, False, False], [False, True, True]])
+    out = mean_response_logprob(logps, mask)
+    assert out[0].item() == 0.0
+    assert out[1].item() == pytest.approx(-3.0)
+    out.sum().backward()
+    assert torch.isfinite(logps.grad).all()
+    assert logps.grad[0].abs().sum().item() == 0.0
+    assert logps.grad[1].tolist() == pytest.approx([0.0, 0.5, 0.5])
+
+
+# --- rrhf_loss / pro_loss: hand values ---------------------------------------------------------
+
+
+def test_rrhf_full_ranking_by_hand() -> None:
+    # Ranking (0, 1, 2) with p = (1, 2, 4): every worse candidate outscores the better one.
+    scores, rankings = as_tensors([[1.0, 2.0, 4.0]], [(0, 1, 2)])
+    expected = (2.0 - 1.0) + (4.0 - 1.0) + (4.0 - 2.0)
+    assert rrhf_loss(scores, rankings).item() == pytest.approx(expected)
+
+
+def test_rrhf_is_zero_when_scores_agree_with_ranking() -> None:
+    # The paper's Eq. (3) has a sign slip; the loss to minimise is 0 for a model that already agrees.
+    scores, rankings = as_tensors([[3.0, 2.0, 1.0]], [(0, 1, 2)])
+    assert rrhf_loss(scores, rankings).item() == 0.0
+
+
+def test_ties() -> None:
+    scores, rankings = as_tensors([[-1.0, -1.0]], [(0, 1)])
+    assert rrhf_loss(scores, rankings).item() == 0.0
+    assert pro_loss(scores, rankings).item() == pytest.approx(math.log(2))  # -log(1/2)
+    scores, rankings = as_tensors([[0.5, 0.5, 0.5]], [(2, 0, 1)])
+    assert pro_loss(scores, rankings).item() == pytest.approx(math.log(3) + math.log(2))
+
+
+def test_pro_two_candidates_is_logistic() -> None:
+    # -log(e^a / (e^a + e^b)) = log(1 + e^(b - a)).
+    a, b = 0.3, 1.1
+    scores, rankings = as_tensors([[b, a]], [(1, 0)])
+    assert pro_loss(scores, rankings).item() == pytest.approx(math.log(1 + math.exp(b - a)))
+
+
+def test_batch_with_partial_and_invalid_rows_by_hand() -> None:
+    rows = [
+        [-1.0, -2.5, -0.5, -3.0],
+        [-2.0, -2.0, -1.0, -4.0],
+        [-0.1, -0.2, -0.3, -0.4],
+        [-1.0, -3.0, -2.0, -0.5],
+    ]
+    rankings = [(1, 3, 0, 2), (3, 2), (2,), (0, 3, 1)]  # full, partial, invalid (one entry), partial
+    scores, padded = as_tensors(rows, rankings)
+    assert padded[1].tolist() == [3, 2, -1, -1]
+    for loss_fn, by_hand in ((rrhf_loss, rrhf_by_hand), (pro_loss, pro_by_hand)):
+        expected = batch_by_hand(by_hand, rows, rankings)
+        assert loss_fn(scores, padded).item() == pytest.approx(expected)
+        # The invalid row is excluded (not a preference): same value as the batch without it.
+        kept = [0, 1, 3]
+        without = loss_fn(scores[kept], padded[kept]).item()
+        assert without == pytest.approx(expected)
+        (grad,) = torch.autograd.grad(loss_fn(scores, padded), scores)
+        assert grad[2].abs().sum().item() == 0.0
+        assert torch.isfinite(grad).all()
+        # Unranked candidates of partial rankings get no gradient either.
+        assert grad[1, 0].item() == 0.0 and grad[1, 1].item() == 0.0 and grad[3, 2].item() == 0.0
+
+
+score_rows = st.lists(st.floats(-6, 6), min_size=4, max_size=4)
+partial_rankings = st.permutations(range(4)).flatmap(lambda p: st.integers(0, 4).map(lambda k: tuple(p[:k])))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 4).flatmap(
+        lambda b: st.tuples(
+            st.lists(score_rows, min_size=b, max_size=b), st.lists(partial_rankings, min_size=b, max_size=b)
+        )
+    )
+)
+def test_losses_match_hand_reference(batch: tuple[list[list[float]], list[tuple[int, ...]]]) -> None:
+    rows, rankings = batch
+    scores, padded = as_tensors(rows, rankings)
+    expected_rrhf = batch_by_hand(rrhf_by_hand, rows, rankings)
+    expected_pro = batch_by_hand(pro_by_hand, rows, rankings)
+    assert rrhf_loss(scores, padded).item() == pytest.approx(expected_rrhf, abs=1e-9)
+    assert pro_loss(scores, padded).item() == pytest.approx(expected_pro, abs=1e-9)
+
+
+def test_fully_invalid_batch_is_zero_with_working_backward() -> None:
+    scores = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 5.0]], requires_grad=True)
+    rankings = pad_rankings([(1,), None], 3)
+    for loss_fn in (rrhf_loss, pro_loss):
+        loss = loss_fn(scores, rankings)
+        assert loss.item() == 0.0
+        assert loss.grad_fn is not None
+        loss.backward()
+        assert scores.grad is not None and scores.grad.abs().sum().item() == 0.0
+        scores.grad = None
+
+
+def test_gradients_finite_for_extreme_scores_and_gradcheck() -> None:
+    scores = torch.tensor([[1e4, -1e4, 0.0], [-50.0, 80.0, -1e3]], requires_grad=True)
+    rankings = pad_rankings([(1, 0, 2), (2, 0)], 3)
+    for loss_fn in (rrhf_loss, pro_loss):
+        (grad,) = torch.autograd.grad(loss_fn(scores, rankings), scores)
+        assert torch.isfinite(grad).all()
+    # Away from RRHF's kinks (no ties, no zero differences) both are differentiable: check numerically.
+    torch.manual_seed(3)
+    smooth = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    ranks = pad_rankings([(3, 1, 0, 2), (0, 2), (1, 2, 3)], 4)
+    assert torch.autograd.gradcheck(lambda s: pro_loss(s, ranks), (smooth,))
+    assert torch.autograd.gradcheck(lambda s: rrhf_loss(s, ranks), (smooth,))
+
+
+def test_bf16_scores_accepted() -> None:
+    scores = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.bfloat16)
+    rankings = pad_rankings([(0, 1, 2)], 3)
+    assert pro_loss(scores, rankings).dtype == torch.float32
+    expected = pro_by_hand([-1.0, -2.0, -0.5], (0, 1, 2))  # these values are exact in bf16
+    assert pro_loss(scores, rankings).item() == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("rankings", "match"),
+    [
+        (torch.tensor([[0, 1, 3]]), "indices must be in"),
+        (torch.tensor([[0, -2, 1]]), "indices must be in"),
+        (torch.tensor([[0, 0, -1]]), "twice"),
+        (torch.tensor([[0, -1, 1]]), "padding must come after"),
+        (torch.tensor([[0.0, 1.0, 2.0]]), "integer"),
+        (torch.tensor([[0, 1, 2], [2, 1, 0]]), "prompts"),
+    ],
+)
+def test_malformed_rankings_raise(rankings: torch.Tensor, match: str) -> None:
+    scores = torch.zeros(1, 3)
+    for loss_fn in (rrhf_loss, pro_loss):
+        with pytest.raises(ValueError, match=match):
+            loss_fn(scores, rankings)
+
+
+def test_pad_rankings() -> None:
+    assert pad_rankings([(2, 0), None, (0, 1, 2)], 3).tolist() == [[2, 0, -1], [-1, -1, -1], [0, 1, 2]]
+    assert pad_rankings([], 3).shape == (0, 3)
+    with pytest.raises(ValueError, match="ranking 0"):
+        pad_rankings([(0, 1, 2, 3)], 3)
+
+
+# --- sft_loss / cycle_loss -----------------------------------------------------------------------
+
+
+def test_sft_loss_by_hand_with_valid_and_empty_rows() -> None:
+    logps = torch.tensor([[0.0, -1.0, -3.0], [0.0, -2.0, -9.0], [0.0, -5.0, -5.0], [0.0, -7.0, -7.0]])
+    logps.requires_grad_()
+    mask = torch.tensor([[0, 1, 1], [0, 1, 0], [0, 0, 0], [0, 1, 1]])
+    nll = [(1.0 + 3.0) / 2, 2.0]  # rows 0 and 1; row 2 has no response tokens
+    assert sft_loss(logps, mask).item() == pytest.approx((nll[0] + nll[1] + 7.0) / 3)
+    valid = torch.tensor([True, True, True, False])  # row 3 excluded by the caller
+    loss = sft_loss(logps, mask, valid)
+    assert loss.item() == pytest.approx(sum(nll) / 2)
+    loss.backward()
+    assert torch.isfinite(logps.grad).all()
+    assert logps.grad[2:].abs().sum().item() == 0.0
+    none_valid = sft_loss(logps, mask, torch.zeros(4, dtype=torch.bool))
+    assert none_valid.item() == 0.0 and none_valid.requires_grad
+
+
+def test_default_sft_weight() -> None:
+    assert default_sft_weight(3) == (3 - 1) ** 2
+    assert default_sft_weight(1) == 0.0
+    with pytest.raises(ValueError):
+        default_sft_weight(0)
+
+
+def test_cycle_loss_combines_parts() -> None:
+    scores = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.4, -0.1]], requires_grad=True)
+    rankings = pad_rankings([(0, 1, 2), (2, 0)], 3)
+    best = torch.tensor([[0.0, -1.0, -2.0], [0.0, -0.5, -0.7]], requires_grad=True)
+    best_mask = torch.tensor([[0, 1, 1], [0, 0, 1]])
+    sft_by_hand = ((1.0 + 2.0) / 2 + 0.7) / 2
+    for objective, by_hand in (("rrhf", rrhf_by_hand), ("pro", pro_by_hand)):
+        parts = cycle_loss(scores, rankings, best, best_mask, objective)
+        assert isinstance(parts, LossParts)
+        rank = batch_by_hand(by_hand, scores.tolist(), [(0, 1, 2), (2, 0)])
+        assert parts.rank.item() == pytest.approx(rank)
+        assert parts.sft.item() == pytest.approx(sft_by_hand)
+        assert parts.total.item() == pytest.approx(rank + (3 - 1) ** 2 * sft_by_hand)
+        explicit = cycle_loss(scores, rankings, best, best_mask, objective, sft_weight=0.5)
+        assert explicit.total.item() == pytest.approx(rank + 0.5 * sft_by_hand)
+        parts.total.backward()
+    with pytest.raises(ValueError, match="objective"):
+        cycle_loss(scores, rankings, best, best_mask, "dpo")  # type: ignore[arg-type]
+
+
+# --- a tiny real Llama learns the ranking -----------------------------------------------------
+
+
+PROMPTS = ["Human: Say hi. Assistant:", "Human: Name a colour. Assistant:"]
+CANDIDATES = [[" Hello there!", " Go away.", " hi"], [" Blue.", " Seven.", " Blue is a colour."]]
+
+
+def tiny_batch() -> dict[str, torch.Tensor]:
+    """prompt + response + EOS per candidate, right-padded; the mask covers response and EOS once."""
+    from transformers import ByT5Tokenizer
+
+    tokenizer = ByT5Tokenizer()
+    rows, masks = [], []
+    for prompt, candidates in zip(PROMPTS, CANDIDATES):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        for response in candidates:
+            response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            rows.append(prompt_ids + response_ids)
+            masks.append([0] * len(prompt_ids) + [1] * len(response_ids))
+    width = max(map(len, rows))
+    input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    response_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks])
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    shape = (len(PROMPTS), len(CANDIDATES[0]), width)
+    return {
+        "input_ids": input_ids.view(shape),
+        "attention_mask": attention_mask.view(shape),
+        "response_mask": response_mask.view(shape),
+    }
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=384,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def forward_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    b, c, t = batch["input_ids"].shape
+    logits = model(
+        input_ids=batch["input_ids"].view(b * c, t), attention_mask=batch["attention_mask"].view(b * c, t)
+    ).logits
+    logps = token_logprobs(logits, batch["input_ids"].view(b * c, t)).view(b, c, t)
+    return logps, mean_response_logprob(logps, batch["response_mask"])
+
+
+@pytest.mark.parametrize("objective", ["rrhf", "pro"])
+def test_adam_steps_on_tiny_llama_lower_the_loss(objective: str) -> None:
+    model = tiny_llama()
+    batch = tiny_batch()
+    # Prefer the reverse of the model's own ranking: the preferred candidate starts with the lowest score.
+    with torch.no_grad():
+        _, initial = forward_scores(model, batch)
+    target = [tuple(reversed(rank_by_scores(row))) for row in initial.tolist()]
+    rankings = pad_rankings(target, 3)
+    best = rankings[:, 0]
+    prompt_index = torch.arange(len(PROMPTS))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def step_loss() -> LossParts:
+        logps, scores = forward_scores(model, batch)
+        best_logps = logps[prompt_index, best]
+        best_mask = batch["response_mask"][prompt_index, best]
+        return cycle_loss(scores, rankings, best_logps, best_mask, objective)  # type: ignore[arg-type]
+
+    first = step_loss()
+    for _ in range(30):
+        optimizer.zero_grad()
+        parts = step_loss()
+        parts.total.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+    with torch.no_grad():
+        last = step_loss()
+        _, scores = forward_scores(model, batch)
+    assert last.total.item() < first.total.item()
+    assert last.rank.item() < first.rank.item() or last.rank.item() == 0.0
+    assert last.sft.item() < first.sft.item()
+    for b, ranking in enumerate(target):
+        assert initial[b, ranking[0]].item() < min(initial[b, i].item() for i in ranking[1:])
+        others = [scores[b, i].item() for i in ranking[1:]]
+        assert scores[b, ranking[0]].item() > max(others)
