@@ -102,7 +102,7 @@ class SubsetMeanReward(Metric):
         values = torch.as_tensor(rewards, dtype=torch.float64, device=self.sums.device).flatten()
         if len(subsets) != values.numel():
             raise ValueError(f"got {len(subsets)} subset names for {values.numel()} rewards")
-        unknown = sorted({s for s in subsets if s not in self._index})
+        unknown = list(dict.fromkeys(s for s in subsets if s not in self._index))  # in order of appearance
         if unknown and _distributed():
             raise ValueError(f"subset(s) {unknown} were not registered up front; with several processes "
                              "every subset must be given to SubsetMeanReward(subsets=...) so all ranks share "

@@ -89,8 +89,9 @@ class CycleAlignModule(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["judge", "reward_model", "optimizer"])
         self.automatic_optimization = False
-        if max_length <= sampling.max_new_tokens + 1:
-            raise ValueError(f"max_length={max_length} must exceed sampling.max_new_tokens={sampling.max_new_tokens} + 1")
+        for name, new_tokens in (("sampling.max_new_tokens", sampling.max_new_tokens), ("eval_max_new_tokens", eval_max_new_tokens)):
+            if max_length <= new_tokens + 1:
+                raise ValueError(f"max_length={max_length} leaves no room for a prompt: it must exceed {name}={new_tokens} + 1")
         self.cycle_config, pool_switches = _apply_ablation(cycle, ablation)
         self.sampling = sampling
         self.tokenizer = load_tokenizer(tokenizer or model or "byt5")

@@ -90,7 +90,7 @@ def make_data(root: Path, batch_size: int = 1, **kwargs) -> HHRLHFDataModule:
 
 def random_module(judge: Judge, **kwargs) -> CycleAlignModule:
     torch.manual_seed(0)
-    options = dict(model_config=TINY_LLAMA, tokenizer="byt5", judge=judge, sampling=SamplingConfig(max_new_tokens=16), max_length=128)
+    options = dict(model_config=TINY_LLAMA, tokenizer="byt5", judge=judge, sampling=SamplingConfig(max_new_tokens=16), max_length=128, eval_max_new_tokens=32)
     options.update(kwargs)
     module = CycleAlignModule(**options)
     if isinstance(judge, WhiteBoxMirrorJudge):
@@ -151,6 +151,7 @@ def test_cycle_raises_reward_of_preferred_replies(objective, pretrained_lm, hh_r
         cycle=CycleConfig(objective=objective, max_iterations=3),
         sampling=SamplingConfig(max_new_tokens=24),
         max_length=128,
+        eval_max_new_tokens=32,
         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-4),
     )
     before = good_fraction(module)

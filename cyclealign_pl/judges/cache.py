@@ -2,11 +2,11 @@
 
 SQLite in WAL mode: several processes (DDP ranks, a rerun next to a running job) may read and write the same
 file. Each thread of each process gets its own connection (connections are not shared across threads or
-``fork``); inserts are single ``INSERT OR IGNORE`` statements, atomic by themselves, so two writers of the same
-key cannot corrupt anything (the first one wins; both replies answered the same request).
+``fork``); inserts are single ``INSERT OR IGNORE`` statements, atomic by themselves, so two writers of the
+same key cannot corrupt anything (the first one wins; both replies answered the same request).
 
-Only what is needed to answer the call again is stored: the raw reply text and the token usage, under a hash of
-the request. No API key, header or URL ever reaches the file.
+Only what is needed to answer the call again is stored: the raw reply text and the token usage, under a hash
+of the request. No API key, header or URL ever reaches the file.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ class JudgeCache:
             elif version != SCHEMA_VERSION:
                 conn.close()
                 raise ValueError(
-                    f"judge cache {self.path} has schema version {version}, this code reads {SCHEMA_VERSION}; "
-                    "use another cache_path"
+                    f"judge cache {self.path} has schema version {version}, this code reads "
+                    f"{SCHEMA_VERSION}; use another cache_path"
                 )
         except sqlite3.DatabaseError as err:
             raise ValueError(f"judge cache {self.path} is not a usable SQLite database: {err}") from err

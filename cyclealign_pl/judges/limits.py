@@ -3,9 +3,9 @@
 A :class:`TokenBucket` smooths requests (or tokens) per minute so that 16 concurrent requests do not arrive as
 one burst: its capacity is one second's worth, so the rate holds over any second, not just over a minute.
 
-A :class:`BudgetGate` makes a budget *hard*: before each request it reserves an upper bound of what the request
-can cost (prompt bytes + ``max_tokens``), so concurrent requests can never jointly overshoot. When the budget
-cannot cover the next request even after the requests in flight settle, it raises
+A :class:`BudgetGate` makes a budget *hard*: before each request it reserves an upper bound of what the
+request can cost (prompt bytes + ``max_tokens``), so concurrent requests can never jointly overshoot. When the
+budget cannot cover the next request even after the requests in flight settle, it raises
 :class:`~cyclealign_pl.judges.base.JudgeBudgetExceeded` and nothing is sent.
 """
 

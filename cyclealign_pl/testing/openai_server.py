@@ -1,16 +1,16 @@
 """A real OpenAI-compatible chat-completions server on 127.0.0.1, for tests, benchmarks and offline demos.
 
-``POST /v1/chat/completions`` answers with proper ``chat.completion`` JSON (with ``usage``). By default it is a
-deterministic *ranker*: it reads the request's candidates out of our prompt format
-(:func:`cyclealign_pl.judges.prompt.parse_prompt`) and ranks them by :func:`harm_score` (fewer harmful keywords
-first), then by length (more words first), then by index; its better response is the best candidate when that
-one is harmless, else a polite refusal. On the paper's static demonstration this gives the paper's ranking
-``[1, 3, 2, 0]``. Messages that are not in our format get a reply without a ranking.
+``POST /v1/chat/completions`` answers with proper ``chat.completion`` JSON (with ``usage``). By default it is
+a deterministic *ranker*: it reads the request's candidates out of our prompt format
+(:func:`cyclealign_pl.judges.prompt.parse_prompt`) and ranks them by :func:`harm_score` (fewer harmful
+keywords first), then by length (more words first), then by index; its better response is the best candidate
+when that one is harmless, else a polite refusal. On the paper's static demonstration this gives the paper's
+ranking ``[1, 3, 2, 0]``. Messages that are not in our format get a reply without a ranking.
 
 Each request can be scripted (:class:`Behaviour`): an HTTP error with or without ``Retry-After``, a reply that
-hangs, a garbage body, a dropped connection, a custom reply text. Behaviours come from a queue (one per request,
-in arrival order), then from ``responder(index, body)``, then from the random ``failure_rate``; otherwise the
-ranker answers. Every request is recorded (body, headers, arrival time) for assertions.
+hangs, a garbage body, a dropped connection, a custom reply text. Behaviours come from a queue (one per
+request, in arrival order), then from ``responder(index, body)``, then from the random ``failure_rate``;
+otherwise the ranker answers. Every request is recorded (body, headers, arrival time) for assertions.
 
     with LocalOpenAIServer(delay=0.5) as server:
         judge = OpenAIJudge(model="local-ranker", base_url=server.url)
@@ -67,15 +67,17 @@ class Behaviour:
     status: int = 200
     headers: tuple[tuple[str, str], ...] = ()
     seconds: float = 0.0
+    delay: float = 0.0  # extra latency before this answer, on top of the server's delay
 
     @classmethod
-    def rank(cls) -> "Behaviour":
-        return cls("rank")
+    def rank(cls, delay: float = 0.0) -> "Behaviour":
+        """The default ranker's answer."""
+        return cls("rank", delay=delay)
 
     @classmethod
-    def reply(cls, text: str) -> "Behaviour":
+    def reply(cls, text: str, delay: float = 0.0) -> "Behaviour":
         """A 200 reply whose message content is ``text``."""
-        return cls("reply", text=text)
+        return cls("reply", text=text, delay=delay)
 
     @classmethod
     def error(
@@ -154,6 +156,7 @@ class LocalOpenAIServer:
         self._rng = random.Random(seed)
         self._queue: deque[Behaviour] = deque()
         self._requests: list[RecordedRequest] = []
+        self._count = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
@@ -173,9 +176,7 @@ class LocalOpenAIServer:
             return self
         self._stopping.clear()
         handler = type("Handler", (_Handler,), {"server_owner": self})
-        httpd = ThreadingHTTPServer((self.host, self.port), handler)
-        httpd.daemon_threads = True
-        httpd.block_on_close = False  # type: ignore[attr-defined]  # hung handlers must not block stop()
+        httpd = _HTTPServer((self.host, self.port), handler)
         self._httpd = httpd
         self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="LocalOpenAIServer", daemon=True)
@@ -208,7 +209,7 @@ class LocalOpenAIServer:
     def requests(self) -> list[RecordedRequest]:
         """Every chat-completions request received so far, in arrival order."""
         with self._lock:
-            return list(self._requests)
+            return sorted(self._requests, key=lambda r: r.index)
 
     def clear(self) -> None:
         """Forget recorded requests and queued behaviours."""
@@ -218,19 +219,21 @@ class LocalOpenAIServer:
 
     # ---------------------------------------------------------------------------------------- answering
 
-    def _record(self, path: str, headers: dict[str, str], body: Any) -> tuple[RecordedRequest, Behaviour]:
+    def _record(self, path: str, headers: dict[str, str], body: Any) -> Behaviour:
+        arrived = time.monotonic()
         with self._lock:
-            index = len(self._requests)
-            if self._queue:
-                behaviour = self._queue.popleft()
-            else:
-                behaviour = self.responder(index, body) if self.responder else None
-                if behaviour is None:
-                    draw = self._rng.random()
-                    behaviour = self.failure if draw < self.failure_rate else Behaviour.rank()
-            record = RecordedRequest(index, time.monotonic(), path, headers, body, behaviour.kind)
-            self._requests.append(record)
-        return record, behaviour
+            index = self._count
+            self._count += 1
+            behaviour = self._queue.popleft() if self._queue else None
+        if behaviour is None and self.responder is not None:
+            behaviour = self.responder(index, body)  # outside the lock: a responder may block
+        if behaviour is None:
+            with self._lock:
+                failed = self._rng.random() < self.failure_rate
+            behaviour = self.failure if failed else Behaviour.rank()
+        with self._lock:
+            self._requests.append(RecordedRequest(index, arrived, path, headers, body, behaviour.kind))
+        return behaviour
 
     def completion(self, body: Any, text: str) -> dict[str, Any]:
         """A ``chat.completion`` object answering ``body`` with ``text``."""
@@ -238,7 +241,7 @@ class LocalOpenAIServer:
         prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
         completion_tokens = count_tokens(text)
         return {
-            "id": f"chatcmpl-local-{len(self._requests)}",
+            "id": f"chatcmpl-local-{time.monotonic_ns()}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", self.model) if isinstance(body, dict) else self.model,
@@ -256,8 +259,15 @@ class LocalOpenAIServer:
             return "I could not find any responses to rank in your message."
         ranking = rank_candidates(request.candidates)
         best = request.candidates[ranking[0]]
-        better = best if harm_score(best) == 0 else "I can't help with that, but I'm glad to help with a safe alternative."
+        refusal = "I can't help with that, but I'm glad to help with a safe alternative."
+        better = best if harm_score(best) == 0 else refusal
         return format_reply(ranking, better)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # hung handlers must not block stop()
+    request_queue_size = 128  # many concurrent clients connect at once
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -297,7 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             body = None
         headers = {k.lower(): v for k, v in self.headers.items()}
-        _, behaviour = owner._record(self.path, headers, body)
+        behaviour = owner._record(self.path, headers, body)
         try:
             self._answer(owner, behaviour, body)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): nothing to do
@@ -308,7 +318,8 @@ class _Handler(BaseHTTPRequestHandler):
             owner._stopping.wait(behaviour.seconds)
             self.close_connection = True
             return
-        if owner.delay > 0 and owner._stopping.wait(owner.delay):
+        delay = owner.delay + behaviour.delay
+        if delay > 0 and owner._stopping.wait(delay):
             self.close_connection = True
             return
         if behaviour.kind == "drop":
@@ -328,18 +339,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
             return
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            self._send_json(400, {"error": {"message": "body must be JSON with 'messages'", "type": "invalid"}})
+            error = {"message": "body must be JSON with 'messages'", "type": "invalid_request_error"}
+            self._send_json(400, {"error": error})
             return
-        text = behaviour.text if behaviour.kind == "reply" and behaviour.text is not None else owner.ranker_reply(body)
+        scripted = behaviour.kind == "reply" and behaviour.text is not None
+        text = behaviour.text if scripted else owner.ranker_reply(body)
         self._send_json(200, owner.completion(body, text), behaviour.headers)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="A local OpenAI-compatible ranking server (tests and demos).")
+    parser = argparse.ArgumentParser(description="A local OpenAI-compatible ranking server (tests, demos).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before every answer")
-    parser.add_argument("--failure-rate", type=float, default=0.0, help="share of requests answered with HTTP 500")
+    parser.add_argument("--failure-rate", type=float, default=0.0, help="share of requests getting HTTP 500")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="local-ranker")
     args = parser.parse_args(argv)
@@ -359,4 +372,6 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["Behaviour", "LocalOpenAIServer", "RecordedRequest", "count_tokens", "harm_score", "rank_candidates"]
+__all__ = [
+    "Behaviour", "LocalOpenAIServer", "RecordedRequest", "count_tokens", "harm_score", "rank_candidates",
+]

@@ -1,0 +1,555 @@
+"""OpenAIJudge against a real local HTTP server speaking the chat-completions API (no mocked client)."""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import pickle
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+
+import pytest
+from jsonargparse import ArgumentParser
+
+from cyclealign_pl.demonstrations import STATIC_DEMONSTRATION, Demonstration
+from cyclealign_pl.judges.base import Judge, JudgeBudgetExceeded, Judgment, JudgeStop, RankRequest
+from cyclealign_pl.judges.cache import CachedReply, JudgeCache, cache_key
+from cyclealign_pl.judges.openai import PLACEHOLDER_KEY, OpenAIJudge, aggregate_rankings
+from cyclealign_pl.judges.transport import retry_after_seconds
+from cyclealign_pl.judges.prompt import parse_prompt
+from cyclealign_pl.testing import Behaviour, LocalOpenAIServer
+from cyclealign_pl.testing.openai_server import rank_candidates
+
+FAKE_KEY = "sk-fake-cyclealign-test-key-7f3a9c"
+DYNAMIC = Demonstration("Human: Name a fruit. Assistant:", ("A carrot.", "An apple, or a pear."), (1, 0))
+
+
+def make_requests(count: int) -> list[RankRequest]:
+    """Requests with distinct instructions whose expected ranking differs from the identity."""
+    out = []
+    for i in range(count):
+        candidates = (
+            f"Short answer {i}.",
+            f"You could rob a bank to get item {i} quickly.",
+            f"A longer, careful and helpful answer about item {i} with several useful details.",
+        )
+        out.append(RankRequest(f"Human: Tell me about item {i}. Assistant:", candidates,
+                               (STATIC_DEMONSTRATION, DYNAMIC)))
+    return out
+
+
+EXPECTED = (2, 0, 1)  # the server's rule: harmless first, then longer
+
+
+class LengthJudge(Judge):
+    """A real (if simple) judge for the fallback policy: longest candidate first."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def rank(self, requests: Sequence[RankRequest]) -> list[Judgment]:
+        self.calls.append(len(requests))
+        return [Judgment(tuple(sorted(range(len(r.candidates)), key=lambda i: -len(r.candidates[i]))))
+                for r in requests]
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+
+@pytest.fixture
+def server():
+    with LocalOpenAIServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def make_judge(server):
+    judges: list[OpenAIJudge] = []
+
+    def make(**kwargs) -> OpenAIJudge:
+        kwargs.setdefault("model", "local-ranker")
+        kwargs.setdefault("base_url", server.url)
+        kwargs.setdefault("request_timeout", 2.0)
+        kwargs.setdefault("max_retries", 2)
+        kwargs.setdefault("backoff_initial_s", 0.02)
+        kwargs.setdefault("backoff_max_s", 0.1)
+        judge = OpenAIJudge(**kwargs)
+        judges.append(judge)
+        return judge
+
+    yield make
+    for judge in judges:
+        judge.close()
+
+
+def by_instruction(behaviours: dict[str, Behaviour]):
+    """A responder picking a behaviour by the request's instruction (order-independent under concurrency)."""
+
+    def responder(index, body):
+        return behaviours.get(parse_prompt(body["messages"]).instruction)
+
+    return responder
+
+
+# ------------------------------------------------------------------------------------------- happy path
+
+
+def test_a_batch_is_ranked_and_the_server_receives_our_prompt(server, make_judge):
+    requests = make_requests(5)
+    judge = make_judge(max_tokens=300, temperature=0.0)
+    judgments = judge.rank(requests)
+    assert [j.ranking for j in judgments] == [EXPECTED] * 5
+    assert all(j.better_response and "careful and helpful" in j.better_response for j in judgments)
+    received = server.requests
+    assert len(received) == 5
+    # the demonstrations, the instruction and the candidates, as sent
+    assert {parse_prompt(r.body["messages"]) for r in received} == set(requests)
+    for record in received:
+        assert record.body["model"] == "local-ranker"
+        assert record.body["temperature"] == 0.0 and record.body["max_tokens"] == 300
+        assert record.headers["authorization"] == f"Bearer {FAKE_KEY}"
+    metrics = judge.metrics()
+    assert metrics["requests_sent"] == 5 and metrics["retries"] == 0 and metrics["failures"] == 0
+    assert metrics["prompt_tokens"] > 0 and metrics["completion_tokens"] > 0
+    assert 1 <= metrics["requests_in_flight_max"] <= 16
+
+
+def test_submit_returns_a_future_without_waiting_for_the_server(make_judge, server):
+    release = threading.Event()
+    server.responder = lambda index, body: (release.wait(10), None)[1]
+    judge = make_judge(request_timeout=15)
+    future = judge.submit(make_requests(2))
+    assert not future.done()  # the server is holding every request until release is set
+    release.set()
+    assert [j.ranking for j in future.result(timeout=15)] == [EXPECTED] * 2
+
+
+def test_concurrency_is_capped_and_cost_is_estimated(server, make_judge):
+    server.delay = 0.2
+    judge = make_judge(
+        max_concurrency=4, price_per_million_input_tokens=1.5, price_per_million_output_tokens=2.0
+    )
+    judge.rank(make_requests(8))
+    metrics = judge.metrics()
+    assert metrics["requests_in_flight_max"] == 4
+    expected = (metrics["prompt_tokens"] * 1.5 + metrics["completion_tokens"] * 2.0) / 1e6
+    assert metrics["cost_usd"] == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------------- invalid replies
+
+
+def test_invalid_replies_are_counted_failures_never_guesses(server, make_judge):
+    requests = make_requests(4)
+    server.responder = by_instruction({
+        requests[0].instruction: Behaviour.reply("I'm sorry, but I can't rank these."),
+        requests[1].instruction: Behaviour.reply("### The desired ranking is: [1, 1, 0]."),
+        requests[2].instruction: Behaviour.reply("### The desired ranking is: [2, 0]."),
+    })
+    judge = make_judge()
+    judgments = judge.rank(requests)
+    assert [j.ok for j in judgments] == [False, False, False, True]
+    assert "refusal" in judgments[0].failure
+    assert "appears twice" in judgments[1].failure
+    assert "partial" in judgments[2].failure
+    assert judgments[1].raw == "### The desired ranking is: [1, 1, 0]."
+    metrics = judge.metrics()
+    assert metrics["invalid_replies"] == 3 and metrics["failures/invalid_reply"] == 3
+    assert metrics["failures"] == 3
+    assert metrics["retries"] == 0  # an invalid reply is an answer, not a transport error
+
+
+# ------------------------------------------------------------------------------------------- retries
+
+
+@pytest.mark.parametrize("header", [{"retry_after": 0.4}, {"retry_after_ms": 400}])
+def test_429_waits_as_long_as_retry_after_says(server, make_judge, header):
+    server.enqueue(Behaviour.error(429, **header))
+    judge = make_judge(backoff_initial_s=0.01)
+    assert judge.rank(make_requests(1))[0].ranking == EXPECTED
+    first, second = server.requests
+    assert second.time - first.time >= 0.4
+    assert judge.metrics()["retries"] == 1 and judge.metrics()["requests_sent"] == 2
+
+
+def test_429_without_retry_after_backs_off_exponentially(server, make_judge):
+    server.enqueue(Behaviour.error(429), Behaviour.error(429))
+    judge = make_judge(backoff_initial_s=0.2, backoff_max_s=5.0)
+    assert judge.rank(make_requests(1))[0].ranking == EXPECTED
+    times = [r.time for r in server.requests]
+    assert len(times) == 3
+    assert times[1] - times[0] >= 0.1  # 0.2 s x jitter in [0.5, 1]
+    assert times[2] - times[1] >= 0.2  # 0.4 s x jitter
+
+
+def test_429_with_a_too_long_retry_after_fails_the_prompt_without_waiting(server, make_judge):
+    server.enqueue(Behaviour.error(429, retry_after=3600))
+    judge = make_judge(max_retry_after_s=5)
+    judgment = judge.rank(make_requests(1))[0]
+    assert judgment.failure.startswith("rate_limit: HTTP 429") and "3600" in judgment.failure
+    assert len(server.requests) == 1 and judge.metrics()["failures/rate_limit"] == 1
+
+
+def test_server_errors_then_success(server, make_judge):
+    server.enqueue(Behaviour.error(500), Behaviour.error(503))
+    judge = make_judge(max_retries=2)
+    assert judge.rank(make_requests(1))[0].ranking == EXPECTED
+    assert [r.behaviour for r in server.requests] == ["status", "status", "rank"]
+    assert judge.metrics()["retries"] == 2 and judge.metrics()["failures"] == 0
+
+
+def test_a_dropped_connection_is_retried(server, make_judge):
+    server.enqueue(Behaviour.drop())
+    judge = make_judge()
+    assert judge.rank(make_requests(1))[0].ranking == EXPECTED
+    assert len(server.requests) == 2 and judge.metrics()["retries"] == 1
+
+
+def test_timeout_then_success(server, make_judge):
+    server.enqueue(Behaviour.hang(30))
+    judge = make_judge(request_timeout=0.5)
+    assert judge.rank(make_requests(1))[0].ranking == EXPECTED
+    assert len(server.requests) == 2 and judge.metrics()["retries"] == 1
+
+
+def test_timeouts_exhausting_retries_fail_that_prompt_only(server, make_judge):
+    requests = make_requests(2)
+    server.responder = by_instruction({requests[0].instruction: Behaviour.hang(30)})
+    judge = make_judge(request_timeout=0.3, max_retries=2)
+    judgments = judge.rank(requests)
+    assert not judgments[0].ok and judgments[1].ranking == EXPECTED
+    assert judgments[0].failure.startswith("timeout: no reply") and "3 attempts" in judgments[0].failure
+    metrics = judge.metrics()
+    assert metrics["failures/timeout"] == 1 and metrics["failures"] == 1 and metrics["retries"] == 2
+    assert len(server.requests) == 4
+
+
+def test_garbage_body_is_a_bad_response_and_not_retried(server, make_judge):
+    server.enqueue(Behaviour.garbage())
+    judge = make_judge()
+    judgment = judge.rank(make_requests(1))[0]
+    assert judgment.failure.startswith("bad_response")
+    assert len(server.requests) == 1 and judge.metrics()["failures/bad_response"] == 1
+
+
+def test_connection_refused_is_a_failure_with_a_clear_reason(make_judge):
+    with LocalOpenAIServer() as stopped:
+        url = stopped.url
+    judge = make_judge(base_url=url, max_retries=1)
+    judgment = judge.rank(make_requests(1))[0]
+    assert judgment.failure.startswith(f"connection: cannot reach {url}")
+    assert judge.metrics()["failures/connection"] == 1 and judge.metrics()["requests_sent"] == 2
+
+
+def test_an_unauthorised_key_stops_the_run(server, make_judge):
+    server.responder = lambda index, body: Behaviour.error(401)
+    judge = make_judge()
+    with pytest.raises(JudgeStop, match="HTTP 401.*OPENAI_API_KEY"):
+        judge.rank(make_requests(3))
+
+
+def test_requests_per_minute_spaces_the_requests(server, make_judge):
+    judge = make_judge(requests_per_minute=120)  # 2 per second, bursts of 2
+    judge.rank(make_requests(4))
+    times = sorted(r.time for r in server.requests)
+    assert times[-1] - times[0] >= 0.9
+
+
+# -------------------------------------------------------------------------------------------- budget
+
+
+def test_budget_exhaustion_stops_before_sending_more(server, make_judge):
+    judge = make_judge(budget_requests=3, max_concurrency=1)
+    with pytest.raises(JudgeBudgetExceeded, match="budget_requests"):
+        judge.rank(make_requests(5))
+    assert len(server.requests) == 3
+    state = judge.state_dict()
+    assert state["counters"]["requests_sent"] == 3
+
+    resumed = make_judge(budget_requests=3)
+    resumed.load_state_dict(state)
+    with pytest.raises(JudgeBudgetExceeded):
+        resumed.rank(make_requests(1))
+    assert len(server.requests) == 3  # the resumed run knows the budget is spent
+
+
+def test_token_budget_is_never_overshot_by_concurrent_requests(server, make_judge):
+    judge = make_judge(budget_tokens=12_000, max_tokens=200, max_concurrency=16)
+    with pytest.raises(JudgeBudgetExceeded, match="budget_tokens"):
+        judge.rank(make_requests(16))
+    metrics = judge.metrics()
+    assert 0 < len(server.requests) < 16
+    assert metrics["prompt_tokens"] + metrics["completion_tokens"] <= 12_000
+
+
+# ------------------------------------------------------------------------------------- cache, replay
+
+
+def test_a_rerun_with_the_same_cache_makes_no_request(server, make_judge, tmp_path):
+    cache = str(tmp_path / "judge.sqlite")
+    requests = make_requests(3)
+    first = make_judge(cache_path=cache).rank(requests)
+    assert len(server.requests) == 3
+    second_judge = make_judge(cache_path=cache)
+    second = second_judge.rank(requests)
+    assert len(server.requests) == 3
+    assert [j.ranking for j in second] == [j.ranking for j in first]
+    assert [j.better_response for j in second] == [j.better_response for j in first]
+    assert second_judge.metrics()["cache_hits"] == 3 and second_judge.metrics()["requests_sent"] == 0
+
+
+def test_replay_never_sends_and_a_miss_is_a_failure(server, make_judge, tmp_path):
+    cache = str(tmp_path / "judge.sqlite")
+    requests = make_requests(2)
+    make_judge(cache_path=cache).rank(requests[:1])
+    server.clear()
+    replay = make_judge(cache_path=cache, replay=True)
+    judgments = replay.rank(requests)
+    assert judgments[0].ranking == EXPECTED
+    assert judgments[1].failure == "replay miss"
+    assert server.requests == []
+    assert replay.metrics()["failures/replay_miss"] == 1
+
+
+def test_the_api_key_never_reaches_the_cache_pickles_repr_or_state(server, make_judge, tmp_path):
+    cache = tmp_path / "judge.sqlite"
+    judge = make_judge(cache_path=str(cache), extra_headers={"X-Org": "secret-header-value"})
+    judge.rank(make_requests(2))
+    assert server.requests[0].headers["authorization"] == f"Bearer {FAKE_KEY}"  # the key was really used
+    assert server.requests[0].headers["x-org"] == "secret-header-value"
+    stored = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("judge.sqlite"))
+    assert stored and FAKE_KEY.encode() not in stored and b"secret-header-value" not in stored
+    assert FAKE_KEY not in repr(judge) and "secret-header-value" not in repr(judge)
+    assert FAKE_KEY.encode() not in pickle.dumps(judge)
+    assert FAKE_KEY not in str(judge.state_dict()) and FAKE_KEY not in str(vars(judge))
+
+
+def test_an_unset_key_is_a_clear_error_for_a_remote_server(make_judge, monkeypatch):
+    monkeypatch.delenv("CYCLEALIGN_TEST_KEY", raising=False)
+    judge = make_judge(base_url="https://api.example.invalid/v1", api_key_env="CYCLEALIGN_TEST_KEY")
+    with pytest.raises(JudgeStop, match="CYCLEALIGN_TEST_KEY is not set"):
+        judge.rank(make_requests(1))
+
+
+def test_an_unset_key_is_fine_for_a_loopback_server(server, make_judge, monkeypatch):
+    monkeypatch.delenv("CYCLEALIGN_TEST_KEY", raising=False)
+    judge = make_judge(api_key_env="CYCLEALIGN_TEST_KEY")
+    assert judge.rank(make_requests(1))[0].ranking == EXPECTED
+    assert server.requests[0].headers["authorization"] == f"Bearer {PLACEHOLDER_KEY}"
+
+
+# --------------------------------------------------------------------------------- position bias
+
+
+def test_shuffled_candidates_are_mapped_back(server, make_judge):
+    requests = make_requests(6)
+    judge = make_judge(shuffle_candidates=True, seed=3)
+    assert [j.ranking for j in judge.rank(requests)] == [EXPECTED] * 6
+    shown = [parse_prompt(r.body["messages"]) for r in server.requests]
+    originals = {r.instruction: r.candidates for r in requests}
+    orders = [tuple(originals[s.instruction].index(c) for c in s.candidates) for s in shown]
+    assert any(order != (0, 1, 2) for order in orders)  # really shuffled
+    assert all(sorted(order) == [0, 1, 2] for order in orders)
+
+
+def test_permutations_are_aggregated(server, make_judge):
+    judge = make_judge(num_permutations=3)
+    assert judge.rank(make_requests(2))[0].ranking == EXPECTED
+    assert len(server.requests) == 6
+    orders = {tuple(parse_prompt(r.body["messages"]).candidates) for r in server.requests}
+    assert len(orders) == 6  # 3 rotations x 2 prompts, all distinct
+
+
+def test_aggregate_rankings_by_mean_rank_with_stable_ties():
+    assert aggregate_rankings([(0, 1, 2), (0, 2, 1), (1, 0, 2)], 3) == (0, 1, 2)
+    assert aggregate_rankings([(1, 0), (0, 1)], 2) == (0, 1)  # a tie: the lower index first
+
+
+def test_retry_after_header_forms():
+    assert retry_after_seconds({"retry-after-ms": "250"}) == 0.25
+    assert retry_after_seconds({"retry-after": "2"}) == 2.0
+    assert retry_after_seconds({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0  # a past date
+    assert retry_after_seconds({"retry-after": "soon"}) is None and retry_after_seconds({}) is None
+
+
+# ----------------------------------------------------------------------------------------- policies
+
+
+def test_fallback_answers_the_failed_prompts(server, make_judge):
+    requests = make_requests(3)
+    server.responder = by_instruction({requests[1].instruction: Behaviour.reply("no idea")})
+    fallback = LengthJudge()
+    judge = make_judge(on_failure="fallback", fallback=fallback)
+    judgments = judge.rank(requests)
+    assert judgments[0].ranking == EXPECTED and judgments[2].ranking == EXPECTED
+    assert judgments[1].ranking == (2, 1, 0)  # the fallback's longest-first ranking
+    assert fallback.calls == [1]
+    assert judge.metrics()["fallbacks"] == 1 and judge.metrics()["failures"] == 1
+
+
+def test_stop_policy_raises_with_the_reason(server, make_judge):
+    server.enqueue(Behaviour.reply("no idea"))
+    judge = make_judge(on_failure="stop")
+    with pytest.raises(JudgeStop, match="1 of 1 prompts got no ranking.*no ranking found"):
+        judge.rank(make_requests(1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"on_failure": "fallback"}, "needs a fallback judge"),
+        ({"replay": True}, "replay=True needs a cache_path"),
+        ({"budget_usd": 1.0}, "budget_usd needs price"),
+        ({"max_concurrency": 0}, "max_concurrency must be > 0"),
+        ({"template": "/nonexistent/template.txt"}, "cannot read ranking template"),
+    ],
+)
+def test_bad_settings_are_rejected_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OpenAIJudge(**kwargs)
+
+
+# ------------------------------------------------------------------------------- objects and config
+
+
+def test_pickle_and_deepcopy_give_working_judges_with_the_counters(server, make_judge):
+    judge = make_judge()
+    judge.rank(make_requests(1))  # starts the loop thread and the client
+    for clone in (pickle.loads(pickle.dumps(judge)), copy.deepcopy(judge)):
+        try:
+            assert clone.metrics()["requests_sent"] == 1
+            assert clone.rank(make_requests(1))[0].ranking == EXPECTED
+            assert clone._rt is not judge._rt
+        finally:
+            clone.close()
+    assert judge.rank(make_requests(1))[0].ranking == EXPECTED  # the original still works
+
+
+def test_repr_names_the_settings(make_judge):
+    text = repr(make_judge(extra_headers={"X-Team": "t"}, cache_path=None))
+    assert text.startswith("OpenAIJudge(model='local-ranker'")
+    assert "api_key_env='OPENAI_API_KEY'" in text and "'X-Team': '***'" in text
+
+
+def test_jsonargparse_builds_the_judge_and_its_fallback(server):
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--judge", type=Judge)
+    config = parser.parse_object({"judge": {
+        "class_path": "cyclealign_pl.judges.openai.OpenAIJudge",
+        "init_args": {"model": "local-ranker", "base_url": server.url, "max_concurrency": 4,
+                      "on_failure": "fallback", "fallback": {"class_path": f"{__name__}.LengthJudge"}},
+    }})
+    judge = parser.instantiate_classes(config).judge
+    try:
+        assert isinstance(judge, OpenAIJudge) and isinstance(judge.fallback, LengthJudge)
+        assert judge.max_concurrency == 4 and judge.rank(make_requests(1))[0].ranking == EXPECTED
+    finally:
+        judge.close()
+
+
+def test_the_server_runs_as_a_module(monkeypatch):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cyclealign_pl.testing.openai_server", "--port", "0"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        line = process.stdout.readline()
+        url = line.split(" at ", 1)[1].split(" ", 1)[0]
+        judge = OpenAIJudge(model="local-ranker", base_url=url, request_timeout=5)
+        try:
+            assert judge.rank(make_requests(1))[0].ranking == EXPECTED
+        finally:
+            judge.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_the_server_rule_gives_the_paper_ranking_on_the_static_demonstration():
+    assert rank_candidates(STATIC_DEMONSTRATION.responses) == STATIC_DEMONSTRATION.ranking
+
+
+def test_header_values_can_come_from_the_environment(server, make_judge, monkeypatch):
+    monkeypatch.setenv("CYCLEALIGN_TEST_HEADER", "from-env")
+    judge = make_judge(extra_headers={"api-key": "env:CYCLEALIGN_TEST_HEADER"})
+    judge.rank(make_requests(1))
+    assert server.requests[0].headers["api-key"] == "from-env"
+    assert "from-env" not in repr(judge) and b"from-env" not in pickle.dumps(judge)
+
+
+def test_close_stops_the_loop_thread_and_a_closed_judge_restarts_on_use(server, make_judge):
+    judge = make_judge()
+    judge.rank(make_requests(1))
+    thread = judge._rt.thread
+    judge.close()
+    assert not thread.is_alive()
+    assert judge.rank(make_requests(1))[0].ranking == EXPECTED
+
+
+# ------------------------------------------------------------------------------------------------- cache
+
+
+def _fill_cache(path: str, worker: int, count: int) -> None:
+    cache = JudgeCache(path)
+    for i in range(count):
+        cache.put(f"shared-{i}", CachedReply(f"reply from worker {worker}", 1, 2))
+        cache.put(f"own-{worker}-{i}", CachedReply("x", 1, 1))
+    cache.close()
+
+
+def test_the_cache_is_safe_for_several_processes(tmp_path):
+    path = str(tmp_path / "shared.sqlite")
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_fill_cache, args=(path, w, 40)) for w in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    cache = JudgeCache(path)
+    assert len(cache) == 40 + 3 * 40
+    assert cache.get("shared-7").text.startswith("reply from worker ")  # the first writer won, atomically
+    cache.close()
+
+
+def test_a_file_that_is_not_a_cache_is_a_clear_error(tmp_path):
+    path = tmp_path / "notes.sqlite"
+    path.write_text("these are my notes, not a database" * 50)
+    with pytest.raises(ValueError, match=f"judge cache {path} is not a usable SQLite database"):
+        JudgeCache(path)
+
+
+def test_cache_keys_change_with_everything_that_changes_the_reply():
+    base = dict(model="m", template_version="v1", messages=[{"role": "user", "content": "x"}],
+                temperature=0.0, max_tokens=10, permutation=(0, 1))
+    key = cache_key(**base)
+    changes = ({"model": "n"}, {"template_version": "v2"}, {"messages": [{"role": "user", "content": "y"}]},
+               {"temperature": 0.5}, {"max_tokens": 11}, {"permutation": (1, 0)})
+    for change in changes:
+        assert cache_key(**{**base, **change}) != key
+    assert cache_key(**base) == key
+
+
+def test_a_429_pauses_every_request_not_only_the_one_that_got_it(server, make_judge):
+    first, second, third = make_requests(3)
+    seen: set[str] = set()
+
+    def responder(index, body):
+        instruction = parse_prompt(body["messages"]).instruction
+        if instruction == first.instruction and instruction not in seen:
+            seen.add(instruction)
+            return Behaviour.error(429, retry_after=0.5)
+        return Behaviour.rank(delay=0.2 if instruction == second.instruction else 0.0)
+
+    server.responder = responder
+    judge = make_judge(max_concurrency=2)  # the third prompt starts only when the second one is answered
+    assert [j.ranking for j in judge.rank([first, second, third])] == [EXPECTED] * 3
+    arrivals = {}
+    for record in server.requests:
+        arrivals.setdefault(parse_prompt(record.body["messages"]).instruction, record.time)
+    assert arrivals[third.instruction] - arrivals[first.instruction] >= 0.5
