@@ -27,7 +27,7 @@ from torch import Tensor
 
 from cyclealign_pl.demonstrations import Demonstration, DemonstrationPool
 from cyclealign_pl.judges.base import Judge, Judgment, RankRequest
-from cyclealign_pl.objective import default_sft_weight, pro_loss, rrhf_loss
+from cyclealign_pl.objective import cycle_loss, default_sft_weight
 from cyclealign_pl.policy import SamplingConfig, WhiteBox
 from cyclealign_pl.ranking import Ranking, agreement, rank_by_scores
 
@@ -194,7 +194,6 @@ def _loss(
 
     Column 0 holds the judge's better response (when it gave a usable one), columns 1..l the candidates.
     Rankings are padded with -1; a prompt with no valid ranking is all -1 and so masked out of both terms.
-    L_sft is the mean token NLL of the top response, i.e. minus its length-normalised log-prob score.
     """
     num_prompts, width = candidate_scores.shape[0], config.num_candidates + 1
     rankings = torch.full((num_prompts, width), -1, dtype=torch.long, device=candidate_scores.device)
@@ -219,12 +218,8 @@ def _loss(
         index = torch.tensor(better_rows, device=candidate_scores.device)
         better = better.index_put((index,), scored.scores.to(better.dtype))
     scores = torch.cat([better, candidate_scores], dim=1)
-    rank_loss = rrhf_loss(scores, rankings) if config.objective == "rrhf" else pro_loss(scores, rankings)
-    valid = rankings[:, 1] >= 0
-    best = scores.gather(1, rankings[:, :1].clamp(min=0)).squeeze(1)
-    sft_loss = -(best * valid).sum() / valid.sum()
-    total = rank_loss + config.lambda_sft * sft_loss
-    outcome.losses.append(float(total.detach()))
-    outcome.rank_losses.append(float(rank_loss.detach()))
-    outcome.sft_losses.append(float(sft_loss.detach()))
-    return total
+    parts = cycle_loss(scores, rankings, config.objective, config.lambda_sft)
+    outcome.losses.append(float(parts.total.detach()))
+    outcome.rank_losses.append(float(parts.rank.detach()))
+    outcome.sft_losses.append(float(parts.sft.detach()))
+    return parts.total

@@ -218,21 +218,21 @@ def default_sft_weight(num_candidates: int) -> float:
 def cycle_loss(
     scores: Tensor,
     rankings: Tensor,
-    best_token_logps: Tensor,
-    best_mask: Tensor,
     objective: Literal["rrhf", "pro"],
     sft_weight: float | None = None,
-    sft_valid: Tensor | None = None,
 ) -> LossParts:
     """L = L_rank + lambda * L_sft (paper, Eq. 1) for one optimizer step.
+
+    L_sft is the mean token NLL of each prompt's best response (``rankings[:, 0]``), which is exactly minus
+    its score p (the score *is* the mean response token log-prob), so no second pass over tokens is needed;
+    :func:`sft_loss` computes the same from token log-probs. Prompts with fewer than two ranked candidates
+    are masked out of both terms.
 
     Args:
         scores: [B, C] candidate scores p_i from :func:`mean_response_logprob`.
         rankings: [B, K] best-first candidate indices, -1 padded (e.g. from :func:`pad_rankings`).
-        best_token_logps, best_mask: [B, T] token log-probs and response mask of each prompt's best response.
         objective: ``"rrhf"`` or ``"pro"`` for L_rank.
         sft_weight: lambda; None means :func:`default_sft_weight` of C.
-        sft_valid: [B] prompts whose best response is imitated; None means every non-empty one.
     """
     if objective == "rrhf":
         rank = rrhf_loss(scores, rankings)
@@ -241,5 +241,6 @@ def cycle_loss(
     else:
         raise ValueError(f"objective must be 'rrhf' or 'pro', got {objective!r}")
     weight = default_sft_weight(scores.shape[-1]) if sft_weight is None else float(sft_weight)
-    sft = sft_loss(best_token_logps, best_mask, sft_valid)
+    ranked, _, valid = _ranked_scores(scores, rankings)
+    sft = _mean_over_valid(-ranked[:, 0], valid)
     return LossParts(total=rank + weight * sft, rank=rank, sft=sft)

@@ -106,3 +106,33 @@ def test_gpu_configs_parse_and_build_what_needs_no_gpu(name, objective, capsys, 
 
     data = HHRLHFDataModule(**printed["data"]["init_args"])
     assert data.root is None and len(data.subsets) == 4
+
+
+@pytest.mark.slow
+def test_tiny_fit_against_a_local_openai_compatible_server(tmp_path, monkeypatch):
+    """configs/tiny.yaml + configs/tiny_openai.yaml: the black box is a real HTTP server on 127.0.0.1."""
+    from cyclealign_pl.testing.openai_server import LocalOpenAIServer
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
+    cache = tmp_path / "judge_cache.sqlite"
+    with LocalOpenAIServer() as server:
+        cli = main(
+            [
+                "fit",
+                *tiny_args(tmp_path, "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0"),
+                "--config", str(ROOT / "configs" / "tiny_openai.yaml"),
+                "--model.judge.init_args.base_url", server.url,
+                "--model.judge.init_args.cache_path", str(cache),
+            ]
+        )
+        requests_seen = len(server.requests)
+    module = cli.model
+    assert type(module.judge).__name__ == "OpenAIJudge"
+    assert module.counters["steps"] == 3
+    # every iteration with >= 2 distinct candidates asked the server once
+    assert requests_seen == module.counters["iterations"] - module.counters.get("degenerate_candidates", 0) > 0
+    rows = list(csv.DictReader(open(Path(cli.trainer.log_dir) / "metrics.csv")))
+    sent = [float(r["judge/requests_sent"]) for r in rows if r.get("judge/requests_sent")]
+    assert sent and sent[-1] == requests_seen
+    assert any(r.get("judge/prompt_tokens") for r in rows)
+    assert cache.is_file()

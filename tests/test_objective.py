@@ -294,23 +294,31 @@ def test_default_sft_weight() -> None:
 
 
 def test_cycle_loss_combines_parts() -> None:
-    scores = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.4, -0.1]], requires_grad=True)
-    rankings = pad_rankings([(0, 1, 2), (2, 0)], 3)
-    best = torch.tensor([[0.0, -1.0, -2.0], [0.0, -0.5, -0.7]], requires_grad=True)
-    best_mask = torch.tensor([[0, 1, 1], [0, 0, 1]])
-    sft_by_hand = ((1.0 + 2.0) / 2 + 0.7) / 2
+    scores = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.4, -0.1], [-0.3, -0.6, -0.9]], requires_grad=True)
+    rankings = pad_rankings([(0, 1, 2), (2, 0), (1,)], 3)  # the third prompt has no preference: masked out
+    sft_by_hand = (1.0 + 0.1) / 2  # minus the best responses' scores (their mean token NLL)
     for objective, by_hand in (("rrhf", rrhf_by_hand), ("pro", pro_by_hand)):
-        parts = cycle_loss(scores, rankings, best, best_mask, objective)
+        parts = cycle_loss(scores, rankings, objective)
         assert isinstance(parts, LossParts)
-        rank = batch_by_hand(by_hand, scores.tolist(), [(0, 1, 2), (2, 0)])
+        rank = batch_by_hand(by_hand, scores.tolist()[:2], [(0, 1, 2), (2, 0)])
         assert parts.rank.item() == pytest.approx(rank)
         assert parts.sft.item() == pytest.approx(sft_by_hand)
         assert parts.total.item() == pytest.approx(rank + (3 - 1) ** 2 * sft_by_hand)
-        explicit = cycle_loss(scores, rankings, best, best_mask, objective, sft_weight=0.5)
+        explicit = cycle_loss(scores, rankings, objective, sft_weight=0.5)
         assert explicit.total.item() == pytest.approx(rank + 0.5 * sft_by_hand)
         parts.total.backward()
+        assert scores.grad[2].abs().sum() == 0  # the unranked prompt contributes nothing
+        scores.grad = None
     with pytest.raises(ValueError, match="objective"):
-        cycle_loss(scores, rankings, best, best_mask, "dpo")  # type: ignore[arg-type]
+        cycle_loss(scores, rankings, "dpo")  # type: ignore[arg-type]
+
+
+def test_cycle_loss_sft_equals_token_level_sft_loss() -> None:
+    logps = torch.tensor([[0.0, -1.0, -3.0, -0.5], [0.0, -2.0, -9.0, -4.0]])
+    mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1]])
+    scores = mean_response_logprob(logps, mask).view(2, 1).expand(2, 2).contiguous()
+    parts = cycle_loss(scores, pad_rankings([(0, 1), (1, 0)], 2), "rrhf")
+    assert parts.sft.item() == pytest.approx(sft_loss(logps, mask).item())
 
 
 # --- a tiny real Llama learns the ranking -----------------------------------------------------
@@ -377,15 +385,11 @@ def test_adam_steps_on_tiny_llama_lower_the_loss(objective: str) -> None:
         _, initial = forward_scores(model, batch)
     target = [tuple(reversed(rank_by_scores(row))) for row in initial.tolist()]
     rankings = pad_rankings(target, 3)
-    best = rankings[:, 0]
-    prompt_index = torch.arange(len(PROMPTS))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
 
     def step_loss() -> LossParts:
-        logps, scores = forward_scores(model, batch)
-        best_logps = logps[prompt_index, best]
-        best_mask = batch["response_mask"][prompt_index, best]
-        return cycle_loss(scores, rankings, best_logps, best_mask, objective)  # type: ignore[arg-type]
+        _, scores = forward_scores(model, batch)
+        return cycle_loss(scores, rankings, objective)  # type: ignore[arg-type]
 
     first = step_loss()
     for _ in range(30):
