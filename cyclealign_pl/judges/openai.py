@@ -16,6 +16,8 @@ This module turns rank requests into chat calls and replies into judgments (prom
 failure policy); :mod:`cyclealign_pl.judges.transport` sends one call robustly (retries, limits, budget). The
 async client runs on one event-loop thread owned by the judge (started lazily, restarted after pickling or in
 a forked child, stopped by :meth:`close`); :meth:`rank` blocks on it, :meth:`submit` returns a future at once.
+:meth:`complete` lends the same path (cache, replay, transport) to other prompts, such as the pairwise
+comparisons of :mod:`cyclealign_pl.compare`.
 
 The API key is read from the environment variable ``api_key_env`` when the first request is made, handed to
 the client and kept nowhere else: it is not an argument, not in ``repr``, ``state_dict``, pickles or the
@@ -58,13 +60,19 @@ _COUNTERS = (
 
 
 @dataclass(frozen=True)
-class _Call:
-    """One chat-completions call: a permutation of one request's candidates."""
+class ChatCall:
+    """One chat-completions call and its cache key (see :meth:`OpenAIJudge.complete`)."""
 
-    request_index: int
-    permutation: tuple[int, ...]
     messages: list[dict[str, str]]
     key: str
+
+
+@dataclass(frozen=True)
+class _Call(ChatCall):
+    """A ranking call: a permutation of one request's candidates."""
+
+    request_index: int = 0
+    permutation: tuple[int, ...] = ()
 
 
 class _Runtime:
@@ -236,14 +244,26 @@ class OpenAIJudge(Judge):
 
     def rank(self, requests: Sequence[RankRequest]) -> list[Judgment]:
         """Rank every request (concurrently); blocks until all are answered or failed."""
-        future = self.submit(requests)
+        return self._wait(self.submit(requests))
+
+    def complete(self, messages: Sequence[list[dict[str, str]]], *, template_version: str) -> list[ChatReply]:
+        """Send other prompts than rankings (e.g. pairwise comparisons) the way :meth:`rank` sends its own.
+
+        The same concurrency cap, rate limits, retries (honouring ``Retry-After``), timeouts, hard budget,
+        SQLite cache and ``replay`` apply; the cache key is :meth:`chat_key`. Blocks until every call has a
+        reply or a failure (``ChatReply.text is None``, with ``kind`` and ``reason``); reading the replies is
+        the caller's job, so failures are counted in the caller's terms, not in this judge's ``failures``.
+        Raises :class:`JudgeStop` (budget spent, bad key or model) after the calls in flight have ended;
+        the replies that came are cached.
+        """
+        calls = [ChatCall(list(m), self.chat_key(m, template_version)) for m in messages]
         rt = self._runtime()
-        while True:
-            try:
-                return future.result(timeout=1.0)
-            except FutureTimeout:
-                if not rt.thread.is_alive():
-                    raise JudgeStop("OpenAIJudge: its event-loop thread died") from None
+        return self._wait(asyncio.run_coroutine_threadsafe(self._complete_async(rt, calls), rt.loop))
+
+    def chat_key(self, messages: Sequence[dict[str, str]], template_version: str) -> str:
+        """The cache key of one :meth:`complete` call: its messages and all else that shapes the reply."""
+        return cache_key(model=self.model, template_version=template_version, messages=messages,
+                         temperature=self.temperature, max_tokens=self.max_tokens, permutation=())
 
     def submit(self, requests: Sequence[RankRequest]) -> "Future[list[Judgment]]":
         """Start ranking in the judge's event loop and return its future at once."""
@@ -302,6 +322,16 @@ class OpenAIJudge(Judge):
 
     # ------------------------------------------------------------------------------------------ internals
 
+    def _wait(self, future: "Future[Any]") -> Any:
+        """The future's result, checking that the loop thread is alive (a dead thread would never answer)."""
+        rt = self._runtime()
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except FutureTimeout:
+                if not rt.thread.is_alive():
+                    raise JudgeStop("OpenAIJudge: its event-loop thread died") from None
+
     def _runtime(self) -> _Runtime:
         with self._rt_lock:
             if self._rt is None or self._rt.pid != os.getpid():  # first use, or a forked child
@@ -353,11 +383,17 @@ class OpenAIJudge(Judge):
                 key = cache_key(model=self.model, template_version=self.ranking_template.version,
                                 messages=messages, temperature=self.temperature, max_tokens=self.max_tokens,
                                 permutation=perm)
-                calls.append(_Call(index, perm, messages, key))
+                calls.append(_Call(messages, key, request_index=index, permutation=perm))
         return calls
 
     async def _rank_async(self, rt: _Runtime, requests: list[RankRequest]) -> list[Judgment]:
         calls = self._calls(requests)
+        replies = dict(enumerate(await self._complete_async(rt, calls)))
+        self._counters.bump("prompts", len(requests))
+        return await self._apply_policy(requests, self._judgments(requests, calls, replies))
+
+    async def _complete_async(self, rt: _Runtime, calls: Sequence[ChatCall]) -> list[ChatReply]:
+        """Each call's reply: from the cache, a replay miss, or sent (concurrently) and then cached."""
         replies: dict[int, ChatReply] = {}
         pending = []
         for j, call in enumerate(calls):
@@ -372,13 +408,12 @@ class OpenAIJudge(Judge):
                 pending.append(j)
         if pending:
             replies.update(await self._send(rt, [calls[j] for j in pending], pending))
-        self._counters.bump("prompts", len(requests))
-        return await self._apply_policy(requests, self._judgments(requests, calls, replies))
+        return [replies[j] for j in range(len(calls))]
 
-    async def _send(self, rt: _Runtime, calls: list[_Call], slots: list[int]) -> dict[int, ChatReply]:
+    async def _send(self, rt: _Runtime, calls: list[ChatCall], slots: list[int]) -> dict[int, ChatReply]:
         """Send the calls concurrently, cache each reply as it comes; raise a JudgeStop after all ended."""
 
-        async def one(call: _Call) -> ChatReply:
+        async def one(call: ChatCall) -> ChatReply:
             reply = await rt.transport.complete(call.messages)
             if reply.text is not None and rt.cache is not None:
                 try:
@@ -464,4 +499,4 @@ class OpenAIJudge(Judge):
         await rt.transport.aclose()
 
 
-__all__ = ["FAILURE_KINDS", "PLACEHOLDER_KEY", "OpenAIJudge", "aggregate_rankings"]
+__all__ = ["FAILURE_KINDS", "PLACEHOLDER_KEY", "ChatCall", "ChatReply", "OpenAIJudge", "aggregate_rankings"]

@@ -39,6 +39,10 @@ _SECTION_SLOTS: dict[str, frozenset[str]] = {
     "response": frozenset({"index", "text"}),
     "request": frozenset({"demonstrations", "instruction", "responses"}),
 }
+# what a ranking template may contain: its sections and, for each, the slots it may use
+RANKING_SLOTS: dict[str, frozenset[str]] = {
+    name: slots | _COMMON_SLOTS for name, slots in _SECTION_SLOTS.items()
+}
 _IGNORED_SECTIONS = frozenset({"notes"})
 _SECTION_LINE = re.compile(r"^===\s*([A-Za-z_]+)\s*===\s*$")
 
@@ -59,22 +63,34 @@ class RankingTemplate:
         return self.sections[section].format(**slots)
 
 
-def load_template(path: str | Path | None = None) -> RankingTemplate:
-    """Read a template file (None: the packaged ``ranking_v1.txt``) and check its sections and slots."""
+def load_template(
+    path: str | Path | None = None,
+    *,
+    packaged: str = DEFAULT_TEMPLATE,
+    slots: Mapping[str, frozenset[str]] = RANKING_SLOTS,
+    kind: str = "ranking",
+) -> RankingTemplate:
+    """Read a template file (None: the packaged one) and check its sections and slots.
+
+    ``packaged``, ``slots`` and ``kind`` let other prompts (the pairwise comparison) share this format and its
+    checks: ``slots`` maps each required section to the slots it may use; ``kind`` names it in errors.
+    """
     if path is None:
-        packaged = resources.files("cyclealign_pl.judges").joinpath("templates", DEFAULT_TEMPLATE)
-        text = packaged.read_text("utf-8")
-        source = f"<packaged {DEFAULT_TEMPLATE}>"
+        resource = resources.files("cyclealign_pl.judges").joinpath("templates", packaged)
+        text = resource.read_text("utf-8")
+        source = f"<packaged {packaged}>"
     else:
         source = str(path)
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as err:
-            raise TemplateError(f"cannot read ranking template {source}: {err}") from err
-    return parse_template(text, source)
+            raise TemplateError(f"cannot read {kind} template {source}: {err}") from err
+    return parse_template(text, source, slots)
 
 
-def parse_template(text: str, source: str = "<string>") -> RankingTemplate:
+def parse_template(
+    text: str, source: str = "<string>", slots: Mapping[str, frozenset[str]] = RANKING_SLOTS
+) -> RankingTemplate:
     """Parse template text (see the packaged file's ``notes`` section for the format)."""
     lines = text.splitlines()
     first = next((i for i, line in enumerate(lines) if line.strip()), None)
@@ -88,10 +104,10 @@ def parse_template(text: str, source: str = "<string>") -> RankingTemplate:
         match = _SECTION_LINE.match(line)
         if match:
             current = match.group(1).lower()
-            if current not in _SECTION_SLOTS and current not in _IGNORED_SECTIONS:
+            if current not in slots and current not in _IGNORED_SECTIONS:
                 raise TemplateError(
                     f"{source}, line {number}: unknown section {current!r} "
-                    f"(expected {sorted(_SECTION_SLOTS)} or 'notes')"
+                    f"(expected {sorted(slots)} or 'notes')"
                 )
             if current in sections:
                 raise TemplateError(f"{source}, line {number}: section {current!r} appears twice")
@@ -102,7 +118,7 @@ def parse_template(text: str, source: str = "<string>") -> RankingTemplate:
                 raise TemplateError(f"{source}, line {number}: text before the first '=== section ===' line")
         else:
             sections[current].append(line)
-    missing = sorted(set(_SECTION_SLOTS) - set(sections))
+    missing = sorted(set(slots) - set(sections))
     if missing:
         raise TemplateError(f"{source}: missing section(s) {missing}")
     out: dict[str, str] = {}
@@ -110,7 +126,7 @@ def parse_template(text: str, source: str = "<string>") -> RankingTemplate:
         if name in _IGNORED_SECTIONS:
             continue
         content = "\n".join(body).strip("\n")
-        allowed = _SECTION_SLOTS[name] | _COMMON_SLOTS
+        allowed = slots[name]
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(content) if f is not None}
         except ValueError as err:
@@ -395,6 +411,7 @@ def parse_reply(text: str | None, num_candidates: int) -> ParsedReply:
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "RANKING_SLOTS",
     "ParsedReply",
     "RankingTemplate",
     "TemplateError",

@@ -5,7 +5,9 @@ a deterministic *ranker*: it reads the request's candidates out of our prompt fo
 (:func:`cyclealign_pl.judges.prompt.parse_prompt`) and ranks them by :func:`harm_score` (fewer harmful
 keywords first), then by length (more words first), then by index; its better response is the best candidate
 when that one is harmless, else a polite refusal. On the paper's static demonstration this gives the paper's
-ranking ``[1, 3, 2, 0]``. Messages that are not in our format get a reply without a ranking.
+ranking ``[1, 3, 2, 0]``. A pairwise comparison prompt (:mod:`cyclealign_pl.judges.pairwise`) gets a
+verdict by the same rule (:func:`compare_replies`: fewer harmful keywords, then more words; equal: a tie).
+Messages in neither format get a reply without a ranking.
 
 Each request can be scripted (:class:`Behaviour`): an HTTP error with or without ``Retry-After``, a reply that
 hangs, a garbage body, a dropped connection, a custom reply text. Behaviours come from a queue (one per
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
+from cyclealign_pl.judges.pairwise import Verdict, format_verdict, parse_pairwise_prompt
 from cyclealign_pl.judges.prompt import format_reply, parse_prompt
 
 _HARMFUL = re.compile(
@@ -51,6 +54,12 @@ def rank_candidates(candidates: Iterable[str]) -> tuple[int, ...]:
     """The ranker's rule: fewer harmful keywords, then more words, then lower index."""
     texts = list(candidates)
     return tuple(sorted(range(len(texts)), key=lambda i: (harm_score(texts[i]), -len(texts[i].split()), i)))
+
+
+def compare_replies(reply_a: str, reply_b: str) -> Verdict:
+    """The ranker's rule for two replies: the one it would rank first, or a tie when they score the same."""
+    key_a, key_b = ((harm_score(t), -len(t.split())) for t in (reply_a, reply_b))
+    return "A" if key_a < key_b else "B" if key_b < key_a else "TIE"
 
 
 def count_tokens(text: str) -> int:
@@ -252,16 +261,28 @@ class LocalOpenAIServer:
         }
 
     def ranker_reply(self, body: Any) -> str:
-        """The default answer: our ranking rule applied to the candidates found in the prompt."""
+        """The default answer: our ranking rule applied to the candidates found in the prompt (a pairwise
+        comparison prompt gets :meth:`pairwise_reply`)."""
         try:
             request = parse_prompt(body["messages"])
         except (KeyError, TypeError, ValueError):
-            return "I could not find any responses to rank in your message."
+            return self.pairwise_reply(body)
         ranking = rank_candidates(request.candidates)
         best = request.candidates[ranking[0]]
         refusal = "I can't help with that, but I'm glad to help with a safe alternative."
         better = best if harm_score(best) == 0 else refusal
         return format_reply(ranking, better)
+
+    def pairwise_reply(self, body: Any) -> str:
+        """The answer to a pairwise comparison prompt: a one-line reason and the verdict of our rule."""
+        try:
+            _, reply_a, reply_b = parse_pairwise_prompt(body["messages"])
+        except (KeyError, TypeError, ValueError):
+            return "I could not find any responses to rank in your message."
+        verdict = compare_replies(reply_a, reply_b)
+        reason = {"A": "Reply A is more harmless or more helpful.", "TIE": "Neither reply is better.",
+                  "B": "Reply B is more harmless or more helpful."}[verdict]
+        return format_verdict(verdict, reason)
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -373,5 +394,6 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "Behaviour", "LocalOpenAIServer", "RecordedRequest", "count_tokens", "harm_score", "rank_candidates",
+    "Behaviour", "LocalOpenAIServer", "RecordedRequest", "compare_replies", "count_tokens", "harm_score",
+    "rank_candidates",
 ]

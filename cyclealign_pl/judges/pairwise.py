@@ -1,0 +1,140 @@
+"""The pairwise comparison prompt (paper Table 2): which of two replies to one conversation is better.
+
+The judge sees the conversation and two replies, labelled A and B, and ends its answer with a line
+``Verdict: [[A]]``, ``Verdict: [[B]]`` or ``Verdict: [[TIE]]``, after a short reasoning when one is asked for.
+Templates use the ranking template's file format and checks
+(:func:`~cyclealign_pl.judges.prompt.load_template`) and its defence against injection: every text written by
+others is enclosed in lines carrying a nonce derived from a hash of the texts, so a reply cannot close its
+block and write a verdict of its own outside it; echoed blocks are ignored by the parser.
+
+The parser is strict: the verdict is read from the reply's last non-empty line only, which must name exactly
+one of the three verdicts. Anything else is an invalid judgment with a reason, never a guess.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cyclealign_pl.judges.base import RankRequest
+from cyclealign_pl.judges.prompt import RankingTemplate, delimiters, load_template, request_nonce
+
+Verdict = Literal["A", "B", "TIE"]
+VERDICTS: tuple[Verdict, ...] = ("A", "B", "TIE")
+DEFAULT_PAIRWISE_TEMPLATE = "pairwise_v1.txt"
+
+_DELIMITERS = frozenset({"begin", "end"})
+PAIRWISE_SLOTS: dict[str, frozenset[str]] = {
+    "system": _DELIMITERS,
+    "request": _DELIMITERS | {"instruction", "reply_a", "reply_b", "answer"},
+    "answer": _DELIMITERS,
+    "answer_with_reasoning": _DELIMITERS,
+}
+
+_NONCE_OPEN = re.compile(r"<text-([0-9a-f]{16})>")
+_ECHOED_BLOCK = re.compile(r"<text-([0-9a-f]{16})>.*?</text-\1>", re.DOTALL)
+_MARKER = re.compile(r"\[\[\s*([^\[\]\n]{0,20}?)\s*\]\]")
+
+
+def load_pairwise_template(path: str | Path | None = None) -> RankingTemplate:
+    """Read a pairwise template file (None: the packaged ``pairwise_v1.txt``) and check it."""
+    return load_template(path, packaged=DEFAULT_PAIRWISE_TEMPLATE, slots=PAIRWISE_SLOTS, kind="pairwise")
+
+
+def build_pairwise_messages(
+    instruction: str,
+    reply_a: str,
+    reply_b: str,
+    *,
+    reasoning: bool = False,
+    template: RankingTemplate | None = None,
+) -> list[dict[str, str]]:
+    """The chat messages (system, user) asking which of ``reply_a`` (shown first) or ``reply_b`` is better."""
+    template = template or load_pairwise_template()
+    begin, end = delimiters(request_nonce(RankRequest(instruction, (reply_a, reply_b))))
+
+    def block(text: str) -> str:
+        return f"{begin}\n{text}\n{end}"
+
+    common = {"begin": begin, "end": end}
+    answer = template.render("answer_with_reasoning" if reasoning else "answer", **common)
+    user = template.render("request", instruction=block(instruction), reply_a=block(reply_a),
+                           reply_b=block(reply_b), answer=answer.strip(), **common)
+    return [
+        {"role": "system", "content": template.render("system", **common).strip()},
+        {"role": "user", "content": user.strip()},
+    ]
+
+
+def parse_pairwise_prompt(messages: Sequence[Mapping[str, object]]) -> tuple[str, str, str]:
+    """The (conversation, reply A, reply B) that :func:`build_pairwise_messages` enclosed, in that order.
+
+    Used by the local test server to judge what it was sent, and by tests to see which order was shown.
+    Raises ValueError for messages that do not hold exactly three delimited texts.
+    """
+    user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+    if user is None or not isinstance(user.get("content"), str):
+        raise ValueError("no user message with text content")
+    content = str(user["content"])
+    match = _NONCE_OPEN.search(content)
+    if match is None:
+        raise ValueError("the prompt has no delimited texts")
+    begin, end = delimiters(match.group(1))
+    texts = re.findall(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), content, flags=re.DOTALL)
+    if len(texts) != 3:
+        raise ValueError(f"a pairwise prompt holds 3 delimited texts, this one {len(texts)}")
+    return texts[0], texts[1], texts[2]
+
+
+@dataclass(frozen=True)
+class ParsedVerdict:
+    """What a judge's answer says: a verdict (in the order shown) or ``None`` and why; its reasoning."""
+
+    verdict: Verdict | None
+    reasoning: str | None
+    failure: str | None
+
+
+def format_verdict(verdict: Verdict, reasoning: str | None = None) -> str:
+    """The answer the template asks for (used by the local server and tests)."""
+    line = f"Verdict: [[{verdict}]]"
+    return line if not reasoning else f"{reasoning.strip()}\n{line}"
+
+
+def parse_verdict(text: str) -> ParsedVerdict:
+    """Read the verdict from the last non-empty line; the lines before it are the reasoning."""
+    visible = _ECHOED_BLOCK.sub("", text or "")  # texts the judge quoted back are data, not its verdict
+    lines = [line for line in visible.splitlines() if line.strip()]
+    if not lines:
+        return ParsedVerdict(None, None, "empty reply")
+    reasoning = "\n".join(lines[:-1]).strip() or None
+    labels = [m.group(1).strip().upper() for m in _MARKER.finditer(lines[-1])]
+    if not labels:
+        if any(_MARKER.search(line) for line in lines[:-1]):
+            return ParsedVerdict(None, reasoning, "the verdict is not on the last line")
+        return ParsedVerdict(None, reasoning, "no verdict ([[A]], [[B]] or [[TIE]]) on the last line")
+    distinct = list(dict.fromkeys(labels))
+    if len(distinct) > 1:
+        shown = ", ".join(f"[[{label}]]" for label in distinct[:3])
+        return ParsedVerdict(None, reasoning, f"the last line names several verdicts ({shown})")
+    if distinct[0] not in VERDICTS:
+        return ParsedVerdict(None, reasoning,
+                             f"unknown verdict [[{distinct[0]}]] (expected [[A]], [[B]] or [[TIE]])")
+    return ParsedVerdict(distinct[0], reasoning, None)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "DEFAULT_PAIRWISE_TEMPLATE",
+    "PAIRWISE_SLOTS",
+    "VERDICTS",
+    "ParsedVerdict",
+    "Verdict",
+    "build_pairwise_messages",
+    "format_verdict",
+    "load_pairwise_template",
+    "parse_pairwise_prompt",
+    "parse_verdict",
+]
