@@ -1,17 +1,23 @@
-"""Callbacks: the cycle's metrics (torchmetrics, logged through ``self.log``) and the Hugging Face export."""
+"""Callbacks: the cycle's metrics (torchmetrics, logged through ``self.log``), the Hugging Face export, and
+periodic checkpoints that fit the cycle's manual optimization."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from datetime import timedelta
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric, SumMetric
 
 from cyclealign_pl.cycle import StepOutcome
+from cyclealign_pl.hf import plain_model
 from cyclealign_pl.judges.base import RankRequest
 from cyclealign_pl.metrics import RankingAccuracy
 
@@ -25,7 +31,10 @@ class CycleMetrics(Callback):
     the module has a ``reward_model`` (the reference ranker), the black box's ranking accuracy against it at
     each prompt's last iteration, the mean reward of the sampled candidates and their reward spread
     ("delta score"). ``*_mean`` values are running means since the start of the run (they are checkpointed).
-    Judge counters (requests, cache hits, tokens, cost, ...) are logged as ``judge/...``.
+    Judge counters (requests, cache hits, tokens, cost, ...) are logged as ``judge/...``. Throughput:
+    ``cycle/judge_latency_s`` (seconds the black box took this step), ``cycle/judge_wait_s`` (seconds the
+    cycle sat blocked on it) and ``cycle/judge_hidden_fraction_mean`` (the share of judge latency spent on
+    white-box work instead of waiting, over the run and all processes).
     """
 
     def __init__(self, log_judge_metrics: bool = True) -> None:
@@ -41,13 +50,15 @@ class CycleMetrics(Callback):
         )
         self.accuracy = RankingAccuracy()
         self.totals = torch.nn.ModuleDict({"prompts": SumMetric(), "iterations": SumMetric(), "judge_failures": SumMetric()})
+        self.judge_time = torch.nn.ModuleDict({"wait_s": SumMetric(), "latency_s": SumMetric()})
         for metric in self._all():
             metric.persistent(True)
 
     def _all(self):
-        return [*self.running.values(), self.accuracy, *self.totals.values()]
+        return [*self.running.values(), self.accuracy, *self.totals.values(), *self.judge_time.values()]
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._rank = trainer.global_rank  # setup runs before a checkpoint is restored
         for metric in self._all():
             metric.to(pl_module.device)
 
@@ -83,10 +94,22 @@ class CycleMetrics(Callback):
                 pl_module.log(f"cycle/ranking_{name}_mean", value, on_step=True, on_epoch=False, prog_bar=name == "pairwise_accuracy")
         for name, metric in self.totals.items():
             pl_module.log(f"cycle/total_{name}", metric.compute(), on_step=True, on_epoch=False, reduce_fx="sum")
+        self._log_judge_time(pl_module, outcome)
         judge = getattr(pl_module, "judge", None)
         if self.log_judge_metrics and judge is not None:
             for name, value in judge.metrics().items():
                 pl_module.log(f"judge/{name}", float(value), on_step=True, on_epoch=False)
+
+    def _log_judge_time(self, pl_module: LightningModule, outcome: StepOutcome) -> None:
+        """How long the black box took and how much of it the cycle spent blocked (see ``cycle.run_cycle``)."""
+        self.judge_time["wait_s"].update(outcome.judge_wait_s)
+        self.judge_time["latency_s"].update(outcome.judge_latency_s)
+        pl_module.log("cycle/judge_latency_s", outcome.judge_latency_s, on_step=True, on_epoch=False)
+        pl_module.log("cycle/judge_wait_s", outcome.judge_wait_s, on_step=True, on_epoch=False)
+        wait, latency = self.judge_time["wait_s"].compute(), self.judge_time["latency_s"].compute()  # over all ranks
+        if latency > 0:
+            hidden = (1 - wait / latency).clamp(min=0)
+            pl_module.log("cycle/judge_hidden_fraction_mean", hidden, on_step=True, on_epoch=False)
 
     def _reference_metrics(self, reference, prompts: list[str], outcome: StepOutcome) -> dict[str, float]:
         """Black-box accuracy against the reference ranker at each prompt's last iteration (paper Sec. 4.4)."""
@@ -108,14 +131,23 @@ class CycleMetrics(Callback):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"metrics": {str(i): m.state_dict() for i, m in enumerate(self._all())}}
+        """The metric states summed over all processes (every rank calls this when a checkpoint is saved), so the
+        checkpoint holds the run's totals, not rank 0's share; :meth:`load_state_dict` restores them once."""
+        states = {}
+        for i, metric in enumerate(self._all()):
+            with metric.sync_context():  # a no-op in one process
+                states[str(i)] = metric.state_dict()
+        return {"metrics": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for i, metric in enumerate(self._all()):
             saved = state_dict.get("metrics", {}).get(str(i))
             if saved:
-                metric.load_state_dict(saved)
-                metric._update_count = 1  # restored running means count as updated
+                if getattr(self, "_rank", 0) == 0:  # the other processes add their new updates from zero
+                    metric.load_state_dict(saved)
+                else:
+                    metric.reset()
+                metric._update_count = 1  # restored running means count as updated (on every rank alike)
 
 
 class ExportPretrained(Callback):
@@ -138,6 +170,74 @@ class ExportPretrained(Callback):
 
     @rank_zero_only
     def _export(self, pl_module: LightningModule, path: str) -> None:
-        pl_module.model.save_pretrained(path)
+        plain_model(pl_module.model).save_pretrained(path)  # LoRA adapters merged: loads in plain transformers
         pl_module.tokenizer.save_pretrained(path)
         log.info("exported the aligned white-box to %s", path)
+
+
+class CycleCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that saves every ``every_n_batches`` training steps and every ``train_time_interval``.
+
+    A CycleAlign training step is one batch of prompts and takes up to N optimizer steps. Under manual
+    optimization Lightning's ``ModelCheckpoint`` counts ``every_n_train_steps`` in optimizer steps and saves only
+    when ``global_step`` is a multiple of it at a batch end, which a cycle of several optimizer steps per batch
+    jumps over; it also ignores ``train_time_interval`` there, and skips a save when no optimizer step happened
+    since the last one (a batch whose judgments all failed is still progress). This subclass counts batches
+    (``trainer.fit_loop.total_batch_idx + 1``, which survives a resume) and honours the time interval; all other
+    arguments are ``ModelCheckpoint``'s. Saving at each epoch end stays on (``every_n_epochs=1``), so the end
+    of training is always checkpointed. With ``save_last=True``, ``fit --ckpt_path last`` resumes from the newest.
+
+    Args:
+        every_n_batches: save after every this many training steps (batches); None: by time and epoch only.
+        train_time_interval: also save when this much time has passed since the last save (checked at batch
+            ends; e.g. ``"0:10:00"`` in YAML).
+    """
+
+    def __init__(
+        self, every_n_batches: int | None = None, train_time_interval: timedelta | None = None, **kwargs: Any
+    ) -> None:
+        if kwargs.get("every_n_train_steps"):
+            raise ValueError("CycleCheckpoint counts training steps (batches) in every_n_batches; every_n_train_steps "
+                             "(optimizer steps) is not used under the cycle's manual optimization")
+        if every_n_batches is not None and every_n_batches < 1:
+            raise ValueError(f"CycleCheckpoint: every_n_batches must be >= 1 or None, got {every_n_batches}")
+        if kwargs.get("every_n_epochs") is None:  # the CLI passes None explicitly
+            kwargs["every_n_epochs"] = 1
+        super().__init__(**kwargs)
+        self.every_n_batches = every_n_batches
+        self.time_interval = train_time_interval  # not the parent's: it allows only one trigger kind
+        self._last_batches_saved = -1
+        self._last_save_time: float | None = None
+
+    @staticmethod
+    def _batches_done(trainer: Trainer) -> int:
+        return trainer.fit_loop.total_batch_idx + 1
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        due = bool(self.every_n_batches) and self._batches_done(trainer) % self.every_n_batches == 0
+        if self.time_interval is not None:
+            started = self._last_save_time if self._last_save_time is not None else self._last_time_checked
+            timed = started is not None and time.monotonic() - started >= self.time_interval.total_seconds()
+            due = due or trainer.strategy.broadcast(timed)  # rank 0's clock decides for all
+        if not due:
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+    # the parent's de-duplication compares optimizer steps; a batch without any is progress all the same
+    def _should_skip_saving_checkpoint(self, trainer: Trainer) -> bool:
+        return (
+            bool(trainer.fast_dev_run)
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
+            or self._last_batches_saved == self._batches_done(trainer)
+        )
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._last_batches_saved = self._batches_done(trainer)
+        self._last_save_time = time.monotonic()

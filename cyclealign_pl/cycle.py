@@ -18,7 +18,9 @@ loss for that iteration and counted; nothing is guessed. The white-box plumbing 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,10 +30,12 @@ from torch import Tensor
 from cyclealign_pl.demonstrations import Demonstration, DemonstrationPool
 from cyclealign_pl.judges.base import Judge, Judgment, RankRequest
 from cyclealign_pl.objective import cycle_loss, default_sft_weight
-from cyclealign_pl.policy import SamplingConfig, WhiteBox
+from cyclealign_pl.policy import PromptEncoding, SamplingConfig, WhiteBox
 from cyclealign_pl.ranking import Ranking, agreement, rank_by_scores
 
 DemonstrationSource = Literal["agreement", "blackbox", "whitebox"]
+# the failure of a candidate set with fewer than two distinct replies: not sent to the judge, counted
+DEGENERATE_CANDIDATES = "fewer than two distinct candidates"
 
 
 @dataclass
@@ -44,6 +48,9 @@ class CycleConfig:
     sft_weight: float | None = None  # None: (l - 1) ** 2, as in the paper
     demonstration_source: DemonstrationSource = "agreement"
     use_judge_response: bool = True  # add the judge's better response as the top candidate
+    # True: the white box scores while the black box answers (same results, less waiting). False: the paper's
+    # serial loop, the judge's answer awaited before the white box scores (a baseline for benchmarks).
+    overlap_judge: bool = True
 
     def __post_init__(self) -> None:
         if self.num_candidates < 2:
@@ -95,6 +102,16 @@ class StepOutcome:
     sft_losses: list[float] = field(default_factory=list)
     updates: int = 0
     skipped_updates: int = 0
+    interrupted: bool = False  # a stop was requested: the step ended after fewer iterations than it could have
+    judge_latency_s: float = 0.0  # seconds from submitting the judge requests to their answers, summed
+    judge_wait_s: float = 0.0  # seconds the cycle sat blocked on those answers; the rest was hidden
+
+    @property
+    def judge_hidden_fraction(self) -> float | None:
+        """The share of the judge's latency during which the white box worked instead of waiting."""
+        if self.judge_latency_s <= 0:
+            return None
+        return max(0.0, 1.0 - self.judge_wait_s / self.judge_latency_s)
 
 
 Update = Callable[[Tensor | None], bool]
@@ -110,13 +127,18 @@ def run_cycle(
     sampling: SamplingConfig,
     update: Update,
     any_rank_active: Callable[[bool], bool] = lambda local: local,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> StepOutcome:
     """Run the cycle for one batch of prompts; ``update(loss)`` takes one optimizer step (or ``None``: a
-    zero-gradient step so that data-parallel peers stay in lockstep) and returns whether it was applied."""
+    zero-gradient step so that data-parallel peers stay in lockstep) and returns whether it was applied.
+    ``should_stop()`` is asked between iterations (a signal): True ends the step with the iterations done."""
     outcome = StepOutcome(prompts=[PromptRecord(pid) for pid in prompt_ids])
     pool.begin_step(len(prompts))
     active = list(range(len(prompts)))
-    for _ in range(config.max_iterations):
+    for iteration in range(config.max_iterations):
+        if iteration and should_stop():  # collective under DDP: every rank asks at the same point
+            outcome.interrupted = bool(active)
+            break
         if not any_rank_active(bool(active)):
             break
         if not active:  # done here, but another process still iterates: join its gradient all-reduce
@@ -130,13 +152,19 @@ def run_cycle(
         # 2. the black box ranks in the background, with each prompt's current demonstrations ...
         requests = [RankRequest(prompts[i], tuple(c), pool.for_prompt(i)) for i, c in zip(active, candidates)]
         judged = [len(set(c)) >= 2 for c in candidates]  # fewer than two distinct replies: nothing to rank
+        submitted = time.perf_counter()
         pending = judge.submit([r for r, ok in zip(requests, judged) if ok])
+        answered = _answer_clock(pending)
+        if not config.overlap_judge:  # the paper's serial loop: wait for the black box first
+            answers = _await(pending, submitted, answered, outcome)
 
         # 3. ... while the white box ranks them by its own belief (mean token log-prob; keeps the graph)
         scored = whitebox.score(instructions, candidates, sampling.max_new_tokens)
         whitebox_rankings = [rank_by_scores(row) for row in scored.scores.detach().float().tolist()]
 
-        judgments = _merge(pending.result(), judged)
+        if config.overlap_judge:
+            answers = _await(pending, submitted, answered, outcome)
+        judgments = _merge(answers, judged)
 
         # 4. agreement -> a dynamic demonstration for this prompt's next iterations
         for slot, i in enumerate(active):
@@ -145,7 +173,7 @@ def run_cycle(
             pool.add(i, _demonstration(prompts[i], record, config.demonstration_source))
 
         # 5. one optimizer step on the black-box rankings (+ the judge's better response on top)
-        loss = _loss(whitebox, instructions, scored.scores, judgments, config, sampling, outcome, active)
+        loss = _loss(whitebox, instructions, scored.scores, judgments, config, sampling, outcome, active, scored.prompts)
         applied = update(loss)
         outcome.updates += int(applied)
         outcome.skipped_updates += int(not applied)
@@ -156,10 +184,28 @@ def run_cycle(
     return outcome
 
 
+def _answer_clock(pending: Future) -> list[float]:
+    """A list that receives the time the judge's future completes (filled from the judge's thread)."""
+    answered: list[float] = []
+    pending.add_done_callback(lambda _: answered.append(time.perf_counter()))
+    return answered
+
+
+def _await(pending: Future, submitted: float, answered: list[float], outcome: StepOutcome) -> list[Judgment]:
+    """The judge's answers; adds the judge's latency and the time spent blocked on it to ``outcome``."""
+    start = time.perf_counter()
+    answers = pending.result()
+    end = time.perf_counter()
+    done = min(answered[0], end) if answered else end  # the callback may run just after result() returns
+    outcome.judge_wait_s += end - start
+    outcome.judge_latency_s += max(done - submitted, end - start)
+    return answers
+
+
 def _merge(judgments: Sequence[Judgment], judged: Sequence[bool]) -> list[Judgment]:
     """Judgments back in batch order; unjudged (degenerate) candidate sets become counted failures."""
     answers = iter(judgments)
-    return [next(answers) if ok else Judgment.failed("fewer than two distinct candidates") for ok in judged]
+    return [next(answers) if ok else Judgment.failed(DEGENERATE_CANDIDATES) for ok in judged]
 
 
 def _record(candidates: list[str], whitebox: Ranking, scores: Tensor, judgment: Judgment) -> IterationRecord:
@@ -189,6 +235,7 @@ def _loss(
     sampling: SamplingConfig,
     outcome: StepOutcome,
     active: Sequence[int],
+    encoding: PromptEncoding | None = None,
 ) -> Tensor | None:
     """L = L_rank + lambda * L_sft over [better response?] + candidates, ranked by the black box.
 
@@ -213,10 +260,14 @@ def _loss(
     if not (rankings[:, 1] >= 0).any():
         return None  # no prompt has a preference this iteration
     better = torch.zeros((num_prompts, 1), dtype=candidate_scores.dtype, device=candidate_scores.device)
-    if better_rows:
-        scored = whitebox.score([instructions[r] for r in better_rows], [[t] for t in better_texts], sampling.max_new_tokens)
+    if better_rows:  # on the prompts' encoding from candidate scoring when there is one (shared prefix)
+        if encoding is not None:
+            better_scores = whitebox.score_on(encoding, better_rows, better_texts, sampling.max_new_tokens)
+        else:
+            prompts = [instructions[r] for r in better_rows]
+            better_scores = whitebox.score(prompts, [[t] for t in better_texts], sampling.max_new_tokens).scores[:, 0]
         index = torch.tensor(better_rows, device=candidate_scores.device)
-        better = better.index_put((index,), scored.scores.to(better.dtype))
+        better = better.index_put((index,), better_scores.to(better.dtype).unsqueeze(1))
     scores = torch.cat([better, candidate_scores], dim=1)
     parts = cycle_loss(scores, rankings, config.objective, config.lambda_sft)
     outcome.losses.append(float(parts.total.detach()))

@@ -76,3 +76,32 @@ def load_reward_model(path: str | None, config: dict[str, Any] | None = None, *,
         return AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype or "auto")
     except (OSError, ValueError) as error:
         raise _explain("reward model", path, error) from error
+
+
+def apply_lora(model: PreTrainedModel, settings: dict[str, Any]):
+    """Wrap the white-box in LoRA adapters (``peft.LoraConfig(**settings)``): only the adapters train.
+
+    For small GPUs: the frozen base needs no gradients or optimizer state. Needs the ``lora`` extra (peft).
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ModelLoadError("model.lora needs peft: pip install 'cyclealign_pl[lora]'") from error
+    options = {"task_type": "CAUSAL_LM", **settings}
+    try:
+        config = LoraConfig(**options)
+    except (TypeError, ValueError) as error:
+        raise ModelLoadError(f"invalid model.lora settings {settings!r}: {error}") from error
+    try:
+        return get_peft_model(model, config)
+    except (TypeError, ValueError) as error:  # e.g. target_modules that the model does not have
+        raise ModelLoadError(f"cannot apply model.lora {settings!r} to {type(model).__name__}: {error}") from error
+
+
+def plain_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The model to ``save_pretrained`` for plain transformers: LoRA adapters merged into a copy, else as is."""
+    if hasattr(model, "merge_and_unload"):  # a peft model: merge a copy, so the trained adapters stay in place
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
-from cyclealign_pl.cycle import CycleConfig, StepOutcome, run_cycle
+from cyclealign_pl.cycle import DEGENERATE_CANDIDATES, CycleConfig, StepOutcome, run_cycle
 from cyclealign_pl.demonstrations import DemonstrationPool
 from cyclealign_pl.evaluation import (
     GenerationRecord,
@@ -25,9 +27,11 @@ from cyclealign_pl.evaluation import (
     subsets_of,
     write_eval_outputs,
 )
-from cyclealign_pl.hf import load_causal_lm, load_tokenizer
+from cyclealign_pl.hf import apply_lora, load_causal_lm, load_tokenizer
 from cyclealign_pl.judges.base import Judge, JudgeStop
 from cyclealign_pl.policy import SamplingConfig, WhiteBox
+from cyclealign_pl.rng import capture_rng_state, restore_rng_state
+from cyclealign_pl.signals import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,11 @@ class CycleAlignModule(LightningModule):
         gradient_clip_val: clip the gradient norm (None: no clipping).
         gradient_checkpointing: trade compute for memory on large white-boxes.
         eval_max_new_tokens: greedy reply length for ``validate`` (paper setting: 128).
+        shared_prefix: score each prompt's candidates from one encoding of the prompt (KV cache) instead of
+            one full sequence each: same scores, faster and less memory (docs/scaling.md). Not combined with
+            gradient checkpointing (which drops the cache): then full sequences are used.
+        lora: train LoRA adapters instead of all weights, e.g. ``{r: 16, lora_alpha: 32, lora_dropout: 0.05}``
+            (``peft.LoraConfig`` arguments; needs the ``lora`` extra). Exports merge the adapters.
     """
 
     def __init__(
@@ -85,6 +94,8 @@ class CycleAlignModule(LightningModule):
         gradient_clip_val: float | None = 1.0,
         gradient_checkpointing: bool = False,
         eval_max_new_tokens: int = 128,
+        shared_prefix: bool = True,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["judge", "reward_model", "optimizer"])
@@ -105,7 +116,11 @@ class CycleAlignModule(LightningModule):
         self.model = load_causal_lm(model, model_config)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        self.whitebox = WhiteBox(self.model, self.tokenizer, max_length)
+        if lora is not None:
+            self.model = apply_lora(self.model, lora)
+            if gradient_checkpointing:  # the frozen embeddings give checkpointed blocks no input that needs grad
+                self.model.enable_input_require_grads()
+        self.whitebox = WhiteBox(self.model, self.tokenizer, max_length, shared_prefix=shared_prefix)
         self.judge = judge
         self.reward_model = reward_model
         self.pool = DemonstrationPool(scope=demonstration_scope, max_dynamic=max_demonstrations, **pool_switches)
@@ -121,11 +136,19 @@ class CycleAlignModule(LightningModule):
             "nonfinite_updates": 0,
             "agreed_prompts": 0,
             "judge_failures": 0,
+            "empty_candidates": 0,  # sampled replies that were empty (still ranked: the judge decides)
+            "degenerate_sets": 0,  # candidate sets with fewer than two distinct replies (not judged)
+            "truncated_prompts": 0,  # prompts cut to their last tokens to fit max_length (policy.py)
+            "interrupted_steps": 0,  # steps ended early by a stop request (signal)
         }
+        # ids of the prompts trained (this process's batches), in order: checkpointed, so a resumed run shows each once
+        self.trained_ids: list[str] = []
+        self._stop_request = StopRequest()
+        self._pending_rng: dict[str, Any] | None = None
 
     # -- setup --------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        return self.optimizer_factory(self.model.parameters())
+        return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])  # LoRA: adapters
 
     def setup(self, stage: str) -> None:
         for judge in (self.judge, self.reward_model):
@@ -135,6 +158,7 @@ class CycleAlignModule(LightningModule):
             raise ValueError("fit needs a black-box judge: set model.judge (e.g. an OpenAIJudge or RewardModelJudge)")
 
     def teardown(self, stage: str) -> None:
+        self._stop_request.uninstall()  # also after RunStopped, which skips on_train_end
         for judge in (self.judge, self.reward_model):
             if judge is not None:
                 judge.close()
@@ -152,10 +176,15 @@ class CycleAlignModule(LightningModule):
                 self.sampling,
                 update=self._update,
                 any_rank_active=self._any_rank_active,
+                should_stop=lambda: self._stop_reason() is not None,
             )
         except JudgeStop as stop:
             self._stop(f"the judge stopped the run: {stop}")
         self._count(outcome)
+        self._count_truncated(batch["prompt"])
+        self.trained_ids.extend(batch["id"])
+        self.log_dict({f"counters/{k}": float(v) for k, v in self.counters.items()}, on_step=True, on_epoch=False,
+                      batch_size=len(batch["prompt"]))
         if outcome.losses:
             self.log("train/loss", sum(outcome.losses) / len(outcome.losses), prog_bar=True, batch_size=len(batch["prompt"]))
             self.log("train/rank_loss", sum(outcome.rank_losses) / len(outcome.rank_losses), batch_size=len(batch["prompt"]))
@@ -211,6 +240,41 @@ class CycleAlignModule(LightningModule):
         c["skipped_updates"] += outcome.skipped_updates
         c["agreed_prompts"] += sum(p.agreed for p in outcome.prompts)
         c["judge_failures"] += sum(it.failure is not None for p in outcome.prompts for it in p.iterations)
+        c["empty_candidates"] += sum(not text for p in outcome.prompts for it in p.iterations for text in it.candidates)
+        c["degenerate_sets"] += sum(it.failure == DEGENERATE_CANDIDATES for p in outcome.prompts for it in p.iterations)
+        c["interrupted_steps"] += int(outcome.interrupted)
+
+    def _count_truncated(self, prompts: list[str]) -> None:
+        truncated = sum(self.whitebox.prompt_overflow(p, self.sampling.max_new_tokens) > 0 for p in prompts)
+        if truncated and not self.counters["truncated_prompts"]:
+            log.warning("a prompt is longer than max_length - sampling.max_new_tokens - 1 tokens: it keeps its last "
+                        "tokens (the latest turns); counted as counters/truncated_prompts")
+        self.counters["truncated_prompts"] += truncated
+
+    # -- clean stop: a signal ends the step after the current iteration, then checkpoint + RunStopped ------
+    def on_train_start(self) -> None:
+        self._stop_request.install()
+
+    def on_train_end(self) -> None:
+        self._stop_request.uninstall()
+
+    def _stop_reason(self) -> str | None:
+        """Why the run should stop now (SIGTERM: Lightning's flag; SIGINT: ours), agreed by all ranks."""
+        reason = "received SIGTERM" if self.trainer.received_sigterm else self._stop_request.reason
+        if self.trainer.world_size > 1 and self.trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
+            reason = reason or "another process received a stop signal"
+        return reason
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._pending_rng is not None:  # first step after a resume: continue the saved random streams
+            restore_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # after the callbacks' hooks (metrics, periodic checkpoint) and before Lightning's own SIGTERM exit
+        reason = self._stop_reason()
+        if reason is not None:
+            self._stop(reason)
 
     def _stop(self, reason: str) -> None:
         """Save a checkpoint of the progress so far and end the run with a clear message."""
@@ -219,8 +283,10 @@ class CycleAlignModule(LightningModule):
         raise RunStopped(f"{reason}. A checkpoint was saved to {path}; resume with --ckpt_path {path}")
 
     def _stop_checkpoint_path(self) -> str:
-        import os
-
+        """The checkpoint callback's ``last.ckpt`` (so ``--ckpt_path last`` resumes from here), else stopped.ckpt."""
+        callback = self.trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+            return os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
         return os.path.join(self.trainer.default_root_dir, "checkpoints", "stopped.ckpt")
 
     # -- evaluation: validate / test / predict (reward scoring) ----------------------------------------
@@ -314,6 +380,8 @@ class CycleAlignModule(LightningModule):
             "counters": dict(self.counters),
             "pool": self.pool.state_dict(),
             "judge": self.judge.state_dict() if self.judge is not None else {},
+            "trained_ids": list(self.trained_ids),
+            "rng": capture_rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -321,6 +389,8 @@ class CycleAlignModule(LightningModule):
         if not state:
             return
         self.counters.update(state["counters"])
+        self.trained_ids = list(state.get("trained_ids", []))
+        self._pending_rng = state.get("rng")
         self.pool.load_state_dict(state["pool"])
         if self.judge is not None:
             self.judge.load_state_dict(state.get("judge", {}))

@@ -396,6 +396,11 @@ class HHRLHFDataModule(LightningDataModule):
         for subset in self.subsets:
             if (subset, split) not in self._loaded:
                 rows, stats = load_hh_rlhf(self.root, subset, split, self.cache_dir)
+                if not rows:  # say why here, not later as "no prompts left"
+                    reasons = dict(sorted(stats.dropped.items()))
+                    raise DataFileError(stats.source, f"no usable rows: all {stats.rows} were dropped {reasons}; "
+                                        "each row needs 'chosen' and 'rejected' dialogues in the HH-RLHF format "
+                                        "with a non-empty human turn and a final assistant reply")
                 self._loaded[subset, split] = rows
                 self._stats[f"{subset}/{split}"] = stats
         return {subset: self._loaded[subset, split] for subset in self.subsets}

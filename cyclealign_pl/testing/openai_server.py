@@ -11,8 +11,10 @@ Messages in neither format get a reply without a ranking.
 
 Each request can be scripted (:class:`Behaviour`): an HTTP error with or without ``Retry-After``, a reply that
 hangs, a garbage body, a dropped connection, a custom reply text. Behaviours come from a queue (one per
-request, in arrival order), then from ``responder(index, body)``, then from the random ``failure_rate``;
-otherwise the ranker answers. Every request is recorded (body, headers, arrival time) for assertions.
+request, in arrival order), then from ``responder(index, body)``, then from the random ``failure_rate`` (one
+failure behaviour, or a mix drawn from at random: :func:`failure_mix`, e.g. 429s, 500s, timeouts, garbage and
+dropped connections); otherwise the ranker answers. Every request is recorded (body, headers, arrival time,
+what it got) for assertions.
 
     with LocalOpenAIServer(delay=0.5) as server:
         judge = OpenAIJudge(model="local-ranker", base_url=server.url)
@@ -30,7 +32,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
@@ -127,6 +129,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: Any
     behaviour: str = field(default="rank")
+    status: int = 200  # the HTTP status sent (0: none, for a hang or a dropped connection)
 
 
 class LocalOpenAIServer:
@@ -136,7 +139,8 @@ class LocalOpenAIServer:
         host, port: where to listen (port 0: an ephemeral port; read :attr:`url`).
         delay: seconds to wait before every answer (simulates the black box's latency).
         failure_rate: probability that a request (not scripted otherwise) gets ``failure`` instead.
-        failure: the behaviour used by ``failure_rate`` (default: HTTP 500).
+        failure: the behaviour used by ``failure_rate`` (default: HTTP 500), or several: each failing request
+            gets one of them at random (see :func:`failure_mix`).
         seed: seeds the failure draws, so a run is reproducible.
         model: the model name reported back.
         responder: ``f(index, body) -> Behaviour | None`` consulted after the queue (None: fall through).
@@ -149,7 +153,7 @@ class LocalOpenAIServer:
         *,
         delay: float = 0.0,
         failure_rate: float = 0.0,
-        failure: Behaviour | None = None,
+        failure: Behaviour | Sequence[Behaviour] | None = None,
         seed: int = 0,
         model: str = "local-ranker",
         responder: Callable[[int, Any], Behaviour | None] | None = None,
@@ -159,7 +163,10 @@ class LocalOpenAIServer:
         self.host, self.port = host, port
         self.delay = delay
         self.failure_rate = failure_rate
-        self.failure = failure or Behaviour.error(500)
+        failures = (failure,) if isinstance(failure, Behaviour) else tuple(failure or (Behaviour.error(500),))
+        if not failures:
+            raise ValueError("failure must name at least one behaviour")
+        self.failures = failures
         self.model = model
         self.responder = responder
         self._rng = random.Random(seed)
@@ -239,9 +246,13 @@ class LocalOpenAIServer:
         if behaviour is None:
             with self._lock:
                 failed = self._rng.random() < self.failure_rate
-            behaviour = self.failure if failed else Behaviour.rank()
+                if not failed:
+                    behaviour = Behaviour.rank()
+                else:  # one behaviour: no extra draw, so seeded runs fail where they always did
+                    behaviour = self.failures[0] if len(self.failures) == 1 else self._rng.choice(self.failures)
+        status = 0 if behaviour.kind in ("hang", "drop") else behaviour.status
         with self._lock:
-            self._requests.append(RecordedRequest(index, arrived, path, headers, body, behaviour.kind))
+            self._requests.append(RecordedRequest(index, arrived, path, headers, body, behaviour.kind, status))
         return behaviour
 
     def completion(self, body: Any, text: str) -> dict[str, Any]:
@@ -368,17 +379,35 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, owner.completion(body, text), behaviour.headers)
 
 
+FAILURE_KINDS: tuple[str, ...] = ("429", "500", "timeout", "garbage", "drop")
+
+
+def failure_mix(kinds: Iterable[str] = FAILURE_KINDS, hang_seconds: float = 30.0) -> tuple[Behaviour, ...]:
+    """Failure behaviours by name: ``429``/``500`` (HTTP errors), ``timeout`` (no answer for ``hang_seconds``),
+    ``garbage`` (a 200 whose body is not JSON), ``drop`` (the connection closed without a response)."""
+    table = {"429": Behaviour.error(429), "500": Behaviour.error(500), "timeout": Behaviour.hang(hang_seconds),
+             "garbage": Behaviour.garbage(), "drop": Behaviour.drop()}
+    unknown = [k for k in kinds if k not in table]
+    if unknown:
+        raise ValueError(f"unknown failure kind(s) {unknown}; choose from {', '.join(FAILURE_KINDS)}")
+    return tuple(table[k] for k in kinds)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A local OpenAI-compatible ranking server (tests, demos).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before every answer")
-    parser.add_argument("--failure-rate", type=float, default=0.0, help="share of requests getting HTTP 500")
+    parser.add_argument("--failure-rate", type=float, default=0.0, help="share of requests that fail")
+    parser.add_argument("--failure-kinds", default="500",
+                        help=f"comma-separated failures drawn at random: {','.join(FAILURE_KINDS)}")
+    parser.add_argument("--hang-seconds", type=float, default=30.0, help="how long a 'timeout' failure hangs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="local-ranker")
     args = parser.parse_args(argv)
+    failures = failure_mix([k.strip() for k in args.failure_kinds.split(",") if k.strip()], args.hang_seconds)
     server = LocalOpenAIServer(args.host, args.port, delay=args.delay, failure_rate=args.failure_rate,
-                               seed=args.seed, model=args.model).start()
+                               failure=failures, seed=args.seed, model=args.model).start()
     print(f"serving OpenAI-compatible chat completions at {server.url} (Ctrl-C stops)", flush=True)
     try:
         while True:
@@ -394,6 +423,6 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "Behaviour", "LocalOpenAIServer", "RecordedRequest", "compare_replies", "count_tokens", "harm_score",
-    "rank_candidates",
+    "FAILURE_KINDS", "Behaviour", "LocalOpenAIServer", "RecordedRequest", "compare_replies", "count_tokens",
+    "failure_mix", "harm_score", "rank_candidates",
 ]

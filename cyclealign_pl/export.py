@@ -1,0 +1,70 @@
+"""``python -m cyclealign_pl.export CHECKPOINT OUT_DIR``: a plain Hugging Face model from any training checkpoint.
+
+``CHECKPOINT`` is a Lightning ``.ckpt`` file (single process, DDP) or the *directory* that DeepSpeed ZeRO writes
+instead (``last.ckpt/`` holding ``checkpoint/mp_rank_00_model_states.pt`` and one optimizer shard per rank);
+the directory is first consolidated into one fp32 state dict with Lightning's
+``convert_zero_checkpoint_to_fp32_state_dict``. The module is rebuilt from the hyper-parameters saved in the
+checkpoint (the base model path or config, LoRA settings), the weights are loaded, LoRA adapters are merged,
+and ``save_pretrained`` writes ``OUT_DIR`` with the tokenizer: it loads with
+``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` (or vLLM) without this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from cyclealign_pl.hf import plain_model
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported; the message names the path and what is wrong."""
+
+
+def consolidate_zero_checkpoint(directory: Path, output_file: Path) -> Path:
+    """One fp32 Lightning checkpoint file from a DeepSpeed ZeRO checkpoint directory."""
+    if not (directory / "latest").is_file() and not any(directory.glob("*/mp_rank_*_model_states.pt")):
+        raise ExportError(f"{directory} is a directory but not a DeepSpeed ZeRO checkpoint: expected a 'latest' "
+                          "file or '<tag>/mp_rank_00_model_states.pt' inside it")
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    convert_zero_checkpoint_to_fp32_state_dict(str(directory), str(output_file))
+    return output_file
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write the white-box of ``checkpoint`` (file or ZeRO directory) to ``out_dir`` with ``save_pretrained``."""
+    from cyclealign_pl.module import CycleAlignModule
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not checkpoint.exists():
+        raise ExportError(f"checkpoint not found: {checkpoint}")
+    with tempfile.TemporaryDirectory() as scratch:
+        path = checkpoint
+        if checkpoint.is_dir():
+            path = consolidate_zero_checkpoint(checkpoint, Path(scratch) / "consolidated.ckpt")
+        try:
+            module = CycleAlignModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
+        except (KeyError, RuntimeError, EOFError) as error:
+            raise ExportError(f"{checkpoint} is not a CycleAlign checkpoint: {error}") from error
+    plain_model(module.model).save_pretrained(out_dir)
+    module.tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cyclealign_pl.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a .ckpt file or a DeepSpeed ZeRO checkpoint directory")
+    parser.add_argument("out_dir", help="where to write the Hugging Face model and tokenizer")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir)
+    except ExportError as error:
+        parser.exit(2, f"cyclealign_pl.export: {error}\n")
+    print(f"exported {args.checkpoint} -> {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

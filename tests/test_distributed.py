@@ -1,0 +1,210 @@
+"""Several processes: DDP on the CPU (2 processes, gloo) end to end, DeepSpeed ZeRO-2 as far as it builds without
+a GPU, and the export of any checkpoint to a plain Hugging Face model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Callback
+
+from cyclealign_pl.callbacks import CycleMetrics
+from cyclealign_pl.cli import main
+from cyclealign_pl.judges.cache import JudgeCache
+from cyclealign_pl.testing import LocalOpenAIServer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+TINY_OPENAI = str(ROOT / "configs" / "tiny_openai.yaml")
+DEEPSPEED = str(ROOT / "configs" / "deepspeed_stage_2.yaml")
+
+
+class RankReport(Callback):
+    """Writes what one process did (its counters at start and end, its prompts, its judge's counters) to
+    ``<path>/rank<N>.json`` at the end of fit, so a test can add up the processes itself."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.start: dict[str, int] = {}
+        self.prompt_ids: list[str] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = dict(pl_module.counters)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.prompt_ids.extend(batch["id"])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        Path(self.path).mkdir(parents=True, exist_ok=True)
+        report = {"world_size": trainer.world_size, "start": self.start, "end": dict(pl_module.counters),
+                  "prompt_ids": self.prompt_ids, "judge": pl_module.judge.metrics()}
+        Path(self.path, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def ddp_fit(run_dir: Path, server: LocalOpenAIServer, *extra: str) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """``python -m cyclealign_pl fit`` with DDP over 2 CPU processes (Lightning launches rank 1 itself)."""
+    reports = run_dir / f"ranks{len(list(run_dir.glob('ranks*')))}"
+    command = [
+        sys.executable, "-m", "cyclealign_pl", "fit", "--config", TINY, "--config", TINY_OPENAI,
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.default_root_dir", str(run_dir),
+        "--trainer.logger.init_args.save_dir", str(run_dir),
+        "--trainer.callbacks.dirpath", str(run_dir / "checkpoints"),
+        "--trainer.callbacks+=" + json.dumps({"class_path": "tests.test_distributed.RankReport",
+                                              "init_args": {"path": str(reports)}}),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0",
+        "--model.judge.init_args.base_url", server.url,
+        "--model.judge.init_args.cache_path", str(run_dir / "judge_cache.sqlite"),
+        "--model.cycle.max_iterations", "2", "--model.sampling.max_new_tokens", "16", "--model.max_length", "160",
+        "--data.init_args.batch_size", "2", "--data.init_args.num_train_prompts", "16",
+        *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("OPENAI_API_KEY", None)  # a loopback server needs no key
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in range(2)]
+    log_dirs = sorted((run_dir / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    rows = list(csv.DictReader(open(log_dirs[-1] / "metrics.csv")))
+    return ranks, rows
+
+
+def last(rows: list[dict[str, str]], name: str) -> float:
+    return [float(r[name]) for r in rows if r.get(name)][-1]
+
+
+def metric_index(name: str) -> int:
+    metrics = CycleMetrics()
+    return next(i for i, metric in enumerate(metrics._all()) if metric is metrics.totals[name])  # Metric == composes
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_fit_reduce_metrics_share_the_judge_cache_and_resume(tmp_path):
+    with LocalOpenAIServer() as server:
+        ranks, rows = ddp_fit(tmp_path, server)
+        assert [r["world_size"] for r in ranks] == [2, 2]
+        # each process trains its own prompts (Lightning's DistributedSampler)
+        assert all(len(r["prompt_ids"]) == 4 for r in ranks)
+        assert not set(ranks[0]["prompt_ids"]) & set(ranks[1]["prompt_ids"])
+        # the logged totals are torchmetrics sums over both processes
+        for name in ("prompts", "iterations", "judge_failures"):
+            assert last(rows, f"cycle/total_{name}") == sum(r["end"][name] for r in ranks), name
+        assert last(rows, "cycle/total_prompts") == 8
+        # how much of the judge's latency the white box hid (over both processes)
+        assert 0 <= last(rows, "cycle/judge_hidden_fraction_mean") <= 1
+        assert all(float(r["cycle/judge_wait_s"]) <= float(r["cycle/judge_latency_s"]) for r in rows
+                   if r.get("cycle/judge_wait_s"))
+        # one judge cache file for both processes: every request sent by either is in it once
+        sent = sum(r["judge"]["requests_sent"] for r in ranks)
+        assert sent == len(server.requests) > 0
+        cache = JudgeCache(tmp_path / "judge_cache.sqlite")
+        assert len(cache) == sent
+        cache.close()
+
+        # the checkpoint holds the metric totals of both processes, not rank 0's alone
+        checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        metrics_state = checkpoint["callbacks"]["CycleMetrics"]["metrics"]
+        saved = {name: float(metrics_state[str(metric_index(name))]["sum_value"]) for name in ("prompts", "iterations")}
+        assert saved == {name: sum(r["end"][name] for r in ranks) for name in saved}
+
+        # resume under DDP: both processes restore, train two more batches each, and the totals continue
+        resumed, rows = ddp_fit(tmp_path, server, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"),
+                                "--trainer.max_epochs", "2")
+    assert all(r["end"]["steps"] - r["start"]["steps"] == 2 for r in resumed)
+    assert all(r["start"]["steps"] == 2 for r in resumed)  # restored from the checkpoint
+    for name in ("prompts", "iterations"):
+        new = sum(r["end"][name] - r["start"][name] for r in resumed)
+        assert last(rows, f"cycle/total_{name}") == saved[name] + new, name
+    assert last(rows, "cycle/total_prompts") == 16
+
+
+# -- DeepSpeed ZeRO-2: what builds without a GPU ----------------------------------------------------------
+
+
+def printed_config(args: list[str], capsys) -> dict[str, Any]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out  # deepspeed may log "[date] [WARNING] ..." lines to stdout on import
+    return yaml.safe_load("\n".join(line for line in out.splitlines() if not line.startswith("[")))
+
+
+def test_deepspeed_stage_2_by_name_parses_and_builds(capsys):
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    printed = printed_config(["--config", TINY, "--trainer.strategy", "deepspeed_stage_2"], capsys)
+    assert printed["trainer"]["strategy"] == "deepspeed_stage_2"
+    strategy = StrategyRegistry.get("deepspeed_stage_2")
+    assert strategy.config["zero_optimization"]["stage"] == 2
+
+
+def test_deepspeed_preset_parses_and_builds(capsys):
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    printed = printed_config(["--config", TINY, "--config", DEEPSPEED], capsys)
+    trainer = printed["trainer"]
+    assert trainer["precision"] == "bf16-mixed" and trainer["accelerator"] == "gpu"
+    assert trainer["strategy"]["class_path"].endswith("DeepSpeedStrategy")
+    strategy = DeepSpeedStrategy(**trainer["strategy"]["init_args"])
+    zero = strategy.config["zero_optimization"]
+    assert zero["stage"] == 2 and "offload_optimizer" not in zero
+    assert zero["reduce_bucket_size"] == 200_000_000
+    assert printed["model"]["cycle"]["num_candidates"] == 3  # the preset only adds to the run's config
+
+
+def test_deepspeed_on_the_cpu_fails_with_a_clear_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", TINY, "--trainer.strategy", "deepspeed_stage_2",
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+              "--trainer.callbacks", "[]"])
+    assert exit_info.value.code != 0
+    assert "GPU" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# -- export: any checkpoint to a plain Hugging Face model -----------------------------------------------------
+
+
+def test_export_writes_a_plain_hf_model_from_a_checkpoint(hh_root, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cyclealign_pl.export import main as export_main
+    from tests.test_cycle import QUESTIONS, WhiteBoxMirrorJudge, make_data, make_trainer, random_module, swap_top_two
+
+    module = random_module(WhiteBoxMirrorJudge(swap_top_two))
+    trainer = make_trainer(tmp_path, batches=1)
+    trainer.fit(module, make_data(hh_root(QUESTIONS[:8])))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+
+    export_main([str(tmp_path / "run.ckpt"), str(tmp_path / "hf")])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("hi").input_ids
+    trained = module.model.state_dict()
+    assert trained.keys() == reloaded.state_dict().keys()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: root / "missing.ckpt", "checkpoint not found"),
+    (lambda root: root, "not a DeepSpeed ZeRO checkpoint"),
+])
+def test_export_names_what_is_wrong_with_the_checkpoint(make, message, tmp_path, capsys):
+    from cyclealign_pl.export import main as export_main
+
+    path = make(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(path), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err
+    assert not (tmp_path / "out").exists()
