@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from cyclealign_pl.judges.base import RankRequest
-from cyclealign_pl.judges.prompt import RankingTemplate, delimiters, load_template, request_nonce
+from cyclealign_pl.judges.prompt import RankingTemplate, delimited_user_message, delimiters, load_template, request_nonce
 
 Verdict = Literal["A", "B", "TIE"]
 VERDICTS: tuple[Verdict, ...] = ("A", "B", "TIE")
@@ -34,7 +34,6 @@ PAIRWISE_SLOTS: dict[str, frozenset[str]] = {
     "answer_with_reasoning": _DELIMITERS,
 }
 
-_NONCE_OPEN = re.compile(r"<text-([0-9a-f]{16})>")
 _ECHOED_BLOCK = re.compile(r"<text-([0-9a-f]{16})>.*?</text-\1>", re.DOTALL)
 _MARKER = re.compile(r"\[\[\s*([^\[\]\n]{0,20}?)\s*\]\]")
 
@@ -75,14 +74,7 @@ def parse_pairwise_prompt(messages: Sequence[Mapping[str, object]]) -> tuple[str
     Used by the local test server to judge what it was sent, and by tests to see which order was shown.
     Raises ValueError for messages that do not hold exactly three delimited texts.
     """
-    user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
-    if user is None or not isinstance(user.get("content"), str):
-        raise ValueError("no user message with text content")
-    content = str(user["content"])
-    match = _NONCE_OPEN.search(content)
-    if match is None:
-        raise ValueError("the prompt has no delimited texts")
-    begin, end = delimiters(match.group(1))
+    content, begin, end = delimited_user_message(messages)
     texts = re.findall(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), content, flags=re.DOTALL)
     if len(texts) != 3:
         raise ValueError(f"a pairwise prompt holds 3 delimited texts, this one {len(texts)}")

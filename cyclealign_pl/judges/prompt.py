@@ -222,13 +222,8 @@ _DEMO_RANKING = re.compile(r"The desired ranking is:\s*\[([\d,\s]*)\]")
 _RESPONSE_HEADER = re.compile(r"# Response-(\d+)\.")
 
 
-def parse_prompt(messages: Sequence[Mapping[str, object]]) -> RankRequest:
-    """Recover the request from messages built with a template that keeps the paper's headers.
-
-    The inverse of :func:`build_messages` for the packaged template (and any template that keeps
-    ``### Instruction:``, ``# Response-i.`` and ``The desired ranking is: [...]``). Used by the local test
-    server to rank what a judge sent, and by tests to check that no candidate can change the structure.
-    """
+def delimited_user_message(messages: Sequence[Mapping[str, object]]) -> tuple[str, str, str]:
+    """The last user message's text and its nonce delimiters (begin, end); ValueError when it has none."""
     user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
     if user is None or not isinstance(user.get("content"), str):
         raise ValueError("no user message with text content")
@@ -237,6 +232,17 @@ def parse_prompt(messages: Sequence[Mapping[str, object]]) -> RankRequest:
     if match is None:
         raise ValueError("the prompt has no delimited texts")
     begin, end = delimiters(match.group(1))
+    return content, begin, end
+
+
+def parse_prompt(messages: Sequence[Mapping[str, object]]) -> RankRequest:
+    """Recover the request from messages built with a template that keeps the paper's headers.
+
+    The inverse of :func:`build_messages` for the packaged template (and any template that keeps
+    ``### Instruction:``, ``# Response-i.`` and ``The desired ranking is: [...]``). Used by the local test
+    server to rank what a judge sent, and by tests to check that no candidate can change the structure.
+    """
+    content, begin, end = delimited_user_message(messages)
     items: list[dict[str, object]] = []
     expect: str | None = None
     pos = 0
