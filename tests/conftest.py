@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from cyclealign_pl.judges.openai import OpenAIJudge
+from cyclealign_pl.testing.openai_server import LocalOpenAIServer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -46,3 +49,26 @@ def hh_root(tmp_path: Path) -> Callable[..., Path]:
         return tmp_path / "hh"
 
     return make
+
+
+@pytest.fixture
+def server():
+    """A local OpenAI-compatible server on 127.0.0.1 (the default rule-based ranker unless scripted)."""
+    with LocalOpenAIServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def make_judge(server):
+    """``make_judge(**overrides) -> OpenAIJudge`` against ``server``, with short timeouts and backoffs; closed after."""
+    judges: list[OpenAIJudge] = []
+
+    def make(**kwargs) -> OpenAIJudge:
+        settings = {"model": "local-ranker", "base_url": server.url, "request_timeout": 2.0, "max_retries": 2,
+                    "backoff_initial_s": 0.02, "backoff_max_s": 0.1, **kwargs}
+        judges.append(OpenAIJudge(**settings))
+        return judges[-1]
+
+    yield make
+    for judge in judges:
+        judge.close()

@@ -6,6 +6,8 @@ it was shown first, so the counts are checked with the order really shuffled.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 import re
@@ -28,7 +30,6 @@ from cyclealign_pl.compare import (
     shows_b_first,
 )
 from cyclealign_pl.judges.base import JudgeBudgetExceeded
-from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.judges.pairwise import (
     build_pairwise_messages,
     format_verdict,
@@ -77,25 +78,9 @@ def api_key(monkeypatch):
 
 
 @pytest.fixture
-def server():
-    with LocalOpenAIServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def make_judge(server):
-    judges: list[OpenAIJudge] = []
-
-    def make(**kwargs) -> OpenAIJudge:
-        kwargs = {"model": "local-judge", "base_url": server.url, "api_key_env": KEY_ENV,
-                  "request_timeout": 5.0, "max_retries": 2, "backoff_initial_s": 0.02, "backoff_max_s": 0.1,
-                  **kwargs}
-        judges.append(OpenAIJudge(**kwargs))
-        return judges[-1]
-
-    yield make
-    for judge in judges:
-        judge.close()
+def make_judge(make_judge):
+    """conftest's judge factory, as the comparison judge (its own key variable, a longer timeout)."""
+    return functools.partial(make_judge, model="local-judge", api_key_env=KEY_ENV, request_timeout=5.0)
 
 
 # ------------------------------------------------------------------------------------------------ counts

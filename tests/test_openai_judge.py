@@ -61,32 +61,6 @@ def api_key(monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
 
 
-@pytest.fixture
-def server():
-    with LocalOpenAIServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def make_judge(server):
-    judges: list[OpenAIJudge] = []
-
-    def make(**kwargs) -> OpenAIJudge:
-        kwargs.setdefault("model", "local-ranker")
-        kwargs.setdefault("base_url", server.url)
-        kwargs.setdefault("request_timeout", 2.0)
-        kwargs.setdefault("max_retries", 2)
-        kwargs.setdefault("backoff_initial_s", 0.02)
-        kwargs.setdefault("backoff_max_s", 0.1)
-        judge = OpenAIJudge(**kwargs)
-        judges.append(judge)
-        return judge
-
-    yield make
-    for judge in judges:
-        judge.close()
-
-
 def by_instruction(behaviours: dict[str, Behaviour]):
     """A responder picking a behaviour by the request's instruction (order-independent under concurrency)."""
 
