@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,31 +10,10 @@ import pytest
 
 from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.testing.openai_server import LocalOpenAIServer
+from tests.helpers import write_hh_split
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 512,
-}
-TINY_REWARD_MODEL = {**TINY_LLAMA, "vocab_size": 384, "pad_token_id": 0}
-
-
-def write_hh_split(root: Path, subset: str, split: str, pairs: Sequence[tuple[str, str]]) -> Path:
-    """Write ``<root>/<subset>/<split>.jsonl.gz`` in the upstream HH-RLHF layout from (chosen, rejected) pairs."""
-    path = root / subset / f"{split}.jsonl.gz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        for chosen, rejected in pairs:
-            f.write(json.dumps({"chosen": chosen, "rejected": rejected}) + "\n")
-    return path
-
 
 @pytest.fixture
 def hh_root(tmp_path: Path) -> Callable[..., Path]:

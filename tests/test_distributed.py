@@ -4,6 +4,7 @@ a GPU, and the export of any checkpoint to a plain Hugging Face model."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -16,10 +17,10 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-from cyclealign_pl.callbacks import CycleMetrics
 from cyclealign_pl.cli import main
 from cyclealign_pl.judges.cache import JudgeCache
 from cyclealign_pl.testing import LocalOpenAIServer
+from cyclealign_pl.testing.openai_server import Behaviour
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -35,9 +36,11 @@ class RankReport(Callback):
         self.path = path
         self.start: dict[str, int] = {}
         self.prompt_ids: list[str] = []
+        self.weights_at_start: str = ""
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start = dict(pl_module.counters)
+        self.weights_at_start = weights_digest(pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.prompt_ids.extend(batch["id"])
@@ -45,11 +48,22 @@ class RankReport(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         Path(self.path).mkdir(parents=True, exist_ok=True)
         report = {"world_size": trainer.world_size, "start": self.start, "end": dict(pl_module.counters),
-                  "prompt_ids": self.prompt_ids, "judge": pl_module.judge.metrics()}
+                  "prompt_ids": self.prompt_ids, "judge": pl_module.judge.metrics(),
+                  "trained_ids": list(pl_module.trained_ids),
+                  "weights": [self.weights_at_start, weights_digest(pl_module)]}
         Path(self.path, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
-def ddp_fit(run_dir: Path, server: LocalOpenAIServer, *extra: str) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def weights_digest(pl_module) -> str:
+    """A hash of every parameter's bytes: equal only for bit-identical weights."""
+    digest = hashlib.sha256()
+    for tensor in pl_module.model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def ddp_fit(run_dir: Path, server: LocalOpenAIServer, *extra: str,
+            succeeds: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """``python -m cyclealign_pl fit`` with DDP over 2 CPU processes (Lightning launches rank 1 itself)."""
     reports = run_dir / f"ranks{len(list(run_dir.glob('ranks*')))}"
     command = [
@@ -71,7 +85,7 @@ def ddp_fit(run_dir: Path, server: LocalOpenAIServer, *extra: str) -> tuple[list
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("OPENAI_API_KEY", None)  # a loopback server needs no key
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert (done.returncode == 0) == succeeds, done.stderr[-4000:]
     ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in range(2)]
     log_dirs = sorted((run_dir / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     rows = list(csv.DictReader(open(log_dirs[-1] / "metrics.csv")))
@@ -82,27 +96,23 @@ def last(rows: list[dict[str, str]], name: str) -> float:
     return [float(r[name]) for r in rows if r.get(name)][-1]
 
 
-def metric_index(name: str) -> int:
-    metrics = CycleMetrics()
-    return next(i for i, metric in enumerate(metrics._all()) if metric is metrics.totals[name])  # Metric == composes
-
-
 @pytest.mark.slow
 def test_ddp_two_processes_fit_reduce_metrics_share_the_judge_cache_and_resume(tmp_path):
     with LocalOpenAIServer() as server:
         ranks, rows = ddp_fit(tmp_path, server)
         assert [r["world_size"] for r in ranks] == [2, 2]
-        # each process trains its own prompts (Lightning's DistributedSampler)
+        # each process trains its own prompts (Lightning's DistributedSampler), each exactly once
         assert all(len(r["prompt_ids"]) == 4 for r in ranks)
         assert not set(ranks[0]["prompt_ids"]) & set(ranks[1]["prompt_ids"])
-        # the logged totals are torchmetrics sums over both processes
-        for name in ("prompts", "iterations", "judge_failures"):
-            assert last(rows, f"cycle/total_{name}") == sum(r["end"][name] for r in ranks), name
-        assert last(rows, "cycle/total_prompts") == 8
+        assert all(sorted(r["trained_ids"]) == sorted(r["prompt_ids"]) for r in ranks)
+        # the logged counters are sums over both processes
+        for name in ("prompts", "iterations", "judge_failures", "optimizer_steps"):
+            assert last(rows, f"counters/{name}") == sum(r["end"][name] for r in ranks), name
+        assert last(rows, "counters/prompts") == 8
         # how much of the judge's latency the white box hid (over both processes)
         assert 0 <= last(rows, "cycle/judge_hidden_fraction_mean") <= 1
-        assert all(float(r["cycle/judge_wait_s"]) <= float(r["cycle/judge_latency_s"]) for r in rows
-                   if r.get("cycle/judge_wait_s"))
+        assert all(float(r["time/judge_wait_s"]) <= float(r["time/judge_latency_s"]) for r in rows
+                   if r.get("time/judge_wait_s"))
         # one judge cache file for both processes: every request sent by either is in it once
         sent = sum(r["judge"]["requests_sent"] for r in ranks)
         assert sent == len(server.requests) > 0
@@ -110,21 +120,33 @@ def test_ddp_two_processes_fit_reduce_metrics_share_the_judge_cache_and_resume(t
         assert len(cache) == sent
         cache.close()
 
-        # the checkpoint holds the metric totals of both processes, not rank 0's alone
+        # the checkpoint holds each process's own state (counters, prompts in flight, random streams)
         checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-        metrics_state = checkpoint["callbacks"]["CycleMetrics"]["metrics"]
-        saved = {name: float(metrics_state[str(metric_index(name))]["sum_value"]) for name in ("prompts", "iterations")}
-        assert saved == {name: sum(r["end"][name] for r in ranks) for name in saved}
+        processes = checkpoint["cyclealign"]["processes"]
+        assert [p["counters"]["prompts"] for p in processes] == [r["end"]["prompts"] for r in ranks]
+        saved = {name: sum(p["counters"][name] for p in processes) for name in ("prompts", "iterations")}
 
-        # resume under DDP: both processes restore, train two more batches each, and the totals continue
+        # resume under DDP: both processes restore their own state, train two more batches each, totals continue
         resumed, rows = ddp_fit(tmp_path, server, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"),
                                 "--trainer.max_epochs", "2")
     assert all(r["end"]["steps"] - r["start"]["steps"] == 2 for r in resumed)
     assert all(r["start"]["steps"] == 2 for r in resumed)  # restored from the checkpoint
+    assert [r["start"]["prompts"] for r in resumed] == [p["counters"]["prompts"] for p in processes]
     for name in ("prompts", "iterations"):
         new = sum(r["end"][name] - r["start"][name] for r in resumed)
-        assert last(rows, f"cycle/total_{name}") == saved[name] + new, name
-    assert last(rows, "cycle/total_prompts") == 16
+        assert last(rows, f"counters/{name}") == saved[name] + new, name
+    assert last(rows, "counters/prompts") == 16
+
+
+@pytest.mark.slow
+def test_ddp_a_step_without_any_usable_judgment_moves_no_weight_on_any_process(tmp_path):
+    """Every judgment fails (the judge never states a ranking): no process has a loss, so no process steps.
+    (A step on all-zero gradients would still move the weights: AdamW's weight decay and momentum.)"""
+    with LocalOpenAIServer(failure_rate=1.0, failure=Behaviour.reply("They all look fine to me.")) as server:
+        ranks, _ = ddp_fit(tmp_path, server, succeeds=False)  # a fit without any optimizer step does not succeed
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert all(r["end"]["iterations"] > 0 and r["end"]["optimizer_steps"] == 0 for r in ranks)
+    assert all(r["weights"][0] == r["weights"][1] for r in ranks), "the weights moved without any judgment"
 
 
 # -- DeepSpeed ZeRO-2: what builds without a GPU ----------------------------------------------------------
@@ -178,9 +200,9 @@ def test_export_writes_a_plain_hf_model_from_a_checkpoint(hh_root, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cyclealign_pl.export import main as export_main
-    from tests.test_cycle import QUESTIONS, WhiteBoxMirrorJudge, make_data, make_trainer, random_module, swap_top_two
+    from tests.helpers import QUESTIONS, WhiteBoxMirrorJudge, make_data, make_trainer, swap_top_two, tiny_module
 
-    module = random_module(WhiteBoxMirrorJudge(swap_top_two))
+    module = tiny_module(WhiteBoxMirrorJudge(swap_top_two))
     trainer = make_trainer(tmp_path, batches=1)
     trainer.fit(module, make_data(hh_root(QUESTIONS[:8])))
     trainer.save_checkpoint(tmp_path / "run.ckpt")
