@@ -212,3 +212,15 @@ def update_recorder(model: torch.nn.Module, lr: float = 1e-2):
         return True
 
     return update, calls
+
+
+def bpe_tokenizer(texts: Sequence[str], vocab_size: int = 400):
+    """A byte-level BPE tokenizer (GPT-2 style: a leading space belongs to the next word) trained offline on
+    ``texts``, as a transformers fast tokenizer with ``</s>`` for EOS and ``<pad>`` for padding."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,
+                                special_tokens=["<pad>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=trainer._tokenizer, eos_token="</s>", pad_token="<pad>")
