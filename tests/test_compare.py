@@ -7,7 +7,6 @@ it was shown first, so the counts are checked with the order really shuffled.
 from __future__ import annotations
 
 import functools
-
 import json
 import math
 import re
@@ -32,13 +31,11 @@ from cyclealign_pl.compare import (
 from cyclealign_pl.judges.base import JudgeBudgetExceeded
 from cyclealign_pl.judges.pairwise import (
     build_pairwise_messages,
-    format_verdict,
     load_pairwise_template,
-    parse_pairwise_prompt,
     parse_verdict,
 )
 from cyclealign_pl.judges.prompt import TemplateError
-from cyclealign_pl.testing import Behaviour, LocalOpenAIServer
+from cyclealign_pl.testing import Behaviour, LocalOpenAIServer, format_verdict, parse_pairwise_prompt
 from cyclealign_pl.testing.openai_server import compare_replies
 
 FAKE_KEY = "sk-fake-compare-test-key-41c9e2"

@@ -16,12 +16,11 @@ from cyclealign_pl.judges.prompt import (
     build_messages,
     default_template,
     delimiters,
-    format_reply,
     load_template,
-    parse_prompt,
     parse_reply,
     request_nonce,
 )
+from cyclealign_pl.testing import format_reply, parse_prompt
 
 DYNAMIC_1 = Demonstration("Human: Name a fruit. Assistant:", ("A carrot.", "An apple."), (1, 0))
 DYNAMIC_2 = Demonstration(

@@ -14,12 +14,11 @@ import pytest
 from jsonargparse import ArgumentParser
 
 from cyclealign_pl.demonstrations import STATIC_DEMONSTRATION, Demonstration
-from cyclealign_pl.judges.base import Judge, JudgeBudgetExceeded, Judgment, JudgeStop, RankRequest
+from cyclealign_pl.judges.base import Judge, JudgeBudgetExceeded, JudgeStop, Judgment, RankRequest
 from cyclealign_pl.judges.cache import CachedReply, JudgeCache, cache_key
 from cyclealign_pl.judges.openai import PLACEHOLDER_KEY, OpenAIJudge, aggregate_rankings
 from cyclealign_pl.judges.transport import retry_after_seconds
-from cyclealign_pl.judges.prompt import parse_prompt
-from cyclealign_pl.testing import Behaviour, LocalOpenAIServer
+from cyclealign_pl.testing import Behaviour, LocalOpenAIServer, parse_prompt
 from cyclealign_pl.testing.openai_server import rank_candidates
 
 FAKE_KEY = "sk-fake-cyclealign-test-key-7f3a9c"

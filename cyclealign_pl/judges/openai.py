@@ -41,7 +41,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cyclealign_pl.judges.base import Judge, Judgment, JudgeStop, RankRequest
+from cyclealign_pl.judges.base import Judge, JudgeStop, Judgment, RankRequest
 from cyclealign_pl.judges.cache import CachedReply, JudgeCache, cache_key
 from cyclealign_pl.judges.prompt import RankingTemplate, build_messages, load_template, parse_reply
 from cyclealign_pl.judges.transport import PLACEHOLDER_KEY, ChatReply, ChatSettings, ChatTransport, Counters
@@ -49,7 +49,8 @@ from cyclealign_pl.ranking import Ranking
 
 log = logging.getLogger(__name__)
 
-FAILURE_KINDS = (
+# why a prompt got no ranking; each is counted as ``failures/<kind>`` (judge/failures/<kind> in the logs)
+JUDGMENT_FAILURE_KINDS = (
     "timeout", "connection", "rate_limit", "server_error", "http_error", "bad_response", "invalid_reply",
     "replay_miss",
 )
@@ -236,7 +237,7 @@ class OpenAIJudge(Judge):
         self.on_failure = on_failure
         self.fallback = fallback
         self.seed = int(seed)
-        self._counters = Counters([*_COUNTERS, *(f"failures/{kind}" for kind in FAILURE_KINDS)])
+        self._counters = Counters([*_COUNTERS, *(f"failures/{kind}" for kind in JUDGMENT_FAILURE_KINDS)])
         self._rt: _Runtime | None = None
         self._rt_lock = threading.Lock()
 
@@ -499,4 +500,4 @@ class OpenAIJudge(Judge):
         await rt.transport.aclose()
 
 
-__all__ = ["FAILURE_KINDS", "PLACEHOLDER_KEY", "ChatCall", "ChatReply", "OpenAIJudge", "aggregate_rankings"]
+__all__ = ["JUDGMENT_FAILURE_KINDS", "PLACEHOLDER_KEY", "ChatCall", "ChatReply", "OpenAIJudge", "aggregate_rankings"]

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from cyclealign_pl.demonstrations import Demonstration
 from cyclealign_pl.judges.base import RankRequest
 from cyclealign_pl.ranking import InvalidRankingError, Ranking, validate_ranking
 
@@ -217,71 +216,6 @@ def build_messages(request: RankRequest, template: RankingTemplate | None = None
     ]
 
 
-_NONCE_OPEN = re.compile(r"<text-([0-9a-f]{16})>")
-_DEMO_RANKING = re.compile(r"The desired ranking is:\s*\[([\d,\s]*)\]")
-_RESPONSE_HEADER = re.compile(r"# Response-(\d+)\.")
-
-
-def delimited_user_message(messages: Sequence[Mapping[str, object]]) -> tuple[str, str, str]:
-    """The last user message's text and its nonce delimiters (begin, end); ValueError when it has none."""
-    user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
-    if user is None or not isinstance(user.get("content"), str):
-        raise ValueError("no user message with text content")
-    content = str(user["content"])
-    match = _NONCE_OPEN.search(content)
-    if match is None:
-        raise ValueError("the prompt has no delimited texts")
-    begin, end = delimiters(match.group(1))
-    return content, begin, end
-
-
-def parse_prompt(messages: Sequence[Mapping[str, object]]) -> RankRequest:
-    """Recover the request from messages built with a template that keeps the paper's headers.
-
-    The inverse of :func:`build_messages` for the packaged template (and any template that keeps
-    ``### Instruction:``, ``# Response-i.`` and ``The desired ranking is: [...]``). Used by the local test
-    server to rank what a judge sent, and by tests to check that no candidate can change the structure.
-    """
-    content, begin, end = delimited_user_message(messages)
-    items: list[dict[str, object]] = []
-    expect: str | None = None
-    pos = 0
-    while True:
-        start = content.find(begin + "\n", pos)
-        outside = content[pos:] if start < 0 else content[pos:start]
-        ranking = _DEMO_RANKING.search(outside)
-        if ranking and items:
-            items[-1]["ranking"] = tuple(int(x) for x in re.findall(r"\d+", ranking.group(1)))
-        if "### Instruction:" in outside:
-            items.append({"instruction": None, "responses": [], "ranking": None})
-            expect = "instruction"
-        elif _RESPONSE_HEADER.search(outside):
-            expect = "response"
-        if start < 0:
-            break
-        body_start = start + len(begin) + 1
-        stop = content.find("\n" + end, start + len(begin))
-        if stop < 0:
-            raise ValueError(f"unterminated delimited text at offset {start}")
-        text = content[body_start:stop] if stop >= body_start else ""
-        pos = stop + 1 + len(end)
-        if not items or expect is None:
-            raise ValueError(f"delimited text at offset {start} follows no instruction or response header")
-        if expect == "instruction":
-            items[-1]["instruction"] = text
-        else:
-            items[-1]["responses"].append(text)  # type: ignore[union-attr]
-        expect = None
-    if not items or items[-1]["ranking"] is not None:
-        raise ValueError("the prompt has no instruction to rank after its demonstrations")
-    demos = tuple(
-        Demonstration(str(it["instruction"]), tuple(it["responses"]), it["ranking"])  # type: ignore[arg-type]
-        for it in items[:-1]
-    )
-    last = items[-1]
-    return RankRequest(str(last["instruction"]), tuple(last["responses"]), demos)  # type: ignore[arg-type]
-
-
 # ---------------------------------------------------------------------------------------------- the reply
 
 
@@ -292,12 +226,6 @@ class ParsedReply:
     ranking: Ranking | None
     better_response: str | None
     failure: str | None
-
-
-def format_reply(ranking: Sequence[int], better_response: str | None = None) -> str:
-    """The canonical reply that the template asks for (used by the local server and tests)."""
-    text = f"### The desired ranking is: {format_ranking(ranking)}."
-    return text if better_response is None else f"{text}\n### A better response: {better_response}"
 
 
 _ECHOED_BLOCK = re.compile(r"<text-([0-9a-f]{16})>.*?</text-\1>", re.DOTALL)
@@ -425,9 +353,7 @@ __all__ = [
     "default_template",
     "delimiters",
     "format_ranking",
-    "format_reply",
     "load_template",
-    "parse_prompt",
     "parse_reply",
     "parse_template",
     "request_nonce",

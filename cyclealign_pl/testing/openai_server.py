@@ -2,7 +2,7 @@
 
 ``POST /v1/chat/completions`` answers with proper ``chat.completion`` JSON (with ``usage``). By default it is
 a deterministic *ranker*: it reads the request's candidates out of our prompt format
-(:func:`cyclealign_pl.judges.prompt.parse_prompt`) and ranks them by :func:`harm_score` (fewer harmful
+(:func:`cyclealign_pl.testing.prompt_reader.parse_prompt`) and ranks them by :func:`harm_score` (fewer harmful
 keywords first), then by length (more words first), then by index; its better response is the best candidate
 when that one is harmless, else a polite refusal. On the paper's static demonstration this gives the paper's
 ranking ``[1, 3, 2, 0]``. A pairwise comparison prompt (:mod:`cyclealign_pl.judges.pairwise`) gets a
@@ -37,8 +37,13 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
-from cyclealign_pl.judges.pairwise import Verdict, format_verdict, parse_pairwise_prompt
-from cyclealign_pl.judges.prompt import format_reply, parse_prompt
+from cyclealign_pl.judges.pairwise import Verdict
+from cyclealign_pl.testing.prompt_reader import (
+    format_reply,
+    format_verdict,
+    parse_pairwise_prompt,
+    parse_prompt,
+)
 
 _HARMFUL = re.compile(
     r"\b(?:rob|robb|steal|stole|fraud|drug|kill|murder|weapon|bomb|explosive|hack|poison|scam|illegal|hurt"
@@ -379,17 +384,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, owner.completion(body, text), behaviour.headers)
 
 
-FAILURE_KINDS: tuple[str, ...] = ("429", "500", "timeout", "garbage", "drop")
+# the names of the failures a server can be scripted with (``--failure-kinds``, :func:`failure_mix`)
+SCRIPTED_FAILURES: tuple[str, ...] = ("429", "500", "timeout", "garbage", "drop")
 
 
-def failure_mix(kinds: Iterable[str] = FAILURE_KINDS, hang_seconds: float = 30.0) -> tuple[Behaviour, ...]:
+def failure_mix(kinds: Iterable[str] = SCRIPTED_FAILURES, hang_seconds: float = 30.0) -> tuple[Behaviour, ...]:
     """Failure behaviours by name: ``429``/``500`` (HTTP errors), ``timeout`` (no answer for ``hang_seconds``),
     ``garbage`` (a 200 whose body is not JSON), ``drop`` (the connection closed without a response)."""
     table = {"429": Behaviour.error(429), "500": Behaviour.error(500), "timeout": Behaviour.hang(hang_seconds),
              "garbage": Behaviour.garbage(), "drop": Behaviour.drop()}
     unknown = [k for k in kinds if k not in table]
     if unknown:
-        raise ValueError(f"unknown failure kind(s) {unknown}; choose from {', '.join(FAILURE_KINDS)}")
+        raise ValueError(f"unknown failure kind(s) {unknown}; choose from {', '.join(SCRIPTED_FAILURES)}")
     return tuple(table[k] for k in kinds)
 
 
@@ -400,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before every answer")
     parser.add_argument("--failure-rate", type=float, default=0.0, help="share of requests that fail")
     parser.add_argument("--failure-kinds", default="500",
-                        help=f"comma-separated failures drawn at random: {','.join(FAILURE_KINDS)}")
+                        help=f"comma-separated failures drawn at random: {','.join(SCRIPTED_FAILURES)}")
     parser.add_argument("--hang-seconds", type=float, default=30.0, help="how long a 'timeout' failure hangs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="local-ranker")
@@ -423,6 +429,6 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "FAILURE_KINDS", "Behaviour", "LocalOpenAIServer", "RecordedRequest", "compare_replies", "count_tokens",
+    "SCRIPTED_FAILURES", "Behaviour", "LocalOpenAIServer", "RecordedRequest", "compare_replies", "count_tokens",
     "failure_mix", "harm_score", "rank_candidates",
 ]
