@@ -302,17 +302,86 @@ def _clean_better(text: str) -> str | None:
     return text or None
 
 
+_JSON_FENCE = re.compile(r"```[ \t]*(?:json)?[ \t]*\n(.*?)\n[ \t]*```", re.DOTALL | re.IGNORECASE)
+_JSON_RANKING_KEYS = ("ranking", "desired_ranking", "the_desired_ranking", "final_ranking")
+_JSON_BETTER_KEYS = ("better_response", "a_better_response", "response", "better")
+
+
+def _json_reply(text: str) -> dict[str, object] | None:
+    """The reply as a JSON object with a ranking key (bare, in a code fence, or the one ``{...}`` in prose),
+    its keys normalised (``"Desired ranking"`` -> ``desired_ranking``); None when it is not one."""
+    start, end = text.find("{"), text.rfind("}")
+    if not 0 <= start < end:
+        return None
+    for candidate in (*(m.group(1) for m in _JSON_FENCE.finditer(text)), text[start:end + 1]):
+        try:
+            value = json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            keys = {re.sub(r"[\s-]+", "_", str(k).strip().lower()): v for k, v in value.items()}
+            if any(k in keys for k in _JSON_RANKING_KEYS):
+                return keys
+    return None
+
+
+def _json_ranking(value: object) -> tuple[int, ...] | None:
+    """A ranking as a JSON list (``[1, 0, 2]``, ``["Response-1", ...]``) or string; None if not one."""
+    if isinstance(value, str):
+        return _expression_after_phrase(value) or (_numbers(value) if _BRACKET_BODY.match(value) else None)
+    if not isinstance(value, list):
+        return None
+    out = []
+    for item in value:
+        if isinstance(item, int) and not isinstance(item, bool):
+            out.append(item)
+        elif isinstance(item, str) and len(_numbers(item)) == 1:
+            out.append(_numbers(item)[0])
+        else:
+            return None
+    return tuple(out)
+
+
+def _checked(rankings: Sequence[tuple[int, ...]], better: str | None, visible: str, n: int) -> ParsedReply:
+    """The one ranking the reply states, validated for ``n`` candidates; otherwise a failure saying why."""
+    distinct = list(dict.fromkeys(rankings))
+    if not distinct:
+        if _REFUSAL.search(visible):
+            return ParsedReply(None, better, "refusal: the judge declined to rank")
+        return ParsedReply(None, better, "no ranking found in the reply")
+    if len(distinct) > 1:
+        shown = ", ".join(format_ranking(r) for r in distinct[:3])
+        return ParsedReply(None, better, f"ambiguous reply: several different rankings ({shown})")
+    try:
+        ranking = validate_ranking(distinct[0], n)
+    except InvalidRankingError as err:
+        return ParsedReply(None, better, f"invalid ranking {format_ranking(distinct[0])}: {err}")
+    return ParsedReply(ranking, better, None)
+
+
 def parse_reply(text: str | None, num_candidates: int) -> ParsedReply:
     """Read the ranking and the better response out of a judge's reply; invalid replies say why.
 
     Accepts ``The desired ranking is: [1, 3, 2, 0]`` (with or without ``###``, markdown, text around it),
     ``1 > 3 > 2 > 0`` and ``Response-1, Response-3, ...``; the better response follows a
-    ``A better response:`` marker. A reply that states two different rankings, a partial, duplicated or
-    out-of-range ranking, a refusal or no ranking at all is a failure with its reason.
+    ``A better response:`` marker. A JSON reply (bare or in a code fence) is read by its keys: ``ranking`` or
+    ``desired_ranking``, and ``better_response``, ``a_better_response`` or ``response`` (absent: no better
+    response). A reply that states two different rankings, a partial, duplicated or out-of-range ranking, a
+    refusal or no ranking at all is a failure with its reason.
     """
     if text is None or not text.strip():
         return ParsedReply(None, None, "empty reply")
     visible = _ECHOED_BLOCK.sub(" ", text)
+    as_json = _json_reply(visible)
+    if as_json is not None:
+        value = next(as_json[k] for k in _JSON_RANKING_KEYS if k in as_json)
+        said = next((as_json[k] for k in _JSON_BETTER_KEYS if k in as_json), None)
+        better = _clean_better(said) if isinstance(said, str) else None
+        ranking = _json_ranking(value)
+        if ranking is None:
+            shown = json.dumps(value)[:80]
+            return ParsedReply(None, better, f"no ranking in the JSON reply's ranking field: {shown}")
+        return _checked([ranking], better, visible, num_candidates)
     better: str | None = None
     marker = _BETTER_MARKER.search(visible)
     ranking_text = visible
@@ -327,20 +396,7 @@ def parse_reply(text: str | None, num_candidates: int) -> ParsedReply:
         ranking_text = visible[: marker.start()] + "\n" + after[cut:]
     plain = _MARKDOWN.sub("", ranking_text)
     stated = [r for r in (_expression_after_phrase(plain[m.end():]) for m in _PHRASE.finditer(plain)) if r]
-    candidates = stated or _anywhere(plain)
-    distinct = list(dict.fromkeys(candidates))
-    if not distinct:
-        if _REFUSAL.search(visible):
-            return ParsedReply(None, better, "refusal: the judge declined to rank")
-        return ParsedReply(None, better, "no ranking found in the reply")
-    if len(distinct) > 1:
-        shown = ", ".join(format_ranking(r) for r in distinct[:3])
-        return ParsedReply(None, better, f"ambiguous reply: several different rankings ({shown})")
-    try:
-        ranking = validate_ranking(distinct[0], num_candidates)
-    except InvalidRankingError as err:
-        return ParsedReply(None, better, f"invalid ranking {format_ranking(distinct[0])}: {err}")
-    return ParsedReply(ranking, better, None)
+    return _checked(stated or _anywhere(plain), better, visible, num_candidates)
 
 
 __all__ = [

@@ -147,8 +147,11 @@ class LocalOpenAIServer:
         failure: the behaviour used by ``failure_rate`` (default: HTTP 500), or several: each failing request
             gets one of them at random (see :func:`failure_mix`).
         seed: seeds the failure draws, so a run is reproducible.
-        model: the model name reported back.
+        model: the model name reported back, and listed by ``GET /v1/models`` (any name is answered).
         responder: ``f(index, body) -> Behaviour | None`` consulted after the queue (None: fall through).
+        api_key: when set, every request must carry ``Authorization: Bearer <api_key>`` or gets a 401 (as
+            vLLM's ``--api-key``); None: any key is accepted.
+        models_route: serve ``GET /v1/models``; False answers it with 404, like servers without that route.
     """
 
     def __init__(
@@ -162,6 +165,8 @@ class LocalOpenAIServer:
         seed: int = 0,
         model: str = "local-ranker",
         responder: Callable[[int, Any], Behaviour | None] | None = None,
+        api_key: str | None = None,
+        models_route: bool = True,
     ) -> None:
         if not 0.0 <= failure_rate <= 1.0:
             raise ValueError(f"failure_rate must be in [0, 1], got {failure_rate}")
@@ -174,6 +179,8 @@ class LocalOpenAIServer:
         self.failures = failures
         self.model = model
         self.responder = responder
+        self.api_key = api_key
+        self.models_route = models_route
         self._rng = random.Random(seed)
         self._queue: deque[Behaviour] = deque()
         self._requests: list[RecordedRequest] = []
@@ -240,12 +247,17 @@ class LocalOpenAIServer:
 
     # ---------------------------------------------------------------------------------------- answering
 
+    def authorised(self, headers: Mapping[str, str]) -> bool:
+        """Whether a request with these (lower-cased) headers carries the key, when one is required."""
+        return self.api_key is None or headers.get("authorization") == f"Bearer {self.api_key}"
+
     def _record(self, path: str, headers: dict[str, str], body: Any) -> Behaviour:
         arrived = time.monotonic()
+        refused = None if self.authorised(headers) else Behaviour.error(401)
         with self._lock:
             index = self._count
             self._count += 1
-            behaviour = self._queue.popleft() if self._queue else None
+            behaviour = refused or (self._queue.popleft() if self._queue else None)
         if behaviour is None and self.responder is not None:
             behaviour = self.responder(index, body)  # outside the lock: a responder may block
         if behaviour is None:
@@ -254,10 +266,12 @@ class LocalOpenAIServer:
                 if not failed:
                     behaviour = Behaviour.rank()
                 else:  # one behaviour: no extra draw, so seeded runs fail where they always did
-                    behaviour = self.failures[0] if len(self.failures) == 1 else self._rng.choice(self.failures)
+                    single = len(self.failures) == 1
+                    behaviour = self.failures[0] if single else self._rng.choice(self.failures)
         status = 0 if behaviour.kind in ("hang", "drop") else behaviour.status
         with self._lock:
-            self._requests.append(RecordedRequest(index, arrived, path, headers, body, behaviour.kind, status))
+            record = RecordedRequest(index, arrived, path, headers, body, behaviour.kind, status)
+            self._requests.append(record)
         return behaviour
 
     def completion(self, body: Any, text: str) -> dict[str, Any]:
@@ -326,7 +340,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         owner = self.server_owner
-        if self.path.rstrip("/").endswith("/models"):
+        if not owner.authorised({k.lower(): v for k, v in self.headers.items()}):
+            self._send_json(401, {"error": {"message": "invalid API key", "type": "invalid_request_error"}})
+        elif self.path.rstrip("/").endswith("/models") and owner.models_route:
             self._send_json(200, {"object": "list", "data": [{"id": owner.model, "object": "model",
                                                               "owned_by": "cyclealign-pl"}]})
         else:
@@ -388,11 +404,15 @@ class _Handler(BaseHTTPRequestHandler):
 SCRIPTED_FAILURES: tuple[str, ...] = ("429", "500", "timeout", "garbage", "drop")
 
 
-def failure_mix(kinds: Iterable[str] = SCRIPTED_FAILURES, hang_seconds: float = 30.0) -> tuple[Behaviour, ...]:
-    """Failure behaviours by name: ``429``/``500`` (HTTP errors), ``timeout`` (no answer for ``hang_seconds``),
-    ``garbage`` (a 200 whose body is not JSON), ``drop`` (the connection closed without a response)."""
-    table = {"429": Behaviour.error(429), "500": Behaviour.error(500), "timeout": Behaviour.hang(hang_seconds),
-             "garbage": Behaviour.garbage(), "drop": Behaviour.drop()}
+def failure_mix(
+    kinds: Iterable[str] = SCRIPTED_FAILURES, hang_seconds: float = 30.0
+) -> tuple[Behaviour, ...]:
+    """Failure behaviours by name: ``429``/``500`` (HTTP errors), ``timeout`` (no answer for
+    ``hang_seconds``), ``garbage`` (a 200 whose body is not JSON), ``drop`` (the connection closed without a
+    response)."""
+    table = {"429": Behaviour.error(429), "500": Behaviour.error(500),
+             "timeout": Behaviour.hang(hang_seconds), "garbage": Behaviour.garbage(),
+             "drop": Behaviour.drop()}
     unknown = [k for k in kinds if k not in table]
     if unknown:
         raise ValueError(f"unknown failure kind(s) {unknown}; choose from {', '.join(SCRIPTED_FAILURES)}")
@@ -429,6 +449,7 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "SCRIPTED_FAILURES", "Behaviour", "LocalOpenAIServer", "RecordedRequest", "compare_replies", "count_tokens",
+    "SCRIPTED_FAILURES", "Behaviour", "LocalOpenAIServer", "RecordedRequest", "compare_replies",
+    "count_tokens",
     "failure_mix", "harm_score", "rank_candidates",
 ]
