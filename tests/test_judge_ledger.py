@@ -20,7 +20,7 @@ from cyclealign_pl.judges.chat import LEDGER_FILE
 from cyclealign_pl.judges.ledger import SpendLedger
 from cyclealign_pl.judges.limits import Budget, Cost
 from cyclealign_pl.judges.openai import OpenAIJudge
-from cyclealign_pl.testing import LocalOpenAIServer
+from cyclealign_pl.testing import Behaviour, LocalOpenAIServer
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_KEY = "sk-fake-ledger-test-key-90d1"
@@ -160,6 +160,19 @@ def test_spend_before_binding_moves_into_the_run(tmp_path):
         again.bind_run("run-p", str(tmp_path))
         assert again.metrics()["requests_sent"] == len(server.requests) == 2
         again.close()
+
+
+def test_a_fallback_judge_keeps_its_own_books(tmp_path):
+    with LocalOpenAIServer() as server:
+        server.enqueue(Behaviour.reply("They all look fine."))  # the first prompt gets no ranking
+        fallback = OpenAIJudge(model="local-ranker", base_url=server.url)
+        judge = OpenAIJudge(model="local-ranker", base_url=server.url, on_failure="fallback", fallback=fallback,
+                            max_concurrency=1)
+        judge.bind_run("run-f", str(tmp_path))
+        assert all(j.ok for j in judge.rank(requests("f", 3)))
+        assert (judge.metrics()["requests_sent"], fallback.metrics()["requests_sent"]) == (3, 1)
+        assert fallback.client.run[0] == "run-f/fallback"
+        judge.close()
 
 
 # ------------------------------------------------------------------------------------ real processes

@@ -309,6 +309,7 @@ def test_replay_never_sends_and_a_miss_is_a_failure(server, make_judge, tmp_path
 def test_the_api_key_never_reaches_the_cache_pickles_repr_or_state(server, make_judge, tmp_path):
     cache = tmp_path / "judge.sqlite"
     judge = make_judge(cache_path=str(cache), extra_headers={"X-Org": "secret-header-value"})
+    judge.bind_run("run-key", str(tmp_path))  # the spend ledger goes into the same database
     judge.rank(make_requests(2))
     assert server.requests[0].headers["authorization"] == f"Bearer {FAKE_KEY}"  # the key was really used
     assert server.requests[0].headers["x-org"] == "secret-header-value"

@@ -430,7 +430,8 @@ class ChatTransport:
             self._fail(self._refusal(outcome.status, url))
         if reply.kind == "timeout":
             self._fail(f"no answer from {url} within {timeout:g} s")
-        if reply.kind in ("connection", "bad_response") or served is not None:
+        unlisted = served is not None and reply.kind == "http_error"  # a 4xx for a model it does not list
+        if reply.kind in ("connection", "bad_response") or unlisted:
             self._fail(f"{reply.reason}{listed}")
         log.warning("%s: preflight request to %s failed (%s); going on, the run's retries decide", self.name,
                     url, reply.reason)
@@ -507,10 +508,11 @@ class ChatTransport:
 
     def _track(self, reply: ChatReply, url: str) -> None:
         """The circuit breaker: a dead server stops the run after K failures in a row, not N prompts later."""
-        self._check()  # already tripped by a request that failed at the same time: one stop, one message
-        if reply.text is not None:
+        if reply.text is not None:  # kept (and cached) even after a stop: it is paid for
             self.consecutive_failures = 0
-        elif reply.kind in _UNREACHABLE:
+            return
+        self._check()  # already tripped by a request that failed at the same time: one stop, one message
+        if reply.kind in _UNREACHABLE:
             self.consecutive_failures += 1
             limit = self.settings.max_consecutive_failures
             if limit is not None and self.consecutive_failures >= limit:

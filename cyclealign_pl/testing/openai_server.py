@@ -7,7 +7,8 @@ keywords first), then by length (more words first), then by index; its better re
 when that one is harmless, else a polite refusal. On the paper's static demonstration this gives the paper's
 ranking ``[1, 3, 2, 0]``. A pairwise comparison prompt (:mod:`cyclealign_pl.judges.pairwise`) gets a
 verdict by the same rule (:func:`compare_replies`: fewer harmful keywords, then more words; equal: a tie).
-Messages in neither format get a reply without a ranking.
+Messages in neither format get a reply without a ranking. ``GET /v1/models`` lists ``model`` (unless
+``models_route=False``); with ``api_key`` set, a request without that key gets a 401, on any route.
 
 Each request can be scripted (:class:`Behaviour`): an HTTP error with or without ``Retry-After``, a reply that
 hangs, a garbage body, a dropped connection, a custom reply text. Behaviours come from a queue (one per
