@@ -68,7 +68,8 @@ def main() -> None:
     in_flight = metrics["requests_in_flight_max"]
     print(f"concurrent (max_concurrency={args.concurrency}): {concurrent:.2f} s "
           f"({args.prompts / concurrent:.1f} prompts/s, in flight max {in_flight:.0f})")
-    print(f"concurrent, spend ledger on disk: {durable:.2f} s ({bound['requests_sent']:.0f} requests recorded)")
+    recorded = bound["requests_sent"]
+    print(f"concurrent, spend ledger on disk: {durable:.2f} s ({recorded:.0f} requests recorded)")
     print(f"serial     (max_concurrency=1): {serial:.2f} s (lower bound {ideal:.1f} s)")
     ideal_ratio = min(args.concurrency, args.prompts)
     print(f"speed-up: {serial / concurrent:.1f}x (ideal {ideal_ratio}x, target >= 10x)")

@@ -166,8 +166,8 @@ def test_a_fallback_judge_keeps_its_own_books(tmp_path):
     with LocalOpenAIServer() as server:
         server.enqueue(Behaviour.reply("They all look fine."))  # the first prompt gets no ranking
         fallback = OpenAIJudge(model="local-ranker", base_url=server.url)
-        judge = OpenAIJudge(model="local-ranker", base_url=server.url, on_failure="fallback", fallback=fallback,
-                            max_concurrency=1)
+        judge = OpenAIJudge(model="local-ranker", base_url=server.url, on_failure="fallback",
+                            fallback=fallback, max_concurrency=1)
         judge.bind_run("run-f", str(tmp_path))
         assert all(j.ok for j in judge.rank(requests("f", 3)))
         assert (judge.metrics()["requests_sent"], fallback.metrics()["requests_sent"]) == (3, 1)

@@ -77,7 +77,7 @@ class SpendLedger:
             self._conn.execute("PRAGMA journal_mode=WAL")
             # WAL + NORMAL: a commit is in the OS's hands before the request goes out, so it survives the
             # process (kill -9, OOM); only a power cut may lose the last ones. FULL (an fsync per commit)
-            # costs ~9 ms a request on the event loop (benchmarks/judge_throughput.py), NORMAL nothing visible.
+            # costs ~9 ms a request on the event loop (benchmarks/judge_throughput.py); NORMAL, nothing seen.
             self._conn.execute("PRAGMA synchronous=NORMAL")
             for statement in _SCHEMA:
                 self._conn.execute(statement)
