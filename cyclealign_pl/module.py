@@ -34,7 +34,7 @@ from cyclealign_pl.evaluation import (
     write_eval_outputs,
 )
 from cyclealign_pl.hf import apply_lora, load_causal_lm, load_tokenizer
-from cyclealign_pl.judges.base import Judge, JudgeStop
+from cyclealign_pl.judges.base import Judge, JudgeStop, JudgeUnavailable
 from cyclealign_pl.policy import DEFAULT_LOGIT_CHUNK_ELEMENTS, SamplingConfig, WhiteBox
 from cyclealign_pl.rng import capture_rng_state, restore_rng_state
 from cyclealign_pl.signals import StopRequest
@@ -187,9 +187,20 @@ class CycleAlignModule(LightningModule):
         if self.judge is None:
             raise ValueError("fit needs a black-box judge: set model.judge (e.g. an OpenAIJudge or RewardModelJudge)")
         self._configure_deepspeed()
-        preflight = getattr(self.judge, "preflight", None)
-        if preflight is not None:
-            preflight()  # an unreachable judge fails here, in seconds, before any model work
+        self._preflight()
+
+    def _preflight(self) -> None:
+        """An unreachable judge stops the run here, in seconds, before the first step; every process checks
+        and all stop together when any of them cannot reach it."""
+        error: JudgeStop | None = None
+        try:
+            self.judge.preflight()
+        except JudgeStop as failed:
+            error = failed
+        if self.trainer.world_size > 1 and self.trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+            error = error or JudgeUnavailable("the judge preflight failed on another process")
+        if error is not None:
+            raise error
 
     def _configure_deepspeed(self) -> None:
         """Hand ``gradient_clip_val`` to DeepSpeed, which clips inside its engine (the module's own clipping is
@@ -328,11 +339,9 @@ class CycleAlignModule(LightningModule):
         if self._pending_cycle_state is not None:
             self.cycle_state.load_state_dict(self._pending_cycle_state)
             self._pending_cycle_state = None
-        if self.run_id is None:
-            self.run_id = uuid.uuid4().hex
-        bind_run = getattr(self.judge, "bind_run", None)
-        if bind_run is not None:  # the judge records its spend durably under this run (survives kill -9)
-            bind_run(self.run_id, self.trainer.default_root_dir)
+        if self.run_id is None:  # a new run (a resumed one has its id from the checkpoint); one id for all ranks
+            self.run_id = self.trainer.strategy.broadcast(uuid.uuid4().hex)
+        self.judge.bind_run(self.run_id, self.trainer.default_root_dir)  # spend recorded durably under this run
         if self.zero_shot is None and self.trainer.global_step == 0 and not self.trained_ids:
             self.zero_shot = self._zero_shot_evaluation()
 
@@ -551,7 +560,15 @@ class CycleAlignModule(LightningModule):
         if self.trainer.world_size > 1:  # every rank dumps the checkpoint (rank 0 writes it): a collective
             processes = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(processes, local)
-        checkpoint["cyclealign"] = {"processes": processes, "run_id": self.run_id, "zero_shot": self.zero_shot}
+        checkpoint["cyclealign"] = {
+            "processes": processes,
+            "run_id": self.run_id,
+            "zero_shot": self.zero_shot,
+            # the run as a whole, for readers of the checkpoint (notebooks, tests): not used to resume
+            "counters": {name: sum(p["counters"][name] for p in processes) for name in self.counters},
+            "trained_ids": [i for p in processes for i in p["trained_ids"]],
+            "judge": processes[0]["judge"],
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("cyclealign")

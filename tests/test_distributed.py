@@ -113,8 +113,8 @@ def test_ddp_two_processes_fit_reduce_metrics_share_the_judge_cache_and_resume(t
         assert 0 <= last(rows, "cycle/judge_hidden_fraction_mean") <= 1
         assert all(float(r["time/judge_wait_s"]) <= float(r["time/judge_latency_s"]) for r in rows
                    if r.get("time/judge_wait_s"))
-        # one judge cache file for both processes: every request sent by either is in it once
-        sent = sum(r["judge"]["requests_sent"] for r in ranks)
+        # one judge cache file and one spend ledger for both processes: every request sent by either is in both
+        sent = max(r["judge"]["requests_sent"] for r in ranks)  # each process reports the run's ledger
         assert sent == len(server.requests) > 0
         cache = JudgeCache(tmp_path / "judge_cache.sqlite")
         assert len(cache) == sent
@@ -181,6 +181,32 @@ def test_deepspeed_preset_parses_and_builds(capsys):
     assert zero["stage"] == 2 and "offload_optimizer" not in zero
     assert zero["reduce_bucket_size"] == 200_000_000
     assert printed["model"]["cycle"]["num_candidates"] == 3  # the preset only adds to the run's config
+
+
+@pytest.mark.parametrize("preset, expected", [(None, 0.7), (0.7, 0.7), (0.5, "disagree")])
+def test_the_modules_gradient_clip_val_reaches_the_deepspeed_config(preset, expected):
+    """DeepSpeed clips inside its engine, with the value of its config; Lightning fills that from the Trainer,
+    which manual optimization leaves unset: the module's ``gradient_clip_val`` must get there itself."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from tests.helpers import LongestFirstJudge, tiny_module
+
+    config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 1}
+    if preset is not None:
+        config["gradient_clipping"] = preset
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=DeepSpeedStrategy(config=config), logger=False,
+                      enable_checkpointing=False)
+    module = tiny_module(LongestFirstJudge(), gradient_clip_val=0.7)
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    if expected == "disagree":
+        with pytest.raises(ValueError, match="gradient_clip_val=0.7 and the DeepSpeed config's gradient_clipping=0.5"):
+            module._configure_deepspeed()
+        return
+    module._configure_deepspeed()
+    trainer.strategy._format_config()  # what the strategy hands to deepspeed.initialize
+    assert trainer.strategy.config["gradient_clipping"] == expected
 
 
 def test_deepspeed_on_the_cpu_fails_with_a_clear_message(tmp_path, capsys):

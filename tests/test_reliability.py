@@ -141,7 +141,8 @@ def test_checkpoint_settings_that_cannot_work_are_refused():
 
 # -- 1, 4, 5. kill -9, SIGTERM, Ctrl-C and the API key: the real CLI in subprocesses ------------------------
 
-N_PROMPTS = 14
+N_PROMPTS = 24
+BATCH = 3  # continuous batching: prompts are in flight across steps, and so across checkpoints
 
 
 class FitProcess:
@@ -153,7 +154,8 @@ class FitProcess:
             "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
             "--trainer.callbacks.dirpath", str(run_dir / "checkpoints"), "--trainer.callbacks.every_n_batches", "3",
             "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
-            "--trainer.limit_train_batches", str(N_PROMPTS), "--model.reward_model", "null",
+            "--trainer.limit_train_batches", str(N_PROMPTS // BATCH), "--model.reward_model", "null",
+            "--data.init_args.batch_size", str(BATCH),
             "--model.sampling.max_new_tokens", "12", "--model.cycle.max_iterations", "2",
             "--model.judge.init_args.base_url", server.url,
             "--model.judge.init_args.cache_path", str(run_dir / "judge_cache.sqlite"),
@@ -261,7 +263,7 @@ def test_kill_9_and_resume_does_every_step_exactly_once(interrupted_run):
     trained = state["trained_ids"]
     expected = {f"harmless-base:train:{line}" for line in range(1, N_PROMPTS + 1)}
     assert len(trained) == N_PROMPTS and set(trained) == expected  # each prompt exactly once
-    assert state["counters"]["steps"] == state["counters"]["prompts"] == N_PROMPTS
+    assert state["counters"]["steps"] == N_PROMPTS // BATCH and state["counters"]["prompts"] == N_PROMPTS
     # the steps redone after the kill were answered from the persistent cache, not by the server
     assert state["judge"]["counters"]["cache_hits"] >= 1
 
