@@ -32,14 +32,13 @@ import datasets
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from cyclealign_pl.data.loaders import rows_dataloader, sample_indices
 from cyclealign_pl.data.rows import (
     CleaningStats,
     DataFileError,
     PromptRow,
     Turn,
     render_prompt,
-    rows_dataloader,
-    sample_indices,
 )
 
 log = logging.getLogger(__name__)
