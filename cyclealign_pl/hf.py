@@ -54,8 +54,18 @@ def _init_from_config(auto_cls, config, seed: int) -> PreTrainedModel:
         return auto_cls.from_config(config)
 
 
-def load_causal_lm(path: str | None, config: dict[str, Any] | None = None, *, seed: int = 0, dtype: str | None = None) -> PreTrainedModel:
+def _one_source(path: str | None, config: dict[str, Any] | None, both: str) -> None:
+    """A model comes from a path or from a config, never both: the other setting would be silently ignored."""
+    if path and config is not None:
+        raise ModelLoadError(both)
+
+
+def load_causal_lm(
+    path: str | None, config: dict[str, Any] | None = None, *, seed: int = 0, dtype: str | None = None
+) -> PreTrainedModel:
     """The white-box: ``from_pretrained(path)``, or a freshly initialised model from ``config``."""
+    _one_source(path, config, f"model.model={path!r} and model.model_config are both set; give one (on top of "
+                f"a config that sets model.model_config, add --model.model_config null)")
     if config is not None:
         return _init_from_config(AutoModelForCausalLM, build_config(config), seed)
     if not path:
@@ -66,8 +76,12 @@ def load_causal_lm(path: str | None, config: dict[str, Any] | None = None, *, se
         raise _explain("causal LM", path, error) from error
 
 
-def load_reward_model(path: str | None, config: dict[str, Any] | None = None, *, seed: int = 0, dtype: str | None = None) -> PreTrainedModel:
+def load_reward_model(
+    path: str | None, config: dict[str, Any] | None = None, *, seed: int = 0, dtype: str | None = None
+) -> PreTrainedModel:
     """A sequence-classification reward model with one output (the reward)."""
+    _one_source(path, config, f"a reward model's model={path!r} and config are both set; give one (add "
+                "--model.reward_model.init_args.config null, or the same under model.judge)")
     if config is not None:
         return _init_from_config(AutoModelForSequenceClassification, build_config(config, num_labels=1), seed)
     if not path:
