@@ -143,7 +143,11 @@ def test_a_new_fit_into_a_root_that_holds_a_run_is_refused(tiny_run, capsys):
 @pytest.mark.slow
 def test_validate_with_ckpt_path_last_reads_the_roots_checkpoint(tiny_run, tmp_path, capsys):
     _, run_dir, _, _ = tiny_run
-    cli = main(["validate", *tiny_args(run_dir, "--trainer.limit_val_batches", "1", "--ckpt_path", "last")])
+    cli = main(["validate", "--config", TINY, "--trainer.default_root_dir", str(run_dir),
+                "--trainer.limit_val_batches", "1", "--ckpt_path", "last"])
+    from cyclealign_pl.progress import CycleProgressBar
+
+    assert isinstance(cli.trainer.progress_bar_callback, CycleProgressBar)  # the CLI's one-line bar
     meta = json.loads((Path(cli.trainer.log_dir) / "eval" / "val_meta.json").read_text())
     assert Path(meta["checkpoint"]) == run_dir / "checkpoints" / "last.ckpt"
     assert meta["trained_steps"] == 2 and Path(cli.trainer.log_dir).parent == run_dir / "logs"
@@ -193,6 +197,23 @@ def test_finished_is_lightnings_fit_loop_done():
     assert "131 of 100 optimizer steps" in finished_message(one_epoch, None, 100)
     mid_epoch = Progress(epochs=0, batches=20, global_step=55, counters={"steps": 20})
     assert finished_message(mid_epoch, 1, -1) is None
+
+
+def test_the_progress_bar_shows_a_few_key_metrics_under_short_labels():
+    import torch
+
+    from cyclealign_pl.progress import KEY_METRICS, CycleProgressBar
+
+    class Trainer:
+        callback_metrics = {"train/loss": torch.tensor(21.6), "cycle/iterations_mean": torch.tensor(3.25),
+                            "cycle/agreement_mean": torch.tensor(0.75), "cycle/ranking_pairwise_accuracy_mean":
+                            torch.tensor(0.5), "judge/requests_sent": torch.tensor(40.0), "train/sft_loss": 2.0}
+
+    shown = CycleProgressBar().get_metrics(Trainer(), None)
+    assert shown == pytest.approx({"loss": 21.6, "iters": 3.25, "agree": 0.75, "acc": 0.5})
+    assert "v_num" not in shown
+    assert len(", ".join(f"{k}={v:.3f}" for k, v in shown.items())) <= 50  # fits beside tqdm's bar on 80 columns
+    assert len(KEY_METRICS) == 4
 
 
 # -- the end-of-fit verdict ------------------------------------------------------------------------------------
