@@ -33,10 +33,12 @@ def wall_time(command: list[str]) -> float:
 
 
 def heavy_modules_of_top_level_help() -> list[str]:
-    probe = ("import sys\nfrom cyclealign_pl.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
-             f"    pass\nprint([m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)")
+    probe = (
+        "import sys\nfrom cyclealign_pl.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
+        f"    pass\nprint([m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)"
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    return eval(done.stderr.strip().splitlines()[-1])  # noqa: S307 - our own probe's printed list
+    return eval(done.stderr.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -44,7 +46,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     wall_time(COMMANDS['python -c "import lightning.pytorch"'])  # warm the file cache once
-    medians = {name: statistics.median(wall_time(cmd) for _ in range(args.repeat)) for name, cmd in COMMANDS.items()}
+    medians = {
+        name: statistics.median(wall_time(cmd) for _ in range(args.repeat)) for name, cmd in COMMANDS.items()
+    }
     floor = medians['python -c "import lightning.pytorch"']
     for name, seconds in medians.items():
         print(f"{name:40s} {seconds:6.2f} s  ({seconds - floor:+.2f} s over the floor)")

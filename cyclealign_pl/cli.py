@@ -56,7 +56,9 @@ def _parser_kwargs() -> dict[str, Any]:
 def top_level_parser() -> CycleAlignParser:
     """The top-level parser alone (subcommands without their options): enough for ``--help``, and fast."""
     parser = CycleAlignParser(prog=PROG, description=DESCRIPTION)
-    parser.add_argument("-c", "--config", action=ActionConfigFile, help="Path to a configuration file in json or yaml format.")
+    parser.add_argument(
+        "-c", "--config", action=ActionConfigFile, help="Path to a configuration file in json or yaml format."
+    )
     subcommands = parser.add_subcommands()
     for name, description in SUBCOMMANDS.items():
         subcommands.add_subcommand(name, CycleAlignParser(description=description), help=description)
@@ -104,10 +106,12 @@ class CycleAlignCLI(LightningCLI):
         from cyclealign_pl import run_dir
 
         self._check_strategy(config["trainer"])
+        from cyclealign_pl.hf import white_box_conflict
+
         model = config.get("model")
-        if model is not None and model.get("model") and model.get("model_config") is not None:
-            self._error(f"model.model={model['model']!r} and model.model_config are both set; give one (on top of "
-                        "a config that sets model.model_config, add --model.model_config null)")
+        conflict = model is not None and white_box_conflict(model.get("model"), model.get("model_config"))
+        if conflict:
+            self._error(conflict)
         if self.subcommand is not None:
             self._resolve_checkpoint(config, run_dir)
 
@@ -117,9 +121,13 @@ class CycleAlignCLI(LightningCLI):
 
         strategy = trainer.get("strategy")
         name = strategy if isinstance(strategy, str) else str(getattr(strategy, "class_path", "") or "")
-        if "deepspeed" in name.lower() and (trainer.get("accelerator") == "cpu" or not torch.cuda.is_available()):
-            self._error(f"trainer.strategy={name} needs CUDA GPUs (trainer.accelerator: gpu); none is available "
-                        "here. On the CPU use --trainer.strategy ddp (docs/scaling.md)")
+        if "deepspeed" in name.lower() and (
+            trainer.get("accelerator") == "cpu" or not torch.cuda.is_available()
+        ):
+            self._error(
+                f"trainer.strategy={name} needs CUDA GPUs (trainer.accelerator: gpu); none is available "
+                "here. On the CPU use --trainer.strategy ddp (docs/scaling.md)"
+            )
 
     def _resolve_checkpoint(self, config, run_dir) -> None:
         """``--ckpt_path last`` -> this root's newest ``last*.ckpt``; one run per root; nothing to do if done."""
@@ -128,8 +136,10 @@ class CycleAlignCLI(LightningCLI):
         if ckpt_path == "last" and dirs:
             last = run_dir.resolve_last(dirs)
             if last is None and self.subcommand != "fit":
-                self._error(f"--ckpt_path last: no last*.ckpt in {', '.join(map(str, dirs))}; train with fit "
-                            "first, or give a checkpoint file")
+                self._error(
+                    f"--ckpt_path last: no last*.ckpt in {', '.join(map(str, dirs))}; train with fit "
+                    "first, or give a checkpoint file"
+                )
             if last is None:
                 print(f"cyclealign_pl: no checkpoint in {dirs[0]} yet: starting a new run", file=sys.stderr)
             ckpt_path = config["ckpt_path"] = str(last) if last is not None else None
@@ -169,7 +179,9 @@ class CycleAlignCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         callbacks = trainer_config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
             trainer_config["callbacks"] = [*callbacks, CycleProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
@@ -185,8 +197,12 @@ class CycleAlignCLI(LightningCLI):
         result = summary.collect(self.model, trainer.callback_metrics, self._output_paths())
         status, messages = summary.verdict(result, threshold)
         if trainer.is_global_zero:
-            print("\n".join(f"cyclealign_pl: {line}" if i == 0 else line
-                            for i, line in enumerate(summary.render(result))))
+            print(
+                "\n".join(
+                    f"cyclealign_pl: {line}" if i == 0 else line
+                    for i, line in enumerate(summary.render(result))
+                )
+            )
             for message in messages:
                 print(f"cyclealign_pl: {message}", file=sys.stderr)
         if status:
@@ -244,17 +260,25 @@ def main(args: list[str] | None = None) -> CycleAlignCLI | None:
     except RunStopped as stopped:
         print(f"cyclealign_pl: {stopped}", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
-    except JudgeStop as stop:  # not wrapped in RunStopped: before any training step (preflight), no checkpoint
+    except (
+        JudgeStop
+    ) as stop:  # not wrapped in RunStopped: before any training step (preflight), no checkpoint
         print(f"cyclealign_pl: the judge cannot be used: {stop}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except SIGTERMException:  # SIGTERM outside a training step (e.g. validation): Lightning's own exit
-        print("cyclealign_pl: received SIGTERM outside a training step; resume from the last periodic "
-              "checkpoint with --ckpt_path last", file=sys.stderr)
+        print(
+            "cyclealign_pl: received SIGTERM outside a training step; resume from the last periodic "
+            "checkpoint with --ckpt_path last",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_STOPPED)
     except input_errors as error:
         print(f"cyclealign_pl: bad input: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except ConnectionError as error:  # a hub dataset or model offline (the judge's own errors are counted)
-        print(f"cyclealign_pl: bad input: {error}; offline, download it and give its local path (e.g. "
-              "--data.init_args.path for BeaverTails, --data.init_args.root for HH-RLHF)", file=sys.stderr)
+        print(
+            f"cyclealign_pl: bad input: {error}; offline, download it and give its local path (e.g. "
+            "--data.init_args.path for BeaverTails, --data.init_args.root for HH-RLHF)",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_BAD_INPUT)

@@ -21,11 +21,15 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 EXIT_BAD_INPUT = 2
 
-_KEY_PREFIX = re.compile(r'^Parser key "(?P<key>[^"]+)":\s*(?P<rest>.*)$', re.S)
-_UNRECOGNIZED = re.compile(r"^unrecognized arguments: (?P<args>.*)$", re.S)
-_NOT_ACCEPTED = re.compile(r"^(?:Subcommand '\w+' does not accept option|Option) '(?P<key>[^']+)'(?: is not accepted)?")
+_KEY_PREFIX = re.compile(r'^Parser key "(?P<key>[^"]+)":\s*(?P<rest>.*)$', re.DOTALL)
+_UNRECOGNIZED = re.compile(r"^unrecognized arguments: (?P<args>.*)$", re.DOTALL)
+_NOT_ACCEPTED = re.compile(
+    r"^(?:Subcommand '\w+' does not accept option|Option) '(?P<key>[^']+)'(?: is not accepted)?"
+)
 _GROUP_NOT_ACCEPTED = re.compile(r"^Group '(?P<group>[^']+)' does not accept option '(?P<key>[^']+)'")
-_CLASS_PATH_PROBLEM = re.compile(r"^Problem with given class_path '(?P<path>[^']+)':\s*(?P<rest>.*)$", re.S)
+_CLASS_PATH_PROBLEM = re.compile(
+    r"^Problem with given class_path '(?P<path>[^']+)':\s*(?P<rest>.*)$", re.DOTALL
+)
 _NONE_ALTERNATIVE = "Expected a <class 'NoneType'>"
 
 
@@ -104,15 +108,21 @@ def one_line(message: str, options: Iterable[str] = (), key: str | None = None) 
     """
     options = list(options)
     text = message.strip()
-    if text.startswith("invalid configuration: "):
-        text = text[len("invalid configuration: "):]
+    text = text.removeprefix("invalid configuration: ")
     found = _KEY_PREFIX.match(text)
     if found:
         key, text = found["key"], found["rest"].strip()
     if text.startswith("Does not validate against any of the Union subtypes"):
         errors = [e for e in _union_errors(text) if not e.startswith(_NONE_ALTERNATIVE)]
-        if errors:
-            return "; ".join(dict.fromkeys(one_line(e, options, key) for e in errors))
+        specific = [
+            e for e in errors if not e.startswith("Expected a")
+        ]  # not "Expected a bool" beside a class
+        lines = list(dict.fromkeys(one_line(e, options, key) for e in specific or errors))
+        lines = [
+            line for line in lines if "(did you mean" in line
+        ] or lines  # the alternative that has a hint
+        if lines:
+            return "; ".join(lines)
         text = text.splitlines()[0]
     found = _CLASS_PATH_PROBLEM.match(text)
     if found:
@@ -122,7 +132,9 @@ def one_line(message: str, options: Iterable[str] = (), key: str | None = None) 
         short = class_path.rsplit(".", 1)[-1]
         if inner:
             name = inner["key"]
-            return f"{where}{short} has no argument {name!r}{_did_you_mean(name, _class_parameters(class_path))}"
+            return (
+                f"{where}{short} has no argument {name!r}{_did_you_mean(name, _class_parameters(class_path))}"
+            )
         return f"{where}{short}: {one_line(rest, options)}"
     found = _UNRECOGNIZED.match(text)
     if found:
@@ -136,7 +148,11 @@ def one_line(message: str, options: Iterable[str] = (), key: str | None = None) 
         name = f"{found['group']}.{found['key']}" if "group" in found.groupdict() else found["key"]
         keys = [o.lstrip("-") for o in options]
         return f"unknown key {name}{_did_you_mean(name, keys)}"
-    kept = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("Given value")]
+    kept = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith("Given value")
+    ]
     line = _plain_types(" ".join(kept))
     line = re.sub(r"^Expected an? ([^.]+)\. Got value: (.*)$", r"expected \1, got \2", line)
     return f"{key}: {line}" if key and key not in line else line

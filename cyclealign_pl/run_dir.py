@@ -57,7 +57,11 @@ def place_run_files(config: Any) -> None:
 
 def checkpoint_dirs(config: Any) -> list[Path]:
     """The folders of the configured checkpoint callbacks (after :func:`place_run_files`)."""
-    dirs = [Path(c["init_args"]["dirpath"]) for c in _checkpoint_callbacks(config) if c["init_args"].get("dirpath")]
+    dirs = [
+        Path(c["init_args"]["dirpath"])
+        for c in _checkpoint_callbacks(config)
+        if c["init_args"].get("dirpath")
+    ]
     return list(dict.fromkeys(dirs))
 
 
@@ -131,14 +135,18 @@ def finished_message(progress: Progress, max_epochs: int | None, max_steps: int 
         max_epochs = 1000 if max_steps == -1 else -1
     steps = progress.counters.get("steps", progress.batches)
     if max_steps != -1 and progress.global_step >= max_steps:
-        return (f"already finished ({progress.global_step} of {max_steps} optimizer steps, trainer.max_steps; "
-                f"{steps} steps); nothing to do")
+        return (
+            f"already finished ({progress.global_step} of {max_steps} optimizer steps, trainer.max_steps; "
+            f"{steps} steps); nothing to do"
+        )
     if max_epochs != -1 and progress.epochs >= max_epochs:
         per_epoch = steps // max(progress.epochs, 1)
         planned = per_epoch * max_epochs
-        return (f"already finished ({steps} of {planned} steps, {progress.epochs} of {max_epochs} epochs); "
-                "nothing to do: raise --trainer.max_epochs to train on, or start a new run in another "
-                "--trainer.default_root_dir")
+        return (
+            f"already finished ({steps} of {planned} steps, {progress.epochs} of {max_epochs} epochs); "
+            "nothing to do: raise --trainer.max_epochs to train on, or start a new run in another "
+            "--trainer.default_root_dir"
+        )
     return None
 
 
@@ -167,7 +175,11 @@ def _checkpoint_callbacks(config: Any) -> list[Any]:
     found = []
     for callback in _specs(_get(config, "trainer", "callbacks")):
         cls = _import(callback["class_path"])
-        if isinstance(cls, type) and issubclass(cls, ModelCheckpoint) and callback.get("init_args") is not None:
+        if (
+            isinstance(cls, type)
+            and issubclass(cls, ModelCheckpoint)
+            and callback.get("init_args") is not None
+        ):
             found.append(callback)
     return found
 

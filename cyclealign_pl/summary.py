@@ -95,8 +95,11 @@ def render(summary: FitSummary) -> list[str]:
     """The report's lines (no trailing newlines)."""
     c = summary.counters
     lines = []
-    run = [f"{_fmt(c.get('steps', 0))} steps", f"{_fmt(c.get('prompts', 0))} prompts",
-           f"{_fmt(c.get('optimizer_steps', 0))} optimizer steps"]
+    run = [
+        f"{_fmt(c.get('steps', 0))} steps",
+        f"{_fmt(c.get('prompts', 0))} prompts",
+        f"{_fmt(c.get('optimizer_steps', 0))} optimizer steps",
+    ]
     if summary.mean_iterations is not None:
         run.append(f"{summary.mean_iterations:.2f} iterations per prompt")
     if c.get("skipped_updates"):
@@ -115,7 +118,9 @@ def render(summary: FitSummary) -> list[str]:
     if "judge_failures" in c:
         rate = summary.judge_failure_rate
         share = f" ({rate:.1%})" if rate is not None else ""
-        judged.append(f"{_fmt(c['judge_failures'])} failed judgments of {_fmt(c.get('iterations', 0))}{share}")
+        judged.append(
+            f"{_fmt(c['judge_failures'])} failed judgments of {_fmt(c.get('iterations', 0))}{share}"
+        )
     if judged:
         lines.append("  judge: " + ", ".join(judged))
     if summary.validation_reward is not None:
@@ -145,7 +150,8 @@ def verdict(summary: FitSummary, judge_failure_warning: float) -> tuple[int, lis
         if c.get("nonfinite_updates"):
             reasons.append(f"{_fmt(c['nonfinite_updates'])} non-finite updates were skipped")
         why = "; ".join(reasons) or "no iteration gave a loss to learn from"
-        messages.append(f"error: no optimizer step in {_fmt(c['prompts'])} prompts ({why}): the model is "
-                        "unchanged")
+        messages.append(
+            f"error: no optimizer step in {_fmt(c['prompts'])} prompts ({why}): the model is unchanged"
+        )
         return EXIT_NO_UPDATE, messages
     return 0, messages

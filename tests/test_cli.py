@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -24,8 +26,15 @@ TINY_OPENAI = str(ROOT / "configs" / "tiny_openai.yaml")
 
 def tiny_args(run_dir: Path, *extra: str) -> list[str]:
     """configs/tiny.yaml with every output under ``run_dir`` (the one setting that moves a run)."""
-    return ["--config", TINY, "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
-            *extra]
+    return [
+        "--config",
+        TINY,
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
 
 
 def files_under(path: Path) -> dict[str, float]:
@@ -46,8 +55,14 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
         mp.chdir(workdir)
         capture = Capture()
         with capture:
-            cli = main(["fit", *tiny_args(base / "run", "--trainer.limit_train_batches", "2",
-                                          "--trainer.limit_val_batches", "1")])
+            cli = main(
+                [
+                    "fit",
+                    *tiny_args(
+                        base / "run", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"
+                    ),
+                ]
+            )
     return cli, base / "run", workdir, capture.out
 
 
@@ -80,11 +95,11 @@ def test_every_output_of_a_fit_goes_under_default_root_dir(tiny_run):
     assert Path(cli.trainer.log_dir) == log_dir
     assert {p.name for p in run_dir.iterdir()} == {"checkpoints", "logs"}
 
-    rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
+    rows = list(csv.DictReader((log_dir / "metrics.csv").read_text().splitlines()))
     iterations = [float(r["cycle/iterations"]) for r in rows if r.get("cycle/iterations")]
     assert len(iterations) == 2 and all(1 <= i <= 5 for i in iterations)
     assert any(r.get("train/loss") for r in rows)
-    saved = yaml.safe_load(open(log_dir / "config.yaml"))
+    saved = yaml.safe_load((log_dir / "config.yaml").read_text())
     assert saved["model"]["cycle"]["num_candidates"] == 3
     assert json.loads((log_dir / "eval" / "val_meta.json").read_text())["trainer_fn"] == "fit"
 
@@ -101,15 +116,20 @@ def test_every_output_of_a_fit_goes_under_default_root_dir(tiny_run):
 def test_fit_ends_with_its_paths_and_numbers(tiny_run):
     cli, run_dir, _, out = tiny_run
     counters = cli.model.counters
-    report = out[out.index("cyclealign_pl: fit done"):]
-    assert f"{counters['steps']} steps, {counters['prompts']} prompts, {counters['optimizer_steps']} optimizer steps" \
+    report = out[out.index("cyclealign_pl: fit done") :]
+    assert (
+        f"{counters['steps']} steps, {counters['prompts']} prompts, {counters['optimizer_steps']} optimizer steps"
         in report
+    )
     assert f"{counters['iterations'] / counters['prompts']:.2f} iterations per prompt" in report
     assert f"{counters['judge_failures']} failed judgments of {counters['iterations']}" in report
     reward = cli.trainer.callback_metrics["val/reward/total"].item()
     assert f"validation reward (val/reward/total): {reward:.4g}" in report
-    for what, path in [("checkpoint", run_dir / "checkpoints" / "last.ckpt"), ("logs", run_dir / "logs" / "version_0"),
-                       ("exported model", run_dir / "logs" / "version_0" / "hf_model")]:
+    for what, path in [
+        ("checkpoint", run_dir / "checkpoints" / "last.ckpt"),
+        ("logs", run_dir / "logs" / "version_0"),
+        ("exported model", run_dir / "logs" / "version_0" / "hf_model"),
+    ]:
         assert f"  {what}: {path}" in report
 
 
@@ -143,8 +163,19 @@ def test_a_new_fit_into_a_root_that_holds_a_run_is_refused(tiny_run, capsys):
 @pytest.mark.slow
 def test_validate_with_ckpt_path_last_reads_the_roots_checkpoint(tiny_run, tmp_path, capsys):
     _, run_dir, _, _ = tiny_run
-    cli = main(["validate", "--config", TINY, "--trainer.default_root_dir", str(run_dir),
-                "--trainer.limit_val_batches", "1", "--ckpt_path", "last"])
+    cli = main(
+        [
+            "validate",
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(run_dir),
+            "--trainer.limit_val_batches",
+            "1",
+            "--ckpt_path",
+            "last",
+        ]
+    )
     from cyclealign_pl.progress import CycleProgressBar
 
     assert isinstance(cli.trainer.progress_bar_callback, CycleProgressBar)  # the CLI's one-line bar
@@ -157,7 +188,9 @@ def test_validate_with_ckpt_path_last_reads_the_roots_checkpoint(tiny_run, tmp_p
         main(["validate", *tiny_args(tmp_path / "empty", "--ckpt_path", "last")])
     assert exit_info.value.code == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no last*.ckpt in" in err[0] and str(tmp_path / "empty" / "checkpoints") in err[0]
+    assert (
+        len(err) == 1 and "no last*.ckpt in" in err[0] and str(tmp_path / "empty" / "checkpoints") in err[0]
+    )
     assert not (tmp_path / "empty").exists()
 
 
@@ -169,15 +202,25 @@ def test_run_files_are_placed_under_the_root_unless_set():
     config = Namespace(
         trainer=Namespace(
             default_root_dir="/r",
-            logger=Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=None)),
+            logger=Namespace(
+                class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=None)
+            ),
             callbacks=[
-                Namespace(class_path="cyclealign_pl.callbacks.CycleCheckpoint", init_args=Namespace(dirpath=None)),
-                Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
-                          init_args=Namespace(dirpath="/elsewhere")),
-                Namespace(class_path="lightning.pytorch.callbacks.LearningRateMonitor", init_args=Namespace()),
+                Namespace(
+                    class_path="cyclealign_pl.callbacks.CycleCheckpoint", init_args=Namespace(dirpath=None)
+                ),
+                Namespace(
+                    class_path="lightning.pytorch.callbacks.ModelCheckpoint",
+                    init_args=Namespace(dirpath="/elsewhere"),
+                ),
+                Namespace(
+                    class_path="lightning.pytorch.callbacks.LearningRateMonitor", init_args=Namespace()
+                ),
             ],
         ),
-        model=Namespace(judge=Namespace(class_path="x.Judge", init_args=Namespace(cache_path="cache.sqlite"))),
+        model=Namespace(
+            judge=Namespace(class_path="x.Judge", init_args=Namespace(cache_path="cache.sqlite"))
+        ),
     )
     place_run_files(config)
     assert config.trainer.logger.init_args.save_dir == "/r"
@@ -204,15 +247,21 @@ def test_the_progress_bar_shows_a_few_key_metrics_under_short_labels():
 
     from cyclealign_pl.progress import KEY_METRICS, CycleProgressBar
 
-    class Trainer:
-        callback_metrics = {"train/loss": torch.tensor(21.6), "cycle/iterations_mean": torch.tensor(3.25),
-                            "cycle/agreement_mean": torch.tensor(0.75), "cycle/ranking_pairwise_accuracy_mean":
-                            torch.tensor(0.5), "judge/requests_sent": torch.tensor(40.0), "train/sft_loss": 2.0}
-
-    shown = CycleProgressBar().get_metrics(Trainer(), None)
+    trainer = SimpleNamespace(
+        callback_metrics={
+            "train/loss": torch.tensor(21.6),
+            "cycle/iterations_mean": torch.tensor(3.25),
+            "cycle/agreement_mean": torch.tensor(0.75),
+            "cycle/ranking_pairwise_accuracy_mean": torch.tensor(0.5),
+            "judge/requests_sent": torch.tensor(40.0),
+            "train/sft_loss": 2.0,
+        }
+    )
+    shown = CycleProgressBar().get_metrics(trainer, None)
     assert shown == pytest.approx({"loss": 21.6, "iters": 3.25, "agree": 0.75, "acc": 0.5})
     assert "v_num" not in shown
-    assert len(", ".join(f"{k}={v:.3f}" for k, v in shown.items())) <= 50  # fits beside tqdm's bar on 80 columns
+    postfix = ", ".join(f"{k}={v:.3f}" for k, v in shown.items())
+    assert len(postfix) <= 50  # fits beside tqdm's bar on 80 columns
     assert len(KEY_METRICS) == 4
 
 
@@ -222,21 +271,34 @@ def test_the_progress_bar_shows_a_few_key_metrics_under_short_labels():
 def test_a_fit_without_any_optimizer_step_fails_and_says_why():
     from cyclealign_pl.summary import FitSummary, verdict
 
-    dead = FitSummary(counters={"steps": 3, "prompts": 3, "iterations": 15, "optimizer_steps": 0,
-                                "judge_failures": 15}, judge={}, validation_reward=None, evaluation={})
+    dead = FitSummary(
+        counters={"steps": 3, "prompts": 3, "iterations": 15, "optimizer_steps": 0, "judge_failures": 15},
+        judge={},
+        validation_reward=None,
+        evaluation={},
+    )
     status, messages = verdict(dead, 0.2)
     assert status == EXIT_NO_UPDATE == 4
     assert any("no optimizer step in 3 prompts (15 of 15 judgments failed)" in m for m in messages)
     assert any(m.startswith("warning: 100% of the judgments failed (15 of 15") for m in messages)
 
-    healthy = FitSummary(counters={"steps": 3, "prompts": 3, "iterations": 10, "optimizer_steps": 9,
-                                   "judge_failures": 1}, judge={}, validation_reward=None, evaluation={})
+    healthy = FitSummary(
+        counters={"steps": 3, "prompts": 3, "iterations": 10, "optimizer_steps": 9, "judge_failures": 1},
+        judge={},
+        validation_reward=None,
+        evaluation={},
+    )
     assert verdict(healthy, 0.2) == (0, [])
     status, messages = verdict(healthy, 0.05)  # 10% failed: above a 5% threshold
     assert status == 0 and messages == [
-        "warning: 10% of the judgments failed (1 of 10; report.judge_failure_warning=0.05): see judge/failures/* "
-        "in metrics.csv"]
-    no_prompts = FitSummary(counters={"steps": 0, "prompts": 0}, judge={}, validation_reward=None, evaluation={})
+        (
+            "warning: 10% of the judgments failed (1 of 10; report.judge_failure_warning=0.05): see "
+            "judge/failures/* in metrics.csv"
+        )
+    ]
+    no_prompts = FitSummary(
+        counters={"steps": 0, "prompts": 0}, judge={}, validation_reward=None, evaluation={}
+    )
     assert verdict(no_prompts, 0.2) == (0, [])
 
 
@@ -247,19 +309,32 @@ def test_the_report_prints_whatever_the_module_and_judge_provide():
         def metrics(self):
             return {"requests_sent": 12, "cache_hits": 3, "failures": 1, "cost_usd": 0.0123}
 
-    class Module:
-        counters = {"steps": 4, "prompts": 4, "iterations": 10, "optimizer_steps": 9, "judge_failures": 1}
-        judge = Judge()
-        evaluation_summary = {"zero-shot reward": -0.25, "trained reward": 0.5, "paired difference": 0.75,
-                              "standard error": 0.125, "empty replies": "0 of 16"}
-
-    summary = collect(Module(), {"val/reward/total": 0.5}, {"checkpoint": "/x/last.ckpt", "logs": None})
+    module = SimpleNamespace(
+        counters={"steps": 4, "prompts": 4, "iterations": 10, "optimizer_steps": 9, "judge_failures": 1},
+        judge=Judge(),
+        evaluation_summary={
+            "zero-shot reward": -0.25,
+            "trained reward": 0.5,
+            "paired difference": 0.75,
+            "standard error": 0.125,
+            "empty replies": "0 of 16",
+        },
+    )
+    summary = collect(module, {"val/reward/total": 0.5}, {"checkpoint": "/x/last.ckpt", "logs": None})
     lines = render(summary)
     assert lines[0] == "fit done: 4 steps, 4 prompts, 9 optimizer steps, 2.50 iterations per prompt"
-    assert lines[1] == "  judge: 12 requests, 3 cache hits, 1 failed requests, $0.0123, 1 failed judgments of 10 (10.0%)"
+    assert (
+        lines[1]
+        == "  judge: 12 requests, 3 cache hits, 1 failed requests, $0.0123, 1 failed judgments of 10 (10.0%)"
+    )
     assert "  validation reward (val/reward/total): 0.5" in lines
-    for line in ["  zero-shot reward: -0.25", "  paired difference: 0.75", "  standard error: 0.125",
-                 "  empty replies: 0 of 16", "  checkpoint: /x/last.ckpt"]:
+    for line in [
+        "  zero-shot reward: -0.25",
+        "  paired difference: 0.75",
+        "  standard error: 0.125",
+        "  empty replies: 0 of 16",
+        "  checkpoint: /x/last.ckpt",
+    ]:
         assert line in lines
     assert not any(line.startswith("  logs") for line in lines)  # no logger: no line
 
@@ -281,16 +356,37 @@ def test_a_fit_whose_judge_never_ranks_exits_4_with_a_warning(tmp_path, monkeypa
     from cyclealign_pl.testing.openai_server import Behaviour, LocalOpenAIServer
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
-    with LocalOpenAIServer(responder=lambda index, body: Behaviour.reply("They all look fine to me.")) as server:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["fit", *tiny_args(tmp_path / "run", "--config", TINY_OPENAI, "--trainer.limit_train_batches", "2",
-                                    "--trainer.limit_val_batches", "0", "--model.cycle.max_iterations", "2",
-                                    "--model.judge.init_args.base_url", server.url)])
+    with (
+        LocalOpenAIServer(
+            responder=lambda index, body: Behaviour.reply("They all look fine to me.")
+        ) as server,
+        pytest.raises(SystemExit) as exit_info,
+    ):
+        main(
+            [
+                "fit",
+                *tiny_args(
+                    tmp_path / "run",
+                    "--config",
+                    TINY_OPENAI,
+                    "--trainer.limit_train_batches",
+                    "2",
+                    "--trainer.limit_val_batches",
+                    "0",
+                    "--model.cycle.max_iterations",
+                    "2",
+                    "--model.judge.init_args.base_url",
+                    server.url,
+                ),
+            ]
+        )
     assert exit_info.value.code == EXIT_NO_UPDATE
     err = capsys.readouterr().err
     assert "cyclealign_pl: error: no optimizer step in 2 prompts (4 of 4 judgments failed)" in err
     assert "cyclealign_pl: warning: 100% of the judgments failed (4 of 4" in err
-    assert (tmp_path / "run" / "judge_cache.sqlite").is_file()  # the config's relative cache_path: under the root
+    assert (
+        tmp_path / "run" / "judge_cache.sqlite"
+    ).is_file()  # the config's relative cache_path: under the root
 
 
 @pytest.mark.slow
@@ -300,19 +396,35 @@ def test_tiny_fit_against_a_local_openai_compatible_server(tmp_path, monkeypatch
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
     with LocalOpenAIServer() as server:
-        cli = main(["fit", *tiny_args(tmp_path, "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0",
-                                      "--config", TINY_OPENAI, "--model.judge.init_args.base_url", server.url)])
+        cli = main(
+            [
+                "fit",
+                *tiny_args(
+                    tmp_path,
+                    "--trainer.limit_train_batches",
+                    "3",
+                    "--trainer.limit_val_batches",
+                    "0",
+                    "--config",
+                    TINY_OPENAI,
+                    "--model.judge.init_args.base_url",
+                    server.url,
+                ),
+            ]
+        )
         requests_seen = len(server.requests)
     module = cli.model
     assert type(module.judge).__name__ == "OpenAIJudge"
     assert module.counters["steps"] == 3
     # every iteration with >= 2 distinct candidates asked the server once
     assert requests_seen == module.counters["iterations"] - module.counters.get("degenerate_sets", 0) > 0
-    rows = list(csv.DictReader(open(Path(cli.trainer.log_dir) / "metrics.csv")))
+    rows = list(csv.DictReader((Path(cli.trainer.log_dir) / "metrics.csv").read_text().splitlines()))
     sent = [float(r["judge/requests_sent"]) for r in rows if r.get("judge/requests_sent")]
     assert sent and sent[-1] == requests_seen
     assert any(r.get("judge/prompt_tokens") for r in rows)
-    assert (tmp_path / "judge_cache.sqlite").is_file()  # tiny_openai.yaml's relative cache_path, under the root
+    assert (
+        tmp_path / "judge_cache.sqlite"
+    ).is_file()  # tiny_openai.yaml's relative cache_path, under the root
 
 
 def closed_port() -> int:
@@ -329,11 +441,16 @@ def test_a_dead_judge_fails_before_training_with_one_line(tmp_path):
     Without it this run sends every request to a closed port, takes no optimizer step and exits 4.
     """
     url = f"http://127.0.0.1:{closed_port()}/v1"
-    command = [sys.executable, "-m", "cyclealign_pl", "fit", *tiny_args(tmp_path / "run", "--config", TINY_OPENAI,
-               "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0",
-               "--model.judge.init_args.base_url", url)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env={**__import__("os").environ, "OPENAI_API_KEY": "sk-test-local", "HF_HUB_OFFLINE": "1"})
+    fit = [
+        "fit",
+        *tiny_args(tmp_path / "run", "--config", TINY_OPENAI, "--model.judge.init_args.base_url", url),
+    ]
+    fit += ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0"]
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test-local", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "cyclealign_pl", *fit]
+    done = subprocess.run(
+        command, check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env
+    )
     assert done.returncode == EXIT_BAD_INPUT, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("cyclealign_pl:")]
     assert len(lines) == 1 and url.rsplit("/", 1)[0] in lines[0], done.stderr[-2000:]
@@ -348,9 +465,13 @@ HEAVY = ("cyclealign_pl.module", "transformers.modeling_utils", "datasets", "dee
 
 
 def test_top_level_help_is_specific_and_imports_no_models_data_or_judges():
-    probe = ("import sys\nfrom cyclealign_pl.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
-             f"    code = e.code\nprint('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], code)")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    probe = (
+        "import sys\nfrom cyclealign_pl.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
+        f"    code = e.code\nprint('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python -m cyclealign_pl ")
     assert "CycleAlign aligns a white-box causal LM" in done.stdout
@@ -398,8 +519,11 @@ def test_fit_help_describes_every_method_setting(fit_help):
     (policy.py).
     """
     options = _option_help(fit_help)
-    method = {k: v for k, v in options.items()
-              if k.startswith(("--model.cycle.", "--model.sampling.")) and not k.endswith(("cycle", "sampling"))}
+    method = {
+        k: v
+        for k, v in options.items()
+        if k.startswith(("--model.cycle.", "--model.sampling.")) and not k.endswith(("cycle", "sampling"))
+    }
     assert len(method) >= 10, sorted(options)[:20]
     undocumented = sorted(k for k, text in method.items() if not text)
     assert not undocumented, f"options without a description: {undocumented}"
@@ -408,7 +532,9 @@ def test_fit_help_describes_every_method_setting(fit_help):
 def test_hf_refuses_a_path_and_a_config_together():
     from cyclealign_pl.hf import ModelLoadError, load_causal_lm, load_reward_model
 
-    with pytest.raises(ModelLoadError, match=r"model\.model='some/path' and model\.model_config are both set"):
+    with pytest.raises(
+        ModelLoadError, match=r"model\.model='some/path' and model\.model_config are both set"
+    ):
         load_causal_lm("some/path", {"model_type": "llama"})
     with pytest.raises(ModelLoadError, match="model='some/rm' and config are both set"):
         load_reward_model("some/rm", {"model_type": "llama"})
@@ -425,13 +551,19 @@ def test_gpu_configs_parse_and_build_what_needs_no_gpu(name, objective, capsys, 
     assert exit_info.value.code == 0
     out = capsys.readouterr().out  # deepspeed may log "[date] [WARNING] ..." lines to stdout on import
     printed = yaml.safe_load("\n".join(line for line in out.splitlines() if not line.startswith("[")))
-    assert printed["model"]["cycle"] == {**printed["model"]["cycle"], "num_candidates": 3, "max_iterations": 5,
-                                         "objective": objective}
+    assert printed["model"]["cycle"] == {
+        **printed["model"]["cycle"],
+        "num_candidates": 3,
+        "max_iterations": 5,
+        "objective": objective,
+    }
     assert printed["model"]["max_length"] == 512 and printed["data"]["init_args"]["batch_size"] == 1
     assert printed["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(5e-5)
     assert printed["data"]["init_args"]["num_train_prompts"] == 1000
     root = printed["trainer"]["default_root_dir"]
-    assert root == f"runs/{name.removesuffix('.yaml')}" and root not in out.replace(f"default_root_dir: {root}", "")
+    assert root == f"runs/{name.removesuffix('.yaml')}" and root not in out.replace(
+        f"default_root_dir: {root}", ""
+    )
 
     # the DeepSpeed ZeRO stage-2 strategy and its config build on the CPU (fit() itself needs CUDA)
     from lightning.pytorch.strategies import DeepSpeedStrategy

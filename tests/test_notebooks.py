@@ -34,20 +34,46 @@ pytestmark = pytest.mark.slow
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``<tmp>/run`` after a short fit and the evaluations the tables notebook reads."""
     run = tmp_path_factory.mktemp("notebook") / "run"
-    common = ["--config", TINY, "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false"]
+    common = [
+        "--config",
+        TINY,
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     fit = main(["fit", *common, "--trainer.limit_train_batches", "6"])
     with_ckpt = main(["validate", *common, "--ckpt_path", "last"])
     zero_shot = main(["validate", *common])
     runs = [fit, with_ckpt, zero_shot]
     if BEAVERTAILS_CSV.is_file():
-        runs.append(main([
-            "validate", *common, "--config", str(REPO / "configs" / "eval" / "beavertails.yaml"),
-            "--data.init_args.path", str(BEAVERTAILS_CSV), "--data.init_args.prompts_per_category", "1",
-            "--data.init_args.cache_dir", str(run.parent / "hf-cache"), "--ckpt_path", "last",
-        ]))
+        runs.append(
+            main(
+                [
+                    "validate",
+                    *common,
+                    "--config",
+                    str(REPO / "configs" / "eval" / "beavertails.yaml"),
+                    "--data.init_args.path",
+                    str(BEAVERTAILS_CSV),
+                    "--data.init_args.prompts_per_category",
+                    "1",
+                    "--data.init_args.cache_dir",
+                    str(run.parent / "hf-cache"),
+                    "--ckpt_path",
+                    "last",
+                ]
+            )
+        )
     metas = [json.loads(eval_paths(r.trainer.log_dir, "val")["meta"].read_text()) for r in runs]
-    assert [(m["trainer_fn"], m["trained_steps"]) for m in metas[:3]] == [("fit", 6), ("validate", 6), ("validate", 0)]
-    assert Path(metas[1]["checkpoint"]) == run / "checkpoints" / "last.ckpt" and metas[2]["checkpoint"] is None
+    assert [(m["trainer_fn"], m["trained_steps"]) for m in metas[:3]] == [
+        ("fit", 6),
+        ("validate", 6),
+        ("validate", 0),
+    ]
+    assert (
+        Path(metas[1]["checkpoint"]) == run / "checkpoints" / "last.ckpt" and metas[2]["checkpoint"] is None
+    )
     assert all(Path(r.trainer.log_dir).parent == run / "logs" for r in runs)  # every evaluation under the run
     return run
 
@@ -56,8 +82,9 @@ def _execute(name: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> nbfor
     monkeypatch.setenv("CYCLEALIGN_RUN_DIR", str(run_dir))
     monkeypatch.delenv("CYCLEALIGN_CKPT", raising=False)
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(run_dir.parent)}})
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(run_dir.parent)}}
+    )
     client.execute()  # raises CellExecutionError naming the cell on any error
     return notebook
 
@@ -71,13 +98,21 @@ def _plot_cells_draw(notebook: nbformat.NotebookNode) -> int:
 
 
 def _stdout(notebook: nbformat.NotebookNode) -> str:
-    return "".join(o.text for c in notebook.cells if c.cell_type == "code"
-                   for o in c.outputs if o.output_type == "stream" and o.name == "stdout")
+    return "".join(
+        o.text
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.output_type == "stream" and o.name == "stdout"
+    )
 
 
 def _fit_generations(run_dir: Path) -> Path:
-    fits = [p for p in run_dir.glob("logs/version_*/eval/val_meta.json")
-            if json.loads(p.read_text())["trainer_fn"] == "fit"]
+    fits = [
+        p
+        for p in run_dir.glob("logs/version_*/eval/val_meta.json")
+        if json.loads(p.read_text())["trainer_fn"] == "fit"
+    ]
     assert len(fits) == 1
     return fits[0].with_name("val_generations.jsonl")
 
@@ -116,8 +151,11 @@ def _rewards(run_dir: Path, with_checkpoint: bool) -> dict[str, float]:
     """Prompt id -> reward of the HH-RLHF ``validate`` with (or without) a checkpoint, from its generations file."""
     for meta_path in run_dir.glob("logs/version_*/eval/val_meta.json"):
         meta = json.loads(meta_path.read_text())
-        if (meta["trainer_fn"], meta["data"], bool(meta["checkpoint"])) == ("validate", "HHRLHFDataModule",
-                                                                             with_checkpoint):
+        if (meta["trainer_fn"], meta["data"], bool(meta["checkpoint"])) == (
+            "validate",
+            "HHRLHFDataModule",
+            with_checkpoint,
+        ):
             lines = meta_path.with_name("val_generations.jsonl").read_text().splitlines()
             return {r["id"]: r["reward"] for r in map(json.loads, lines)}
     raise AssertionError(f"no validate {'with' if with_checkpoint else 'without'} a checkpoint in {run_dir}")
@@ -137,24 +175,33 @@ def test_results_tables_notebook(tiny_run: Path, monkeypatch: pytest.MonkeyPatch
     assert _plot_cells_draw(notebook) == 2  # rewards per subset, gains with error bars
     with open(tiny_run / "results" / "table1_hh_rlhf.csv", newline="") as fh:
         table1 = list(csv.DictReader(fh))
-    assert [row["evaluation"] for row in table1] == ["base (zero-shot)", "during fit (6 steps)", "last.ckpt (6 steps)"]
+    assert [row["evaluation"] for row in table1] == [
+        "base (zero-shot)",
+        "during fit (6 steps)",
+        "last.ckpt (6 steps)",
+    ]
     assert list(table1[0])[1:] == ["harmless-base", "total"]
 
     with open(tiny_run / "results" / "gains_hh_rlhf.csv", newline="") as fh:
         gains = {(row["evaluation"], row["subset"]): row for row in csv.DictReader(fh)}
-    assert set(gains) == {(e, s) for e in ("during fit (6 steps)", "last.ckpt (6 steps)")
-                          for s in ("harmless-base", "total")}
+    assert set(gains) == {
+        (e, s) for e in ("during fit (6 steps)", "last.ckpt (6 steps)") for s in ("harmless-base", "total")
+    }
     row = gains[("last.ckpt (6 steps)", "total")]
     gain, se, n = _paired_gain(tiny_run)
     assert int(row["prompts"]) == n == 16
     assert float(row["gain"]) == pytest.approx(gain, abs=1e-4)
-    assert float(row["gain"]) == pytest.approx(float(table1[2]["total"]) - float(table1[0]["total"]), abs=1e-3)
+    assert float(row["gain"]) == pytest.approx(
+        float(table1[2]["total"]) - float(table1[0]["total"]), abs=1e-3
+    )
     assert float(row["se"]) == pytest.approx(se, abs=1e-4)
     expected = "significant" if abs(gain) > 2 * se else "not significant"
     assert row["verdict"] == expected
     out = _stdout(notebook)
-    assert (f"HH-RLHF, last.ckpt (6 steps): gain {gain:+.4f} ± {se:.4f} (standard error, 16 paired prompts, "
-            f"{gain / se:+.1f} SE): {expected}") in out
+    assert (
+        f"HH-RLHF, last.ckpt (6 steps): gain {gain:+.4f} ± {se:.4f} (standard error, 16 paired prompts, "
+        f"{gain / se:+.1f} SE): {expected}"
+    ) in out
     if BEAVERTAILS_CSV.is_file():
         with open(tiny_run / "results" / "table8_beavertails.csv", newline="") as fh:
             header = next(csv.reader(fh))
