@@ -150,8 +150,7 @@ def verdict(summary: FitSummary, judge_failure_warning: float) -> tuple[int, lis
         if c.get("nonfinite_updates"):
             reasons.append(f"{_fmt(c['nonfinite_updates'])} non-finite updates were skipped")
         why = "; ".join(reasons) or "no iteration gave a loss to learn from"
-        messages.append(
-            f"error: no optimizer step in {_fmt(c['prompts'])} prompts ({why}): the model is unchanged"
-        )
+        prompts = _fmt(c["prompts"]) + (" prompt" if c["prompts"] == 1 else " prompts")
+        messages.append(f"error: no optimizer step in {prompts} ({why}): the model is unchanged")
         return EXIT_NO_UPDATE, messages
     return 0, messages
