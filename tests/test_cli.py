@@ -580,7 +580,7 @@ def test_gpu_configs_parse_and_build_what_needs_no_gpu(name, objective, capsys, 
 
     judge_spec = printed["model"]["judge"]
     judge = OpenAIJudge(**judge_spec["init_args"])
-    assert judge.model == "gpt-3.5-turbo-0613"
+    assert judge.settings.model == "gpt-3.5-turbo-0613"
     judge.close()
 
     from cyclealign_pl.data.hh_rlhf import HHRLHFDataModule
