@@ -37,6 +37,7 @@ class RankReport(Callback):
         self.start: dict[str, int] = {}
         self.prompt_ids: list[str] = []
         self.weights_at_start: str = ""
+        self.after_first_step: dict[str, Any] = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start = dict(pl_module.counters)
@@ -45,12 +46,16 @@ class RankReport(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.prompt_ids.extend(batch["id"])
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.after_first_step:
+            self.after_first_step = {"weights": weights_digest(pl_module), "counters": dict(pl_module.counters)}
+
     def on_train_end(self, trainer, pl_module) -> None:
         Path(self.path).mkdir(parents=True, exist_ok=True)
         report = {"world_size": trainer.world_size, "start": self.start, "end": dict(pl_module.counters),
                   "prompt_ids": self.prompt_ids, "judge": pl_module.judge.metrics(),
                   "trained_ids": list(pl_module.trained_ids),
-                  "weights": [self.weights_at_start, weights_digest(pl_module)]}
+                  "weights_at_start": self.weights_at_start, "after_first_step": self.after_first_step}
         Path(self.path, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
@@ -62,8 +67,7 @@ def weights_digest(pl_module) -> str:
     return digest.hexdigest()
 
 
-def ddp_fit(run_dir: Path, server: LocalOpenAIServer, *extra: str,
-            succeeds: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def ddp_fit(run_dir: Path, server: LocalOpenAIServer, *extra: str) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """``python -m cyclealign_pl fit`` with DDP over 2 CPU processes (Lightning launches rank 1 itself)."""
     reports = run_dir / f"ranks{len(list(run_dir.glob('ranks*')))}"
     command = [
@@ -85,7 +89,7 @@ def ddp_fit(run_dir: Path, server: LocalOpenAIServer, *extra: str,
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("OPENAI_API_KEY", None)  # a loopback server needs no key
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert (done.returncode == 0) == succeeds, done.stderr[-4000:]
+    assert done.returncode == 0, done.stderr[-4000:]
     ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in range(2)]
     log_dirs = sorted((run_dir / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     rows = list(csv.DictReader(open(log_dirs[-1] / "metrics.csv")))
@@ -99,8 +103,16 @@ def last(rows: list[dict[str, str]], name: str) -> float:
 @pytest.mark.slow
 def test_ddp_two_processes_fit_reduce_metrics_share_the_judge_cache_and_resume(tmp_path):
     with LocalOpenAIServer() as server:
+        # the first step's rounds (2 rounds x 2 processes x 2 prompts) get no ranking: no process has a loss
+        server.enqueue(*[Behaviour.reply("They all look fine to me.")] * 8)
         ranks, rows = ddp_fit(tmp_path, server)
         assert [r["world_size"] for r in ranks] == [2, 2]
+        # ... so no process steps: a step on zero gradients would still move the weights (AdamW's decay, momentum)
+        for r in ranks:
+            first = r["after_first_step"]
+            assert first["counters"]["iterations"] == 4 and first["counters"]["optimizer_steps"] == 0
+            assert first["weights"] == r["weights_at_start"], "the weights moved without any judgment"
+        assert all(r["end"]["optimizer_steps"] > 0 for r in ranks)  # the later steps had rankings and trained
         # each process trains its own prompts (Lightning's DistributedSampler), each exactly once
         assert all(len(r["prompt_ids"]) == 4 for r in ranks)
         assert not set(ranks[0]["prompt_ids"]) & set(ranks[1]["prompt_ids"])
@@ -136,17 +148,6 @@ def test_ddp_two_processes_fit_reduce_metrics_share_the_judge_cache_and_resume(t
         new = sum(r["end"][name] - r["start"][name] for r in resumed)
         assert last(rows, f"counters/{name}") == saved[name] + new, name
     assert last(rows, "counters/prompts") == 16
-
-
-@pytest.mark.slow
-def test_ddp_a_step_without_any_usable_judgment_moves_no_weight_on_any_process(tmp_path):
-    """Every judgment fails (the judge never states a ranking): no process has a loss, so no process steps.
-    (A step on all-zero gradients would still move the weights: AdamW's weight decay and momentum.)"""
-    with LocalOpenAIServer(failure_rate=1.0, failure=Behaviour.reply("They all look fine to me.")) as server:
-        ranks, _ = ddp_fit(tmp_path, server, succeeds=False)  # a fit without any optimizer step does not succeed
-    assert [r["world_size"] for r in ranks] == [2, 2]
-    assert all(r["end"]["iterations"] > 0 and r["end"]["optimizer_steps"] == 0 for r in ranks)
-    assert all(r["weights"][0] == r["weights"][1] for r in ranks), "the weights moved without any judgment"
 
 
 # -- DeepSpeed ZeRO-2: what builds without a GPU ----------------------------------------------------------
