@@ -60,10 +60,15 @@ def build_config(config: dict[str, Any], **overrides: Any):
         raise ModelLoadError(f"invalid model config {config!r}: {error}") from error
 
 
-def _init_from_config(auto_cls, config, seed: int) -> PreTrainedModel:
+def _init_from_config(auto_cls, config, seed: int, dtype: str | None = None) -> PreTrainedModel:
+    """A freshly initialised model (in ``dtype`` when given, e.g. ``"bfloat16"``), seeded without touching the
+    run's random streams."""
+    options = {"dtype": getattr(torch, dtype, None)} if dtype not in (None, "auto") else {}
+    if options and not isinstance(options["dtype"], torch.dtype):
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use e.g. 'float32', 'bfloat16' or 'float16'")
     with torch.random.fork_rng(devices=[]):  # a built model must not shift the run's RNG stream
         torch.manual_seed(seed)
-        return auto_cls.from_config(config)
+        return auto_cls.from_config(config, **options)
 
 
 def white_box_conflict(path: str | None, config: dict[str, Any] | None) -> str | None:
@@ -87,7 +92,7 @@ def load_causal_lm(
     if conflict:
         raise ModelLoadError(conflict)
     if config is not None:
-        return _init_from_config(AutoModelForCausalLM, build_config(config), seed)
+        return _init_from_config(AutoModelForCausalLM, build_config(config), seed, dtype)
     if not path:
         raise ModelLoadError(
             "no white-box model given: set model.model (a path or hub name) or model.model_config"
@@ -108,7 +113,7 @@ def load_reward_model(
             "--model.reward_model.init_args.config null, or the same under model.judge)"
         )
     if config is not None:
-        return _init_from_config(AutoModelForSequenceClassification, build_config(config, num_labels=1), seed)
+        return _init_from_config(AutoModelForSequenceClassification, build_config(config, num_labels=1), seed, dtype)
     if not path:
         raise ModelLoadError("no reward model given: set its model (a path or hub name) or its config")
     try:
