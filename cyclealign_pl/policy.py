@@ -154,6 +154,7 @@ class WhiteBox:
         self.pad_id: int = tokenizer.pad_token_id
         self.eos_id: int = tokenizer.eos_token_id
         self.bos_id: int | None = getattr(tokenizer, "bos_token_id", None)
+        self._token_cache: dict[str, list[int]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -169,9 +170,18 @@ class WhiteBox:
             raise ValueError(f"max_length={self.max_length} leaves no room for a prompt of a {room}-token reply")
         return budget
 
+    def _tokens(self, prompt: str) -> list[int]:
+        """The prompt's token ids, remembered: a prompt in flight is sampled and scored every round."""
+        ids = self._token_cache.get(prompt)
+        if ids is None:
+            if len(self._token_cache) >= 4096:
+                self._token_cache.clear()
+            ids = self._token_cache[prompt] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return ids
+
     def prompt_ids(self, prompt: str, reply_room: int | None = None) -> list[int]:
         """Prompt token ids (BOS first when the tokenizer has one), keeping the last tokens that fit."""
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = self._tokens(prompt)
         prefix = [self.bos_id] if self.bos_id is not None else []
         keep = max(self.prompt_budget(reply_room) - len(prefix), 1)
         return prefix + ids[-keep:]
@@ -179,7 +189,7 @@ class WhiteBox:
     def prompt_overflow(self, prompt: str, reply_room: int | None = None) -> int:
         """How many of the prompt's first tokens :meth:`prompt_ids` drops to leave room for the reply (0: none)."""
         keep = max(self.prompt_budget(reply_room) - (self.bos_id is not None), 1)
-        return max(len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) - keep, 0)
+        return max(len(self._tokens(prompt)) - keep, 0)
 
     def reply_token_ids(self, prompt: str, text: str) -> list[int]:
         """The token ids of ``text`` as the reply to ``prompt``: joined as ``prompt + " " + text`` (the dialogue
