@@ -46,9 +46,9 @@ def rss_mib() -> float:
 
 def serve(conn, failure_rate: float, hang_seconds: float, seed: int) -> None:
     """The failing judge server (child process): sends its URL, and on request its record of what it answered."""
-    from cyclealign_pl.testing.openai_server import FAILURE_KINDS, LocalOpenAIServer, failure_mix
+    from cyclealign_pl.testing.openai_server import SCRIPTED_FAILURES, LocalOpenAIServer, failure_mix
 
-    failures = failure_mix(FAILURE_KINDS, hang_seconds=hang_seconds)
+    failures = failure_mix(SCRIPTED_FAILURES, hang_seconds=hang_seconds)
     with LocalOpenAIServer(failure_rate=failure_rate, failure=failures, seed=seed) as server:
         conn.send(server.url)
         conn.recv()

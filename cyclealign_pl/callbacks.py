@@ -16,7 +16,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric, SumMetric
 
-from cyclealign_pl.cycle import StepOutcome
+from cyclealign_pl.cycle import PromptRecord, StepOutcome
+from cyclealign_pl.evaluation import reply_stats
 from cyclealign_pl.hf import plain_model
 from cyclealign_pl.judges.base import RankRequest
 from cyclealign_pl.metrics import RankingAccuracy
@@ -27,14 +28,16 @@ log = logging.getLogger(__name__)
 class CycleMetrics(Callback):
     """Tracks the cycle per step and as running means over the run (paper Fig. 3, 4 and 5).
 
-    Logged each training step (``cycle/...``): iterations used, agreement rate, judge failures, and, when
-    the module has a ``reward_model`` (the reference ranker), the black box's ranking accuracy against it at
-    each prompt's last iteration, the mean reward of the sampled candidates and their reward spread
-    ("delta score"). ``*_mean`` values are running means since the start of the run (they are checkpointed).
-    Judge counters (requests, cache hits, tokens, cost, ...) are logged as ``judge/...``. Throughput:
-    ``cycle/judge_latency_s`` (seconds the black box took this step), ``cycle/judge_wait_s`` (seconds the
-    cycle sat blocked on it) and ``cycle/judge_hidden_fraction_mean`` (the share of judge latency spent on
-    white-box work instead of waiting, over the run and all processes).
+    Logged each training step (``cycle/...``), over the prompts that finished in it: iterations used,
+    agreement rate, judge failure rate, the collapse monitors of their sampled candidates (``empty_share``,
+    ``mean_reply_words``, ``distinct_2``), and, when the module has a ``reward_model`` (the reference ranker),
+    the black box's ranking accuracy against it at each prompt's last iteration, the mean reward of the sampled
+    candidates and their reward spread ("delta score"). ``*_mean`` values are running means since the start of
+    the run (checkpointed, reduced over processes). Throughput: ``cycle/active_fraction`` (the share of the
+    batch's slots the rounds kept busy), ``time/<part>_s`` (seconds this step spent generating, scoring,
+    waiting for the judge and updating), ``cycle/judge_hidden_fraction_mean`` (the share of the judge's latency
+    spent on white-box work instead of waiting, over the run and all processes). Judge counters (requests,
+    cache hits, tokens, cost, ...) are logged as ``judge/...``; the module's counters as ``counters/...``.
     """
 
     def __init__(self, log_judge_metrics: bool = True) -> None:
@@ -44,18 +47,18 @@ class CycleMetrics(Callback):
                 "iterations": MeanMetric(),
                 "agreement": MeanMetric(),
                 "judge_failure_rate": MeanMetric(),
+                "active_fraction": MeanMetric(),
                 "candidate_reward": MeanMetric(),
                 "reward_delta": MeanMetric(),
             }
         )
         self.accuracy = RankingAccuracy()
-        self.totals = torch.nn.ModuleDict({"prompts": SumMetric(), "iterations": SumMetric(), "judge_failures": SumMetric()})
         self.judge_time = torch.nn.ModuleDict({"wait_s": SumMetric(), "latency_s": SumMetric()})
         for metric in self._all():
             metric.persistent(True)
 
     def _all(self):
-        return [*self.running.values(), self.accuracy, *self.totals.values(), *self.judge_time.values()]
+        return [*self.running.values(), self.accuracy, *self.judge_time.values()]
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._rank = trainer.global_rank  # setup runs before a checkpoint is restored
@@ -64,26 +67,32 @@ class CycleMetrics(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         outcome: StepOutcome | None = outputs.get("outcome") if isinstance(outputs, dict) else None
-        if outcome is None:
-            return
+        if outcome is not None:
+            self.record_outcome(trainer, pl_module, outcome)
+
+    def record_outcome(self, trainer: Trainer, pl_module: LightningModule, outcome: StepOutcome) -> None:
+        """Log one step's outcome (also called by the module for rounds run outside a training step)."""
         step: dict[str, float] = {}
-        iterations = [len(p.iterations) for p in outcome.prompts]
-        attempts = [it for p in outcome.prompts for it in p.iterations]
-        failures = sum(it.failure is not None for it in attempts)
-        step["iterations"] = sum(iterations) / len(iterations)
-        step["agreement"] = sum(p.agreed for p in outcome.prompts) / len(outcome.prompts)
-        step["judge_failure_rate"] = failures / max(len(attempts), 1)
-        self.totals["prompts"].update(len(outcome.prompts))
-        self.totals["iterations"].update(sum(iterations))
-        self.totals["judge_failures"].update(failures)
-
-        reference = getattr(pl_module, "reward_model", None)
-        if reference is not None:
-            step.update(self._reference_metrics(reference, batch["prompt"], outcome))
-
+        finished = outcome.finished
+        attempts = [it for record in finished for it in record.iterations]
+        if finished:
+            step["iterations"] = len(attempts) / len(finished)
+            step["agreement"] = sum(record.agreed for record in finished) / len(finished)
+            judged = [it for it in attempts if not it.degenerate]
+            step["judge_failure_rate"] = sum(it.failure is not None for it in judged) / max(len(judged), 1)
+            reference = getattr(pl_module, "reward_model", None)
+            if reference is not None:
+                step.update(self._reference_metrics(reference, finished))
+        if outcome.active_fraction is not None:
+            step["active_fraction"] = outcome.active_fraction
+        size = max(len(finished), 1)
         for name, value in step.items():
             self.running[name].update(value)
-            pl_module.log(f"cycle/{name}", value, on_step=True, on_epoch=False, batch_size=len(outcome.prompts))
+            pl_module.log(f"cycle/{name}", value, on_step=True, on_epoch=False, batch_size=size)
+        if attempts:
+            stats = reply_stats([text for it in attempts for text in it.candidates])
+            for name, value in stats._asdict().items():
+                pl_module.log(f"cycle/{name}", value, on_step=True, on_epoch=False, batch_size=size)
         for name, metric in self.running.items():
             if metric.update_called:
                 value = metric.compute()
@@ -92,36 +101,35 @@ class CycleMetrics(Callback):
         if self.accuracy.update_called:
             for name, value in self.accuracy.compute().items():
                 pl_module.log(f"cycle/ranking_{name}_mean", value, on_step=True, on_epoch=False, prog_bar=name == "pairwise_accuracy")
-        for name, metric in self.totals.items():
-            pl_module.log(f"cycle/total_{name}", metric.compute(), on_step=True, on_epoch=False, reduce_fx="sum")
-        self._log_judge_time(pl_module, outcome)
+        self._log_time(pl_module, outcome)
         judge = getattr(pl_module, "judge", None)
         if self.log_judge_metrics and judge is not None:
             for name, value in judge.metrics().items():
                 pl_module.log(f"judge/{name}", float(value), on_step=True, on_epoch=False)
 
-    def _log_judge_time(self, pl_module: LightningModule, outcome: StepOutcome) -> None:
-        """How long the black box took and how much of it the cycle spent blocked (see ``cycle.run_cycle``)."""
-        self.judge_time["wait_s"].update(outcome.judge_wait_s)
+    def _log_time(self, pl_module: LightningModule, outcome: StepOutcome) -> None:
+        """Where this step's time went, and how much of the black box's latency the cycle hid."""
+        for name, seconds in outcome.times.items():
+            pl_module.log(f"time/{name}", seconds, on_step=True, on_epoch=False)
+        pl_module.log("time/judge_latency_s", outcome.judge_latency_s, on_step=True, on_epoch=False)
+        self.judge_time["wait_s"].update(outcome.times["judge_wait_s"])
         self.judge_time["latency_s"].update(outcome.judge_latency_s)
-        pl_module.log("cycle/judge_latency_s", outcome.judge_latency_s, on_step=True, on_epoch=False)
-        pl_module.log("cycle/judge_wait_s", outcome.judge_wait_s, on_step=True, on_epoch=False)
         wait, latency = self.judge_time["wait_s"].compute(), self.judge_time["latency_s"].compute()  # over all ranks
         if latency > 0:
             hidden = (1 - wait / latency).clamp(min=0)
             pl_module.log("cycle/judge_hidden_fraction_mean", hidden, on_step=True, on_epoch=False)
 
-    def _reference_metrics(self, reference, prompts: list[str], outcome: StepOutcome) -> dict[str, float]:
+    def _reference_metrics(self, reference, finished: list[PromptRecord]) -> dict[str, float]:
         """Black-box accuracy against the reference ranker at each prompt's last iteration (paper Sec. 4.4)."""
-        last = [(prompts[i], p.iterations[-1]) for i, p in enumerate(outcome.prompts) if p.iterations]
+        last = [(record.prompt, record.iterations[-1]) for record in finished if record.iterations]
         judged = reference.rank([RankRequest(prompt, tuple(it.candidates)) for prompt, it in last])
         predictions, references, rewards, deltas = [], [], [], []
         for (_, it), ref in zip(last, judged):
             if ref.scores is not None:
                 rewards.extend(ref.scores)
                 deltas.append(max(ref.scores) - min(ref.scores))
-            if it.blackbox is not None and ref.ranking is not None:
-                predictions.append(it.blackbox)
+            if it.blackbox_ranking is not None and ref.ranking is not None:
+                predictions.append(it.blackbox_ranking)
                 references.append(ref.ranking)
         self.accuracy.update(predictions, references)
         out: dict[str, float] = {}
@@ -134,20 +142,26 @@ class CycleMetrics(Callback):
         """The metric states summed over all processes (every rank calls this when a checkpoint is saved), so the
         checkpoint holds the run's totals, not rank 0's share; :meth:`load_state_dict` restores them once."""
         states = {}
-        for i, metric in enumerate(self._all()):
+        for name, metric in self._named():
             with metric.sync_context():  # a no-op in one process
-                states[str(i)] = metric.state_dict()
+                states[name] = metric.state_dict()
         return {"metrics": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for i, metric in enumerate(self._all()):
-            saved = state_dict.get("metrics", {}).get(str(i))
+        saved_states = state_dict.get("metrics", {})
+        for name, metric in self._named():
+            saved = saved_states.get(name)
             if saved:
                 if getattr(self, "_rank", 0) == 0:  # the other processes add their new updates from zero
                     metric.load_state_dict(saved)
                 else:
                     metric.reset()
                 metric._update_count = 1  # restored running means count as updated (on every rank alike)
+
+    def _named(self):
+        yield from (("running/" + k, m) for k, m in self.running.items())
+        yield "accuracy", self.accuracy
+        yield from (("judge_time/" + k, m) for k, m in self.judge_time.items())
 
 
 class ExportPretrained(Callback):

@@ -8,9 +8,10 @@ different prompts (or subsets) means the runs were not evaluated on the same dat
 Each comparison shows the two replies in an order drawn from a hash of ``seed`` and the id (the paper shuffles
 against position bias; a hash keeps the request, and so the cache key, the same on a rerun), optionally asks
 for reasoning first (the paper's chain of thought), and maps the judge's ``Verdict: [[A]]/[[B]]/[[TIE]]`` back
-to the runs. The calls go through :meth:`OpenAIJudge.complete
-<cyclealign_pl.judges.openai.OpenAIJudge.complete>`: the judge's concurrency cap, retries, timeouts, budget,
-SQLite cache and replay all apply, and the API key is read from the judge's environment variable only.
+to the runs. The calls go through a :class:`~cyclealign_pl.judges.chat.ChatClient`, checked first by its
+preflight (an unreachable server, a refused key or an unknown model stops at once, exit status 3): its
+concurrency cap, retries, timeouts, circuit breaker, budget, SQLite cache and replay all apply, and the API
+key is read from its environment variable only.
 
 Every comparison ends as a ``win``, ``tie`` or ``lose`` of run A, or as ``invalid`` (the judge answered
 without a readable verdict) or ``failed`` (no answer after the retries). Win/tie/lose percentages are over
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -49,7 +49,7 @@ from typing import Any, Literal
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 from cyclealign_pl.judges.base import JudgeStop
-from cyclealign_pl.judges.openai import OpenAIJudge
+from cyclealign_pl.judges.chat import ChatClient, ChatSettings
 from cyclealign_pl.judges.pairwise import (
     Verdict,
     build_pairwise_messages,
@@ -187,7 +187,7 @@ def _outcome(verdict: Verdict, b_first: bool) -> Outcome:
 
 
 def compare_pairs(
-    judge: OpenAIJudge,
+    client: ChatClient,
     pairing: Pairing,
     *,
     reasoning: bool = True,
@@ -195,7 +195,8 @@ def compare_pairs(
     template: RankingTemplate | None = None,
     batch_size: int = 256,
 ) -> list[Comparison]:
-    """Ask the judge about every pair (``batch_size`` calls at a time, concurrently within a batch)."""
+    """Ask the judge (through ``client``) about every pair, ``batch_size`` calls at a time, concurrently
+    within a batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     template = template or load_pairwise_template()
@@ -208,9 +209,10 @@ def compare_pairs(
     replies = []
     for start in range(0, len(messages), batch_size):
         try:
-            replies += judge.complete(messages[start:start + batch_size], template_version=template.version)
+            replies += client.complete(messages[start:start + batch_size], template_version=template.version)
         except JudgeStop as stop:
-            where = f"; the replies received are cached in {judge.cache_path}" if judge.cache_path else ""
+            cache = client.settings.cache_path
+            where = f"; the replies received are cached in {cache}" if cache else ""
             done = f"stopped with {len(replies)} of {len(messages)} comparisons done{where}"
             raise type(stop)(f"{stop} ({done})") from stop
         log.info("%d of %d comparisons answered", len(replies), len(messages))
@@ -376,23 +378,8 @@ def write_results(
 
 # ----------------------------------------------------------------------------------------------- one run
 
-# The judge's ranking-only settings have no meaning here; seed and template are the comparison's own.
-_JUDGE_SKIP = frozenset({"template", "shuffle_candidates", "num_permutations", "on_failure", "fallback",
-                         "seed"})
 _SPENT = ("requests_sent", "cache_hits", "retries", "prompt_tokens", "completion_tokens", "cost_usd",
           "requests_in_flight_max", "usage_estimated")
-
-
-def judge_parameters() -> list[str]:
-    """The judge's settings that apply to comparisons (its init arguments less the ranking-only ones)."""
-    return [name for name in inspect.signature(OpenAIJudge).parameters if name not in _JUDGE_SKIP]
-
-
-def judge_settings(judge: OpenAIJudge) -> dict[str, Any]:
-    """The judge's settings for the record; header values are hidden (they may be secrets), no key is held."""
-    settings = {name: getattr(judge, name) for name in judge_parameters()}
-    settings["extra_headers"] = {name: "***" for name in judge.extra_headers}
-    return settings
 
 
 @dataclass
@@ -413,7 +400,7 @@ class ComparisonResult:
 def compare_files(
     run_a: str | Path,
     run_b: str | Path,
-    judge: OpenAIJudge,
+    client: ChatClient,
     *,
     reasoning: bool = True,
     seed: int = 0,
@@ -428,14 +415,15 @@ def compare_files(
     if pairing.only_a or pairing.only_b:
         log.warning("%d id(s) only in %s and %d only in %s are not compared (counted as only_a, "
                     "only_b)", len(pairing.only_a), run_a, len(pairing.only_b), run_b)
-    comparisons = compare_pairs(judge, pairing, reasoning=reasoning, seed=seed, template=pairwise_template,
+    client.preflight()  # a dead server, a refused key or an unknown model: one line now, not N failures
+    comparisons = compare_pairs(client, pairing, reasoning=reasoning, seed=seed, template=pairwise_template,
                                 batch_size=batch_size)
     rows = tally(comparisons, pairing)
-    result = ComparisonResult(rows, comparisons, pairing, judge.metrics())
+    result = ComparisonResult(rows, comparisons, pairing, client.metrics())
     if out is not None:
         meta = {
             "run_a": str(run_a), "run_b": str(run_b), "rows_a": len(rows_a), "rows_b": len(rows_b),
-            "judge": judge_settings(judge), "template": pairwise_template.version,
+            "judge": client.settings.describe(), "template": pairwise_template.version,
             "template_source": pairwise_template.source, "reasoning": reasoning, "seed": seed,
             "judge_metrics": {k: v for k, v in result.judge_metrics.items() if k in _SPENT},
             "total": asdict(result.total),
@@ -447,7 +435,7 @@ def compare_files(
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> ArgumentParser:
-    """The command line: the two files, the comparison's options, and the OpenAI judge's settings."""
+    """The command line: the two files, the comparison's options, and the judge's chat settings."""
     parser = ArgumentParser(
         prog="python -m cyclealign_pl.compare",
         description="Pairwise win rates of run A against run B, judged by an LLM (paper Table 2).",
@@ -465,7 +453,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", type=str | None, default=None,
                         help="the results CSV; the comparisons JSONL and meta JSON are written next to it")
     parser.add_argument("--batch_size", type=int, default=256, help="comparisons per progress step")
-    parser.add_class_arguments(OpenAIJudge, None, skip=_JUDGE_SKIP)
+    parser.add_class_arguments(ChatSettings, None)
     parser.set_defaults(model="gpt-4")  # the paper's judge for Table 2
     return parser
 
@@ -490,13 +478,13 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # not a line per request
-    judge_args = {name: config[name] for name in judge_parameters()}
     try:
-        judge = OpenAIJudge(**judge_args, seed=config.seed)
+        settings = ChatSettings(**{name: config[name] for name in ChatSettings.names()})
     except ValueError as error:
         parser.error(f"invalid judge settings: {error}")
+    client = ChatClient(settings, seed=config.seed, name="judge")
     try:
-        result = compare_files(config.run_a, config.run_b, judge, reasoning=config.reasoning,
+        result = compare_files(config.run_a, config.run_b, client, reasoning=config.reasoning,
                                seed=config.seed, template=config.template, out=config.out,
                                batch_size=config.batch_size)
     except ValueError as error:  # bad input files or template: the message names the file, line and field
@@ -505,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
         print(f"cyclealign_pl.compare: {stop}", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
     finally:
-        judge.close()
+        client.close()
     pairing = result.pairing
     print(f"A: {config.run_a}\nB: {config.run_b}")
     print(f"compared {len(pairing.pairs)} ids; {len(pairing.only_a)} only in A, {len(pairing.only_b)} only "
@@ -513,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
     print(format_table(result.rows))
     metrics = result.judge_metrics
     tokens = metrics["prompt_tokens"] + metrics["completion_tokens"]
-    print(f"judge {judge.model}: {metrics['requests_sent']:g} requests, {metrics['cache_hits']:g} cache "
+    print(f"judge {settings.model}: {metrics['requests_sent']:g} requests, {metrics['cache_hits']:g} cache "
           f"hits, {metrics['retries']:g} retries, {tokens:g} tokens, ${metrics['cost_usd']:.4f}")
     for name, path in result.paths.items():
         print(f"{name}: {path}")
@@ -522,8 +510,8 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
 
 __all__ = [
     "COLUMNS", "Comparison", "ComparisonResult", "GenerationRow", "Pairing", "WinRateRow", "build_parser",
-    "compare_files", "compare_pairs", "format_table", "join_runs", "judge_parameters", "judge_settings",
-    "main", "output_paths", "read_generations", "read_win_rates_csv", "shows_b_first", "tally",
+    "compare_files", "compare_pairs", "format_table", "join_runs", "main", "output_paths", "read_generations",
+    "read_win_rates_csv", "shows_b_first", "tally",
     "write_results",
 ]
 

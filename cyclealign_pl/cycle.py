@@ -1,55 +1,77 @@
-"""One CycleAlign training step, read top to bottom (paper, Sec. 3 and Fig. 2).
+"""The CycleAlign cycle, read top to bottom (paper, Sec. 3 and Fig. 2).
 
-For a batch of prompts, up to ``max_iterations`` times (paper: N = 5):
+Each prompt goes through up to ``max_iterations`` iterations (paper: N = 5) of:
 
-1. **sample** - the white-box samples ``num_candidates`` responses per prompt (paper: l = 3);
+1. **sample** - the white box samples ``num_candidates`` replies (paper: l = 3);
 2. **rank (black box)** - the judge ranks them given the prompt's demonstrations (static + dynamic) and
-   writes a better response of its own; its requests run in the background while ...
-3. **rank (white box)** - ... the white-box scores the candidates by mean token log-prob, its own belief;
+   writes a better reply of its own; its requests run in the background while ...
+3. **rank (white box)** - ... the white box scores the candidates by mean token log-prob, its own belief;
 4. **agree** - the longest common subsequence of both rankings becomes a new dynamic demonstration;
 5. **update** - one optimizer step on L = L_rank + lambda * L_sft over the black-box ranking, with the
-   judge's better response as the top candidate;
-6. **stop?** - a prompt whose two rankings agree is done for this step; the others iterate again.
+   judge's better reply as the top candidate;
+6. **stop?** - a prompt whose two rankings agree is done; so is one whose l samples are all the same reply
+   (nothing to rank: the white box is sure). The others iterate again.
 
-A prompt whose judgment failed (API error, unparseable reply, degenerate candidates) is masked out of the
-loss for that iteration and counted; nothing is guessed. The white-box plumbing (tokens, generate) is in
-``policy.py``; the losses are in ``objective.py``; the LCS is in ``ranking.py``.
+**Continuous batching.** Prompts run in ``capacity`` slots (the data module's batch size). One *round* runs
+one iteration for every occupied slot: one ``generate``, one scoring pass, all judge requests at once, one
+optimizer step. A prompt that is done frees its slot, and the slot takes the next waiting prompt, which starts
+at its own iteration 1 with its own (empty) dynamic demonstrations, so every round runs on a full batch.
+A *training step* takes one batch of prompts from the data and runs rounds until every prompt it brought has
+started and a slot is free again (the last batch of an epoch runs until every slot is empty); prompts still
+in flight continue in the next step, and their state is checkpointed (:class:`CycleState`). With one slot
+this is exactly the paper's loop, one prompt at a time.
+
+A prompt whose judgment failed (API error, unparseable reply) is masked out of the loss for that iteration and
+counted; nothing is guessed. The white-box plumbing (tokens, generate) is in ``policy.py``; the losses are in
+``objective.py``; the LCS is in ``ranking.py``.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from cyclealign_pl.demonstrations import Demonstration, DemonstrationPool
 from cyclealign_pl.judges.base import Judge, Judgment, RankRequest
-from cyclealign_pl.objective import cycle_loss, default_sft_weight
-from cyclealign_pl.policy import PromptEncoding, SamplingConfig, WhiteBox
+from cyclealign_pl.objective import cycle_loss, default_sft_weight, pad_rankings
+from cyclealign_pl.policy import Reply, ScoredCandidates, WhiteBox
 from cyclealign_pl.ranking import Ranking, agreement, rank_by_scores
 
 DemonstrationSource = Literal["agreement", "blackbox", "whitebox"]
 # the failure of a candidate set with fewer than two distinct replies: not sent to the judge, counted
 DEGENERATE_CANDIDATES = "fewer than two distinct candidates"
+TIMES = ("generate_s", "score_s", "judge_wait_s", "update_s")
 
 
 @dataclass
 class CycleConfig:
-    """The method's knobs. The paper's ablations (Table 3) are settings of these, see ``ABLATIONS``."""
+    """The method's settings. The paper's ablations (Table 3) are settings of these (``model.ablation``).
+
+    Attributes:
+        num_candidates: l, the replies the white box samples per prompt and iteration (paper: 3).
+        max_iterations: N, the iterations a prompt gets at most before it is done (paper: 5).
+        objective: the ranking loss: ``rrhf`` (pairwise hinge) or ``pro`` (listwise softmax).
+        sft_weight: lambda, the weight of the SFT loss on the best reply; null: (l - 1)^2 as in the paper.
+        demonstration_source: what becomes a dynamic demonstration: ``agreement`` (the paper: the LCS of both
+            rankings), ``blackbox`` or ``whitebox`` (one side's ranking: the w/o WRD and w/o BRD ablations).
+        use_judge_response: rank the judge's better reply above the candidates (and train on it as the best).
+        overlap_judge: score with the white box while the black box answers (same results, less waiting);
+            false is the paper's serial loop, a baseline for benchmarks.
+    """
 
     num_candidates: int = 3
     max_iterations: int = 5
     objective: Literal["rrhf", "pro"] = "rrhf"
-    sft_weight: float | None = None  # None: (l - 1) ** 2, as in the paper
+    sft_weight: float | None = None
     demonstration_source: DemonstrationSource = "agreement"
-    use_judge_response: bool = True  # add the judge's better response as the top candidate
-    # True: the white box scores while the black box answers (same results, less waiting). False: the paper's
-    # serial loop, the judge's answer awaited before the white box scores (a baseline for benchmarks).
+    use_judge_response: bool = True
     overlap_judge: bool = True
 
     def __post_init__(self) -> None:
@@ -61,6 +83,8 @@ class CycleConfig:
             raise ValueError(f"objective must be 'rrhf' or 'pro', got {self.objective!r}")
         if self.demonstration_source not in ("agreement", "blackbox", "whitebox"):
             raise ValueError(f"unknown demonstration_source {self.demonstration_source!r}")
+        if self.sft_weight is not None and self.sft_weight < 0:
+            raise ValueError(f"sft_weight (lambda) must be >= 0 or null, got {self.sft_weight}")
 
     @property
     def lambda_sft(self) -> float:
@@ -72,116 +96,218 @@ class IterationRecord:
     """What happened to one prompt in one iteration (kept for metrics; never logged as text by default)."""
 
     candidates: list[str]
-    whitebox: Ranking
+    whitebox_ranking: Ranking
     whitebox_scores: list[float]
-    blackbox: Ranking | None
+    blackbox_ranking: Ranking | None
     agreement: Ranking | None
     failure: str | None = None
     used_judge_response: bool = False
 
     @property
     def agreed(self) -> bool:
-        return self.blackbox is not None and self.blackbox == self.whitebox
+        return self.blackbox_ranking is not None and self.blackbox_ranking == self.whitebox_ranking
+
+    @property
+    def degenerate(self) -> bool:
+        return self.failure == DEGENERATE_CANDIDATES
 
 
 @dataclass
 class PromptRecord:
+    """One prompt's way through the cycle (its text is kept for the reference metrics, never logged)."""
+
     prompt_id: str
+    prompt: str
     iterations: list[IterationRecord] = field(default_factory=list)
 
     @property
     def agreed(self) -> bool:
         return bool(self.iterations) and self.iterations[-1].agreed
 
+    def done(self, max_iterations: int) -> bool:
+        last = self.iterations[-1] if self.iterations else None
+        return last is not None and (last.agreed or last.degenerate or len(self.iterations) >= max_iterations)
+
 
 @dataclass
 class StepOutcome:
-    prompts: list[PromptRecord]
+    """One training step: the prompts that finished in it, and what its rounds did."""
+
+    finished: list[PromptRecord] = field(default_factory=list)
+    capacity: int = 1
+    rounds: int = 0
+    active_slots: int = 0  # summed over rounds: the batch that each round actually ran
     losses: list[float] = field(default_factory=list)
     rank_losses: list[float] = field(default_factory=list)
     sft_losses: list[float] = field(default_factory=list)
     updates: int = 0
     skipped_updates: int = 0
-    interrupted: bool = False  # a stop was requested: the step ended after fewer iterations than it could have
+    cut_better_replies: int = 0  # judge replies too long for max_length: cut and trained without EOS
+    interrupted: bool = False  # a stop was requested: the step ended before its rounds were done
     judge_latency_s: float = 0.0  # seconds from submitting the judge requests to their answers, summed
-    judge_wait_s: float = 0.0  # seconds the cycle sat blocked on those answers; the rest was hidden
+    times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMES, 0.0))
+
+    @property
+    def active_fraction(self) -> float | None:
+        """The mean share of the slots that the rounds of this step kept busy."""
+        return self.active_slots / (self.rounds * self.capacity) if self.rounds else None
 
     @property
     def judge_hidden_fraction(self) -> float | None:
         """The share of the judge's latency during which the white box worked instead of waiting."""
         if self.judge_latency_s <= 0:
             return None
-        return max(0.0, 1.0 - self.judge_wait_s / self.judge_latency_s)
+        return max(0.0, 1.0 - self.times["judge_wait_s"] / self.judge_latency_s)
+
+
+class CycleState:
+    """The prompts in flight across training steps: the slots and the prompts waiting for one (checkpointed)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"the cycle needs at least one slot, got capacity {capacity}")
+        self.slots: list[PromptRecord | None] = [None] * capacity
+        self.waiting: deque[tuple[str, str]] = deque()  # (id, prompt) taken from the data, not started yet
+
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    def active(self) -> list[PromptRecord]:
+        return [record for record in self.slots if record is not None]
+
+    def full(self) -> bool:
+        return all(record is not None for record in self.slots)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"slots": [_record_to_dict(r) if r is not None else None for r in self.slots],
+                "waiting": [list(item) for item in self.waiting]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("slots", [])
+        slots = [_record_from_dict(r) if r is not None else None for r in saved]
+        if len(slots) != self.capacity:  # another batch size: keep the prompts in flight, in order
+            in_flight = [r for r in slots if r is not None]
+            if len(in_flight) > self.capacity:
+                raise ValueError(f"the checkpoint has {len(in_flight)} prompts in flight but this run has "
+                                 f"{self.capacity} slots (data batch_size): resume with batch size >= {len(in_flight)}")
+            slots = in_flight + [None] * (self.capacity - len(in_flight))
+        self.slots = slots
+        self.waiting = deque((str(i), str(p)) for i, p in state.get("waiting", []))
 
 
 Update = Callable[[Tensor | None], bool]
 
 
 def run_cycle(
+    state: CycleState,
     whitebox: WhiteBox,
     judge: Judge,
     pool: DemonstrationPool,
     prompts: Sequence[str],
     prompt_ids: Sequence[str],
     config: CycleConfig,
-    sampling: SamplingConfig,
     update: Update,
-    any_rank_active: Callable[[bool], bool] = lambda local: local,
+    drain: bool = False,
+    any_rank: Callable[[bool], bool] = lambda local: local,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> StepOutcome:
-    """Run the cycle for one batch of prompts; ``update(loss)`` takes one optimizer step (or ``None``: a
-    zero-gradient step so that data-parallel peers stay in lockstep) and returns whether it was applied.
-    ``should_stop()`` is asked between iterations (a signal): True ends the step with the iterations done."""
-    outcome = StepOutcome(prompts=[PromptRecord(pid) for pid in prompt_ids])
-    pool.begin_step(len(prompts))
-    active = list(range(len(prompts)))
-    for iteration in range(config.max_iterations):
-        if iteration and should_stop():  # collective under DDP: every rank asks at the same point
-            outcome.interrupted = bool(active)
+    """One training step: ``prompts`` join the waiting line, then rounds run until all of them have started
+    and a slot is free (``drain``: until every slot is empty). ``update(loss)`` takes one optimizer step (or,
+    for ``None``, none - on every process alike) and returns whether it was applied. ``any_rank`` makes the
+    decision to run another round collective under data parallelism; ``should_stop()`` is asked between
+    rounds (a signal): True ends the step, the prompts in flight stay in ``state``."""
+    outcome = StepOutcome(capacity=state.capacity)
+    state.waiting.extend(zip(prompt_ids, prompts))
+    while True:
+        _fill_free_slots(state, pool)
+        wants_round = state.full() or (drain and bool(state.active()))
+        if not any_rank(wants_round):
             break
-        if not any_rank_active(bool(active)):
+        if outcome.rounds and should_stop():  # collective under DDP: every rank asks at the same point
+            outcome.interrupted = True
             break
-        if not active:  # done here, but another process still iterates: join its gradient all-reduce
-            update(None)
-            continue
-        instructions = [prompts[i] for i in active]
-
-        # 1. sample l candidates per prompt, all prompts in one generate call
-        candidates = whitebox.sample(instructions, config.num_candidates, sampling)
-
-        # 2. the black box ranks in the background, with each prompt's current demonstrations ...
-        requests = [RankRequest(prompts[i], tuple(c), pool.for_prompt(i)) for i, c in zip(active, candidates)]
-        judged = [len(set(c)) >= 2 for c in candidates]  # fewer than two distinct replies: nothing to rank
-        submitted = time.perf_counter()
-        pending = judge.submit([r for r, ok in zip(requests, judged) if ok])
-        answered = _answer_clock(pending)
-        if not config.overlap_judge:  # the paper's serial loop: wait for the black box first
-            answers = _await(pending, submitted, answered, outcome)
-
-        # 3. ... while the white box ranks them by its own belief (mean token log-prob; keeps the graph)
-        scored = whitebox.score(instructions, candidates, sampling.max_new_tokens)
-        whitebox_rankings = [rank_by_scores(row) for row in scored.scores.detach().float().tolist()]
-
-        if config.overlap_judge:
-            answers = _await(pending, submitted, answered, outcome)
-        judgments = _merge(answers, judged)
-
-        # 4. agreement -> a dynamic demonstration for this prompt's next iterations
-        for slot, i in enumerate(active):
-            record = _record(candidates[slot], whitebox_rankings[slot], scored.scores[slot], judgments[slot])
-            outcome.prompts[i].iterations.append(record)
-            pool.add(i, _demonstration(prompts[i], record, config.demonstration_source))
-
-        # 5. one optimizer step on the black-box rankings (+ the judge's better response on top)
-        loss = _loss(whitebox, instructions, scored.scores, judgments, config, sampling, outcome, active, scored.prompts)
-        applied = update(loss)
-        outcome.updates += int(applied)
-        outcome.skipped_updates += int(not applied)
-
-        # 6. a prompt is done once both rankings agree
-        active = [i for i in active if not outcome.prompts[i].iterations[-1].agreed]
-    pool.end_step()
+        _run_round(state, whitebox, judge, pool, config, update, outcome)
+        for slot, record in enumerate(state.slots):
+            if record is not None and record.done(config.max_iterations):
+                outcome.finished.append(record)
+                pool.finish(record.prompt_id)
+                state.slots[slot] = None
     return outcome
+
+
+def _fill_free_slots(state: CycleState, pool: DemonstrationPool) -> None:
+    """Free slots take the waiting prompts in order; each starts with no dynamic demonstrations."""
+    for slot, record in enumerate(state.slots):
+        if record is None and state.waiting:
+            prompt_id, prompt = state.waiting.popleft()
+            state.slots[slot] = PromptRecord(prompt_id, prompt)
+            pool.start(prompt_id)
+
+
+def _run_round(
+    state: CycleState,
+    whitebox: WhiteBox,
+    judge: Judge,
+    pool: DemonstrationPool,
+    config: CycleConfig,
+    update: Update,
+    outcome: StepOutcome,
+) -> None:
+    """One iteration of every prompt in a slot, and one optimizer step."""
+    active = state.active()
+    outcome.rounds += 1
+    outcome.active_slots += len(active)
+    if not active:  # done here, but another process still runs a round: join its gradient all-reduce
+        _timed(outcome, "update_s", update, None)
+        return
+    instructions = [record.prompt for record in active]
+
+    # 1. sample l candidates per prompt, all prompts in one generate call
+    candidates: list[list[Reply]] = _timed(outcome, "generate_s", whitebox.sample, instructions,
+                                           config.num_candidates)
+    texts = [[reply.text for reply in group] for group in candidates]
+
+    # 2. the black box ranks in the background, with each prompt's current demonstrations ...
+    judged = [len(set(group)) >= 2 for group in texts]  # fewer than two distinct replies: nothing to rank
+    requests = [RankRequest(record.prompt, tuple(group), pool.for_prompt(record.prompt_id))
+                for record, group, ok in zip(active, texts, judged) if ok]
+    submitted = time.perf_counter()
+    pending = judge.submit(requests)
+    answered = _answer_clock(pending)
+    if not config.overlap_judge:  # the paper's serial loop: wait for the black box first
+        answers = _await(pending, submitted, answered, outcome)
+
+    # 3. ... while the white box ranks them by its own belief (mean token log-prob; keeps the graph)
+    scored: ScoredCandidates = _timed(outcome, "score_s", whitebox.score, instructions, candidates)
+    whitebox_rankings = [rank_by_scores(row) for row in scored.scores.detach().float().tolist()]
+
+    if config.overlap_judge:
+        answers = _await(pending, submitted, answered, outcome)
+    judgments = _merge(answers, judged)
+
+    # 4. agreement -> a dynamic demonstration for this prompt's next iterations
+    for slot, record in enumerate(active):
+        iteration = _record(texts[slot], whitebox_rankings[slot], scored.scores[slot], judgments[slot])
+        record.iterations.append(iteration)
+        pool.add(record.prompt_id, _demonstration(record.prompt, iteration, config.demonstration_source))
+
+    # 5. one optimizer step on the black-box rankings (+ the judge's better reply on top)
+    started = time.perf_counter()
+    loss = _loss(whitebox, active, scored, judgments, config, outcome)
+    applied = update(loss)
+    outcome.times["update_s"] += time.perf_counter() - started
+    outcome.updates += int(applied)
+    outcome.skipped_updates += int(not applied)
+    # 6. (the caller frees the slots of the prompts that are done)
+
+
+def _timed(outcome: StepOutcome, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    started = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        outcome.times[name] += time.perf_counter() - started
 
 
 def _answer_clock(pending: Future) -> list[float]:
@@ -197,13 +323,13 @@ def _await(pending: Future, submitted: float, answered: list[float], outcome: St
     answers = pending.result()
     end = time.perf_counter()
     done = min(answered[0], end) if answered else end  # the callback may run just after result() returns
-    outcome.judge_wait_s += end - start
+    outcome.times["judge_wait_s"] += end - start
     outcome.judge_latency_s += max(done - submitted, end - start)
     return answers
 
 
 def _merge(judgments: Sequence[Judgment], judged: Sequence[bool]) -> list[Judgment]:
-    """Judgments back in batch order; unjudged (degenerate) candidate sets become counted failures."""
+    """Judgments back in slot order; unjudged (degenerate) candidate sets become counted failures."""
     answers = iter(judgments)
     return [next(answers) if ok else Judgment.failed(DEGENERATE_CANDIDATES) for ok in judged]
 
@@ -212,9 +338,9 @@ def _record(candidates: list[str], whitebox: Ranking, scores: Tensor, judgment: 
     agreed = agreement(whitebox, judgment.ranking) if judgment.ranking is not None else None
     return IterationRecord(
         candidates=list(candidates),
-        whitebox=whitebox,
+        whitebox_ranking=whitebox,
         whitebox_scores=scores.detach().float().tolist(),
-        blackbox=judgment.ranking,
+        blackbox_ranking=judgment.ranking,
         agreement=agreed,
         failure=judgment.failure,
     )
@@ -222,55 +348,78 @@ def _record(candidates: list[str], whitebox: Ranking, scores: Tensor, judgment: 
 
 def _demonstration(instruction: str, record: IterationRecord, source: DemonstrationSource) -> Demonstration | None:
     """The new dynamic demonstration: the agreement (paper), or one side's ranking (ablations w/o WRD/BRD)."""
-    ranking = {"agreement": record.agreement, "blackbox": record.blackbox, "whitebox": record.whitebox}[source]
+    ranking = {"agreement": record.agreement, "blackbox": record.blackbox_ranking,
+               "whitebox": record.whitebox_ranking}[source]
     return Demonstration.from_ranking(instruction, record.candidates, ranking) if ranking else None
 
 
 def _loss(
     whitebox: WhiteBox,
-    instructions: Sequence[str],
-    candidate_scores: Tensor,
+    active: Sequence[PromptRecord],
+    scored: ScoredCandidates,
     judgments: Sequence[Judgment],
     config: CycleConfig,
-    sampling: SamplingConfig,
     outcome: StepOutcome,
-    active: Sequence[int],
-    encoding: PromptEncoding | None = None,
 ) -> Tensor | None:
-    """L = L_rank + lambda * L_sft over [better response?] + candidates, ranked by the black box.
+    """L = L_rank + lambda * L_sft over [better reply?] + candidates, ranked by the black box.
 
-    Column 0 holds the judge's better response (when it gave a usable one), columns 1..l the candidates.
-    Rankings are padded with -1; a prompt with no valid ranking is all -1 and so masked out of both terms.
+    Column 0 holds the judge's better reply (when it gave a usable one), columns 1..l the candidates. A
+    prompt without a valid ranking gets an empty (all -1) row, so it is masked out of both terms.
     """
-    num_prompts, width = candidate_scores.shape[0], config.num_candidates + 1
-    rankings = torch.full((num_prompts, width), -1, dtype=torch.long, device=candidate_scores.device)
+    orders: list[list[int] | None] = []
     better_rows: list[int] = []
-    better_texts: list[str] = []
-    for row, judgment in enumerate(judgments):
+    better_replies: list[Reply] = []
+    for row, (record, judgment) in enumerate(zip(active, judgments)):
         if judgment.ranking is None:
+            orders.append(None)
             continue
         order = [c + 1 for c in judgment.ranking]
-        response = (judgment.better_response or "").strip() if config.use_judge_response else ""
-        if response:
+        text = (judgment.better_response or "").strip() if config.use_judge_response else ""
+        if text:
+            reply = whitebox.reply_from_text(record.prompt, text, whitebox.reply_room(scored, row))
+            outcome.cut_better_replies += int(not reply.finished)
             better_rows.append(row)
-            better_texts.append(response)
-            order = [0] + order
-            outcome.prompts[active[row]].iterations[-1].used_judge_response = True
-        rankings[row, : len(order)] = torch.tensor(order)
+            better_replies.append(reply)
+            order = [0, *order]
+            record.iterations[-1].used_judge_response = True
+        orders.append(order)
+    rankings = pad_rankings(orders, config.num_candidates + 1, device=scored.scores.device)
     if not (rankings[:, 1] >= 0).any():
         return None  # no prompt has a preference this iteration
-    better = torch.zeros((num_prompts, 1), dtype=candidate_scores.dtype, device=candidate_scores.device)
+    better = scored.scores.new_zeros((len(active), 1))
     if better_rows:  # on the prompts' encoding from candidate scoring when there is one (shared prefix)
-        if encoding is not None:
-            better_scores = whitebox.score_on(encoding, better_rows, better_texts, sampling.max_new_tokens)
-        else:
-            prompts = [instructions[r] for r in better_rows]
-            better_scores = whitebox.score(prompts, [[t] for t in better_texts], sampling.max_new_tokens).scores[:, 0]
-        index = torch.tensor(better_rows, device=candidate_scores.device)
+        better_scores = whitebox.score_more(scored, [r.prompt for r in active], better_rows, better_replies)
+        index = better.new_tensor(better_rows, dtype=rankings.dtype)
         better = better.index_put((index,), better_scores.to(better.dtype).unsqueeze(1))
-    scores = torch.cat([better, candidate_scores], dim=1)
+    scores = torch.cat([better, scored.scores], dim=1)
     parts = cycle_loss(scores, rankings, config.objective, config.lambda_sft)
     outcome.losses.append(float(parts.total.detach()))
     outcome.rank_losses.append(float(parts.rank.detach()))
     outcome.sft_losses.append(float(parts.sft.detach()))
     return parts.total
+
+
+def _record_to_dict(record: PromptRecord) -> dict[str, Any]:
+    """A prompt in flight as plain data (lists, not tuples), as a checkpoint holds it."""
+    def plain(ranking: Ranking | None) -> list[int] | None:
+        return list(ranking) if ranking is not None else None
+
+    return {"prompt_id": record.prompt_id, "prompt": record.prompt, "iterations": [
+        {**asdict(it), "whitebox_ranking": plain(it.whitebox_ranking), "blackbox_ranking": plain(it.blackbox_ranking),
+         "agreement": plain(it.agreement)} for it in record.iterations]}
+
+
+def _record_from_dict(data: dict[str, Any]) -> PromptRecord:
+    iterations = [
+        IterationRecord(
+            candidates=list(it["candidates"]),
+            whitebox_ranking=tuple(it["whitebox_ranking"]),
+            whitebox_scores=list(it["whitebox_scores"]),
+            blackbox_ranking=tuple(it["blackbox_ranking"]) if it["blackbox_ranking"] is not None else None,
+            agreement=tuple(it["agreement"]) if it["agreement"] is not None else None,
+            failure=it.get("failure"),
+            used_judge_response=bool(it.get("used_judge_response", False)),
+        )
+        for it in data.get("iterations", [])
+    ]
+    return PromptRecord(str(data["prompt_id"]), str(data["prompt"]), iterations)

@@ -1,9 +1,9 @@
 """In-context demonstrations for the black-box ranker: the static one of the paper plus dynamic ones.
 
-The paper's policy (the default, ``scope="step"``): every training step starts from the hand-written
-static demonstration of Appendix A.1 and grows by one agreement ranking per iteration, separately for each
-prompt. ``scope="run"`` keeps the dynamic demonstrations across steps in a pool shared by all prompts,
-oldest dropped first beyond ``max_dynamic``. The pool's state goes into checkpoints.
+The paper's policy (the default, ``scope="prompt"``): every prompt starts from the hand-written static
+demonstration of Appendix A.1 and grows by one agreement ranking per iteration of its own. ``scope="run"``
+keeps a finished prompt's dynamic demonstrations in a pool shared by all later prompts, oldest dropped first
+beyond ``max_dynamic``. The pool's state (the prompts in flight included) goes into checkpoints.
 """
 
 from __future__ import annotations
@@ -69,12 +69,17 @@ STATIC_DEMONSTRATION = Demonstration(
 
 
 class DemonstrationPool:
-    """Static plus dynamic demonstrations, per prompt of the current step and (optionally) across steps.
+    """Static plus dynamic demonstrations, per prompt in flight and (optionally) across prompts.
+
+    Each prompt in flight is known by a key (its id): :meth:`start` opens its list of dynamic demonstrations,
+    :meth:`add` grows it, :meth:`for_prompt` is what the ranker sees, :meth:`finish` closes it.
 
     Args:
         use_static: show the static demonstration (off for the paper's "w/o ICL" ablation).
         use_dynamic: add dynamic demonstrations (off for "w/o D2" and "w/o ICL").
-        scope: ``"step"`` (paper) forgets dynamic demonstrations when a step ends; ``"run"`` keeps them.
+        scope: ``"prompt"`` (paper) forgets a prompt's dynamic demonstrations when it finishes; ``"run"`` keeps
+            them for the prompts that start later. (``"step"``, the name of ``"prompt"`` before prompts could
+            start and finish within a training step, is accepted.)
         max_dynamic: cap on dynamic demonstrations shown per request (newest kept); None = no cap.
     """
 
@@ -82,46 +87,41 @@ class DemonstrationPool:
         self,
         use_static: bool = True,
         use_dynamic: bool = True,
-        scope: Literal["step", "run"] = "step",
+        scope: Literal["prompt", "step", "run"] = "prompt",
         max_dynamic: int | None = None,
     ) -> None:
-        if scope not in ("step", "run"):
-            raise ValueError(f"demonstration scope must be 'step' or 'run', got {scope!r}")
+        if scope not in ("prompt", "step", "run"):
+            raise ValueError(f"demonstration scope must be 'prompt' or 'run', got {scope!r}")
         if max_dynamic is not None and max_dynamic < 0:
             raise ValueError(f"max_dynamic must be >= 0 or None, got {max_dynamic}")
         self.use_static = use_static
         self.use_dynamic = use_dynamic
-        self.scope = scope
+        self.scope = "prompt" if scope == "step" else scope
         self.max_dynamic = max_dynamic
         self.static: list[Demonstration] = [STATIC_DEMONSTRATION]
-        self.shared: list[Demonstration] = []  # kept across steps when scope == "run"
-        self.current: list[list[Demonstration]] = []  # per prompt of the current step
+        self.shared: list[Demonstration] = []  # kept across prompts when scope == "run"
+        self.current: dict[str, list[Demonstration]] = {}  # per prompt in flight
         self.total_added = 0
 
-    def begin_step(self, num_prompts: int) -> None:
-        """Start a step for ``num_prompts`` prompts, each with an empty list of this step's demonstrations."""
-        self.current = [[] for _ in range(num_prompts)]
+    def start(self, key: str) -> None:
+        """A prompt starts: it has no dynamic demonstrations of its own yet."""
+        self.current[key] = []
 
-    def add(self, prompt_index: int, demonstration: Demonstration | None) -> bool:
-        """Record a dynamic demonstration for one prompt of the step; False when it is not kept."""
+    def add(self, key: str, demonstration: Demonstration | None) -> bool:
+        """Record a dynamic demonstration for one prompt in flight; False when it is not kept."""
+        if key not in self.current:
+            raise KeyError(f"prompt {key!r} is not in flight (call start first)")
         if demonstration is None or not self.use_dynamic:
             return False
-        if not 0 <= prompt_index < len(self.current):
-            raise IndexError(
-                f"prompt index {prompt_index} is outside the current step of {len(self.current)} prompts "
-                "(call begin_step first)"
-            )
-        self.current[prompt_index].append(demonstration)
+        self.current[key].append(demonstration)
         self.total_added += 1
         return True
 
-    def end_step(self) -> None:
-        """Close the step: under ``scope="run"`` its demonstrations join the shared pool."""
+    def finish(self, key: str) -> None:
+        """A prompt is done: under ``scope="run"`` its demonstrations join the shared pool."""
+        demos = self.current.pop(key, [])
         if self.scope == "run":
-            for demos in self.current:
-                self.shared.extend(demos)
-            self.shared = self._newest(self.shared)
-        self.current = []
+            self.shared = self._newest(self.shared + demos)
 
     def _newest(self, demos: list[Demonstration]) -> list[Demonstration]:
         """The last ``max_dynamic`` of ``demos`` (all of them when there is no cap)."""
@@ -129,22 +129,25 @@ class DemonstrationPool:
             return list(demos)
         return demos[-self.max_dynamic :] if self.max_dynamic else []
 
-    def for_prompt(self, prompt_index: int) -> tuple[Demonstration, ...]:
+    def for_prompt(self, key: str) -> tuple[Demonstration, ...]:
         """What the ranker sees for one prompt now: static first, then dynamic ones, oldest first."""
-        dynamic = self._newest(self.shared + (self.current[prompt_index] if self.current else []))
+        dynamic = self._newest(self.shared + self.current.get(key, []))
         static = self.static if self.use_static else []
         return tuple(static + (dynamic if self.use_dynamic else []))
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "shared": [d.to_dict() for d in self.shared],
-            "current": [[d.to_dict() for d in demos] for demos in self.current],
+            "current": {key: [d.to_dict() for d in demos] for key, demos in self.current.items()},
             "total_added": self.total_added,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.shared = [Demonstration.from_dict(d) for d in state.get("shared", [])]
-        self.current = [[Demonstration.from_dict(d) for d in demos] for demos in state.get("current", [])]
+        current = state.get("current", {})
+        if not isinstance(current, dict):  # checkpoints from before prompts were keyed: nothing was in flight
+            current = {}
+        self.current = {key: [Demonstration.from_dict(d) for d in demos] for key, demos in current.items()}
         self.total_added = int(state.get("total_added", 0))
 
     def __eq__(self, other: object) -> bool:

@@ -4,8 +4,10 @@ One pass generates a greedy reply for every evaluation prompt, scores it with th
 ``RewardModelJudge``), and accumulates the rewards per subset in :class:`SubsetMeanReward`, whose sum/count
 states reduce across processes. The run directory then gets three files under ``<log_dir>/eval/``:
 
-* ``<stage>_rewards.csv`` - ``subset,n,mean_reward``, one row per subset and a last ``total`` row (the
-  sample-weighted mean), the table of the paper;
+* ``<stage>_rewards.csv`` - ``subset,n,mean_reward`` and the collapse monitors beside it
+  (``preferred_share``, ``empty_share``, ``mean_reply_words``, ``distinct_2``), one row per subset and a last
+  ``total`` row (the sample-weighted mean, or the mean weighted by the subsets' full test-set sizes as in the
+  paper's Table 1: ``<stage>_meta.json`` says which), the table of the paper;
 * ``<stage>_generations.jsonl`` - one ``{"id", "subset", "prompt", "reply", "reward"}`` object per prompt.
   Prompts and replies may be harmful text: they go to this file only, never to the logs;
 * ``<stage>_meta.json`` - what was evaluated (checkpoint, training steps, evaluator, data), so the results
@@ -37,11 +39,89 @@ TOTAL = "total"  # the name of the sample-weighted row; no subset may be called 
 
 
 class RewardRow(NamedTuple):
-    """One row of the results table: a subset (or ``"total"``), its number of scored replies, their mean."""
+    """One row of the results table: a subset (or ``"total"``), its number of scored replies, their mean reward,
+    and what shows a collapsed white box beside it (None where not computed)."""
 
     subset: str
     n: int
     mean_reward: float
+    preferred_share: float | None = None  # replies whose reward is above the evaluator's threshold
+    empty_share: float | None = None
+    mean_reply_words: float | None = None
+    distinct_2: float | None = None  # distinct word bigrams / all word bigrams, over the subset's replies
+
+
+class ReplyStats(NamedTuple):
+    """Collapse monitors over a set of replies (pure text statistics)."""
+
+    empty_share: float
+    mean_reply_words: float
+    distinct_2: float
+
+
+def reply_stats(replies: Sequence[str]) -> ReplyStats:
+    """Share of empty replies, mean length in words, and distinct-2 (distinct word bigrams over all bigrams of
+    all replies: 1.0 when no bigram repeats, near 0 when every reply is the same text or a loop)."""
+    if not replies:
+        return ReplyStats(math.nan, math.nan, math.nan)
+    words = [reply.split() for reply in replies]
+    bigrams = [pair for w in words for pair in zip(w, w[1:])]
+    distinct = len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+    return ReplyStats(sum(not r.strip() for r in replies) / len(replies), sum(map(len, words)) / len(words), distinct)
+
+
+def collapse_warning(stats: ReplyStats, max_empty_share: float, min_distinct_2: float) -> str | None:
+    """Why these replies look collapsed (None: they do not)."""
+    problems = []
+    if stats.empty_share > max_empty_share:
+        problems.append(f"{stats.empty_share:.0%} of the replies are empty (more than {max_empty_share:.0%})")
+    if stats.distinct_2 < min_distinct_2:
+        problems.append(f"distinct-2 is {stats.distinct_2:.3f} (below {min_distinct_2:g}): the replies repeat "
+                        "the same words")
+    return "; ".join(problems) or None
+
+
+class PairedGain(NamedTuple):
+    """The mean reward after minus before over the prompts scored in both, and its standard error."""
+
+    n: int
+    before: float
+    after: float
+    gain: float
+    standard_error: float
+
+    @property
+    def z(self) -> float:
+        """The gain in standard errors (inf for a gain without spread)."""
+        if self.standard_error > 0:
+            return self.gain / self.standard_error
+        return math.copysign(math.inf, self.gain) if self.gain else 0.0
+
+
+def paired_gain(after: Mapping[str, float], before: Mapping[str, float]) -> PairedGain | None:
+    """Rewards paired by prompt id (finite in both); None with fewer than two pairs."""
+    ids = [i for i in after if i in before and math.isfinite(after[i]) and math.isfinite(before[i])]
+    if len(ids) < 2:
+        return None
+    diffs = [after[i] - before[i] for i in ids]
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return PairedGain(len(ids), sum(before[i] for i in ids) / len(ids), sum(after[i] for i in ids) / len(ids),
+                      mean, math.sqrt(variance / len(diffs)))
+
+
+def with_reply_stats(rows: Sequence[RewardRow], records: Sequence["GenerationRecord"],
+                     threshold: float | None) -> list[RewardRow]:
+    """The rows with their subset's (the total: all records') preferred share and collapse monitors."""
+    out = []
+    for row in rows:
+        group = [r for r in records if row.subset in (TOTAL, r["subset"])]
+        stats = reply_stats([r["reply"] for r in group])
+        rewards = [r["reward"] for r in group if r["reward"] is not None and math.isfinite(r["reward"])]
+        preferred = (sum(w > threshold for w in rewards) / len(rewards)) if rewards and threshold is not None else None
+        out.append(row._replace(preferred_share=preferred, empty_share=stats.empty_share,
+                                mean_reply_words=stats.mean_reply_words, distinct_2=stats.distinct_2))
+    return out
 
 
 class GenerationRecord(TypedDict):
@@ -57,7 +137,9 @@ def _distributed() -> bool:
 
 
 class SubsetMeanReward(Metric):
-    """Mean reward per subset and the sample-weighted total (every reply counts once, whatever its subset).
+    """Mean reward per subset and the total: sample-weighted (every reply counts once, whatever its subset), or,
+    with ``weights``, the subsets' means weighted by them (the paper's Table 1 weights by the full test-set sizes
+    of the subsets, so that a total over equal samples per subset is still the paper's Total).
 
     Subset names are best given up front (from the evaluation rows), so that every process holds the same
     state layout; in a single process new names are also registered as they come. ``compute()`` returns
@@ -71,8 +153,12 @@ class SubsetMeanReward(Metric):
     higher_is_better = True
     is_differentiable = False
 
-    def __init__(self, subsets: Iterable[str] = (), **kwargs: Any) -> None:
+    def __init__(self, subsets: Iterable[str] = (), weights: Mapping[str, float] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if weights is not None and any(not (w > 0 and math.isfinite(w)) for w in weights.values()):
+            raise ValueError(f"subset weights must be positive, got {dict(weights)}")
+        self.weights = dict(weights) if weights is not None else None
         self.subsets: list[str] = []
         self._index: dict[str, int] = {}
         self.add_state("sums", torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -127,6 +213,12 @@ class SubsetMeanReward(Metric):
         ]
         n_total = float(self.counts.sum())
         total = float(self.sums.sum() / n_total) if n_total > 0 else math.nan
+        if self.weights is not None and rows:
+            missing = [row.subset for row in rows if row.subset not in self.weights]
+            if missing:
+                raise ValueError(f"no total weight for subset(s) {missing}; weights are given for {sorted(self.weights)}")
+            weight = sum(self.weights[row.subset] for row in rows)
+            total = sum(self.weights[row.subset] * row.mean_reward for row in rows) / weight
         return [*rows, RewardRow(TOTAL, int(n_total), total)]
 
     def compute(self) -> dict[str, Tensor]:
@@ -144,8 +236,9 @@ class SubsetMeanReward(Metric):
 class RewardEvaluation:
     """One evaluation pass (a validate/test/predict epoch): generate greedily, score, accumulate."""
 
-    def __init__(self, subsets: Iterable[str] = (), device: torch.device | str = "cpu") -> None:
-        self.metric = SubsetMeanReward(subsets).to(device)
+    def __init__(self, subsets: Iterable[str] = (), device: torch.device | str = "cpu",
+                 weights: Mapping[str, float] | None = None) -> None:
+        self.metric = SubsetMeanReward(subsets, weights).to(device)
         self.records: list[GenerationRecord] = []
 
     def step(
@@ -234,7 +327,7 @@ def write_eval_outputs(
         with paths["rewards"].open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(RewardRow._fields)
-            writer.writerows((r.subset, r.n, repr(r.mean_reward)) for r in rows)
+            writer.writerows([r.subset, r.n, *("" if v is None else repr(v) for v in r[2:])] for r in rows)
         written["rewards"] = paths["rewards"]
     with paths["generations"].open("w", encoding="utf-8") as fh:
         for record in records:
@@ -250,12 +343,15 @@ def read_rewards_csv(path: str | Path) -> list[RewardRow]:
     path = Path(path)
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        if reader.fieldnames != list(RewardRow._fields):
-            raise ValueError(f"{path}: header {reader.fieldnames} is not {list(RewardRow._fields)}")
+        fields = list(RewardRow._fields)
+        if reader.fieldnames is None or reader.fieldnames != fields[: len(reader.fieldnames)] or len(
+                reader.fieldnames) < 3:
+            raise ValueError(f"{path}: header {reader.fieldnames} is not {fields}")
         rows = []
         for line, record in enumerate(reader, start=2):
             try:
-                rows.append(RewardRow(record["subset"], int(record["n"]), float(record["mean_reward"])))
+                extra = [float(record[f]) if record.get(f) not in (None, "") else None for f in fields[3:]]
+                rows.append(RewardRow(record["subset"], int(record["n"]), float(record["mean_reward"]), *extra))
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{path}, line {line}: {error}") from error
     return rows

@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 OFFLINE_TOKENIZER = "byt5"  # ByT5's byte tokenizer needs no files: the offline default for tiny models
 
@@ -19,7 +25,11 @@ class ModelLoadError(ValueError):
 
 
 def _explain(kind: str, name: str, error: Exception) -> ModelLoadError:
-    hint = "" if Path(name).exists() else " (not a local directory; a hub name needs network access or a local cache)"
+    hint = (
+        ""
+        if Path(name).exists()
+        else " (not a local directory; a hub name needs network access or a local cache)"
+    )
     return ModelLoadError(f"could not load {kind} {name!r}{hint}: {error}")
 
 
@@ -40,7 +50,9 @@ def build_config(config: dict[str, Any], **overrides: Any):
     settings = dict(config)
     model_type = settings.pop("model_type", None)
     if not model_type:
-        raise ModelLoadError(f"a model config needs a 'model_type' key (e.g. 'llama'), got keys {sorted(config)}")
+        raise ModelLoadError(
+            f"a model config needs a 'model_type' key (e.g. 'llama'), got keys {sorted(config)}"
+        )
     settings.update(overrides)
     try:
         return AutoConfig.for_model(model_type, **settings)
@@ -48,28 +60,60 @@ def build_config(config: dict[str, Any], **overrides: Any):
         raise ModelLoadError(f"invalid model config {config!r}: {error}") from error
 
 
-def _init_from_config(auto_cls, config, seed: int) -> PreTrainedModel:
+def _init_from_config(auto_cls, config, seed: int, dtype: str | None = None) -> PreTrainedModel:
+    """A freshly initialised model (in ``dtype`` when given, e.g. ``"bfloat16"``), seeded without touching the
+    run's random streams."""
+    options = {"dtype": getattr(torch, dtype, None)} if dtype not in (None, "auto") else {}
+    if options and not isinstance(options["dtype"], torch.dtype):
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use e.g. 'float32', 'bfloat16' or 'float16'")
     with torch.random.fork_rng(devices=[]):  # a built model must not shift the run's RNG stream
         torch.manual_seed(seed)
-        return auto_cls.from_config(config)
+        return auto_cls.from_config(config, **options)
 
 
-def load_causal_lm(path: str | None, config: dict[str, Any] | None = None, *, seed: int = 0, dtype: str | None = None) -> PreTrainedModel:
+def white_box_conflict(path: str | None, config: dict[str, Any] | None) -> str | None:
+    """Why a white box given both by path and by config is refused (None when one is given).
+
+    A model comes from one source: with both, one of the two settings would be silently ignored.
+    """
+    if path and config is not None:
+        return (
+            f"model.model={path!r} and model.model_config are both set; give one (on top of a config that "
+            "sets model.model_config, add --model.model_config null)"
+        )
+    return None
+
+
+def load_causal_lm(
+    path: str | None, config: dict[str, Any] | None = None, *, seed: int = 0, dtype: str | None = None
+) -> PreTrainedModel:
     """The white-box: ``from_pretrained(path)``, or a freshly initialised model from ``config``."""
+    conflict = white_box_conflict(path, config)
+    if conflict:
+        raise ModelLoadError(conflict)
     if config is not None:
-        return _init_from_config(AutoModelForCausalLM, build_config(config), seed)
+        return _init_from_config(AutoModelForCausalLM, build_config(config), seed, dtype)
     if not path:
-        raise ModelLoadError("no white-box model given: set model.model (a path or hub name) or model.model_config")
+        raise ModelLoadError(
+            "no white-box model given: set model.model (a path or hub name) or model.model_config"
+        )
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     except (OSError, ValueError) as error:
         raise _explain("causal LM", path, error) from error
 
 
-def load_reward_model(path: str | None, config: dict[str, Any] | None = None, *, seed: int = 0, dtype: str | None = None) -> PreTrainedModel:
+def load_reward_model(
+    path: str | None, config: dict[str, Any] | None = None, *, seed: int = 0, dtype: str | None = None
+) -> PreTrainedModel:
     """A sequence-classification reward model with one output (the reward)."""
+    if path and config is not None:  # one of the two would be silently ignored
+        raise ModelLoadError(
+            f"a reward model's model={path!r} and config are both set; give one (add "
+            "--model.reward_model.init_args.config null, or the same under model.judge)"
+        )
     if config is not None:
-        return _init_from_config(AutoModelForSequenceClassification, build_config(config, num_labels=1), seed)
+        return _init_from_config(AutoModelForSequenceClassification, build_config(config, num_labels=1), seed, dtype)
     if not path:
         raise ModelLoadError("no reward model given: set its model (a path or hub name) or its config")
     try:
@@ -95,12 +139,16 @@ def apply_lora(model: PreTrainedModel, settings: dict[str, Any]):
     try:
         return get_peft_model(model, config)
     except (TypeError, ValueError) as error:  # e.g. target_modules that the model does not have
-        raise ModelLoadError(f"cannot apply model.lora {settings!r} to {type(model).__name__}: {error}") from error
+        raise ModelLoadError(
+            f"cannot apply model.lora {settings!r} to {type(model).__name__}: {error}"
+        ) from error
 
 
 def plain_model(model: torch.nn.Module) -> PreTrainedModel:
     """The model to ``save_pretrained`` for plain transformers: LoRA adapters merged into a copy, else as is."""
-    if hasattr(model, "merge_and_unload"):  # a peft model: merge a copy, so the trained adapters stay in place
+    if hasattr(
+        model, "merge_and_unload"
+    ):  # a peft model: merge a copy, so the trained adapters stay in place
         import copy
 
         return copy.deepcopy(model).merge_and_unload()

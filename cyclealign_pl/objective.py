@@ -16,16 +16,18 @@ The paper's equations carry two typos that the reference code of the cited metho
 
 Both methods' reference code take p_i as the length-normalised sum of response token log-probs, with
 the EOS token counted once in the response, and add an SFT term on the best response weighted, in PRO,
-by (l-1)^2 for l ranked responses.
+by (l-1)^2 for l ranked responses. Here a sampled response is scored on exactly the tokens the white box
+generated, its EOS included where it stopped (``policy.Reply``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "LossParts",
@@ -35,8 +37,7 @@ __all__ = [
     "pad_rankings",
     "pro_loss",
     "rrhf_loss",
-    "sft_loss",
-    "token_logprobs",
+    "target_logprobs",
 ]
 
 
@@ -53,33 +54,38 @@ def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
-    """Per-token log p(input_ids[t] | input_ids[<t]) for causal-LM ``logits`` [..., T, V].
+def target_logprobs(
+    hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, chunk_tokens: int | None = None
+) -> Tensor:
+    """log p(targets[k, t] | hidden[k, t]) for every position, where ``head(hidden)`` gives the logits.
 
-    Position t of the result holds the log-prob of ``input_ids[..., t]`` (predicted by the logits at
-    t-1); position 0 has no prediction and holds 0. Low-precision logits are upcast to float32, but only
-    once: log_softmax(x)[y] = x[y] - logsumexp(x), with the logsumexp done in place on the single float32
-    copy instead of materialising a full log_softmax next to it.
+    ``hidden`` [K, T, H] holds the hidden state that *predicts* each target (the position before it), so only
+    the positions that are scored go through the output head. With ``chunk_tokens`` the head runs on that many
+    positions at a time and each chunk's logits are recomputed in backward (activation checkpointing), so peak
+    memory holds one chunk's logits [K, chunk, V] instead of all of them: it stops growing with the sequence,
+    which is what lets large vocabularies (32k-128k) score many candidates. The result is float32 (or float64)
+    whatever the model's dtype: low-precision logsumexp loses too much.
     """
-    if logits.shape[:-1] != input_ids.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)} disagree: "
-            "expected logits of shape input_ids.shape + (vocab_size,)"
-        )
-    if input_ids.shape[-1] == 0:
-        return logits.new_zeros(input_ids.shape, dtype=_at_least_float32(logits.dtype))
-    shifted = logits[..., :-1, :]  # logits at t-1 predict the token at t
-    targets = input_ids[..., 1:].unsqueeze(-1)
-    # The max only stabilises exp; logsumexp's value (and its gradient, softmax) do not depend on it.
-    dtype = _at_least_float32(logits.dtype)
-    row_max = shifted.detach().amax(dim=-1, keepdim=True).to(dtype)
-    # The one float32 copy (a copy even for float32 input, so the in-place ops below never touch `logits`).
-    work = shifted.to(dtype, copy=True)
-    work.sub_(row_max).exp_()  # in place: exp's backward needs only its output, which is `work` itself
-    logsumexp = work.sum(dim=-1, keepdim=True).log() + row_max
-    selected = shifted.gather(dim=-1, index=targets).to(dtype)
-    logps = (selected - logsumexp).squeeze(-1)
-    return torch.nn.functional.pad(logps, (1, 0), value=0.0)
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: expected "
+                         "hidden of shape targets.shape + (hidden_size,)")
+    steps = targets.shape[-1]
+    if chunk_tokens is None or chunk_tokens >= steps:
+        return _chunk_logprobs(hidden, targets, head)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    parts = [
+        checkpoint(_chunk_logprobs, hidden[:, start : start + chunk_tokens], targets[:, start : start + chunk_tokens],
+                   head, use_reentrant=False)
+        for start in range(0, steps, chunk_tokens)
+    ]
+    return torch.cat(parts, dim=-1)
+
+
+def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:
+    logits = head(hidden)
+    logits = logits.to(_at_least_float32(logits.dtype))
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def mean_response_logprob(token_logps: Tensor, response_mask: Tensor) -> Tensor:
@@ -192,22 +198,6 @@ def pro_loss(scores: Tensor, rankings: Tensor) -> Tensor:
     return _mean_over_valid(nll.sum(dim=1), valid)
 
 
-def sft_loss(token_logps: Tensor, response_mask: Tensor, valid: Tensor | None = None) -> Tensor:
-    """L_sft (paper, Eq. 2): mean token NLL of each prompt's best response, averaged over prompts.
-
-    ``token_logps``/``response_mask`` are [B, T] for the one best response per prompt. Prompts where
-    ``valid`` is False, or whose mask is empty (no response tokens to imitate), are left out of the
-    mean; with none left the result is 0 with a working backward.
-    """
-    nll = -mean_response_logprob(token_logps, response_mask)
-    keep = response_mask.to(torch.bool).any(dim=-1)
-    if valid is not None:
-        if valid.shape != keep.shape:
-            raise ValueError(f"valid {tuple(valid.shape)} must be one flag per prompt {tuple(keep.shape)}")
-        keep = keep & valid.to(device=keep.device, dtype=torch.bool)
-    return _mean_over_valid(nll.to(_at_least_float32(nll.dtype)), keep)
-
-
 def default_sft_weight(num_candidates: int) -> float:
     """lambda = (l-1)^2 for l ranked candidates, PRO's weighting of the SFT term."""
     if num_candidates < 1:
@@ -215,24 +205,22 @@ def default_sft_weight(num_candidates: int) -> float:
     return float((num_candidates - 1) ** 2)
 
 
-def cycle_loss(
-    scores: Tensor,
-    rankings: Tensor,
-    objective: Literal["rrhf", "pro"],
-    sft_weight: float | None = None,
-) -> LossParts:
+def cycle_loss(scores: Tensor, rankings: Tensor, objective: Literal["rrhf", "pro"], sft_weight: float) -> LossParts:
     """L = L_rank + lambda * L_sft (paper, Eq. 1) for one optimizer step.
 
     L_sft is the mean token NLL of each prompt's best response (``rankings[:, 0]``), which is exactly minus
-    its score p (the score *is* the mean response token log-prob), so no second pass over tokens is needed;
-    :func:`sft_loss` computes the same from token log-probs. Prompts with fewer than two ranked candidates
-    are masked out of both terms.
+    its score p (the score *is* the mean response token log-prob), so no second pass over tokens is needed.
+    Prompts with fewer than two ranked candidates are masked out of both terms.
+
+    ``sft_weight`` has no default on purpose: lambda = (l-1)^2 counts the l *sampled* candidates
+    (:func:`default_sft_weight`), which the columns of ``scores`` cannot tell apart from the judge's better
+    response ranked on top of them.
 
     Args:
         scores: [B, C] candidate scores p_i from :func:`mean_response_logprob`.
-        rankings: [B, K] best-first candidate indices, -1 padded (e.g. from :func:`pad_rankings`).
+        rankings: [B, K] best-first candidate indices, -1 padded (from :func:`pad_rankings`).
         objective: ``"rrhf"`` or ``"pro"`` for L_rank.
-        sft_weight: lambda; None means :func:`default_sft_weight` of C.
+        sft_weight: lambda.
     """
     if objective == "rrhf":
         rank = rrhf_loss(scores, rankings)
@@ -240,7 +228,6 @@ def cycle_loss(
         rank = pro_loss(scores, rankings)
     else:
         raise ValueError(f"objective must be 'rrhf' or 'pro', got {objective!r}")
-    weight = default_sft_weight(scores.shape[-1]) if sft_weight is None else float(sft_weight)
     ranked, _, valid = _ranked_scores(scores, rankings)
     sft = _mean_over_valid(-ranked[:, 0], valid)
-    return LossParts(total=rank + weight * sft, rank=rank, sft=sft)
+    return LossParts(total=rank + float(sft_weight) * sft, rank=rank, sft=sft)

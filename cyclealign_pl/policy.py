@@ -1,30 +1,57 @@
 """The white-box side of the cycle: tokenisation, sampling candidates, scoring them by mean log-prob.
 
 Kept apart from the cycle so that the cycle reads as the method and this file holds the token plumbing.
-Conventions (as in the RRHF/PRO reference code): the prompt and each response are tokenised separately;
-a response is followed by exactly one EOS, which counts as a response token; prompts longer than the budget
-keep their *last* tokens (the most recent turns), responses are cut at ``max_new_tokens``.
+
+Conventions:
+
+* A sampled candidate is scored on exactly the token ids that ``generate`` produced (:class:`Reply`), up to
+  and including the EOS where it stopped, or up to the start of the next dialogue turn where it wrote one. Its
+  text (what the judge reads) is decoded from those ids. Re-tokenising the text instead would score sequences
+  the model never produced: a byte-level tokenizer turns the generated ``Assistant: Sure`` into
+  ``Assistant:Sure`` once the reply is stripped.
+* A text from elsewhere (the judge's better reply) is joined to its prompt as the dialogue format implies,
+  ``"...Assistant:" + " " + reply``, and tokenised together, so that scoring a sampled reply's text gives the
+  same number as scoring its ids. It ends with EOS when it fits; a reply that has to be cut to fit
+  ``max_length`` gets no EOS, since a cut reply is not a finished one.
+* Prompts longer than their budget keep their *last* tokens (the most recent turns). The white box owns the
+  budget: ``max_length`` minus the room its replies need.
+* Scores never materialise the logits of every position: the decoder's hidden states of the reply positions
+  go through the output head a chunk of tokens at a time (``objective.target_logprobs``), so memory does not
+  grow with the vocabulary times the sequence.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from cyclealign_pl.objective import mean_response_logprob, token_logprobs
+from cyclealign_pl.objective import mean_response_logprob, target_logprobs
 
-# A reply ends where the next dialogue turn would begin (HH-RLHF format).
+# A reply ends where the next dialogue turn would begin (HH-RLHF format): the cut for sampled candidates.
 TURN_MARKERS = ("\n\nHuman:", "\n\nAssistant:", "\nHuman:", "\nAssistant:")
+# PRO's evaluation (the paper's Table 1 protocol) cuts a generated reply at a speaker tag wherever it appears.
+EVAL_MARKERS = ("Human:", "Assistant:")
+# Elements of logits computed at once when scoring: 2**24 float32 logits are 64 MiB (plus their gradient).
+DEFAULT_LOGIT_CHUNK_ELEMENTS = 2**24
 
 
 @dataclass
 class SamplingConfig:
-    """How candidates are sampled from the white-box (``transformers`` generate arguments)."""
+    """How candidates are sampled from the white box (``transformers`` generate arguments).
+
+    Attributes:
+        max_new_tokens: the most tokens a sampled candidate may have, its EOS included; prompts keep
+            ``max_length - max_new_tokens`` tokens.
+        temperature: softmax temperature of sampling (> 0; 1 samples the model's own distribution).
+        top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1: off).
+        top_k: keep only the k most likely tokens (0: off).
+        repetition_penalty: penalise tokens already generated (1: off).
+    """
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -39,26 +66,50 @@ class SamplingConfig:
             raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"sampling.repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
-def cut_at_next_turn(text: str) -> str:
-    """The reply up to the next ``Human:``/``Assistant:`` turn, stripped."""
+def cut_at_next_turn(text: str, markers: Sequence[str] = TURN_MARKERS) -> str:
+    """The reply up to the first of ``markers`` (the next dialogue turn), not stripped."""
     end = len(text)
-    for marker in TURN_MARKERS:
+    for marker in markers:
         found = text.find(marker)
         if found != -1:
             end = min(end, found)
-    return text[:end].strip()
+    return text[:end]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A reply as the white box scores it.
+
+    Attributes:
+        text: what the judge and the demonstrations show (decoded from ``ids``, stripped).
+        ids: the token ids that are scored.
+        finished: False when the reply was cut at the token budget (no EOS, no end of turn).
+    """
+
+    text: str
+    ids: tuple[int, ...]
+    finished: bool = True
 
 
 @dataclass
 class PromptEncoding:
-    """Prompts encoded once with gradients (key/value cache, attention mask, last logits): more replies can be
-    scored on top of it later in the same step, e.g. the judge's better responses."""
+    """Prompts encoded once with gradients (key/value cache, attention mask, last hidden state): replies are
+    scored on top of it, the candidates and later the judge's better replies of the same iteration."""
 
     cache: Any
     mask: Tensor  # [B, P], left padded
-    last_logits: Tensor  # [B, 1, V]: they predict a reply's first token
+    last_hidden: Tensor  # [B, 1, H]: it predicts a reply's first token
+
+    @property
+    def lengths(self) -> Tensor:
+        """The prompts' token counts [B] (without padding)."""
+        return self.mask.sum(-1)
 
 
 @dataclass
@@ -67,11 +118,12 @@ class ScoredCandidates:
 
     scores: Tensor
     lengths: Tensor
-    prompts: PromptEncoding | None = None  # set by shared-prefix scoring
+    encoding: PromptEncoding | None = None  # shared-prefix scoring keeps the prompts' encoding
+    prompt_lengths: list[int] = field(default_factory=list)  # token counts of the (truncated) prompts
 
 
 class WhiteBox:
-    """Wraps a causal LM and its tokenizer with the three things the cycle needs: sample, score, greedy.
+    """Wraps a causal LM and its tokenizer with what the cycle needs: sample, score, greedy.
 
     ``shared_prefix``: encode each prompt once and continue its candidates from the prompt's key/value cache,
     both when sampling them (no gradients) and when scoring them (gradients flow through the cache), instead of
@@ -79,11 +131,24 @@ class WhiteBox:
     to full sequences under gradient checkpointing, which drops the cache in training.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, max_length: int = 512, shared_prefix: bool = True) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        max_length: int = 512,
+        sampling: SamplingConfig | None = None,
+        shared_prefix: bool = True,
+        logit_chunk_elements: int | None = DEFAULT_LOGIT_CHUNK_ELEMENTS,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.sampling = sampling or SamplingConfig()
         self.shared_prefix = shared_prefix
+        self.logit_chunk_elements = logit_chunk_elements
+        if self.max_length <= self.sampling.max_new_tokens:
+            raise ValueError(f"max_length={max_length} leaves no room for a prompt: it must exceed "
+                             f"sampling.max_new_tokens={self.sampling.max_new_tokens}")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id: int = tokenizer.pad_token_id
@@ -95,22 +160,50 @@ class WhiteBox:
         return next(self.model.parameters()).device
 
     # -- tokenisation -------------------------------------------------------------------------------
-    def prompt_ids(self, prompt: str, budget: int) -> list[int]:
-        """Prompt token ids (BOS first when the tokenizer has one), keeping the last ``budget`` tokens."""
+    def prompt_budget(self, reply_room: int | None = None) -> int:
+        """How many tokens a prompt keeps (BOS included) when its reply may take ``reply_room`` tokens
+        (default: ``sampling.max_new_tokens``)."""
+        room = self.sampling.max_new_tokens if reply_room is None else reply_room
+        budget = self.max_length - room
+        if budget < 1:
+            raise ValueError(f"max_length={self.max_length} leaves no room for a prompt of a {room}-token reply")
+        return budget
+
+    def prompt_ids(self, prompt: str, reply_room: int | None = None) -> list[int]:
+        """Prompt token ids (BOS first when the tokenizer has one), keeping the last tokens that fit."""
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         prefix = [self.bos_id] if self.bos_id is not None else []
-        keep = max(budget - len(prefix), 1)
+        keep = max(self.prompt_budget(reply_room) - len(prefix), 1)
         return prefix + ids[-keep:]
 
-    def prompt_overflow(self, prompt: str, max_new_tokens: int) -> int:
+    def prompt_overflow(self, prompt: str, reply_room: int | None = None) -> int:
         """How many of the prompt's first tokens :meth:`prompt_ids` drops to leave room for the reply (0: none)."""
-        keep = max(self.max_length - max_new_tokens - 1 - (self.bos_id is not None), 1)
+        keep = max(self.prompt_budget(reply_room) - (self.bos_id is not None), 1)
         return max(len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) - keep, 0)
 
-    def response_ids(self, response: str, max_tokens: int) -> list[int]:
-        """Response token ids cut to ``max_tokens``, then exactly one EOS."""
-        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"][:max_tokens]
-        return ids + [self.eos_id]
+    def reply_token_ids(self, prompt: str, text: str) -> list[int]:
+        """The token ids of ``text`` as the reply to ``prompt``: joined as ``prompt + " " + text`` (the dialogue
+        format) and tokenised together, so the boundary tokens are the ones the model would have produced."""
+        text = text.strip()
+        context = prompt[-64:]  # the join only depends on the last characters; skip tokenising the whole dialogue
+        head = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+        joined = self.tokenizer(f"{context} {text}", add_special_tokens=False)["input_ids"]
+        if joined[: len(head)] == head:
+            return joined[len(head) :]
+        return self.tokenizer(f" {text}", add_special_tokens=False)["input_ids"]  # a merge across the join
+
+    def reply_from_text(self, prompt: str, text: str, room: int) -> Reply:
+        """A reply written elsewhere (the judge's better reply) as the white box scores it: cut at the next
+        dialogue turn, joined to its prompt, then EOS when it fits in ``room`` tokens; cut there (no EOS,
+        ``finished=False``) when it does not."""
+        ids = self.reply_token_ids(prompt, cut_at_next_turn(text))
+        if len(ids) + 1 <= room:
+            return Reply(text=self._decode(ids).strip(), ids=(*ids, self.eos_id), finished=True)
+        ids = ids[: max(room, 1)]
+        return Reply(text=self._decode(ids).strip(), ids=tuple(ids), finished=False)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _left_padded(self, sequences: Sequence[list[int]]) -> tuple[Tensor, Tensor]:
         width = max(len(s) for s in sequences)
@@ -123,22 +216,20 @@ class WhiteBox:
 
     # -- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def _generate(self, prompts: Sequence[str], max_new_tokens: int, num_return_sequences: int, **kwargs) -> list[str]:
-        budget = self.max_length - max_new_tokens - 1
-        if budget < 1:
-            raise ValueError(f"max_length={self.max_length} leaves no room for a prompt of max_new_tokens={max_new_tokens}")
-        input_ids, attention_mask = self._left_padded([self.prompt_ids(p, budget) for p in prompts])
+    def _generate(self, prompts: Sequence[str], max_new_tokens: int, copies: int, **kwargs) -> list[list[int]]:
+        """The generated token ids of ``copies`` continuations per prompt (padding after EOS included)."""
+        input_ids, attention_mask = self._left_padded([self.prompt_ids(p, max_new_tokens) for p in prompts])
         was_training = self.model.training
         self.model.eval()
         try:
-            if self.shared_prefix and num_return_sequences > 1 and input_ids.shape[1] > 1:
-                input_ids, attention_mask, kwargs["cache"] = self._prefill(input_ids, attention_mask, num_return_sequences)
-                num_return_sequences = 1
+            if self.shared_prefix and copies > 1 and input_ids.shape[1] > 1:
+                input_ids, attention_mask, kwargs["cache"] = self._prefill(input_ids, attention_mask, copies)
+                copies = 1
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=max_new_tokens,
-                num_return_sequences=num_return_sequences,
+                num_return_sequences=copies,
                 pad_token_id=self.pad_id,
                 eos_token_id=self.eos_id,
                 use_cache=True,
@@ -146,8 +237,7 @@ class WhiteBox:
             )
         finally:
             self.model.train(was_training)
-        texts = self.tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
-        return [cut_at_next_turn(t) for t in texts]
+        return output[:, input_ids.shape[1] :].tolist()
 
     def _prefill(self, input_ids: Tensor, attention_mask: Tensor, copies: int) -> tuple[Tensor, Tensor, Any]:
         """Encode each prompt once (all but its last token) and repeat the cache ``copies`` times, so that
@@ -158,112 +248,168 @@ class WhiteBox:
         rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(copies)
         return input_ids[rows], attention_mask[rows], _cache_rows(prefix.cache, rows)
 
-    def sample(self, prompts: Sequence[str], num_candidates: int, sampling: SamplingConfig) -> list[list[str]]:
-        """``num_candidates`` sampled replies per prompt, all prompts in one ``generate`` call."""
-        texts = self._generate(
-            prompts,
-            sampling.max_new_tokens,
-            num_candidates,
-            do_sample=True,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            repetition_penalty=sampling.repetition_penalty,
-        )
-        return [texts[i * num_candidates : (i + 1) * num_candidates] for i in range(len(prompts))]
+    def _reply_from_generated(self, generated: list[int], markers: Sequence[str] = TURN_MARKERS) -> Reply:
+        """The reply in one generated sequence: up to and including its EOS, or up to the next dialogue turn."""
+        if self.eos_id in generated:
+            ids = generated[: generated.index(self.eos_id) + 1]
+            body, finished = ids[:-1], True
+        else:
+            ids, body, finished = generated, generated, False
+        text = self._decode(body)
+        cut = cut_at_next_turn(text, markers)
+        if len(cut) == len(text):
+            return Reply(text=text.strip(), ids=tuple(ids), finished=finished)
+        keep = _tokens_before(body, cut, self._decode)  # the turn ended the reply: that is a finished reply
+        if keep == 0:  # the first token starts the next turn: it is the decision to end an empty reply, as EOS is
+            return Reply(text="", ids=tuple(body[:1]), finished=True)
+        return Reply(text=self._decode(body[:keep]).strip(), ids=tuple(body[:keep]), finished=True)
 
-    def greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        """One greedy reply per prompt (evaluation)."""
-        return self._generate(prompts, max_new_tokens, 1, do_sample=False)
+    def sample(self, prompts: Sequence[str], num_candidates: int) -> list[list[Reply]]:
+        """``num_candidates`` sampled replies per prompt, all prompts in one ``generate`` call."""
+        s = self.sampling
+        generated = self._generate(prompts, s.max_new_tokens, num_candidates, do_sample=True,
+                                   temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                   repetition_penalty=s.repetition_penalty)
+        replies = [self._reply_from_generated(ids) for ids in generated]
+        return [replies[i * num_candidates : (i + 1) * num_candidates] for i in range(len(prompts))]
+
+    def greedy(self, prompts: Sequence[str], max_new_tokens: int, markers: Sequence[str] = EVAL_MARKERS) -> list[str]:
+        """One greedy reply per prompt (evaluation), cut at a speaker tag as PRO's evaluation does."""
+        generated = self._generate(prompts, max_new_tokens, 1, do_sample=False)
+        return [self._reply_from_generated(ids, markers).text for ids in generated]
 
     # -- scoring ------------------------------------------------------------------------------------
-    def score(self, prompts: Sequence[str], responses: Sequence[Sequence[str]], max_new_tokens: int) -> ScoredCandidates:
-        """Mean token log-prob of every response given its prompt, in one forward pass over all pairs.
+    def score(self, prompts: Sequence[str], replies: Sequence[Sequence[Reply]]) -> ScoredCandidates:
+        """Mean token log-prob of every reply given its prompt, all pairs in one forward pass.
 
-        Returns ``scores[B, C]`` where C = ``len(responses[b])`` (equal for every prompt). Gradients flow.
-        With ``shared_prefix`` each prompt is encoded once (``scores.prompts`` keeps that encoding).
+        Returns ``scores[B, C]`` where C = ``len(replies[b])`` (equal for every prompt). Gradients flow.
+        With ``shared_prefix`` each prompt is encoded once (``encoding`` keeps it for :meth:`score_more`).
         """
-        num_prompts, num_candidates = len(prompts), len(responses[0])
-        if any(len(r) != num_candidates for r in responses):
-            raise ValueError("every prompt must have the same number of responses to score")
+        num_prompts, num_candidates = len(prompts), len(replies[0])
+        if any(len(r) != num_candidates for r in replies):
+            raise ValueError("every prompt must have the same number of replies to score")
+        prompt_ids = [self.prompt_ids(p) for p in prompts]
+        flat = [reply.ids for group in replies for reply in group]
         if self.shared_prefix and not self._checkpointing():
-            return self._score_shared_prefix(prompts, responses, max_new_tokens)
-        budget = self.max_length - max_new_tokens - 1
-        sequences: list[list[int]] = []
-        starts: list[int] = []
-        for prompt, group in zip(prompts, responses):
-            p_ids = self.prompt_ids(prompt, budget)
-            for response in group:
-                sequences.append(p_ids + self.response_ids(response, max_new_tokens))
-                starts.append(len(p_ids))
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        response_mask = torch.zeros_like(ids, dtype=torch.bool)
-        for row, (seq, start) in enumerate(zip(sequences, starts)):  # right padding
-            ids[row, : len(seq)] = torch.tensor(seq)
-            attention[row, : len(seq)] = 1
-            response_mask[row, start : len(seq)] = True
-        ids, attention, response_mask = ids.to(self.device), attention.to(self.device), response_mask.to(self.device)
-        logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        scores = mean_response_logprob(token_logprobs(logits, ids), response_mask)
-        return ScoredCandidates(
-            scores=scores.view(num_prompts, num_candidates),
-            lengths=response_mask.sum(-1).view(num_prompts, num_candidates),
-        )
+            encoding = self.encode_prompts(prompt_ids)
+            rows = torch.arange(num_prompts, device=self.device).repeat_interleave(num_candidates)
+            scores, lengths = self._score_on(encoding, rows, flat)
+        else:
+            encoding = None
+            repeated = [ids for ids in prompt_ids for _ in range(num_candidates)]
+            scores, lengths = self._score_full(repeated, flat)
+        return ScoredCandidates(scores=scores.view(num_prompts, num_candidates),
+                                lengths=lengths.view(num_prompts, num_candidates), encoding=encoding,
+                                prompt_lengths=[len(ids) for ids in prompt_ids])
+
+    def score_more(self, scored: ScoredCandidates, prompts: Sequence[str], rows: Sequence[int],
+                   replies: Sequence[Reply]) -> Tensor:
+        """Mean token log-prob of ``replies[k]`` given prompt ``rows[k]`` of an earlier :meth:`score` call
+        (on its prompt encoding when it kept one); gradients flow."""
+        if scored.encoding is not None:
+            index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+            return self._score_on(scored.encoding, index, [r.ids for r in replies])[0]
+        prompt_ids = [self.prompt_ids(prompts[row]) for row in rows]
+        return self._score_full(prompt_ids, [r.ids for r in replies])[0]
+
+    def reply_room(self, scored: ScoredCandidates, row: int) -> int:
+        """Tokens left for a reply to prompt ``row`` of ``scored``: what ``max_length`` allows after it."""
+        return self.max_length - scored.prompt_lengths[row]
 
     def _checkpointing(self) -> bool:
         """Gradient checkpointing drops the key/value cache in training, so the shared prefix cannot be used."""
         return self.model.training and any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules())
 
-    def _score_shared_prefix(
-        self, prompts: Sequence[str], responses: Sequence[Sequence[str]], max_new_tokens: int
-    ) -> ScoredCandidates:
-        """:meth:`score` with each prompt encoded once (:meth:`encode_prompts`), the candidates on top."""
-        encoding = self.encode_prompts(prompts, max_new_tokens)
-        num_prompts, num_candidates = len(prompts), len(responses[0])
-        rows = torch.arange(num_prompts, device=self.device).repeat_interleave(num_candidates)
-        scores, lengths = self._score_on(encoding, rows, [r for group in responses for r in group], max_new_tokens)
-        return ScoredCandidates(
-            scores=scores.view(num_prompts, num_candidates),
-            lengths=lengths.view(num_prompts, num_candidates),
-            prompts=encoding,
-        )
-
-    def encode_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> PromptEncoding:
-        """The prompts left-padded [B, P] through the model once, with ``use_cache`` (gradients kept)."""
-        budget = self.max_length - max_new_tokens - 1
-        ids, mask = self._left_padded([self.prompt_ids(p, budget) for p in prompts])
+    def encode_prompts(self, prompt_ids: Sequence[list[int]]) -> PromptEncoding:
+        """The prompts left-padded [B, P] through the decoder once, with ``use_cache`` (gradients kept)."""
+        ids, mask = self._left_padded(prompt_ids)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        return PromptEncoding(cache=out.cache, mask=mask, last_logits=out.logits[:, -1:])
+        out = self._decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        return PromptEncoding(cache=out.cache, mask=mask, last_hidden=out.last_hidden_state[:, -1:])
 
-    def score_on(self, encoding: PromptEncoding, rows: Sequence[int], responses: Sequence[str], max_new_tokens: int) -> Tensor:
-        """Mean token log-prob of ``responses[k]`` given the encoded prompt ``rows[k]`` (gradients flow)."""
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
-        return self._score_on(encoding, index, responses, max_new_tokens)[0]
-
-    def _score_on(self, encoding: PromptEncoding, rows: Tensor, responses: Sequence[str], max_new_tokens: int) -> tuple[Tensor, Tensor]:
-        """Replies right-padded [K, R] on top of the prompts' cache rows ``rows`` (explicit positions, so the
-        prompts' left padding shifts nothing); the first reply token is predicted by the prompt's last logits."""
-        replies = [self.response_ids(r, max_new_tokens) for r in responses]
+    def _right_padded(self, replies: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        if any(len(r) == 0 for r in replies):
+            raise ValueError("a reply to score has no tokens")
         width = max(len(r) for r in replies)
         ids = torch.full((len(replies), width), self.pad_id, dtype=torch.long)
-        response_mask = torch.zeros_like(ids, dtype=torch.bool)
-        for row, reply in enumerate(replies):  # right padding
-            ids[row, : len(reply)] = torch.tensor(reply)
-            response_mask[row, : len(reply)] = True
-        ids, response_mask = ids.to(self.device), response_mask.to(self.device)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for row, reply in enumerate(replies):
+            ids[row, : len(reply)] = torch.tensor(reply, dtype=torch.long)
+            mask[row, : len(reply)] = True
+        return ids.to(self.device), mask.to(self.device)
+
+    def _score_on(self, encoding: PromptEncoding, rows: Tensor, replies: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """Replies right-padded [K, R] on top of the prompts' cache rows ``rows`` (explicit positions, so the
+        prompts' left padding shifts nothing); the first reply token is predicted by the prompt's last state."""
+        ids, reply_mask = self._right_padded(replies)
         prompt_mask = encoding.mask[rows]
-        positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(width, device=self.device)
-        attention = torch.cat([prompt_mask, response_mask.long()], dim=1)
-        logits = self.model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                            cache=_cache_rows(encoding.cache, rows), use_cache=True).logits
-        # [last prompt logits, reply logits] predict [reply tokens]: token_logprobs shifts by one
-        logits = torch.cat([encoding.last_logits[rows], logits], dim=1)
-        ids = torch.nn.functional.pad(ids, (1, 0), value=self.pad_id)
-        response_mask = torch.nn.functional.pad(response_mask, (1, 0), value=False)
-        return mean_response_logprob(token_logprobs(logits, ids), response_mask), response_mask.sum(-1)
+        positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(ids.shape[1], device=self.device)
+        attention = torch.cat([prompt_mask, reply_mask.long()], dim=1)
+        hidden = self._decoder()(input_ids=ids, attention_mask=attention, position_ids=positions,
+                                 cache=_cache_rows(encoding.cache, rows), use_cache=True).last_hidden_state
+        predictors = torch.cat([encoding.last_hidden[rows], hidden[:, :-1]], dim=1)  # state t-1 predicts token t
+        return self._mean_logprob(predictors, ids, reply_mask), reply_mask.sum(-1)
+
+    def _score_full(self, prompt_ids: Sequence[list[int]], replies: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """Whole sequences ``prompt + reply`` right-padded; only the reply positions go through the head."""
+        sequences = [list(p) + list(r) for p, r in zip(prompt_ids, replies)]
+        ids, attention = self._right_padded(sequences)
+        hidden = self._decoder()(input_ids=ids, attention_mask=attention.long(), use_cache=False).last_hidden_state
+        reply_ids, reply_mask = self._right_padded(replies)
+        starts = torch.tensor([len(p) for p in prompt_ids], device=self.device)
+        # the state at position start-1+j predicts reply token j (positions past a reply's end are masked)
+        index = (starts[:, None] - 1 + torch.arange(reply_ids.shape[1], device=self.device)).clamp(max=ids.shape[1] - 1)
+        predictors = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self._mean_logprob(predictors, reply_ids, reply_mask), reply_mask.sum(-1)
+
+    def _mean_logprob(self, predictors: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        chunk = None
+        if self.logit_chunk_elements:
+            chunk = max(1, self.logit_chunk_elements // max(1, targets.shape[0] * vocab))
+        return mean_response_logprob(target_logprobs(predictors, self._head(), targets, chunk), mask)
+
+    def _decoder(self) -> torch.nn.Module:
+        """The model without its output head (hidden states out), e.g. ``LlamaForCausalLM.model``."""
+        return self.model.get_decoder()
+
+    def _head(self) -> Callable[[Tensor], Tensor]:
+        """The output head as the causal LM applies it, including the logit scaling a few families add."""
+        head = self.model.get_output_embeddings()
+        config = getattr(self.model, "config", None)
+        softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+        scale = getattr(config, "logit_scale", None)  # Cohere
+        divide = getattr(config, "logits_scaling", None)  # Granite
+        if not (softcap or scale or divide):
+            return head
+
+        def scaled(hidden: Tensor) -> Tensor:
+            logits = head(hidden)
+            if scale:
+                logits = logits * scale
+            if divide:
+                logits = logits / divide
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            return logits
+
+        return scaled
+
+
+def _tokens_before(ids: Sequence[int], cut: str, decode: Callable[[Sequence[int]], str]) -> int:
+    """How many of ``ids`` make up the text ``cut`` (a reply cut where the next turn starts).
+
+    The longest prefix that decodes to ``cut`` plus at most whitespace (``"Sure.\\n\\n"`` before ``"Human:"``),
+    or to a part of ``cut`` when the cut falls inside a token.
+    """
+    within = 0
+    for count in range(1, len(ids) + 1):
+        text = decode(ids[:count])
+        if cut.startswith(text) or (text.startswith(cut) and not text[len(cut) :].strip()):
+            within = count
+        else:
+            break
+    return within
 
 
 def _cache_rows(cache: Any, rows: Tensor) -> Any:

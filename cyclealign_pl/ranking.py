@@ -84,12 +84,6 @@ def agreement(whitebox: Sequence[int], blackbox: Sequence[int]) -> Ranking:
     return tuple(out)
 
 
-def restrict(ranking: Sequence[int], keep: Iterable[int]) -> Ranking:
-    """The ranking limited to the candidates in ``keep``, order preserved."""
-    kept = set(keep)
-    return tuple(i for i in ranking if i in kept)
-
-
 def _common_pairs(prediction: Sequence[int], reference: Sequence[int]) -> tuple[int, int]:
     """(concordant, discordant) pairs over the candidates present in both rankings."""
     pred_pos = {item: p for p, item in enumerate(prediction)}

@@ -1,41 +1,21 @@
-"""Shared test helpers: tiny models built from configs, real judges with simple rules, HH-format files."""
+"""Shared fixtures: small HH-RLHF directories, a local OpenAI-compatible server and judges on it (plain helpers
+are in ``tests/helpers.py``)."""
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
+from cyclealign_pl.judges.chat import ChatClient, ChatSettings
 from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.testing.openai_server import LocalOpenAIServer
+from tests.helpers import write_hh_split
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 512,
-}
-TINY_REWARD_MODEL = {**TINY_LLAMA, "vocab_size": 384, "pad_token_id": 0}
-
-
-def write_hh_split(root: Path, subset: str, split: str, pairs: Sequence[tuple[str, str]]) -> Path:
-    """Write ``<root>/<subset>/<split>.jsonl.gz`` in the upstream HH-RLHF layout from (chosen, rejected) pairs."""
-    path = root / subset / f"{split}.jsonl.gz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        for chosen, rejected in pairs:
-            f.write(json.dumps({"chosen": chosen, "rejected": rejected}) + "\n")
-    return path
 
 
 @pytest.fixture
@@ -43,7 +23,8 @@ def hh_root(tmp_path: Path) -> Callable[..., Path]:
     """A factory for small HH-RLHF directories: ``hh_root(questions, good, bad) -> root``."""
 
     def make(questions: Sequence[str], good: str = "Sure, glad to help.", bad: str = "No. Go away.") -> Path:
-        pairs = [(f"\n\nHuman: {q}\n\nAssistant: {good}", f"\n\nHuman: {q}\n\nAssistant: {bad}") for q in questions]
+        pairs = [(f"\n\nHuman: {q}\n\nAssistant: {good}", f"\n\nHuman: {q}\n\nAssistant: {bad}")
+                 for q in questions]
         write_hh_split(tmp_path / "hh", "harmless-base", "train", pairs)
         write_hh_split(tmp_path / "hh", "harmless-base", "test", pairs[:4])
         return tmp_path / "hh"
@@ -58,17 +39,37 @@ def server():
         yield srv
 
 
+def quick_settings(server: LocalOpenAIServer, **overrides) -> dict:
+    """Chat settings against ``server`` with short timeouts and backoffs (tests wait seconds, not minutes)."""
+    return {"model": "local-ranker", "base_url": server.url, "request_timeout": 2.0, "max_retries": 2,
+            "backoff_initial_s": 0.02, "backoff_max_s": 0.1, **overrides}
+
+
 @pytest.fixture
 def make_judge(server):
-    """``make_judge(**overrides) -> OpenAIJudge`` against ``server``, with short timeouts and backoffs; closed after."""
+    """``make_judge(**overrides) -> OpenAIJudge`` against ``server`` (:func:`quick_settings`); closed
+    after."""
     judges: list[OpenAIJudge] = []
 
     def make(**kwargs) -> OpenAIJudge:
-        settings = {"model": "local-ranker", "base_url": server.url, "request_timeout": 2.0, "max_retries": 2,
-                    "backoff_initial_s": 0.02, "backoff_max_s": 0.1, **kwargs}
-        judges.append(OpenAIJudge(**settings))
+        judges.append(OpenAIJudge(**quick_settings(server, **kwargs)))
         return judges[-1]
 
     yield make
     for judge in judges:
         judge.close()
+
+
+@pytest.fixture
+def make_client(server):
+    """``make_client(seed=0, **settings) -> ChatClient`` against ``server`` (:func:`quick_settings`); closed
+    after."""
+    clients: list[ChatClient] = []
+
+    def make(seed: int = 0, **kwargs) -> ChatClient:
+        clients.append(ChatClient(ChatSettings(**quick_settings(server, **kwargs)), seed=seed))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()

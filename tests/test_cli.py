@@ -1,74 +1,546 @@
-"""The command line: the tiny fit end to end, bad configs, and the GPU configs (parsed and built where possible)."""
+"""The command line end to end: the tiny fit, where a run's files go, resuming, the end-of-fit report, help.
+
+Configuration errors (one line, "did you mean", no abbreviations) are in ``test_cli_errors.py``.
+"""
 
 from __future__ import annotations
 
 import csv
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from cyclealign_pl.cli import main
+from cyclealign_pl.cli import EXIT_BAD_INPUT, EXIT_NO_UPDATE, main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
+TINY_OPENAI = str(ROOT / "configs" / "tiny_openai.yaml")
 
 
 def tiny_args(run_dir: Path, *extra: str) -> list[str]:
+    """configs/tiny.yaml with every output under ``run_dir`` (the one setting that moves a run)."""
     return [
-        "--config", TINY,
-        "--trainer.default_root_dir", str(run_dir),
-        "--trainer.logger.init_args.save_dir", str(run_dir),
-        "--trainer.callbacks.dirpath", str(run_dir / "checkpoints"),
-        "--trainer.enable_progress_bar", "false",
+        "--config",
+        TINY,
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.enable_progress_bar",
+        "false",
         *extra,
     ]
 
 
-@pytest.mark.slow
-def test_tiny_fit_writes_checkpoint_metrics_and_exported_model(tmp_path):
-    cli = main(["fit", *tiny_args(tmp_path, "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0")])
-    module = cli.model
-    assert module.counters["steps"] == 3
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+def files_under(path: Path) -> dict[str, float]:
+    """Every file below ``path`` with its modification time (to tell that nothing was written)."""
+    return {str(p.relative_to(path)): p.stat().st_mtime for p in sorted(path.rglob("*")) if p.is_file()}
 
-    log_dir = Path(cli.trainer.log_dir)
-    rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
+
+# -- one short fit, shared: layout, report, resuming, a second run in the same root -------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    """A 2-step fit in ``<tmp>/run`` started from another working directory; its CLI object and printed report."""
+    base = tmp_path_factory.mktemp("cli-run")
+    workdir = base / "cwd"
+    workdir.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        capture = Capture()
+        with capture:
+            cli = main(
+                [
+                    "fit",
+                    *tiny_args(
+                        base / "run", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"
+                    ),
+                ]
+            )
+    return cli, base / "run", workdir, capture.out
+
+
+class Capture:
+    """stdout/stderr of an in-process CLI call (module-scoped fixtures cannot use capsys)."""
+
+    def __enter__(self):
+        import io
+        from contextlib import redirect_stderr, redirect_stdout
+
+        self._out, self._err = io.StringIO(), io.StringIO()
+        self._stack = [redirect_stdout(self._out), redirect_stderr(self._err)]
+        for cm in self._stack:
+            cm.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for cm in reversed(self._stack):
+            cm.__exit__(*exc)
+        self.out, self.err = self._out.getvalue(), self._err.getvalue()
+
+
+@pytest.mark.slow
+def test_every_output_of_a_fit_goes_under_default_root_dir(tiny_run):
+    cli, run_dir, workdir, _ = tiny_run
+    assert cli.model.counters["steps"] == 2
+    assert list(workdir.iterdir()) == []  # nothing in the working directory (no runs/tiny)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    log_dir = run_dir / "logs" / "version_0"
+    assert Path(cli.trainer.log_dir) == log_dir
+    assert {p.name for p in run_dir.iterdir()} == {"checkpoints", "logs"}
+
+    rows = list(csv.DictReader((log_dir / "metrics.csv").read_text().splitlines()))
     iterations = [float(r["cycle/iterations"]) for r in rows if r.get("cycle/iterations")]
-    assert len(iterations) == 3 and all(1 <= i <= 5 for i in iterations)
+    assert len(iterations) == 2 and all(1 <= i <= 5 for i in iterations)
     assert any(r.get("train/loss") for r in rows)
-    saved = yaml.safe_load(open(log_dir / "config.yaml"))
+    saved = yaml.safe_load((log_dir / "config.yaml").read_text())
     assert saved["model"]["cycle"]["num_candidates"] == 3
+    assert json.loads((log_dir / "eval" / "val_meta.json").read_text())["trainer_fn"] == "fit"
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    exported = log_dir / "hf_model"
-    reloaded = AutoModelForCausalLM.from_pretrained(exported)
-    tokenizer = AutoTokenizer.from_pretrained(exported)
-    for name, tensor in module.model.state_dict().items():
+    reloaded = AutoModelForCausalLM.from_pretrained(log_dir / "hf_model")
+    tokenizer = AutoTokenizer.from_pretrained(log_dir / "hf_model")
+    for name, tensor in cli.model.model.state_dict().items():
         assert (reloaded.state_dict()[name] == tensor).all(), name
     assert tokenizer("hi").input_ids
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        (["--model.cycle.bogus", "1"], "bogus"),
-        (["--model.cycle.num_candidates", "three"], "num_candidates"),
-        (["--model.cycle.num_candidates", "1"], "num_candidates (l) must be >= 2"),
-        (["--model.cycle.max_iterations", "0"], "max_iterations (N) must be >= 1"),
-        (["--model.cycle.objective", "dpo"], "objective"),
-        (["--model.model_config", "null", "--model.model", "/no/such/model"], "could not load causal LM '/no/such/model'"),
-        (["--model.ablation", "no_everything"], "ablation"),
-        (["--data.init_args.subsets", "[harmless-bass]"], "harmless-bass"),
-    ],
-)
-def test_bad_config_fails_at_once_with_a_clear_message(override, message, tmp_path, capsys):
+@pytest.mark.slow
+def test_fit_ends_with_its_paths_and_numbers(tiny_run):
+    cli, run_dir, _, out = tiny_run
+    counters = cli.model.counters
+    report = out[out.index("cyclealign_pl: fit done") :]
+    assert (
+        f"{counters['steps']} steps, {counters['prompts']} prompts, {counters['optimizer_steps']} optimizer steps"
+        in report
+    )
+    assert f"{counters['iterations'] / counters['prompts']:.2f} iterations per prompt" in report
+    assert f"{counters['judge_failures']} failed judgments of {counters['iterations']}" in report
+    reward = cli.trainer.callback_metrics["val/reward/total"].item()
+    assert f"validation reward (val/reward/total): {reward:.4g}" in report
+    for what, path in [
+        ("checkpoint", run_dir / "checkpoints" / "last.ckpt"),
+        ("logs", run_dir / "logs" / "version_0"),
+        ("exported model", run_dir / "logs" / "version_0" / "hf_model"),
+    ]:
+        assert f"  {what}: {path}" in report
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_so_and_writes_nothing(tiny_run, capsys):
+    _, run_dir, _, _ = tiny_run
+    before = files_under(run_dir)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *tiny_args(tmp_path, *override)])
-    assert exit_info.value.code != 0
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "checkpoints").exists()
+        main(["fit", *tiny_args(run_dir, "--trainer.limit_train_batches", "2", "--ckpt_path", "last")])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "already finished (2 of 2 steps, 1 of 1 epochs)" in out
+    assert str(run_dir / "checkpoints" / "last.ckpt") in out
+    assert files_under(run_dir) == before  # no log version, no export, no checkpoint
+
+
+@pytest.mark.slow
+def test_a_new_fit_into_a_root_that_holds_a_run_is_refused(tiny_run, capsys):
+    _, run_dir, _, _ = tiny_run
+    before = files_under(run_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *tiny_args(run_dir, "--trainer.limit_train_batches", "2")])
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "already holds a run's checkpoints" in err[0] and "--ckpt_path last" in err[0]
+    assert "--trainer.default_root_dir" in err[0]
+    assert files_under(run_dir) == before
+
+
+@pytest.mark.slow
+def test_validate_with_ckpt_path_last_reads_the_roots_checkpoint(tiny_run, tmp_path, capsys):
+    _, run_dir, _, _ = tiny_run
+    cli = main(
+        [
+            "validate",
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(run_dir),
+            "--trainer.limit_val_batches",
+            "1",
+            "--ckpt_path",
+            "last",
+        ]
+    )
+    from cyclealign_pl.progress import CycleProgressBar
+
+    assert isinstance(cli.trainer.progress_bar_callback, CycleProgressBar)  # the CLI's one-line bar
+    meta = json.loads((Path(cli.trainer.log_dir) / "eval" / "val_meta.json").read_text())
+    assert Path(meta["checkpoint"]) == run_dir / "checkpoints" / "last.ckpt"
+    assert meta["trained_steps"] == 2 and Path(cli.trainer.log_dir).parent == run_dir / "logs"
+
+    # in a root without a run, "last" is an error (validating the untrained model instead would mislead)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", *tiny_args(tmp_path / "empty", "--ckpt_path", "last")])
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "no last*.ckpt in" in err[0] and str(tmp_path / "empty" / "checkpoints") in err[0]
+    )
+    assert not (tmp_path / "empty").exists()
+
+
+def test_run_files_are_placed_under_the_root_unless_set():
+    from jsonargparse import Namespace
+
+    from cyclealign_pl.run_dir import checkpoint_dirs, place_run_files
+
+    config = Namespace(
+        trainer=Namespace(
+            default_root_dir="/r",
+            logger=Namespace(
+                class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=None)
+            ),
+            callbacks=[
+                Namespace(
+                    class_path="cyclealign_pl.callbacks.CycleCheckpoint", init_args=Namespace(dirpath=None)
+                ),
+                Namespace(
+                    class_path="lightning.pytorch.callbacks.ModelCheckpoint",
+                    init_args=Namespace(dirpath="/elsewhere"),
+                ),
+                Namespace(
+                    class_path="lightning.pytorch.callbacks.LearningRateMonitor", init_args=Namespace()
+                ),
+            ],
+        ),
+        model=Namespace(
+            judge=Namespace(class_path="x.Judge", init_args=Namespace(cache_path="cache.sqlite"))
+        ),
+    )
+    place_run_files(config)
+    assert config.trainer.logger.init_args.save_dir == "/r"
+    assert config.trainer.callbacks[0].init_args.dirpath == "/r/checkpoints"
+    assert config.trainer.callbacks[1].init_args.dirpath == "/elsewhere"  # set by the user: kept
+    assert checkpoint_dirs(config) == [Path("/r/checkpoints"), Path("/elsewhere")]
+    assert config.model.judge.init_args.cache_path == "/r/cache.sqlite"
+
+
+def test_finished_is_lightnings_fit_loop_done():
+    from cyclealign_pl.run_dir import Progress, finished_message
+
+    one_epoch = Progress(epochs=1, batches=48, global_step=131, counters={"steps": 48})
+    assert "already finished (48 of 48 steps, 1 of 1 epochs)" in finished_message(one_epoch, 1, -1)
+    assert finished_message(one_epoch, 2, -1) is None  # a second epoch to go
+    assert finished_message(one_epoch, None, -1) is None  # Lightning's default: 1000 epochs
+    assert "131 of 100 optimizer steps" in finished_message(one_epoch, None, 100)
+    mid_epoch = Progress(epochs=0, batches=20, global_step=55, counters={"steps": 20})
+    assert finished_message(mid_epoch, 1, -1) is None
+
+
+def test_the_progress_bar_shows_a_few_key_metrics_under_short_labels():
+    import torch
+
+    from cyclealign_pl.progress import KEY_METRICS, CycleProgressBar
+
+    trainer = SimpleNamespace(
+        callback_metrics={
+            "train/loss": torch.tensor(21.6),
+            "cycle/iterations_mean": torch.tensor(3.25),
+            "cycle/agreement_mean": torch.tensor(0.75),
+            "cycle/ranking_pairwise_accuracy_mean": torch.tensor(0.5),
+            "judge/requests_sent": torch.tensor(40.0),
+            "train/sft_loss": 2.0,
+        }
+    )
+    shown = CycleProgressBar().get_metrics(trainer, None)
+    assert shown == pytest.approx({"loss": 21.6, "iters": 3.25, "agree": 0.75, "acc": 0.5})
+    assert "v_num" not in shown
+    postfix = ", ".join(f"{k}={v:.3f}" for k, v in shown.items())
+    assert len(postfix) <= 50  # fits beside tqdm's bar on 80 columns
+    assert len(KEY_METRICS) == 4
+
+
+# -- the end-of-fit verdict ------------------------------------------------------------------------------------
+
+
+def test_a_fit_without_any_optimizer_step_fails_and_says_why():
+    from cyclealign_pl.summary import FitSummary, verdict
+
+    dead = FitSummary(
+        counters={"steps": 3, "prompts": 3, "iterations": 15, "optimizer_steps": 0, "judge_failures": 15},
+        judge={},
+        validation_reward=None,
+        evaluation={},
+    )
+    status, messages = verdict(dead, 0.2)
+    assert status == EXIT_NO_UPDATE == 4
+    assert any("no optimizer step in 3 prompts (15 of 15 judgments failed)" in m for m in messages)
+    assert any(m.startswith("warning: 100% of the judgments failed (15 of 15") for m in messages)
+
+    healthy = FitSummary(
+        counters={"steps": 3, "prompts": 3, "iterations": 10, "optimizer_steps": 9, "judge_failures": 1},
+        judge={},
+        validation_reward=None,
+        evaluation={},
+    )
+    assert verdict(healthy, 0.2) == (0, [])
+    status, messages = verdict(healthy, 0.05)  # 10% failed: above a 5% threshold
+    assert status == 0 and messages == [
+        (
+            "warning: 10% of the judgments failed (1 of 10; report.judge_failure_warning=0.05): see "
+            "judge/failures/* in metrics.csv"
+        )
+    ]
+    no_prompts = FitSummary(
+        counters={"steps": 0, "prompts": 0}, judge={}, validation_reward=None, evaluation={}
+    )
+    assert verdict(no_prompts, 0.2) == (0, [])
+
+
+def test_the_report_prints_whatever_the_module_and_judge_provide():
+    from cyclealign_pl.summary import collect, render
+
+    class Judge:
+        def metrics(self):
+            return {"requests_sent": 12, "cache_hits": 3, "failures": 1, "cost_usd": 0.0123}
+
+    module = SimpleNamespace(
+        counters={"steps": 4, "prompts": 4, "iterations": 10, "optimizer_steps": 9, "judge_failures": 1},
+        judge=Judge(),
+        evaluation_summary={
+            "zero-shot reward": -0.25,
+            "trained reward": 0.5,
+            "paired difference": 0.75,
+            "standard error": 0.125,
+            "empty replies": "0 of 16",
+        },
+    )
+    summary = collect(module, {"val/reward/total": 0.5}, {"checkpoint": "/x/last.ckpt", "logs": None})
+    lines = render(summary)
+    assert lines[0] == "fit done: 4 steps, 4 prompts, 9 optimizer steps, 2.50 iterations per prompt"
+    assert (
+        lines[1]
+        == "  judge: 12 requests, 3 cache hits, 1 failed requests, $0.0123, 1 failed judgments of 10 (10.0%)"
+    )
+    assert "  validation reward (val/reward/total): 0.5" in lines
+    for line in [
+        "  zero-shot reward: -0.25",
+        "  paired difference: 0.75",
+        "  standard error: 0.125",
+        "  empty replies: 0 of 16",
+        "  checkpoint: /x/last.ckpt",
+    ]:
+        assert line in lines
+    assert not any(line.startswith("  logs") for line in lines)  # no logger: no line
+
+    bare = collect(object(), {}, {})  # a module without counters or judge: nothing to crash on
+    assert render(bare)[0].startswith("fit done: 0 steps")
+
+
+def test_the_judge_failure_threshold_is_a_checked_setting():
+    from cyclealign_pl.summary import RunReport
+
+    assert RunReport().judge_failure_warning == 0.2
+    with pytest.raises(ValueError, match="judge_failure_warning must be in"):
+        RunReport(judge_failure_warning=1.5)
+
+
+@pytest.mark.slow
+def test_a_fit_whose_judge_never_ranks_exits_4_with_a_warning(tmp_path, monkeypatch, capsys):
+    """Every judge reply is unparseable: no optimizer step, so the run must not exit 0."""
+    from cyclealign_pl.testing.openai_server import Behaviour, LocalOpenAIServer
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
+    with (
+        LocalOpenAIServer(
+            responder=lambda index, body: Behaviour.reply("They all look fine to me.")
+        ) as server,
+        pytest.raises(SystemExit) as exit_info,
+    ):
+        main(
+            [
+                "fit",
+                *tiny_args(
+                    tmp_path / "run",
+                    "--config",
+                    TINY_OPENAI,
+                    "--trainer.limit_train_batches",
+                    "2",
+                    "--trainer.limit_val_batches",
+                    "0",
+                    "--model.cycle.max_iterations",
+                    "2",
+                    "--model.judge.init_args.base_url",
+                    server.url,
+                ),
+            ]
+        )
+    assert exit_info.value.code == EXIT_NO_UPDATE
+    err = capsys.readouterr().err
+    assert "cyclealign_pl: error: no optimizer step in 2 prompts (4 of 4 judgments failed)" in err
+    assert "cyclealign_pl: warning: 100% of the judgments failed (4 of 4" in err
+    assert (
+        tmp_path / "run" / "judge_cache.sqlite"
+    ).is_file()  # the config's relative cache_path: under the root
+
+
+@pytest.mark.slow
+def test_tiny_fit_against_a_local_openai_compatible_server(tmp_path, monkeypatch):
+    """configs/tiny.yaml + configs/tiny_openai.yaml: the black box is a real HTTP server on 127.0.0.1."""
+    from cyclealign_pl.testing.openai_server import LocalOpenAIServer
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
+    with LocalOpenAIServer() as server:
+        cli = main(
+            [
+                "fit",
+                *tiny_args(
+                    tmp_path,
+                    "--trainer.limit_train_batches",
+                    "3",
+                    "--trainer.limit_val_batches",
+                    "0",
+                    "--config",
+                    TINY_OPENAI,
+                    "--model.judge.init_args.base_url",
+                    server.url,
+                ),
+            ]
+        )
+        requests_seen = len(server.requests)
+    module = cli.model
+    assert type(module.judge).__name__ == "OpenAIJudge"
+    assert module.counters["steps"] == 3
+    # every iteration with >= 2 distinct candidates asked the server once
+    assert requests_seen == module.counters["iterations"] - module.counters["degenerate_sets"] > 0
+    rows = list(csv.DictReader((Path(cli.trainer.log_dir) / "metrics.csv").read_text().splitlines()))
+    sent = [float(r["judge/requests_sent"]) for r in rows if r.get("judge/requests_sent")]
+    assert sent and sent[-1] == requests_seen
+    assert any(r.get("judge/prompt_tokens") for r in rows)
+    assert (
+        tmp_path / "judge_cache.sqlite"
+    ).is_file()  # tiny_openai.yaml's relative cache_path, under the root
+
+
+def closed_port() -> int:
+    """A loopback port where nothing listens (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_dead_judge_fails_before_training_with_one_line(tmp_path):
+    """Needs the judge's preflight check (``Judge.preflight``, called in the module's setup).
+
+    Without it this run sends every request to a closed port, takes no optimizer step and exits 4.
+    """
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    fit = [
+        "fit",
+        *tiny_args(tmp_path / "run", "--config", TINY_OPENAI, "--model.judge.init_args.base_url", url),
+    ]
+    fit += ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0"]
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test-local", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "cyclealign_pl", *fit]
+    done = subprocess.run(
+        command, check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env
+    )
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("cyclealign_pl:")]
+    assert len(lines) == 1 and url.rsplit("/", 1)[0] in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# -- help --------------------------------------------------------------------------------------------------
+
+
+HEAVY = ("cyclealign_pl.module", "transformers.modeling_utils", "datasets", "deepspeed", "openai")
+
+
+def test_top_level_help_is_specific_and_imports_no_models_data_or_judges():
+    probe = (
+        "import sys\nfrom cyclealign_pl.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
+        f"    code = e.code\nprint('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m cyclealign_pl ")
+    assert "CycleAlign aligns a white-box causal LM" in done.stdout
+    assert "Lightning Trainer command line tool" not in done.stdout and "__main__.py" not in done.stdout
+    for name in ("fit", "validate", "test", "predict"):
+        assert f"\n    {name} " in done.stdout
+    assert done.stdout.rstrip().endswith("HEAVY [] 0")
+
+
+def _option_help(help_text: str) -> dict[str, str]:
+    """``--option`` -> its help text (the type/default note removed), from argparse's help layout."""
+    options: dict[str, str] = {}
+    current = None
+    for line in help_text.splitlines():
+        stripped = line.strip()
+        if line.startswith("  --"):
+            current = stripped.split()[0]
+            options[current] = " ".join(stripped.split()[2:]) if "  " in stripped else ""
+        elif current and line.startswith(" " * 10) and stripped:
+            options[current] += " " + stripped
+        else:
+            current = None
+    return {k: v.split("(type:")[0].strip() for k, v in options.items()}
+
+
+@pytest.fixture(scope="module")
+def fit_help() -> str:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COLUMNS", "200")  # wide lines: one option's text is not broken across option names
+        with Capture() as capture, pytest.raises(SystemExit):
+            main(["fit", "--help"])
+    return capture.out
+
+
+def test_fit_help_names_the_program_and_the_subcommand(fit_help):
+    assert fit_help.startswith("usage: python -m cyclealign_pl [options] fit ")
+    assert "Align the white box with the black box by CycleAlign" in fit_help
+    assert "--report.judge_failure_warning" in fit_help
+
+
+def test_fit_help_describes_every_method_setting(fit_help):
+    """Every ``model.cycle.*`` and ``model.sampling.*`` option has a description (the dataclasses' field docs).
+
+    Needs ``Attributes:`` sections in the docstrings of ``CycleConfig`` (cycle.py) and ``SamplingConfig``
+    (policy.py).
+    """
+    options = _option_help(fit_help)
+    method = {
+        k: v
+        for k, v in options.items()
+        if k.startswith(("--model.cycle.", "--model.sampling.")) and not k.endswith(("cycle", "sampling"))
+    }
+    assert len(method) >= 10, sorted(options)[:20]
+    undocumented = sorted(k for k, text in method.items() if not text)
+    assert not undocumented, f"options without a description: {undocumented}"
+
+
+def test_hf_refuses_a_path_and_a_config_together():
+    from cyclealign_pl.hf import ModelLoadError, load_causal_lm, load_reward_model
+
+    with pytest.raises(
+        ModelLoadError, match=r"model\.model='some/path' and model\.model_config are both set"
+    ):
+        load_causal_lm("some/path", {"model_type": "llama"})
+    with pytest.raises(ModelLoadError, match="model='some/rm' and config are both set"):
+        load_reward_model("some/rm", {"model_type": "llama"})
+
+
+# -- the paper's GPU configs parse (and build what needs no GPU) -----------------------------------------------
 
 
 @pytest.mark.parametrize("name, objective", [("llama_rrhf.yaml", "rrhf"), ("alpaca_pro.yaml", "pro")])
@@ -79,10 +551,19 @@ def test_gpu_configs_parse_and_build_what_needs_no_gpu(name, objective, capsys, 
     assert exit_info.value.code == 0
     out = capsys.readouterr().out  # deepspeed may log "[date] [WARNING] ..." lines to stdout on import
     printed = yaml.safe_load("\n".join(line for line in out.splitlines() if not line.startswith("[")))
-    assert printed["model"]["cycle"] == {**printed["model"]["cycle"], "num_candidates": 3, "max_iterations": 5, "objective": objective}
+    assert printed["model"]["cycle"] == {
+        **printed["model"]["cycle"],
+        "num_candidates": 3,
+        "max_iterations": 5,
+        "objective": objective,
+    }
     assert printed["model"]["max_length"] == 512 and printed["data"]["init_args"]["batch_size"] == 1
     assert printed["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(5e-5)
     assert printed["data"]["init_args"]["num_train_prompts"] == 1000
+    root = printed["trainer"]["default_root_dir"]
+    assert root == f"runs/{name.removesuffix('.yaml')}" and root not in out.replace(
+        f"default_root_dir: {root}", ""
+    )
 
     # the DeepSpeed ZeRO stage-2 strategy and its config build on the CPU (fit() itself needs CUDA)
     from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -99,40 +580,10 @@ def test_gpu_configs_parse_and_build_what_needs_no_gpu(name, objective, capsys, 
 
     judge_spec = printed["model"]["judge"]
     judge = OpenAIJudge(**judge_spec["init_args"])
-    assert judge.model == "gpt-3.5-turbo-0613"
+    assert judge.settings.model == "gpt-3.5-turbo-0613"
     judge.close()
 
     from cyclealign_pl.data.hh_rlhf import HHRLHFDataModule
 
     data = HHRLHFDataModule(**printed["data"]["init_args"])
     assert data.root is None and len(data.subsets) == 4
-
-
-@pytest.mark.slow
-def test_tiny_fit_against_a_local_openai_compatible_server(tmp_path, monkeypatch):
-    """configs/tiny.yaml + configs/tiny_openai.yaml: the black box is a real HTTP server on 127.0.0.1."""
-    from cyclealign_pl.testing.openai_server import LocalOpenAIServer
-
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
-    cache = tmp_path / "judge_cache.sqlite"
-    with LocalOpenAIServer() as server:
-        cli = main(
-            [
-                "fit",
-                *tiny_args(tmp_path, "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0"),
-                "--config", str(ROOT / "configs" / "tiny_openai.yaml"),
-                "--model.judge.init_args.base_url", server.url,
-                "--model.judge.init_args.cache_path", str(cache),
-            ]
-        )
-        requests_seen = len(server.requests)
-    module = cli.model
-    assert type(module.judge).__name__ == "OpenAIJudge"
-    assert module.counters["steps"] == 3
-    # every iteration with >= 2 distinct candidates asked the server once
-    assert requests_seen == module.counters["iterations"] - module.counters.get("degenerate_candidates", 0) > 0
-    rows = list(csv.DictReader(open(Path(cli.trainer.log_dir) / "metrics.csv")))
-    sent = [float(r["judge/requests_sent"]) for r in rows if r.get("judge/requests_sent")]
-    assert sent and sent[-1] == requests_seen
-    assert any(r.get("judge/prompt_tokens") for r in rows)
-    assert cache.is_file()

@@ -7,7 +7,6 @@ it was shown first, so the counts are checked with the order really shuffled.
 from __future__ import annotations
 
 import functools
-
 import json
 import math
 import re
@@ -32,13 +31,11 @@ from cyclealign_pl.compare import (
 from cyclealign_pl.judges.base import JudgeBudgetExceeded
 from cyclealign_pl.judges.pairwise import (
     build_pairwise_messages,
-    format_verdict,
     load_pairwise_template,
-    parse_pairwise_prompt,
     parse_verdict,
 )
 from cyclealign_pl.judges.prompt import TemplateError
-from cyclealign_pl.testing import Behaviour, LocalOpenAIServer
+from cyclealign_pl.testing import Behaviour, LocalOpenAIServer, format_verdict, parse_pairwise_prompt
 from cyclealign_pl.testing.openai_server import compare_replies
 
 FAKE_KEY = "sk-fake-compare-test-key-41c9e2"
@@ -78,9 +75,16 @@ def api_key(monkeypatch):
 
 
 @pytest.fixture
-def make_judge(make_judge):
-    """conftest's judge factory, as the comparison judge (its own key variable, a longer timeout)."""
-    return functools.partial(make_judge, model="local-judge", api_key_env=KEY_ENV, request_timeout=5.0)
+def server():
+    """The local server, serving the comparison judge's model (so its preflight needs no chat request)."""
+    with LocalOpenAIServer(model="local-judge") as srv:
+        yield srv
+
+
+@pytest.fixture
+def make_client(make_client):
+    """conftest's chat-client factory, as the comparison judge (its own key variable, a longer timeout)."""
+    return functools.partial(make_client, model="local-judge", api_key_env=KEY_ENV, request_timeout=5.0)
 
 
 # ------------------------------------------------------------------------------------------------ counts
@@ -120,12 +124,12 @@ def scripted(plan: dict[str, str]):
     return respond
 
 
-def test_counts_with_shuffled_order_invalids_and_server_errors(server, make_judge, tmp_path):
+def test_counts_with_shuffled_order_invalids_and_server_errors(server, make_client, tmp_path):
     ids = [(i, HARMLESS if i.startswith("h") else HELPFUL) for i in PLAN]
     run_a, run_b = write_runs(tmp_path, ids)
     server.responder = scripted(PLAN)
-    judge = make_judge(max_retries=2)
-    result = compare_files(run_a, run_b, judge, reasoning=True, seed=0, out=tmp_path / "out" / "res.csv")
+    client = make_client(max_retries=2)
+    result = compare_files(run_a, run_b, client, reasoning=True, seed=0, out=tmp_path / "out" / "res.csv")
 
     # the order really was shuffled, and each comparison knows the order the server saw
     shown = dict(seen(r.body) for r in server.requests)
@@ -168,11 +172,11 @@ def test_counts_with_shuffled_order_invalids_and_server_errors(server, make_judg
     assert next(x for x in lines if x["id"] == "h5")["judge_reply"].endswith("[[C]]")
 
 
-def test_a_position_biased_judge_wins_exactly_where_run_a_was_shown_first(server, make_judge, tmp_path):
+def test_a_position_biased_judge_wins_exactly_where_run_a_was_shown_first(server, make_client, tmp_path):
     ids = [(f"q{i}", HARMLESS) for i in range(16)]
     run_a, run_b = write_runs(tmp_path, ids)
     server.responder = lambda index, body: Behaviour.reply("Verdict: [[A]]")  # always the first reply
-    result = compare_files(run_a, run_b, make_judge(), reasoning=False, seed=7)
+    result = compare_files(run_a, run_b, make_client(), reasoning=False, seed=7)
     a_first = {i for i, b_first in (seen(r.body) for r in server.requests) if not b_first}
     assert 0 < len(a_first) < 16
     assert {c.id for c in result.comparisons if c.outcome == "win"} == a_first
@@ -180,7 +184,7 @@ def test_a_position_biased_judge_wins_exactly_where_run_a_was_shown_first(server
     assert result.total.win == len(a_first) and result.total.tie == 0
 
     server.clear()  # the files the other way round: the same ids show the first argument's reply first
-    swapped = compare_files(run_b, run_a, make_judge(), reasoning=False, seed=7)
+    swapped = compare_files(run_b, run_a, make_client(), reasoning=False, seed=7)
     b_file_first = {i for i, b_first in (seen(r.body) for r in server.requests) if b_first}
     assert {c.id for c in swapped.comparisons if c.outcome == "win"} == b_file_first == a_first
 
@@ -196,13 +200,13 @@ def test_the_order_is_a_seeded_hash_of_the_id():
 # ---------------------------------------------------------------------------------------- missing ids
 
 
-def test_ids_in_one_file_only_are_counted_and_listed_not_sent(server, make_judge, tmp_path):
+def test_ids_in_one_file_only_are_counted_and_listed_not_sent(server, make_client, tmp_path):
     run_a, run_b = write_runs(
         tmp_path,
         [("x1", HARMLESS), ("x2", HARMLESS), ("x3", HELPFUL), ("x4", HELPFUL)],
         [("x2", HARMLESS), ("x3", HELPFUL), ("x5", HELPFUL), ("x6", "helpful-online")],
     )
-    result = compare_files(run_a, run_b, make_judge(), out=tmp_path / "res.csv")
+    result = compare_files(run_a, run_b, make_client(), out=tmp_path / "res.csv")
     assert sorted(seen(r.body)[0] for r in server.requests) == ["x2", "x3"]
     assert [r.id for r in result.pairing.only_a] == ["x1", "x4"]
     assert [r.id for r in result.pairing.only_b] == ["x5", "x6"]
@@ -312,8 +316,9 @@ def test_cli_end_to_end_with_the_default_rule_cache_and_replay(server, tmp_path,
 def test_the_api_key_is_used_but_never_written(server, tmp_path, capsys):
     run_a, run_b = write_runs(tmp_path, [("k1", HARMLESS), ("k2", HELPFUL)])
     out_dir = tmp_path / "out"
-    main([str(run_a), str(run_b), "--base_url", server.url, "--api_key_env", KEY_ENV, "--cache_path",
-          str(out_dir / "cache.sqlite"), "--out", str(out_dir / "res.csv"), "--extra_headers",
+    main([str(run_a), str(run_b), "--model", "local-judge", "--base_url", server.url, "--api_key_env",
+          KEY_ENV, "--cache_path", str(out_dir / "cache.sqlite"), "--out", str(out_dir / "res.csv"),
+          "--extra_headers",
           '{"X-Org": "env:' + KEY_ENV + '"}'])
     assert all(r.headers["authorization"] == f"Bearer {FAKE_KEY}" for r in server.requests)
     assert all(r.headers["x-org"] == FAKE_KEY for r in server.requests)
@@ -339,8 +344,8 @@ def test_cli_bad_input_exits_2_naming_the_file_and_line(tmp_path, capsys, server
 def test_cli_a_spent_budget_exits_3_and_keeps_what_was_answered(tmp_path, capsys, server):
     run_a, run_b = write_runs(tmp_path, [(f"b{i}", HARMLESS) for i in range(4)])
     cache = tmp_path / "cache.sqlite"
-    argv = [str(run_a), str(run_b), "--base_url", server.url, "--cache_path", str(cache), "--max_concurrency",
-            "1", "--out", str(tmp_path / "res.csv")]
+    argv = [str(run_a), str(run_b), "--model", "local-judge", "--base_url", server.url, "--cache_path",
+            str(cache), "--max_concurrency", "1", "--out", str(tmp_path / "res.csv")]
     with pytest.raises(SystemExit) as info:
         main(argv + ["--budget_requests", "2"])
     assert info.value.code == 3
@@ -354,10 +359,10 @@ def test_cli_a_spent_budget_exits_3_and_keeps_what_was_answered(tmp_path, capsys
     assert result.total.compared == 4
 
 
-def test_the_budget_error_is_a_judge_stop_for_library_callers(server, make_judge, tmp_path):
+def test_the_budget_error_is_a_judge_stop_for_library_callers(server, make_client, tmp_path):
     run_a, run_b = write_runs(tmp_path, [("c1", HARMLESS), ("c2", HARMLESS)])
     with pytest.raises(JudgeBudgetExceeded, match="stopped with 0 of 2"):
-        compare_files(run_a, run_b, make_judge(budget_requests=1, max_concurrency=1))
+        compare_files(run_a, run_b, make_client(budget_requests=1, max_concurrency=1))
 
 
 # ------------------------------------------------------------------------------------- prompt and parser

@@ -3,100 +3,28 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
 from cyclealign_pl.cycle import CycleConfig
-from cyclealign_pl.data.hh_rlhf import HHRLHFDataModule
-from cyclealign_pl.judges.base import Judge, Judgment, RankRequest
 from cyclealign_pl.module import CycleAlignModule
-from cyclealign_pl.policy import SamplingConfig, WhiteBox
-from cyclealign_pl.ranking import rank_by_scores
-from tests.conftest import TINY_LLAMA
-
-GOOD = ("Sure, glad to help.", "Happy to help you.")
-BAD = ("No. Go away.", "Not my problem.")
-QUESTIONS = [f"question {i}?" for i in range(48)]
-
-
-def is_good(reply: str) -> bool:
-    return "help" in reply
-
-
-class PrefersHelpJudge(Judge):
-    """A black box with one simple preference: replies that offer help first, then shorter ones."""
-
-    def __init__(self, better_response: str | None = None) -> None:
-        self.better_response = better_response
-        self.requests: list[RankRequest] = []
-
-    def rank(self, requests: Sequence[RankRequest]) -> list[Judgment]:
-        self.requests.extend(requests)
-        out = []
-        for r in requests:
-            scores = [float(is_good(c)) - 0.001 * len(c) for c in r.candidates]
-            out.append(Judgment(ranking=rank_by_scores(scores), better_response=self.better_response))
-        return out
-
-
-class WhiteBoxMirrorJudge(Judge):
-    """Ranks with the white-box's own scores, then applies ``transform``: identity always agrees."""
-
-    def __init__(self, transform: Callable[[tuple[int, ...]], tuple[int, ...]] = lambda r: r) -> None:
-        self.transform = transform
-        self.whitebox: WhiteBox | None = None
-        self.requests: list[RankRequest] = []
-        self.rankings: list[tuple[int, ...]] = []
-
-    def rank(self, requests: Sequence[RankRequest]) -> list[Judgment]:
-        self.requests.extend(requests)
-        with torch.no_grad():  # the very call the cycle makes, so the scores are bit-identical
-            scores = self.whitebox.score([r.instruction for r in requests], [r.candidates for r in requests], 16)
-        rankings = [self.transform(rank_by_scores(row)) for row in scores.scores.float().tolist()]
-        self.rankings.extend(rankings)
-        return [Judgment(ranking=r) for r in rankings]
-
-
-def swap_top_two(ranking: tuple[int, ...]) -> tuple[int, ...]:
-    return (ranking[1], ranking[0], *ranking[2:])
-
-
-def make_trainer(root: Path, batches: int, **kwargs) -> Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        limit_train_batches=batches,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(root),
-    )
-    options.update(kwargs)
-    return Trainer(**options)
-
-
-def make_data(root: Path, batch_size: int = 1, **kwargs) -> HHRLHFDataModule:
-    return HHRLHFDataModule(root=str(root), num_train_prompts=None, eval_prompts_per_subset=2, batch_size=batch_size, **kwargs)
-
-
-def random_module(judge: Judge, **kwargs) -> CycleAlignModule:
-    torch.manual_seed(0)
-    options = dict(model_config=TINY_LLAMA, tokenizer="byt5", judge=judge, sampling=SamplingConfig(max_new_tokens=16), max_length=128, eval_max_new_tokens=32)
-    options.update(kwargs)
-    module = CycleAlignModule(**options)
-    if isinstance(judge, WhiteBoxMirrorJudge):
-        judge.whitebox = module.whitebox
-    return module
-
+from cyclealign_pl.policy import SamplingConfig
+from tests.helpers import (
+    BAD,
+    GOOD,
+    QUESTIONS,
+    TINY_LLAMA,
+    PrefersHelpJudge,
+    WhiteBoxMirrorJudge,
+    is_good,
+    make_data,
+    make_trainer,
+    swap_top_two,
+    tiny_module,
+)
 
 # -- learning -----------------------------------------------------------------------------------------
 
@@ -115,7 +43,7 @@ def pretrained_lm(tmp_path_factory) -> Path:
         for _ in range(32):
             prompt = f"\n\nHuman: {rng.choice(QUESTIONS)}\n\nAssistant:"
             reply = rng.choice(GOOD + BAD)
-            ids.append(tokenizer(prompt, add_special_tokens=False).input_ids + tokenizer(reply, add_special_tokens=False).input_ids + [1])
+            ids.append(tokenizer(f"{prompt} {reply}", add_special_tokens=False).input_ids + [1])
         width = max(map(len, ids))
         x = torch.zeros(len(ids), width, dtype=torch.long)
         mask = torch.zeros_like(x)
@@ -134,8 +62,8 @@ def pretrained_lm(tmp_path_factory) -> Path:
 def good_fraction(module: CycleAlignModule, samples: int = 96) -> float:
     torch.manual_seed(123)
     prompts = [f"\n\nHuman: {q}\n\nAssistant:" for q in QUESTIONS[: samples // 3]]
-    replies = module.whitebox.sample(prompts, 3, SamplingConfig(max_new_tokens=24))
-    flat = [r for group in replies for r in group]
+    replies = module.whitebox.sample(prompts, 3)
+    flat = [r.text for group in replies for r in group]
     return sum(map(is_good, flat)) / len(flat)
 
 
@@ -167,7 +95,7 @@ def test_cycle_raises_reward_of_preferred_replies(objective, pretrained_lm, hh_r
 
 def test_judge_that_always_agrees_stops_after_one_iteration(hh_root, tmp_path):
     judge = WhiteBoxMirrorJudge()
-    module = random_module(judge, cycle=CycleConfig(max_iterations=5))
+    module = tiny_module(judge, cycle=CycleConfig(max_iterations=5))
     make_trainer(tmp_path, batches=4).fit(module, make_data(hh_root(QUESTIONS[:8])))
     assert module.counters["prompts"] == 4
     assert module.counters["iterations"] == 4  # one each
@@ -177,7 +105,7 @@ def test_judge_that_always_agrees_stops_after_one_iteration(hh_root, tmp_path):
 
 def test_judge_that_never_agrees_uses_all_iterations(hh_root, tmp_path):
     judge = WhiteBoxMirrorJudge(swap_top_two)
-    module = random_module(judge, cycle=CycleConfig(max_iterations=3))
+    module = tiny_module(judge, cycle=CycleConfig(max_iterations=3))
     make_trainer(tmp_path, batches=2).fit(module, make_data(hh_root(QUESTIONS[:8])))
     assert module.counters["iterations"] == 6
     assert module.counters["agreed_prompts"] == 0
@@ -193,7 +121,7 @@ def test_batched_prompts_drop_out_independently(hh_root, tmp_path):
         return ranking if calls["n"] % 2 else swap_top_two(ranking)
 
     judge = WhiteBoxMirrorJudge(agree_on_even_requests)
-    module = random_module(judge, cycle=CycleConfig(max_iterations=3))
+    module = tiny_module(judge, cycle=CycleConfig(max_iterations=3))
     make_trainer(tmp_path, batches=1).fit(module, make_data(hh_root(QUESTIONS[:8]), batch_size=2))
     # iteration 1: request 1 agrees, request 2 does not; iteration 2: request 3 agrees -> done after 2 iterations
     assert module.counters["iterations"] == 3
@@ -221,7 +149,7 @@ def _demos_by_iteration(judge: WhiteBoxMirrorJudge) -> list[int]:
 )
 def test_ablation_switches(ablation, expected_demos, iterations, hh_root, tmp_path):
     judge = WhiteBoxMirrorJudge(swap_top_two)
-    module = random_module(judge, cycle=CycleConfig(max_iterations=3), ablation=ablation)
+    module = tiny_module(judge, cycle=CycleConfig(max_iterations=3), ablation=ablation)
     make_trainer(tmp_path, batches=1).fit(module, make_data(hh_root(QUESTIONS[:8])))
     assert _demos_by_iteration(judge) == expected_demos
     assert module.counters["iterations"] == iterations
@@ -243,7 +171,7 @@ def test_ablation_switches(ablation, expected_demos, iterations, hh_root, tmp_pa
 def test_resume_restores_pool_and_counters(hh_root, tmp_path):
     root = hh_root(QUESTIONS[:12])
     judge = WhiteBoxMirrorJudge(swap_top_two)
-    first = random_module(judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5)
+    first = tiny_module(judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5)
     trainer = make_trainer(tmp_path, batches=3)
     trainer.fit(first, make_data(root))
     ckpt = tmp_path / "three.ckpt"
@@ -251,14 +179,14 @@ def test_resume_restores_pool_and_counters(hh_root, tmp_path):
     assert first.pool.shared, "scope='run' keeps demonstrations across steps"
 
     second_judge = WhiteBoxMirrorJudge(swap_top_two)
-    second = random_module(second_judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5)
+    second = tiny_module(second_judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5)
     make_trainer(tmp_path, batches=3).fit(second, make_data(root), ckpt_path=ckpt)  # already complete: restores only
     assert second.counters == first.counters
     assert second.pool == first.pool
     assert not second_judge.requests
 
     third_judge = WhiteBoxMirrorJudge(swap_top_two)
-    third = random_module(third_judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5)
+    third = tiny_module(third_judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5)
     make_trainer(tmp_path, batches=3, max_epochs=2).fit(third, make_data(root), ckpt_path=ckpt)
     assert third.counters["steps"] == 6 and third.counters["prompts"] == 6
     # the restored pool is what the first resumed request sees (capped at max_demonstrations, after the static one)

@@ -91,95 +91,100 @@ def test_static_demonstration_is_appendix_a1() -> None:
 # --- DemonstrationPool ---------------------------------------------------------------------------
 
 
-def test_step_scope_is_per_prompt_and_forgets_at_end_step() -> None:
+def test_prompt_scope_is_per_prompt_and_forgets_when_the_prompt_finishes() -> None:
     pool = DemonstrationPool()
-    pool.begin_step(2)
-    assert pool.for_prompt(0) == (STATIC_DEMONSTRATION,)
-    assert pool.add(0, demo("x")) is True
-    assert pool.for_prompt(0) == (STATIC_DEMONSTRATION, demo("x"))
-    assert pool.for_prompt(1) == (STATIC_DEMONSTRATION,)  # other prompts do not see it
-    pool.end_step()
-    pool.begin_step(2)
-    assert pool.for_prompt(0) == (STATIC_DEMONSTRATION,)
+    pool.start("p0")
+    pool.start("p1")
+    assert pool.for_prompt("p0") == (STATIC_DEMONSTRATION,)
+    assert pool.add("p0", demo("x")) is True
+    assert pool.for_prompt("p0") == (STATIC_DEMONSTRATION, demo("x"))
+    assert pool.for_prompt("p1") == (STATIC_DEMONSTRATION,)  # other prompts do not see it
+    pool.finish("p0")
+    pool.start("p2")  # a prompt that takes the freed slot starts from the static demonstration only
+    assert pool.for_prompt("p2") == (STATIC_DEMONSTRATION,)
     assert pool.total_added == 1
 
 
-def test_run_scope_keeps_across_steps_and_shares() -> None:
+def test_step_is_the_old_name_of_the_prompt_scope() -> None:
+    assert DemonstrationPool(scope="step").scope == "prompt"
+
+
+def test_run_scope_keeps_finished_prompts_demonstrations_for_later_prompts() -> None:
     pool = DemonstrationPool(scope="run")
-    pool.begin_step(2)
-    pool.add(0, demo("x"))
-    pool.add(1, demo("y"))
-    pool.end_step()
-    pool.begin_step(1)
-    assert pool.for_prompt(0) == (STATIC_DEMONSTRATION, demo("x"), demo("y"))
-    pool.add(0, demo("z"))
-    assert pool.for_prompt(0) == (STATIC_DEMONSTRATION, demo("x"), demo("y"), demo("z"))
+    pool.start("a")
+    pool.start("b")
+    pool.add("a", demo("x"))
+    pool.add("b", demo("y"))
+    assert pool.for_prompt("b") == (STATIC_DEMONSTRATION, demo("y"))  # not shared while both are in flight
+    pool.finish("a")
+    pool.finish("b")
+    pool.start("c")
+    assert pool.for_prompt("c") == (STATIC_DEMONSTRATION, demo("x"), demo("y"))
+    pool.add("c", demo("z"))
+    assert pool.for_prompt("c") == (STATIC_DEMONSTRATION, demo("x"), demo("y"), demo("z"))
 
 
 def test_run_scope_cap_drops_oldest() -> None:
     pool = DemonstrationPool(scope="run", max_dynamic=2)
     for tag in ("a", "b", "c"):
-        pool.begin_step(1)
-        pool.add(0, demo(tag))
-        pool.end_step()
+        pool.start(tag)
+        pool.add(tag, demo(tag))
+        pool.finish(tag)
     assert pool.shared == [demo("b"), demo("c")]
-    pool.begin_step(1)
-    pool.add(0, demo("d"))
-    assert pool.for_prompt(0) == (STATIC_DEMONSTRATION, demo("c"), demo("d"))
+    pool.start("d")
+    pool.add("d", demo("d"))
+    assert pool.for_prompt("d") == (STATIC_DEMONSTRATION, demo("c"), demo("d"))
 
 
 @given(st.integers(0, 6), st.integers(0, 8))
 def test_cap_keeps_exactly_the_newest(cap: int, added: int) -> None:
     pool = DemonstrationPool(scope="run", max_dynamic=cap)
     demos = [demo(str(i)) for i in range(added)]
-    pool.begin_step(1)
+    pool.start("p")
     for d in demos:
-        pool.add(0, d)
+        pool.add("p", d)
     expected = demos[len(demos) - min(cap, len(demos)) :]
-    assert pool.for_prompt(0)[1:] == tuple(expected)
-    pool.end_step()
+    assert pool.for_prompt("p")[1:] == tuple(expected)
+    pool.finish("p")
     assert pool.shared == expected
 
 
 def test_zero_cap_shows_no_dynamic() -> None:
     pool = DemonstrationPool(scope="run", max_dynamic=0)
-    pool.begin_step(1)
-    pool.add(0, demo("a"))
-    assert pool.for_prompt(0) == (STATIC_DEMONSTRATION,)
+    pool.start("p")
+    pool.add("p", demo("a"))
+    assert pool.for_prompt("p") == (STATIC_DEMONSTRATION,)
 
 
 def test_use_static_off() -> None:
     pool = DemonstrationPool(use_static=False)
-    pool.begin_step(1)
-    assert pool.for_prompt(0) == ()
-    pool.add(0, demo("a"))
-    assert pool.for_prompt(0) == (demo("a"),)
+    pool.start("p")
+    assert pool.for_prompt("p") == ()
+    pool.add("p", demo("a"))
+    assert pool.for_prompt("p") == (demo("a"),)
 
 
 def test_use_dynamic_off_keeps_nothing() -> None:
     pool = DemonstrationPool(use_dynamic=False, scope="run")
-    pool.begin_step(1)
-    assert pool.add(0, demo("a")) is False
-    pool.end_step()
-    pool.begin_step(1)
-    assert pool.for_prompt(0) == (STATIC_DEMONSTRATION,)
+    pool.start("p")
+    assert pool.add("p", demo("a")) is False
+    pool.finish("p")
+    pool.start("q")
+    assert pool.for_prompt("q") == (STATIC_DEMONSTRATION,)
     assert pool.total_added == 0
 
 
 def test_add_none_is_not_kept() -> None:
     pool = DemonstrationPool()
-    pool.begin_step(1)
-    assert pool.add(0, None) is False
-    assert pool.for_prompt(0) == (STATIC_DEMONSTRATION,)
+    pool.start("p")
+    assert pool.add("p", None) is False
+    assert pool.for_prompt("p") == (STATIC_DEMONSTRATION,)
 
 
-def test_add_outside_step_names_the_problem() -> None:
+def test_add_for_a_prompt_not_in_flight_names_the_problem() -> None:
     pool = DemonstrationPool()
-    with pytest.raises(IndexError, match="begin_step"):
-        pool.add(0, demo("a"))
-    pool.begin_step(2)
-    with pytest.raises(IndexError, match="prompt index -1"):
-        pool.add(-1, demo("a"))
+    with pytest.raises(KeyError, match="not in flight"):
+        pool.add("p", demo("a"))
 
 
 @pytest.mark.parametrize("kwargs", [{"scope": "epoch"}, {"max_dynamic": -1}])
@@ -190,12 +195,14 @@ def test_bad_config(kwargs: dict) -> None:
 
 def test_state_dict_round_trip() -> None:
     pool = DemonstrationPool(scope="run", max_dynamic=5)
-    pool.begin_step(2)
-    pool.add(0, demo("a"))
-    pool.add(1, Demonstration.from_ranking("q", CANDIDATES, (3, 0, 2)))
-    pool.end_step()
-    pool.begin_step(2)
-    pool.add(1, demo("b"))  # mid-step state is saved too
+    pool.start("a")
+    pool.start("b")
+    pool.add("a", demo("a"))
+    pool.add("b", Demonstration.from_ranking("q", CANDIDATES, (3, 0, 2)))
+    pool.finish("a")
+    pool.finish("b")
+    pool.start("c")
+    pool.add("c", demo("b"))  # the prompts in flight are saved too
 
     state = json.loads(json.dumps(pool.state_dict()))  # must survive a JSON checkpoint
     restored = DemonstrationPool(scope="run", max_dynamic=5)
@@ -203,5 +210,4 @@ def test_state_dict_round_trip() -> None:
     restored.load_state_dict(state)
     assert restored == pool
     assert restored.total_added == 3
-    for i in range(2):
-        assert restored.for_prompt(i) == pool.for_prompt(i)
+    assert restored.for_prompt("c") == pool.for_prompt("c")

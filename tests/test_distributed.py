@@ -4,6 +4,7 @@ a GPU, and the export of any checkpoint to a plain Hugging Face model."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -16,10 +17,10 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-from cyclealign_pl.callbacks import CycleMetrics
 from cyclealign_pl.cli import main
 from cyclealign_pl.judges.cache import JudgeCache
 from cyclealign_pl.testing import LocalOpenAIServer
+from cyclealign_pl.testing.openai_server import Behaviour
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -35,18 +36,35 @@ class RankReport(Callback):
         self.path = path
         self.start: dict[str, int] = {}
         self.prompt_ids: list[str] = []
+        self.weights_at_start: str = ""
+        self.after_first_step: dict[str, Any] = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start = dict(pl_module.counters)
+        self.weights_at_start = weights_digest(pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.prompt_ids.extend(batch["id"])
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.after_first_step:
+            self.after_first_step = {"weights": weights_digest(pl_module), "counters": dict(pl_module.counters)}
+
     def on_train_end(self, trainer, pl_module) -> None:
         Path(self.path).mkdir(parents=True, exist_ok=True)
         report = {"world_size": trainer.world_size, "start": self.start, "end": dict(pl_module.counters),
-                  "prompt_ids": self.prompt_ids, "judge": pl_module.judge.metrics()}
+                  "prompt_ids": self.prompt_ids, "judge": pl_module.judge.metrics(),
+                  "trained_ids": list(pl_module.trained_ids),
+                  "weights_at_start": self.weights_at_start, "after_first_step": self.after_first_step}
         Path(self.path, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def weights_digest(pl_module) -> str:
+    """A hash of every parameter's bytes: equal only for bit-identical weights."""
+    digest = hashlib.sha256()
+    for tensor in pl_module.model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def ddp_fit(run_dir: Path, server: LocalOpenAIServer, *extra: str) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -82,49 +100,54 @@ def last(rows: list[dict[str, str]], name: str) -> float:
     return [float(r[name]) for r in rows if r.get(name)][-1]
 
 
-def metric_index(name: str) -> int:
-    metrics = CycleMetrics()
-    return next(i for i, metric in enumerate(metrics._all()) if metric is metrics.totals[name])  # Metric == composes
-
-
 @pytest.mark.slow
 def test_ddp_two_processes_fit_reduce_metrics_share_the_judge_cache_and_resume(tmp_path):
     with LocalOpenAIServer() as server:
+        # the first step's rounds (2 rounds x 2 processes x 2 prompts) get no ranking: no process has a loss
+        server.enqueue(*[Behaviour.reply("They all look fine to me.")] * 8)
         ranks, rows = ddp_fit(tmp_path, server)
         assert [r["world_size"] for r in ranks] == [2, 2]
-        # each process trains its own prompts (Lightning's DistributedSampler)
+        # ... so no process steps: a step on zero gradients would still move the weights (AdamW's decay, momentum)
+        for r in ranks:
+            first = r["after_first_step"]
+            assert first["counters"]["iterations"] == 4 and first["counters"]["optimizer_steps"] == 0
+            assert first["weights"] == r["weights_at_start"], "the weights moved without any judgment"
+        assert all(r["end"]["optimizer_steps"] > 0 for r in ranks)  # the later steps had rankings and trained
+        # each process trains its own prompts (Lightning's DistributedSampler), each exactly once
         assert all(len(r["prompt_ids"]) == 4 for r in ranks)
         assert not set(ranks[0]["prompt_ids"]) & set(ranks[1]["prompt_ids"])
-        # the logged totals are torchmetrics sums over both processes
-        for name in ("prompts", "iterations", "judge_failures"):
-            assert last(rows, f"cycle/total_{name}") == sum(r["end"][name] for r in ranks), name
-        assert last(rows, "cycle/total_prompts") == 8
+        assert all(sorted(r["trained_ids"]) == sorted(r["prompt_ids"]) for r in ranks)
+        # the logged counters are sums over both processes
+        for name in ("prompts", "iterations", "judge_failures", "optimizer_steps"):
+            assert last(rows, f"counters/{name}") == sum(r["end"][name] for r in ranks), name
+        assert last(rows, "counters/prompts") == 8
         # how much of the judge's latency the white box hid (over both processes)
         assert 0 <= last(rows, "cycle/judge_hidden_fraction_mean") <= 1
-        assert all(float(r["cycle/judge_wait_s"]) <= float(r["cycle/judge_latency_s"]) for r in rows
-                   if r.get("cycle/judge_wait_s"))
-        # one judge cache file for both processes: every request sent by either is in it once
-        sent = sum(r["judge"]["requests_sent"] for r in ranks)
+        assert all(float(r["time/judge_wait_s"]) <= float(r["time/judge_latency_s"]) for r in rows
+                   if r.get("time/judge_wait_s"))
+        # one judge cache file and one spend ledger for both processes: every request sent by either is in both
+        sent = max(r["judge"]["requests_sent"] for r in ranks)  # each process reports the run's ledger
         assert sent == len(server.requests) > 0
         cache = JudgeCache(tmp_path / "judge_cache.sqlite")
         assert len(cache) == sent
         cache.close()
 
-        # the checkpoint holds the metric totals of both processes, not rank 0's alone
+        # the checkpoint holds each process's own state (counters, prompts in flight, random streams)
         checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-        metrics_state = checkpoint["callbacks"]["CycleMetrics"]["metrics"]
-        saved = {name: float(metrics_state[str(metric_index(name))]["sum_value"]) for name in ("prompts", "iterations")}
-        assert saved == {name: sum(r["end"][name] for r in ranks) for name in saved}
+        processes = checkpoint["cyclealign"]["processes"]
+        assert [p["counters"]["prompts"] for p in processes] == [r["end"]["prompts"] for r in ranks]
+        saved = {name: sum(p["counters"][name] for p in processes) for name in ("prompts", "iterations")}
 
-        # resume under DDP: both processes restore, train two more batches each, and the totals continue
+        # resume under DDP: both processes restore their own state, train two more batches each, totals continue
         resumed, rows = ddp_fit(tmp_path, server, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"),
                                 "--trainer.max_epochs", "2")
     assert all(r["end"]["steps"] - r["start"]["steps"] == 2 for r in resumed)
     assert all(r["start"]["steps"] == 2 for r in resumed)  # restored from the checkpoint
+    assert [r["start"]["prompts"] for r in resumed] == [p["counters"]["prompts"] for p in processes]
     for name in ("prompts", "iterations"):
         new = sum(r["end"][name] - r["start"][name] for r in resumed)
-        assert last(rows, f"cycle/total_{name}") == saved[name] + new, name
-    assert last(rows, "cycle/total_prompts") == 16
+        assert last(rows, f"counters/{name}") == saved[name] + new, name
+    assert last(rows, "counters/prompts") == 16
 
 
 # -- DeepSpeed ZeRO-2: what builds without a GPU ----------------------------------------------------------
@@ -161,6 +184,32 @@ def test_deepspeed_preset_parses_and_builds(capsys):
     assert printed["model"]["cycle"]["num_candidates"] == 3  # the preset only adds to the run's config
 
 
+@pytest.mark.parametrize("preset, expected", [(None, 0.7), (0.7, 0.7), (0.5, "disagree")])
+def test_the_modules_gradient_clip_val_reaches_the_deepspeed_config(preset, expected):
+    """DeepSpeed clips inside its engine, with the value of its config; Lightning fills that from the Trainer,
+    which manual optimization leaves unset: the module's ``gradient_clip_val`` must get there itself."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from tests.helpers import LongestFirstJudge, tiny_module
+
+    config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 1}
+    if preset is not None:
+        config["gradient_clipping"] = preset
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=DeepSpeedStrategy(config=config), logger=False,
+                      enable_checkpointing=False)
+    module = tiny_module(LongestFirstJudge(), gradient_clip_val=0.7)
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    if expected == "disagree":
+        with pytest.raises(ValueError, match="gradient_clip_val=0.7 and the DeepSpeed config's gradient_clipping=0.5"):
+            module._configure_deepspeed()
+        return
+    module._configure_deepspeed()
+    trainer.strategy._format_config()  # what the strategy hands to deepspeed.initialize
+    assert trainer.strategy.config["gradient_clipping"] == expected
+
+
 def test_deepspeed_on_the_cpu_fails_with_a_clear_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", TINY, "--trainer.strategy", "deepspeed_stage_2",
@@ -178,9 +227,9 @@ def test_export_writes_a_plain_hf_model_from_a_checkpoint(hh_root, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cyclealign_pl.export import main as export_main
-    from tests.test_cycle import QUESTIONS, WhiteBoxMirrorJudge, make_data, make_trainer, random_module, swap_top_two
+    from tests.helpers import QUESTIONS, WhiteBoxMirrorJudge, make_data, make_trainer, swap_top_two, tiny_module
 
-    module = random_module(WhiteBoxMirrorJudge(swap_top_two))
+    module = tiny_module(WhiteBoxMirrorJudge(swap_top_two))
     trainer = make_trainer(tmp_path, batches=1)
     trainer.fit(module, make_data(hh_root(QUESTIONS[:8])))
     trainer.save_checkpoint(tmp_path / "run.ckpt")

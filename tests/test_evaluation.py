@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 
 from cyclealign_pl.cli import CycleAlignCLI, main
+from cyclealign_pl.data.hh_rlhf import HHRLHFDataModule
 from cyclealign_pl.evaluation import (
     RewardRow,
     SubsetMeanReward,
@@ -22,13 +23,14 @@ from cyclealign_pl.evaluation import (
 )
 from cyclealign_pl.judges.reward_model import RewardModelJudge, format_for_reward_model
 from cyclealign_pl.module import CycleAlignModule
-from tests.conftest import TINY_REWARD_MODEL
+from tests.helpers import TINY_REWARD_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 OASST_PRESET = REPO / "configs" / "eval" / "oasst_rm.yaml"
 BEAVERTAILS_PRESET = REPO / "configs" / "eval" / "beavertails.yaml"
-BEAVERTAILS_CSV = REPO.parent / "shared" / "data" / "beavertails" / "BeaverTails-Evaluation.csv"
+SHARED = REPO.parent / "shared" / "data"
+BEAVERTAILS_CSV = SHARED / "beavertails" / "BeaverTails-Evaluation.csv"
 
 # A two-round HH dialogue and the exact text the paper's evaluator (oasst-rm-2-pythia-6.9b-epoch-1, whose
 # tokenizer's EOS is "<|endoftext|>") must read for it, written out by hand.
@@ -109,6 +111,39 @@ def test_subset_means_and_sample_weighted_total() -> None:
     values = metric.compute()
     assert list(values) == ["helpful-base", "harmless-base", "total"]
     assert values["total"].item() == pytest.approx(4.0)
+
+
+def test_the_total_can_weight_subsets_by_their_full_test_set_sizes_as_the_paper_does() -> None:
+    """Equal samples of two subsets: the sample-weighted total is the plain mean; the paper weights each subset
+    by the size of its full test split instead."""
+    rewards = {"harmless-base": [40.0, 42.0], "helpful-online": [60.0, 62.0]}
+    sizes = {"harmless-base": 2312.0, "helpful-online": 1137.0}
+    by_prompt, by_size = SubsetMeanReward(list(rewards)), SubsetMeanReward(list(rewards), weights=sizes)
+    for metric in (by_prompt, by_size):
+        for subset, values in rewards.items():
+            metric.update([subset] * len(values), values)
+    assert by_prompt.table()[-1].mean_reward == pytest.approx(51.0)
+    assert by_size.table()[-1].mean_reward == pytest.approx((41.0 * 2312 + 61.0 * 1137) / (2312 + 1137))
+    assert by_size.table()[:2] == by_prompt.table()[:2]  # the subsets' own rows do not change
+    with pytest.raises(ValueError, match="positive"):
+        SubsetMeanReward(["a"], weights={"a": 0.0})
+
+
+@pytest.mark.skipif(not (SHARED / "hh-rlhf" / "harmless-base" / "test.jsonl.gz").exists(), reason="needs ../shared")
+def test_the_data_module_weights_subsets_by_the_rows_of_their_full_evaluation_split() -> None:
+    data = HHRLHFDataModule(root=str(SHARED / "hh-rlhf"), train_split="test", eval_split="test",
+                            eval_prompts_per_subset=10, total_weighting="subset_size")
+    data.setup("validate")
+    assert data.subset_weights() == {"harmless-base": 2312.0}  # the paper's harmless-base test set size
+    assert HHRLHFDataModule(root=str(SHARED / "hh-rlhf")).subset_weights() is None
+
+
+def test_the_paper_configs_weight_the_total_as_the_paper_does() -> None:
+    import yaml
+
+    for name in ("llama_rrhf.yaml", "alpaca_pro.yaml"):
+        data = yaml.safe_load((REPO / "configs" / name).read_text())["data"]["init_args"]
+        assert data["total_weighting"] == "subset_size", name
 
 
 def test_subsets_registered_as_they_come_survive_reset() -> None:
@@ -228,7 +263,8 @@ def test_validate_on_beavertails_reports_every_category(tmp_path: Path, monkeypa
     categories = [r.subset for r in rows[:-1]]
     assert len(categories) == 14 and len(set(categories)) == 14
     assert "animal_abuse" in categories and "controversial_topics,politics" in categories
-    assert all(r.n == 1 for r in rows[:-1]) and rows[-1] == RewardRow("total", 14, rows[-1].mean_reward)
+    assert all(r.n == 1 for r in rows[:-1]) and rows[-1][:2] == ("total", 14)
+    assert all(r.empty_share is not None and r.distinct_2 is not None for r in rows)
     assert rows[-1].mean_reward == pytest.approx(sum(r.mean_reward for r in rows[:-1]) / 14)
     logged = cli.trainer.callback_metrics
     politics = next(r for r in rows if r.subset == "controversial_topics,politics")

@@ -16,12 +16,11 @@ from cyclealign_pl.judges.prompt import (
     build_messages,
     default_template,
     delimiters,
-    format_reply,
     load_template,
-    parse_prompt,
     parse_reply,
     request_nonce,
 )
+from cyclealign_pl.testing import format_reply, parse_prompt
 
 DYNAMIC_1 = Demonstration("Human: Name a fruit. Assistant:", ("A carrot.", "An apple."), (1, 0))
 DYNAMIC_2 = Demonstration(
@@ -253,3 +252,43 @@ def test_the_canonical_reply_round_trips(permutation, better):
     parsed = parse_reply(format_reply(permutation, better), 5)
     assert parsed.ranking == tuple(permutation)
     assert parsed.better_response == (better or None)
+
+
+# ------------------------------------------------------------------------------------------- JSON replies
+
+
+@pytest.mark.parametrize(
+    ("reply", "ranking", "better"),
+    [
+        ('{"ranking": [1, 3, 2, 0], "better_response": "Start a business."}', (1, 3, 2, 0),
+         "Start a business."),
+        ('Here it is:\n```json\n{"desired_ranking": [1, 3, 2, 0],\n "a_better_response": "Save."}\n```\n',
+         (1, 3, 2, 0), "Save."),
+        ('```\n{"Desired ranking": ["Response-1", "Response-3", "Response-2", "Response-0"], '
+         '"response": "Learn a skill."}\n```', (1, 3, 2, 0), "Learn a skill."),
+        ('{"ranking": "[1, 3, 2, 0]", "better_response": "  Freelance.  "}', (1, 3, 2, 0), "Freelance."),
+        ('{"ranking": "1 > 3 > 2 > 0", "better_response": "Budget [2, 1] first."}', (1, 3, 2, 0),
+         "Budget [2, 1] first."),  # a bracket list inside the better reply is no second ranking
+        ('{"ranking": [1, 3, 2, 0]}', (1, 3, 2, 0), None),  # no better reply: counted missing, not invented
+        ('{"ranking": [1, 3, 2, 0], "better_response": null}', (1, 3, 2, 0), None),
+    ],
+)
+def test_a_json_reply_keeps_its_ranking_and_its_better_response(reply, ranking, better):
+    parsed = parse_reply(reply, 4)
+    assert parsed.failure is None
+    assert parsed.ranking == ranking
+    assert parsed.better_response == better
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        ('{"ranking": [1, 1, 2, 0], "better_response": "x"}', "index 1 appears twice"),
+        ('{"ranking": [1, 3, 2], "better_response": "x"}', "ranking is partial"),
+        ('{"ranking": {"best": 1}, "better_response": "x"}', "no ranking in the JSON reply's ranking field"),
+        ('{"ranking": [true, 3, 2, 0]}', "no ranking in the JSON reply's ranking field"),
+    ],
+)
+def test_an_invalid_json_ranking_is_a_failure_with_its_reason(reply, reason):
+    parsed = parse_reply(reply, 4)
+    assert parsed.ranking is None and reason in parsed.failure

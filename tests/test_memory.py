@@ -8,7 +8,7 @@ import torch
 
 from cyclealign_pl.cycle import CycleConfig
 from cyclealign_pl.hf import ModelLoadError, plain_model
-from tests.test_cycle import QUESTIONS, WhiteBoxMirrorJudge, make_data, make_trainer, random_module, swap_top_two
+from tests.helpers import QUESTIONS, WhiteBoxMirrorJudge, make_data, make_trainer, swap_top_two, tiny_module
 
 pytest.importorskip("peft", reason="LoRA needs the 'lora' extra (peft)")
 
@@ -17,7 +17,7 @@ LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 def lora_module(**kwargs):
     judge = WhiteBoxMirrorJudge(swap_top_two)
-    return random_module(judge, lora=LORA, cycle=CycleConfig(max_iterations=2),
+    return tiny_module(judge, lora=LORA, cycle=CycleConfig(max_iterations=2),
                          optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2), **kwargs)
 
 
@@ -65,13 +65,13 @@ def test_lora_export_merges_adapters_into_a_plain_transformers_model(hh_root, tm
 
 
 def test_plain_model_is_the_model_itself_without_adapters():
-    module = random_module(None)
+    module = tiny_module(None)
     assert plain_model(module.model) is module.model
 
 
 def test_bad_lora_settings_name_the_field():
     with pytest.raises(ModelLoadError, match="model.lora"):
-        random_module(None, lora={"rank": 4})
+        tiny_module(None, lora={"rank": 4})
 
 
 @pytest.mark.slow

@@ -1,14 +1,18 @@
 """The notebooks run top to bottom against a fresh tiny run, and their plot cells draw images.
 
-One tiny run is made in-process (fit, then validate with the checkpoint, on the base model, and on
-BeaverTails), then each notebook is executed with nbclient in a kernel pointed at the run by
-``CYCLEALIGN_RUN_DIR``. Cells tagged ``plot`` must produce ``image/png`` output.
+One tiny run is made in-process in one run directory (fit, then validate with ``--ckpt_path last``, the base
+model, and BeaverTails when its CSV is at hand), then each notebook is executed with nbclient in a kernel
+pointed at the run by ``CYCLEALIGN_RUN_DIR``. Cells tagged ``plot`` must produce ``image/png`` output. The
+notebooks must not call blank replies a success, and must give each gain with its standard error.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import re
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -28,33 +32,59 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``<tmp>/runs/tiny`` after a short fit and the evaluations the tables notebook reads."""
-    root = tmp_path_factory.mktemp("notebook-run")
-    last = "runs/tiny/checkpoints/last.ckpt"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        fit = main(["fit", "--config", TINY, "--trainer.limit_train_batches", "6"])
-        with_ckpt = main(["validate", "--config", TINY, "--ckpt_path", last])
-        zero_shot = main(["validate", "--config", TINY])
-        runs = [fit, with_ckpt, zero_shot]
-        if BEAVERTAILS_CSV.is_file():
-            runs.append(main([
-                "validate", "--config", TINY, "--config", str(REPO / "configs" / "eval" / "beavertails.yaml"),
-                "--data.init_args.path", str(BEAVERTAILS_CSV), "--data.init_args.prompts_per_category", "1",
-                "--data.init_args.cache_dir", str(root / "hf-cache"), "--ckpt_path", last,
-            ]))
-        metas = [json.loads(eval_paths(root / r.trainer.log_dir, "val")["meta"].read_text()) for r in runs]
-    assert [(m["trainer_fn"], m["trained_steps"]) for m in metas[:3]] == [("fit", 6), ("validate", 6), ("validate", 0)]
-    assert metas[1]["checkpoint"] == last and metas[2]["checkpoint"] is None
-    return root / "runs" / "tiny"
+    """``<tmp>/run`` after a short fit and the evaluations the tables notebook reads."""
+    run = tmp_path_factory.mktemp("notebook") / "run"
+    common = [
+        "--config",
+        TINY,
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    fit = main(["fit", *common, "--trainer.limit_train_batches", "6"])
+    with_ckpt = main(["validate", *common, "--ckpt_path", "last"])
+    zero_shot = main(["validate", *common])
+    runs = [fit, with_ckpt, zero_shot]
+    if BEAVERTAILS_CSV.is_file():
+        runs.append(
+            main(
+                [
+                    "validate",
+                    *common,
+                    "--config",
+                    str(REPO / "configs" / "eval" / "beavertails.yaml"),
+                    "--data.init_args.path",
+                    str(BEAVERTAILS_CSV),
+                    "--data.init_args.prompts_per_category",
+                    "1",
+                    "--data.init_args.cache_dir",
+                    str(run.parent / "hf-cache"),
+                    "--ckpt_path",
+                    "last",
+                ]
+            )
+        )
+    metas = [json.loads(eval_paths(r.trainer.log_dir, "val")["meta"].read_text()) for r in runs]
+    assert [(m["trainer_fn"], m["trained_steps"]) for m in metas[:3]] == [
+        ("fit", 6),
+        ("validate", 6),
+        ("validate", 0),
+    ]
+    assert (
+        Path(metas[1]["checkpoint"]) == run / "checkpoints" / "last.ckpt" and metas[2]["checkpoint"] is None
+    )
+    assert all(Path(r.trainer.log_dir).parent == run / "logs" for r in runs)  # every evaluation under the run
+    return run
 
 
 def _execute(name: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> nbformat.NotebookNode:
     monkeypatch.setenv("CYCLEALIGN_RUN_DIR", str(run_dir))
     monkeypatch.delenv("CYCLEALIGN_CKPT", raising=False)
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(run_dir.parent.parent)}})
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(run_dir.parent)}}
+    )
     client.execute()  # raises CellExecutionError naming the cell on any error
     return notebook
 
@@ -68,8 +98,23 @@ def _plot_cells_draw(notebook: nbformat.NotebookNode) -> int:
 
 
 def _stdout(notebook: nbformat.NotebookNode) -> str:
-    return "".join(o.text for c in notebook.cells if c.cell_type == "code"
-                   for o in c.outputs if o.output_type == "stream" and o.name == "stdout")
+    return "".join(
+        o.text
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.output_type == "stream" and o.name == "stdout"
+    )
+
+
+def _fit_generations(run_dir: Path) -> Path:
+    fits = [
+        p
+        for p in run_dir.glob("logs/version_*/eval/val_meta.json")
+        if json.loads(p.read_text())["trainer_fn"] == "fit"
+    ]
+    assert len(fits) == 1
+    return fits[0].with_name("val_generations.jsonl")
 
 
 def test_reload_and_compare_notebook(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,22 +122,88 @@ def test_reload_and_compare_notebook(tiny_run: Path, monkeypatch: pytest.MonkeyP
     assert _plot_cells_draw(notebook) == 2  # Fig. 4 (iterations, reward) and Fig. 3 (ranking accuracy)
     out = _stdout(notebook)
     assert "trained for 6 steps" in out
-    assert "exported model gives the checkpoint's replies: True" in out
+    assert "checkpoint: checkpoints/last.ckpt" in out and "training logs: logs/version_0" in out
+    assert "exported model has the checkpoint's weights: True" in out
+    demo = int(re.search(r"aligned \(checkpoint\): (\d+)% of the replies are empty", out)[1]) / 100
+    records = [json.loads(line) for line in _fit_generations(tiny_run).open()]
+    validation = sum(not r["reply"].strip() for r in records) / len(records)
+    assert f"{sum(not r['reply'].strip() for r in records)} of {len(records)} greedy replies are empty" in out
+    if max(demo, validation) > 0.5:  # the notebook must say so, and claim nothing about the replies
+        assert "COLLAPSED" in out and "gives the checkpoint's replies" not in out
+    else:
+        assert "COLLAPSED" not in out and "exported model gives the checkpoint's replies: True" in out
+
+
+def test_reload_and_compare_notebook_says_when_replies_collapsed(tiny_run, tmp_path, monkeypatch) -> None:
+    """The same run with every validation reply blank: the notebook must call it a collapse, not a match."""
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("results"))
+    generations = _fit_generations(copy)
+    records = [json.loads(line) for line in generations.open()]
+    generations.write_text("".join(json.dumps({**r, "reply": ""}) + "\n" for r in records))
+    out = _stdout(_execute("01_reload_and_compare", copy, monkeypatch))
+    assert f"{len(records)} of {len(records)} greedy replies are empty (100%)" in out
+    assert "COLLAPSED: 100% of the aligned model's replies" in out
+    assert "gives the checkpoint's replies" not in out
+
+
+def _rewards(run_dir: Path, with_checkpoint: bool) -> dict[str, float]:
+    """Prompt id -> reward of the HH-RLHF ``validate`` with (or without) a checkpoint, from its generations file."""
+    for meta_path in run_dir.glob("logs/version_*/eval/val_meta.json"):
+        meta = json.loads(meta_path.read_text())
+        if (meta["trainer_fn"], meta["data"], bool(meta["checkpoint"])) == (
+            "validate",
+            "HHRLHFDataModule",
+            with_checkpoint,
+        ):
+            lines = meta_path.with_name("val_generations.jsonl").read_text().splitlines()
+            return {r["id"]: r["reward"] for r in map(json.loads, lines)}
+    raise AssertionError(f"no validate {'with' if with_checkpoint else 'without'} a checkpoint in {run_dir}")
+
+
+def _paired_gain(run_dir: Path) -> tuple[float, float, int]:
+    """The checkpoint's total gain over the base model and its standard error, computed here from the files."""
+    aligned, base = _rewards(run_dir, True), _rewards(run_dir, False)
+    diffs = [aligned[i] - base[i] for i in base if i in aligned]
+    mean = sum(diffs) / len(diffs)
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    return mean, se, len(diffs)
 
 
 def test_results_tables_notebook(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     notebook = _execute("02_results_tables", tiny_run, monkeypatch)
-    assert _plot_cells_draw(notebook) == 1
+    assert _plot_cells_draw(notebook) == 2  # rewards per subset, gains with error bars
     with open(tiny_run / "results" / "table1_hh_rlhf.csv", newline="") as fh:
         table1 = list(csv.DictReader(fh))
-    assert [row[""] for row in table1] == [
-        "base (zero-shot)", "during fit (6 steps)", "last.ckpt (6 steps)",
-        "delta: during fit (6 steps)", "delta: last.ckpt (6 steps)",
+    assert [row["evaluation"] for row in table1] == [
+        "base (zero-shot)",
+        "during fit (6 steps)",
+        "last.ckpt (6 steps)",
     ]
     assert list(table1[0])[1:] == ["harmless-base", "total"]
-    delta = float(table1[4]["total"])
-    assert delta == pytest.approx(float(table1[2]["total"]) - float(table1[0]["total"]), abs=1e-3)
+
+    with open(tiny_run / "results" / "gains_hh_rlhf.csv", newline="") as fh:
+        gains = {(row["evaluation"], row["subset"]): row for row in csv.DictReader(fh)}
+    assert set(gains) == {
+        (e, s) for e in ("during fit (6 steps)", "last.ckpt (6 steps)") for s in ("harmless-base", "total")
+    }
+    row = gains[("last.ckpt (6 steps)", "total")]
+    gain, se, n = _paired_gain(tiny_run)
+    assert int(row["prompts"]) == n == 16
+    assert float(row["gain"]) == pytest.approx(gain, abs=1e-4)
+    assert float(row["gain"]) == pytest.approx(
+        float(table1[2]["total"]) - float(table1[0]["total"]), abs=1e-3
+    )
+    assert float(row["se"]) == pytest.approx(se, abs=1e-4)
+    expected = "significant" if abs(gain) > 2 * se else "not significant"
+    assert row["verdict"] == expected
+    out = _stdout(notebook)
+    assert (
+        f"HH-RLHF, last.ckpt (6 steps): gain {gain:+.4f} ± {se:.4f} (standard error, 16 paired prompts, "
+        f"{gain / se:+.1f} SE): {expected}"
+    ) in out
     if BEAVERTAILS_CSV.is_file():
         with open(tiny_run / "results" / "table8_beavertails.csv", newline="") as fh:
             header = next(csv.reader(fh))
         assert len(header) == 1 + 14 + 1  # index, 14 categories, total
+        assert "BeaverTails: no zero-shot evaluation on these prompts" in out

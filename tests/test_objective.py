@@ -17,8 +17,7 @@ from cyclealign_pl.objective import (
     pad_rankings,
     pro_loss,
     rrhf_loss,
-    sft_loss,
-    token_logprobs,
+    target_logprobs,
 )
 from cyclealign_pl.ranking import rank_by_scores
 
@@ -56,55 +55,61 @@ def as_tensors(
     return torch.tensor(scores, dtype=torch.float64, requires_grad=True), pad_rankings(rankings, width)
 
 
-# --- token_logprobs ------------------------------------------------------------------------------
+# --- target_logprobs ------------------------------------------------------------------------------
 
 
-def test_token_logprobs_matches_hand_loop() -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(2, 5, 7)
-    ids = torch.randint(0, 7, (2, 5))
-    out = token_logprobs(logits, ids)
+def linear_head(vocab: int, hidden: int, seed: int, dtype=torch.float64) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(hidden, vocab, bias=False).to(dtype)
+
+
+def test_target_logprobs_matches_hand_loop() -> None:
+    head = linear_head(7, 4, seed=0, dtype=torch.float32)
+    hidden = torch.randn(2, 5, 4)
+    targets = torch.randint(0, 7, (2, 5))
+    out = target_logprobs(hidden, head, targets)
     assert out.shape == (2, 5)
     for b in range(2):
-        assert out[b, 0].item() == 0.0
-        for t in range(1, 5):
-            row = logits[b, t - 1].tolist()  # the prediction for token t
-            expected = row[ids[b, t]] - math.log(sum(math.exp(x) for x in row))
+        for t in range(5):
+            row = head(hidden[b, t]).tolist()  # the prediction for target t
+            expected = row[targets[b, t]] - math.log(sum(math.exp(x) for x in row))
             assert out[b, t].item() == pytest.approx(expected, abs=1e-5)
 
 
-def test_token_logprobs_leading_dims_and_gradient_match_log_softmax() -> None:
-    torch.manual_seed(1)
-    logits = torch.randn(2, 3, 6, 11, dtype=torch.float64, requires_grad=True)
-    ids = torch.randint(0, 11, (2, 3, 6))
-    before = logits.detach().clone()
-    out = token_logprobs(logits, ids)
-    reference = torch.log_softmax(logits, -1)[..., :-1, :].gather(-1, ids[..., 1:, None]).squeeze(-1)
-    torch.testing.assert_close(out[..., 1:], reference)
-    weights = torch.randn(2, 3, 5, dtype=torch.float64)
-    (grad,) = torch.autograd.grad((out[..., 1:] * weights).sum(), logits)
-    (expected_grad,) = torch.autograd.grad((reference * weights).sum(), logits)
-    torch.testing.assert_close(grad, expected_grad)
-    assert torch.equal(logits.detach(), before)  # the in-place work never touches the input
+@pytest.mark.parametrize("chunk", [None, 1, 2, 5, 64])
+def test_target_logprobs_in_chunks_equals_log_softmax_in_value_and_gradient(chunk) -> None:
+    head = linear_head(11, 6, seed=1)
+    hidden = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 7))
+    out = target_logprobs(hidden, head, targets, chunk_tokens=chunk)
+    reference = torch.log_softmax(head(hidden), -1).gather(-1, targets[..., None]).squeeze(-1)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-12)
+    weights = torch.randn(3, 7, dtype=torch.float64)
+    grads = torch.autograd.grad((out * weights).sum(), [hidden, head.weight])
+    expected = torch.autograd.grad((reference * weights).sum(), [hidden, head.weight])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def test_token_logprobs_bf16() -> None:
-    torch.manual_seed(2)
-    logits = (torch.randn(2, 4, 9) * 5).to(torch.bfloat16).requires_grad_()
-    ids = torch.randint(0, 9, (2, 4))
-    out = token_logprobs(logits, ids)
+def test_target_logprobs_upcasts_bf16() -> None:
+    head = linear_head(9, 4, seed=2, dtype=torch.bfloat16)
+    hidden = (torch.randn(2, 4, 4) * 5).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 9, (2, 4))
+    out = target_logprobs(hidden, head, targets, chunk_tokens=2)
     assert out.dtype == torch.float32  # upcast, not bf16 arithmetic
-    reference = torch.log_softmax(logits.detach().float(), -1)[:, :-1]
-    reference = reference.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    torch.testing.assert_close(out[:, 1:].detach(), reference)
+    reference = torch.log_softmax(head(hidden.detach()).float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    torch.testing.assert_close(out.detach(), reference)
     out.sum().backward()
-    assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
-    assert torch.isfinite(logits.grad.float()).all()
+    assert hidden.grad is not None and hidden.grad.dtype == torch.bfloat16
+    assert torch.isfinite(hidden.grad.float()).all()
 
 
-def test_token_logprobs_shape_mismatch() -> None:
-    with pytest.raises(ValueError, match="input_ids"):
-        token_logprobs(torch.randn(2, 5, 7), torch.zeros(2, 4, dtype=torch.long))
+def test_target_logprobs_refuses_mismatched_shapes_and_chunks() -> None:
+    head = linear_head(7, 4, seed=3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="targets"):
+        target_logprobs(torch.randn(2, 5, 4), head, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        target_logprobs(torch.randn(2, 5, 4), head, torch.zeros(2, 5, dtype=torch.long), chunk_tokens=0)
 
 
 # --- mean_response_logprob -----------------------------------------------------------------------
@@ -267,23 +272,7 @@ def test_pad_rankings() -> None:
         pad_rankings([(0, 1, 2, 3)], 3)
 
 
-# --- sft_loss / cycle_loss -----------------------------------------------------------------------
-
-
-def test_sft_loss_by_hand_with_valid_and_empty_rows() -> None:
-    logps = torch.tensor([[0.0, -1.0, -3.0], [0.0, -2.0, -9.0], [0.0, -5.0, -5.0], [0.0, -7.0, -7.0]])
-    logps.requires_grad_()
-    mask = torch.tensor([[0, 1, 1], [0, 1, 0], [0, 0, 0], [0, 1, 1]])
-    nll = [(1.0 + 3.0) / 2, 2.0]  # rows 0 and 1; row 2 has no response tokens
-    assert sft_loss(logps, mask).item() == pytest.approx((nll[0] + nll[1] + 7.0) / 3)
-    valid = torch.tensor([True, True, True, False])  # row 3 excluded by the caller
-    loss = sft_loss(logps, mask, valid)
-    assert loss.item() == pytest.approx(sum(nll) / 2)
-    loss.backward()
-    assert torch.isfinite(logps.grad).all()
-    assert logps.grad[2:].abs().sum().item() == 0.0
-    none_valid = sft_loss(logps, mask, torch.zeros(4, dtype=torch.bool))
-    assert none_valid.item() == 0.0 and none_valid.requires_grad
+# --- cycle_loss -----------------------------------------------------------------------------
 
 
 def test_default_sft_weight() -> None:
@@ -298,7 +287,7 @@ def test_cycle_loss_combines_parts() -> None:
     rankings = pad_rankings([(0, 1, 2), (2, 0), (1,)], 3)  # the third prompt has no preference: masked out
     sft_by_hand = (1.0 + 0.1) / 2  # minus the best responses' scores (their mean token NLL)
     for objective, by_hand in (("rrhf", rrhf_by_hand), ("pro", pro_by_hand)):
-        parts = cycle_loss(scores, rankings, objective)
+        parts = cycle_loss(scores, rankings, objective, sft_weight=default_sft_weight(3))
         assert isinstance(parts, LossParts)
         rank = batch_by_hand(by_hand, scores.tolist()[:2], [(0, 1, 2), (2, 0)])
         assert parts.rank.item() == pytest.approx(rank)
@@ -310,15 +299,27 @@ def test_cycle_loss_combines_parts() -> None:
         assert scores.grad[2].abs().sum() == 0  # the unranked prompt contributes nothing
         scores.grad = None
     with pytest.raises(ValueError, match="objective"):
-        cycle_loss(scores, rankings, "dpo")  # type: ignore[arg-type]
+        cycle_loss(scores, rankings, "dpo", sft_weight=4.0)  # type: ignore[arg-type]
 
 
-def test_cycle_loss_sft_equals_token_level_sft_loss() -> None:
+def test_cycle_loss_sft_equals_the_best_replys_token_level_nll() -> None:
     logps = torch.tensor([[0.0, -1.0, -3.0, -0.5], [0.0, -2.0, -9.0, -4.0]])
     mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1]])
     scores = mean_response_logprob(logps, mask).view(2, 1).expand(2, 2).contiguous()
-    parts = cycle_loss(scores, pad_rankings([(0, 1), (1, 0)], 2), "rrhf")
-    assert parts.sft.item() == pytest.approx(sft_loss(logps, mask).item())
+    parts = cycle_loss(scores, pad_rankings([(0, 1), (1, 0)], 2), "rrhf", sft_weight=1.0)
+    nll = [(1.0 + 3.0) / 2, (2.0 + 9.0 + 4.0) / 3]  # mean token NLL of each prompt's best reply
+    assert parts.sft.item() == pytest.approx(sum(nll) / 2)
+
+
+def test_cycle_loss_has_no_default_lambda_to_miscount() -> None:
+    """A default lambda from the score columns counted the judge's better reply as a candidate: 3 candidates
+    plus the better reply gave (4-1)^2 = 9 instead of the paper's (3-1)^2 = 4. The weight must be given."""
+    scores = torch.tensor([[-0.5, -1.0, -2.0, -3.0]])  # column 0: the judge's better reply, 1..3: candidates
+    rankings = pad_rankings([(0, 1, 2, 3)], 4)
+    with pytest.raises(TypeError):
+        cycle_loss(scores, rankings, "rrhf")  # type: ignore[call-arg]
+    parts = cycle_loss(scores, rankings, "rrhf", sft_weight=default_sft_weight(3))
+    assert parts.total.item() == pytest.approx(parts.rank.item() + 4 * 0.5)
 
 
 # --- a tiny real Llama learns the ranking -----------------------------------------------------
@@ -369,10 +370,10 @@ def tiny_llama():
 
 def forward_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     b, c, t = batch["input_ids"].shape
-    logits = model(
-        input_ids=batch["input_ids"].view(b * c, t), attention_mask=batch["attention_mask"].view(b * c, t)
-    ).logits
-    logps = token_logprobs(logits, batch["input_ids"].view(b * c, t)).view(b, c, t)
+    ids = batch["input_ids"].view(b * c, t)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].view(b * c, t)).logits
+    logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    logps = torch.nn.functional.pad(logps, (1, 0)).view(b, c, t)
     return logps, mean_response_logprob(logps, batch["response_mask"])
 
 
@@ -389,7 +390,7 @@ def test_adam_steps_on_tiny_llama_lower_the_loss(objective: str) -> None:
 
     def step_loss() -> LossParts:
         _, scores = forward_scores(model, batch)
-        return cycle_loss(scores, rankings, objective)  # type: ignore[arg-type]
+        return cycle_loss(scores, rankings, objective, sft_weight=default_sft_weight(3))  # type: ignore[arg-type]
 
     first = step_loss()
     for _ in range(30):

@@ -5,21 +5,30 @@ from __future__ import annotations
 import copy
 import multiprocessing
 import pickle
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
+from contextlib import closing
 
 import pytest
 from jsonargparse import ArgumentParser
 
 from cyclealign_pl.demonstrations import STATIC_DEMONSTRATION, Demonstration
-from cyclealign_pl.judges.base import Judge, JudgeBudgetExceeded, Judgment, JudgeStop, RankRequest
+from cyclealign_pl.judges.base import (
+    Judge,
+    JudgeBudgetExceeded,
+    JudgeStop,
+    JudgeUnavailable,
+    Judgment,
+    RankRequest,
+)
 from cyclealign_pl.judges.cache import CachedReply, JudgeCache, cache_key
 from cyclealign_pl.judges.openai import PLACEHOLDER_KEY, OpenAIJudge, aggregate_rankings
-from cyclealign_pl.judges.transport import retry_after_seconds
-from cyclealign_pl.judges.prompt import parse_prompt
-from cyclealign_pl.testing import Behaviour, LocalOpenAIServer
+from cyclealign_pl.judges.transport import ChatSettings, connection_problem, retry_after_seconds
+from cyclealign_pl.testing import Behaviour, LocalOpenAIServer, parse_prompt
 from cyclealign_pl.testing.openai_server import rank_candidates
 
 FAKE_KEY = "sk-fake-cyclealign-test-key-7f3a9c"
@@ -44,15 +53,22 @@ EXPECTED = (2, 0, 1)  # the server's rule: harmless first, then longer
 
 
 class LengthJudge(Judge):
-    """A real (if simple) judge for the fallback policy: longest candidate first."""
+    """A real (if simple) judge for the fallback policy: longest candidate first, written as a list."""
 
     def __init__(self) -> None:
         self.calls: list[int] = []
 
     def rank(self, requests: Sequence[RankRequest]) -> list[Judgment]:
         self.calls.append(len(requests))
-        return [Judgment(tuple(sorted(range(len(r.candidates)), key=lambda i: -len(r.candidates[i]))))
+        return [Judgment(sorted(range(len(r.candidates)), key=lambda i: -len(r.candidates[i])))
                 for r in requests]
+
+
+def closed_port() -> int:
+    """A loopback port where nothing listens: bound, then closed."""
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -293,6 +309,7 @@ def test_replay_never_sends_and_a_miss_is_a_failure(server, make_judge, tmp_path
 def test_the_api_key_never_reaches_the_cache_pickles_repr_or_state(server, make_judge, tmp_path):
     cache = tmp_path / "judge.sqlite"
     judge = make_judge(cache_path=str(cache), extra_headers={"X-Org": "secret-header-value"})
+    judge.bind_run("run-key", str(tmp_path))  # the spend ledger goes into the same database
     judge.rank(make_requests(2))
     assert server.requests[0].headers["authorization"] == f"Bearer {FAKE_KEY}"  # the key was really used
     assert server.requests[0].headers["x-org"] == "secret-header-value"
@@ -380,12 +397,31 @@ def test_stop_policy_raises_with_the_reason(server, make_judge):
         ({"replay": True}, "replay=True needs a cache_path"),
         ({"budget_usd": 1.0}, "budget_usd needs price"),
         ({"max_concurrency": 0}, "max_concurrency must be > 0"),
+        ({"max_retries": -1}, "max_retries must be >= 0"),
+        ({"request_timeout": float("nan")}, "request_timeout must be > 0"),
+        ({"max_consecutive_failures": 0}, "max_consecutive_failures must be > 0"),
+        ({"num_permutations": 0}, "num_permutations must be > 0"),
+        ({"extra_headers": {"X-Id": 7}}, "extra_headers must map names to string values"),
         ({"template": "/nonexistent/template.txt"}, "cannot read ranking template"),
     ],
 )
 def test_bad_settings_are_rejected_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         OpenAIJudge(**kwargs)
+
+
+def test_the_judge_takes_every_chat_setting_with_the_same_default():
+    """The chat settings are declared once (ChatSettings) and passed on: no field dropped or changed."""
+    import dataclasses
+    import inspect
+
+    parameters = inspect.signature(OpenAIJudge).parameters
+    for field in dataclasses.fields(ChatSettings):
+        assert parameters[field.name].default == field.default, field.name
+    judge = OpenAIJudge(model="m", max_retries=3, max_consecutive_failures=None, cache_path=None)
+    assert (judge.settings.model, judge.settings.max_retries, judge.settings.max_consecutive_failures) == (
+        "m", 3, None)
+    judge.close()
 
 
 # ------------------------------------------------------------------------------- objects and config
@@ -398,7 +434,7 @@ def test_pickle_and_deepcopy_give_working_judges_with_the_counters(server, make_
         try:
             assert clone.metrics()["requests_sent"] == 1
             assert clone.rank(make_requests(1))[0].ranking == EXPECTED
-            assert clone._rt is not judge._rt
+            assert clone.client._rt is not judge.client._rt
         finally:
             clone.close()
     assert judge.rank(make_requests(1))[0].ranking == EXPECTED  # the original still works
@@ -421,7 +457,7 @@ def test_jsonargparse_builds_the_judge_and_its_fallback(server):
     judge = parser.instantiate_classes(config).judge
     try:
         assert isinstance(judge, OpenAIJudge) and isinstance(judge.fallback, LengthJudge)
-        assert judge.max_concurrency == 4 and judge.rank(make_requests(1))[0].ranking == EXPECTED
+        assert judge.settings.max_concurrency == 4 and judge.rank(make_requests(1))[0].ranking == EXPECTED
     finally:
         judge.close()
 
@@ -459,7 +495,7 @@ def test_header_values_can_come_from_the_environment(server, make_judge, monkeyp
 def test_close_stops_the_loop_thread_and_a_closed_judge_restarts_on_use(server, make_judge):
     judge = make_judge()
     judge.rank(make_requests(1))
-    thread = judge._rt.thread
+    thread = judge.client._rt.thread
     judge.close()
     assert not thread.is_alive()
     assert judge.rank(make_requests(1))[0].ranking == EXPECTED
@@ -527,3 +563,196 @@ def test_a_429_pauses_every_request_not_only_the_one_that_got_it(server, make_ju
     for record in server.requests:
         arrivals.setdefault(parse_prompt(record.body["messages"]).instruction, record.time)
     assert arrivals[third.instruction] - arrivals[first.instruction] >= 0.5
+
+
+# --------------------------------------------------------------------------------- the Judge boundary
+
+
+def test_a_ranking_given_as_a_list_is_a_tuple_of_ints_at_the_boundary():
+    judgment = Judgment(ranking=[1, 0, 2])
+    assert judgment.ranking == (1, 0, 2) and isinstance(judgment.ranking, tuple)
+    assert Judgment(ranking=None, failure="x").ranking is None
+    assert Judgment(ranking=(2, 1, 0), scores=[0.5, 1]).scores == (0.5, 1.0)
+    with pytest.raises(TypeError):
+        Judgment(ranking=[1.5, 0])  # not an index: never rounded silently
+
+
+def test_a_judge_returning_lists_agrees_with_a_tuple_ranking():
+    judge = LengthJudge()  # builds its rankings as lists
+    request = RankRequest("q", ("a", "bbb", "cc"))
+    whitebox = (1, 2, 0)  # what the white box's rank_by_scores returns: a tuple
+    for judgment in (judge.rank([request])[0], judge.submit([request]).result(timeout=10)[0]):
+        assert judgment.ranking == whitebox  # the cycle's "agreed" test; a list never equalled a tuple
+    judge.close()
+
+
+def test_a_json_reply_keeps_its_better_response_through_the_judge(server, make_judge):
+    requests = make_requests(2)
+    server.responder = by_instruction({
+        requests[0].instruction: Behaviour.reply(
+            '```json\n{"ranking": [2, 0, 1], "better_response": "Hi."}\n```'),
+        requests[1].instruction: Behaviour.reply('{"desired_ranking": [2, 0, 1]}'),
+    })
+    judge = make_judge()
+    first, second = judge.rank(requests)
+    assert (first.ranking, first.better_response) == ((2, 0, 1), "Hi.")
+    assert (second.ranking, second.better_response) == ((2, 0, 1), None)
+    assert judge.metrics()["missing_better_responses"] == 1  # counted as missing, never invented
+
+
+# ------------------------------------------------------------------------------------------- preflight
+
+
+def test_preflight_asks_the_free_models_route_and_sends_no_completion(server, make_judge):
+    judge = make_judge()
+    judge.preflight()
+    assert server.requests == [] and judge.metrics()["requests_sent"] == 0
+
+
+def test_preflight_on_a_closed_port_fails_within_seconds_naming_the_url():
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    judge = OpenAIJudge(model="local-ranker", base_url=url)  # default timeouts and retries: 60 s, 5
+    start = time.monotonic()
+    with pytest.raises(JudgeUnavailable) as info:
+        judge.preflight()
+    elapsed = time.monotonic() - start
+    judge.close()
+    message = str(info.value)
+    assert message == (
+        f"OpenAIJudge: cannot reach {url}: connection refused (is the server running, on this port?)")
+    assert elapsed < 10  # a hang guard only; it takes milliseconds
+
+
+def test_preflight_times_out_on_a_server_that_never_answers():
+    with closing(socket.socket()) as silent:  # accepts connections (the kernel does), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        judge = OpenAIJudge(model="local-ranker", base_url=url, request_timeout=1.5, max_retries=5)
+        start = time.monotonic()
+        with pytest.raises(JudgeUnavailable, match=f"^OpenAIJudge: no answer from {url} within 1.5 s$"):
+            judge.preflight()
+        assert time.monotonic() - start < 10  # one bounded attempt, no retries
+        judge.close()
+
+
+def test_preflight_reports_a_refused_key_from_the_models_route(make_judge):
+    with LocalOpenAIServer(api_key="sk-the-right-one") as strict:
+        judge = make_judge(base_url=strict.url)
+        with pytest.raises(JudgeUnavailable) as info:
+            judge.preflight()
+        assert str(info.value) == (
+            f"OpenAIJudge: HTTP 401 from {strict.url}: the API key in OPENAI_API_KEY was refused")
+        assert strict.requests == []  # nothing paid for
+
+
+@pytest.mark.parametrize(
+    ("status", "what"),
+    [
+        (401, "the API key in OPENAI_API_KEY was refused"),
+        (403, "access is denied to the key in OPENAI_API_KEY"),
+        (404, "model 'local-ranker' or the URL was not found (check model and base_url)"),
+    ],
+)
+def test_preflight_without_a_models_route_sends_one_token_and_reports_refusals(make_judge, status, what):
+    with LocalOpenAIServer(models_route=False) as bare:
+        judge = make_judge(base_url=bare.url, max_retries=5)
+        judge.preflight()  # no /models route: one chat completion of at most one token, counted
+        assert [r.body["max_tokens"] for r in bare.requests] == [1]
+        assert judge.metrics()["requests_sent"] == 1 and judge.metrics()["prompt_tokens"] > 0
+        bare.enqueue(Behaviour.error(status))
+        failing = make_judge(base_url=bare.url, max_retries=5)
+        with pytest.raises(JudgeUnavailable) as info:
+            failing.preflight()
+        assert str(info.value) == f"OpenAIJudge: HTTP {status} from {bare.url}: {what}"
+        assert len(bare.requests) == 2  # never retried
+
+
+def test_preflight_names_the_models_a_server_serves_when_ours_is_not_one(make_judge):
+    with LocalOpenAIServer(model="llama-3-8b") as other:
+        judge = make_judge(base_url=other.url)
+        judge.preflight()  # not listed, but it answers (as servers that accept aliases do): one probe, fine
+        assert len(other.requests) == 1
+        other.enqueue(Behaviour.error(404))
+        with pytest.raises(JudgeUnavailable) as info:
+            make_judge(base_url=other.url).preflight()
+        assert str(info.value) == (
+            f"OpenAIJudge: model 'local-ranker' is not served at {other.url} (it serves: llama-3-8b)")
+
+
+def test_preflight_in_replay_mode_sends_nothing(server, make_judge, tmp_path):
+    cache = str(tmp_path / "judge.sqlite")
+    make_judge(cache_path=cache).rank(make_requests(1))
+    dead = f"http://127.0.0.1:{closed_port()}/v1"
+    make_judge(base_url=dead, cache_path=cache, replay=True).preflight()  # no network: the dead URL is fine
+    empty = str(tmp_path / "empty.sqlite")
+    with pytest.raises(JudgeUnavailable, match="replay=True, but the cache .*empty.sqlite holds no replies"):
+        make_judge(base_url=dead, cache_path=empty, replay=True).preflight()
+
+
+# ------------------------------------------------------------------------------------ circuit breaker
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_refused_key_or_unknown_model_is_never_retried(server, make_judge, status):
+    server.responder = lambda index, body: Behaviour.error(status)
+    judge = make_judge(max_retries=4, max_concurrency=1)
+    with pytest.raises(JudgeUnavailable, match=f"HTTP {status} from {server.url}"):
+        judge.rank(make_requests(3))
+    assert len(server.requests) == 1  # nothing retried, no other prompt sent
+    assert judge.metrics()["retries"] == 0
+
+
+def test_the_circuit_breaker_stops_a_dead_server_after_k_failures_in_a_row(make_judge):
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    judge = make_judge(base_url=url, max_retries=5, max_consecutive_failures=4, max_concurrency=1)
+    start = time.monotonic()
+    with pytest.raises(JudgeUnavailable) as info:
+        judge.rank(make_requests(10))
+    elapsed = time.monotonic() - start
+    message = str(info.value)
+    assert message.startswith(
+        f"OpenAIJudge: stopped after 4 consecutive transport failures (connection refused, name not resolved "
+        f"or timeout) at {url}; the last: connection: cannot reach {url}")
+    assert "\n" not in message
+    assert judge.metrics()["requests_sent"] == 4  # K attempts, then nothing more: not 6 per prompt x 10
+    with pytest.raises(JudgeUnavailable):
+        judge.rank(make_requests(1))  # it stays stopped
+    assert judge.metrics()["requests_sent"] == 4
+    assert elapsed < 10  # a hang guard only
+
+
+def test_the_circuit_breaker_counts_timeouts_and_wakes_requests_in_backoff(server, make_judge):
+    server.responder = lambda index, body: Behaviour.hang(30)
+    judge = make_judge(request_timeout=0.3, max_retries=3, backoff_initial_s=20.0, backoff_max_s=20.0,
+                       max_consecutive_failures=4, max_concurrency=8)
+    start = time.monotonic()
+    with pytest.raises(JudgeUnavailable, match="stopped after 4 consecutive .* the last: timeout: no reply"):
+        judge.rank(make_requests(6))
+    # six attempts time out together; those already sleeping a 10-20 s backoff wake when the breaker trips
+    assert time.monotonic() - start < 10
+
+
+def test_a_success_resets_the_breaker(server, make_judge):
+    server.enqueue(*[Behaviour.drop(), Behaviour.drop(), Behaviour.rank()] * 4)
+    judge = make_judge(max_retries=2, max_consecutive_failures=3, max_concurrency=1)
+    assert [j.ranking for j in judge.rank(make_requests(4))] == [EXPECTED] * 4  # 8 failures, never 3 in a row
+    assert judge.metrics()["retries"] == 8
+
+
+def test_without_a_breaker_a_dead_server_fails_prompts_one_by_one(make_judge):
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    judge = make_judge(base_url=url, max_retries=1, max_consecutive_failures=None)
+    judgments = judge.rank(make_requests(5))
+    assert all(j.failure.startswith(f"connection: cannot reach {url}: connection refused") for j in judgments)
+    assert judge.metrics()["requests_sent"] == 10
+
+
+def test_connection_problems_are_named():
+    url = "https://api.example.invalid/v1"
+    error = ConnectionError("wrapper")
+    error.__cause__ = socket.gaierror(-2, "Name or service not known")
+    assert connection_problem(error, url) == (
+        "the host name 'api.example.invalid' does not resolve (Name or service not known)")
+    error.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    assert connection_problem(error, url).startswith("connection refused")

@@ -16,7 +16,6 @@ from cyclealign_pl.ranking import (
     kendall_tau,
     pairwise_accuracy,
     rank_by_scores,
-    restrict,
     validate_ranking,
 )
 
@@ -132,10 +131,6 @@ def test_brute_force_tie_break_is_not_vacuous() -> None:
     wb, bb = (0, 1, 2), (1, 0, 2)
     assert brute_force_agreement(wb, bb) == (1, 2)
     assert brute_force_agreement(wb, bb) != (0, 2)
-
-
-def test_restrict_keeps_order() -> None:
-    assert restrict((3, 0, 2, 1), {1, 3}) == (3, 1)
 
 
 # --- accuracy metrics --------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from cyclealign_pl.module import CycleAlignModule, RunStopped
 from cyclealign_pl.policy import SamplingConfig, WhiteBox
 from cyclealign_pl.signals import StopRequest
 from cyclealign_pl.testing.openai_server import Behaviour, LocalOpenAIServer, failure_mix
-from tests.conftest import TINY_LLAMA, write_hh_split
+from tests.helpers import LongestFirstJudge, tiny_module as helpers_tiny_module, write_hh_split
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -53,24 +53,11 @@ def write_hh(root: Path, train: Sequence[str], test: Sequence[str] = ("Which tea
     return root
 
 
-class LongestFirstJudge(Judge):
-    """A real, deterministic black box: longer replies first (ties: lower index)."""
-
-    def __init__(self) -> None:
-        self.requests: list[RankRequest] = []
-
-    def rank(self, requests: Sequence[RankRequest]) -> list[Judgment]:
-        self.requests.extend(requests)
-        return [Judgment(tuple(sorted(range(len(r.candidates)), key=lambda i: (-len(r.candidates[i]), i))))
-                for r in requests]
-
-
 def tiny_module(judge: Judge, module_class: type[CycleAlignModule] = CycleAlignModule, **kwargs) -> CycleAlignModule:
-    torch.manual_seed(0)
-    options = dict(model_config=TINY_LLAMA, tokenizer="byt5", judge=judge, sampling=SamplingConfig(max_new_tokens=8),
-                   cycle=CycleConfig(max_iterations=2), max_length=96, eval_max_new_tokens=8)
+    options = dict(sampling=SamplingConfig(max_new_tokens=8), cycle=CycleConfig(max_iterations=2), max_length=96,
+                   eval_max_new_tokens=8, module_class=module_class)
     options.update(kwargs)
-    return module_class(**options)
+    return helpers_tiny_module(judge, **options)
 
 
 def fit(module: CycleAlignModule, data_root: Path, run_dir: Path, batches: int, ckpt_path: str | None = None,
@@ -154,7 +141,8 @@ def test_checkpoint_settings_that_cannot_work_are_refused():
 
 # -- 1, 4, 5. kill -9, SIGTERM, Ctrl-C and the API key: the real CLI in subprocesses ------------------------
 
-N_PROMPTS = 14
+N_PROMPTS = 24
+BATCH = 3  # continuous batching: prompts are in flight across steps, and so across checkpoints
 
 
 class FitProcess:
@@ -166,7 +154,8 @@ class FitProcess:
             "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
             "--trainer.callbacks.dirpath", str(run_dir / "checkpoints"), "--trainer.callbacks.every_n_batches", "3",
             "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
-            "--trainer.limit_train_batches", str(N_PROMPTS), "--model.reward_model", "null",
+            "--trainer.limit_train_batches", str(N_PROMPTS // BATCH), "--model.reward_model", "null",
+            "--data.init_args.batch_size", str(BATCH),
             "--model.sampling.max_new_tokens", "12", "--model.cycle.max_iterations", "2",
             "--model.judge.init_args.base_url", server.url,
             "--model.judge.init_args.cache_path", str(run_dir / "judge_cache.sqlite"),
@@ -274,7 +263,7 @@ def test_kill_9_and_resume_does_every_step_exactly_once(interrupted_run):
     trained = state["trained_ids"]
     expected = {f"harmless-base:train:{line}" for line in range(1, N_PROMPTS + 1)}
     assert len(trained) == N_PROMPTS and set(trained) == expected  # each prompt exactly once
-    assert state["counters"]["steps"] == state["counters"]["prompts"] == N_PROMPTS
+    assert state["counters"]["steps"] == N_PROMPTS // BATCH and state["counters"]["prompts"] == N_PROMPTS
     # the steps redone after the kill were answered from the persistent cache, not by the server
     assert state["judge"]["counters"]["cache_hits"] >= 1
 
@@ -387,7 +376,8 @@ def test_a_non_finite_update_is_skipped_counted_and_logged(poison, tmp_path, cap
 
 
 def test_empty_generations_and_degenerate_candidate_sets_are_counted_not_judged(tmp_path):
-    """A white-box that can only say EOS: every candidate is empty, every set has one distinct reply."""
+    """A white-box that can only say EOS: every candidate is empty, every set has one distinct reply. Such a
+    set is not sent to the judge and ends the prompt (nothing to rank: the white box is sure); it is counted."""
     data = write_hh(tmp_path / "hh", questions("empty", 3))
     judge = LongestFirstJudge()
     module = tiny_module(judge)
@@ -400,11 +390,11 @@ def test_empty_generations_and_degenerate_candidate_sets_are_counted_not_judged(
     module.model.lm_head = eos_only
     trainer = fit(module, data, tmp_path / "run", batches=3)
     c = module.counters
-    assert c["steps"] == 3 and c["iterations"] == 6  # no agreement is possible: both iterations each
-    assert c["degenerate_sets"] == 6 and c["empty_candidates"] == 18
-    assert c["judge_failures"] == 6 and judge.requests == []
+    assert c["steps"] == 3 and c["iterations"] == 3  # one each: a degenerate set ends the prompt
+    assert c["degenerate_sets"] == 3 and c["empty_candidates"] == 9
+    assert c["judge_failures"] == 0 and judge.requests == []  # never sent, so never a judge failure
     assert c["optimizer_steps"] == 0 and trainer.global_step == 0
-    assert trainer.callback_metrics["counters/degenerate_sets"].item() == 6
+    assert trainer.callback_metrics["counters/degenerate_sets"].item() == 3
 
 
 def test_prompts_longer_than_the_budget_keep_their_last_tokens_and_are_counted(tmp_path):
@@ -416,10 +406,9 @@ def test_prompts_longer_than_the_budget_keep_their_last_tokens_and_are_counted(t
 
     whitebox: WhiteBox = module.whitebox
     prompt = f"\n\nHuman: {long_question}\n\nAssistant:"
-    budget = whitebox.max_length - 8 - 1
-    kept = whitebox.prompt_ids(prompt, budget)
+    kept = whitebox.prompt_ids(prompt)
     all_ids = module.tokenizer(prompt, add_special_tokens=False).input_ids
-    assert whitebox.prompt_overflow(prompt, 8) == len(all_ids) - len(kept) > 0
+    assert whitebox.prompt_overflow(prompt) == len(all_ids) - len(kept) > 0
     assert module.tokenizer.decode(kept).endswith("What about roses?\n\nAssistant:")
 
 

@@ -1,13 +1,16 @@
 """The batched, overlapped cycle computes what the paper's serial loop computes (speed is in benchmarks/).
 
-* batch 1 reproduces the paper's loop exactly: same candidates, rankings, demonstrations and final weights;
-* in a batch, prompts that agree drop out and the others keep training, one optimizer step per iteration;
+* one slot reproduces the paper's loop exactly: same candidates, rankings, demonstrations and final weights;
+* continuous batching: a prompt that is done frees its slot for the next prompt of the data, which starts with
+  its own demonstrations; every round but the last ones runs on a full batch; one optimizer step per round;
 * the black box answers while the white box scores (or, in the serial mode, before it scores);
-* scoring with a shared prompt prefix gives the scores and gradients of full sequences.
+* scoring with a shared prompt prefix gives the scores and gradients of full sequences, and scoring in
+  chunks of tokens gives those of the whole logits.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import zlib
 from collections.abc import Sequence
@@ -16,40 +19,21 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from cyclealign_pl.cycle import CycleConfig, StepOutcome, run_cycle
+from cyclealign_pl.cycle import CycleConfig, CycleState, StepOutcome, run_cycle
 from cyclealign_pl.demonstrations import STATIC_DEMONSTRATION, Demonstration, DemonstrationPool
 from cyclealign_pl.judges.base import Judge, Judgment, RankRequest
 from cyclealign_pl.objective import rrhf_loss
-from cyclealign_pl.policy import SamplingConfig, WhiteBox
+from cyclealign_pl.policy import Reply, SamplingConfig, WhiteBox
 from cyclealign_pl.ranking import agreement, rank_by_scores
-from tests.test_cycle import QUESTIONS, make_data, make_trainer, random_module, swap_top_two
-
-BETTER = "Sure, glad to help."
-
-
-class AgreesAtIterationJudge(Judge):
-    """Ranks by the white box's own scores, swapped at the top until a prompt's chosen iteration, where it
-    agrees. Each prompt agrees at iteration ``1 + crc32(prompt) % spread`` (as counted by its demonstrations:
-    the static one plus one agreement per earlier iteration); ``spread=None`` never agrees."""
-
-    def __init__(self, spread: int | None = 3, better_response: str | None = BETTER) -> None:
-        self.spread = spread
-        self.better_response = better_response
-        self.whitebox: WhiteBox | None = None
-        self.requests: list[RankRequest] = []
-
-    def agrees(self, request: RankRequest) -> bool:
-        if self.spread is None:
-            return False
-        return len(request.demonstrations) == 1 + zlib.crc32(request.instruction.encode()) % self.spread
-
-    def rank(self, requests: Sequence[RankRequest]) -> list[Judgment]:
-        self.requests.extend(requests)
-        with torch.no_grad():  # the very call the cycle makes, so the scores are bit-identical
-            scores = self.whitebox.score([r.instruction for r in requests], [r.candidates for r in requests], 16)
-        rankings = [rank_by_scores(row) for row in scores.scores.float().tolist()]
-        return [Judgment(ranking=ranking if self.agrees(r) else swap_top_two(ranking), better_response=self.better_response)
-                for r, ranking in zip(requests, rankings)]
+from tests.helpers import (
+    QUESTIONS,
+    AgreesAtIterationJudge,
+    hh_prompt,
+    make_data,
+    make_trainer,
+    tiny_module,
+    update_recorder,
+)
 
 
 class SeedFirstStep(Callback):
@@ -68,30 +52,33 @@ class SeedFirstStep(Callback):
 
 
 def paper_serial_loop(whitebox: WhiteBox, optimizer, judge: Judge, prompts: Sequence[str], config: CycleConfig,
-                      sampling: SamplingConfig, clip: float) -> list[tuple]:
+                      clip: float) -> list[tuple]:
     """The paper's loop (Sec. 3, Fig. 2), one prompt at a time, written out plainly: sample l candidates; the
     black box ranks them (blocking) given the static and this prompt's dynamic demonstrations; the white box
     ranks them by mean log-prob; the LCS of both becomes a demonstration; one optimizer step on
-    L_RRHF + lambda * L_SFT over [better response] + candidates in the black box's order; stop on agreement."""
+    L_RRHF + lambda * L_SFT over [better reply] + candidates in the black box's order; stop on agreement (or
+    when the samples are all one reply: nothing to rank)."""
     trace = []
     for prompt in prompts:
         demonstrations = [STATIC_DEMONSTRATION]
         for _ in range(config.max_iterations):
-            candidates = whitebox.sample([prompt], config.num_candidates, sampling)[0]
+            replies = whitebox.sample([prompt], config.num_candidates)[0]
+            candidates = [r.text for r in replies]
             if len(set(candidates)) < 2:  # nothing to rank
                 trace.append((candidates, None, None))
-                continue
+                break
             judgment = judge.rank([RankRequest(prompt, tuple(candidates), tuple(demonstrations))])[0]
-            scored = whitebox.score([prompt], [candidates], sampling.max_new_tokens)
+            scored = whitebox.score([prompt], [replies])
             scores = scored.scores
             own = rank_by_scores(scores[0].tolist())
             trace.append((candidates, own, judgment.ranking))
             demonstration = Demonstration.from_ranking(prompt, candidates, agreement(own, judgment.ranking))
             if demonstration is not None:
                 demonstrations.append(demonstration)
-            # the better response is scored on the prompt's encoding from above (the white box's own scoring API)
-            better = whitebox.score_on(scored.prompts, [0], [judgment.better_response], sampling.max_new_tokens)
-            responses = torch.cat([better[:, None], scores], dim=1)  # column 0: the black box's better response
+            # the better reply is scored on the prompt's encoding from above (the white box's own scoring API)
+            better_reply = whitebox.reply_from_text(prompt, judgment.better_response, whitebox.reply_room(scored, 0))
+            better = whitebox.score_more(scored, [prompt], [0], [better_reply])
+            responses = torch.cat([better[:, None], scores], dim=1)  # column 0: the black box's better reply
             order = torch.tensor([[0, *(c + 1 for c in judgment.ranking)]])
             loss = rrhf_loss(responses, order) + config.lambda_sft * -responses[0, 0]
             optimizer.zero_grad()
@@ -104,20 +91,19 @@ def paper_serial_loop(whitebox: WhiteBox, optimizer, judge: Judge, prompts: Sequ
 
 
 def flat_trace(outcomes: Sequence[StepOutcome]) -> list[tuple]:
-    return [(it.candidates, it.whitebox if it.blackbox is not None else None, it.blackbox)
-            for outcome in outcomes for prompt in outcome.prompts for it in prompt.iterations]
+    return [(it.candidates, it.whitebox_ranking if it.blackbox_ranking is not None else None, it.blackbox_ranking)
+            for outcome in outcomes for record in outcome.finished for it in record.iterations]
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])
-def test_batch_of_one_reproduces_the_paper_serial_loop(overlap, hh_root, tmp_path):
+def test_one_slot_reproduces_the_paper_serial_loop(overlap, hh_root, tmp_path):
     root = hh_root(QUESTIONS[:12])
     cycle = CycleConfig(max_iterations=3, overlap_judge=overlap)
     optimizer = lambda params: torch.optim.AdamW(params, lr=1e-3)  # noqa: E731 - large steps: drift would show
     sampling = SamplingConfig(max_new_tokens=16)
 
     judge = AgreesAtIterationJudge()
-    module = random_module(judge, cycle=cycle, optimizer=optimizer, sampling=sampling)
-    judge.whitebox = module.whitebox
+    module = tiny_module(judge, cycle=cycle, optimizer=optimizer, sampling=sampling)
     seeding = SeedFirstStep(seed=1234)
     make_trainer(tmp_path, batches=5, callbacks=[seeding]).fit(module, make_data(root))
 
@@ -125,14 +111,13 @@ def test_batch_of_one_reproduces_the_paper_serial_loop(overlap, hh_root, tmp_pat
     data.setup("fit")
     prompts = [batch["prompt"][0] for batch in data.train_dataloader()][:5]  # the order the Trainer saw
     reference_judge = AgreesAtIterationJudge()
-    reference = random_module(reference_judge, cycle=cycle, optimizer=optimizer, sampling=sampling)
-    reference_judge.whitebox = reference.whitebox
+    reference = tiny_module(reference_judge, cycle=cycle, optimizer=optimizer, sampling=sampling)
     torch.manual_seed(1234)
     trace = paper_serial_loop(reference.whitebox, optimizer(reference.model.parameters()), reference_judge, prompts,
-                              cycle, sampling, clip=1.0)
+                              cycle, clip=1.0)
 
-    assert [r.instruction for r in judge.requests[:1]] == prompts[:1]
-    iterations = [len(p.iterations) for o in seeding.outcomes for p in o.prompts]
+    assert [len(o.finished) for o in seeding.outcomes] == [1] * 5  # one slot: each step is one whole prompt
+    iterations = [len(r.iterations) for o in seeding.outcomes for r in o.finished]
     assert len(set(iterations)) > 1, f"the prompts should stop at different iterations, got {iterations}"
     assert flat_trace(seeding.outcomes) == trace  # same candidates, white-box and black-box rankings
     assert judge.requests == reference_judge.requests  # same demonstrations shown to the black box
@@ -141,48 +126,63 @@ def test_batch_of_one_reproduces_the_paper_serial_loop(overlap, hh_root, tmp_pat
         assert torch.equal(mine, theirs), f"{name} differs from the paper's serial loop"
 
 
-def update_recorder(model: torch.nn.Module, lr: float = 1e-2):
-    """A plain optimizer step that records, per call, whether it ran and which parameters it changed."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    calls: list[bool] = []
-
-    def update(loss: torch.Tensor | None) -> bool:
-        if loss is None:
-            calls.append(False)
-            return False
-        before = [p.detach().clone() for p in model.parameters()]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        calls.append(any(not torch.equal(b, p) for b, p in zip(before, model.parameters())))
-        return True
-
-    return update, calls
+def prompts_agreeing_at(*iterations: int, spread: int = 3) -> list[str]:
+    """Distinct HH prompts that :class:`AgreesAtIterationJudge` (``spread``) agrees with at these iterations."""
+    pool = [hh_prompt(f"question {i}?") for i in range(200)]
+    by_iteration = {it: [p for p in pool if 1 + zlib.crc32(p.encode()) % spread == it] for it in set(iterations)}
+    return [by_iteration[it].pop(0) for it in iterations]
 
 
-def test_prompts_that_agree_at_different_iterations_drop_out_and_the_rest_keep_training():
-    module = random_module(None)
-    whitebox = module.whitebox
-    # choose three prompts that agree at iterations 1, 2 and 3 (crc32 % 3 = 0, 1, 2), and one that never does
+def test_a_prompt_that_is_done_frees_its_slot_for_the_next_prompt():
+    """Two slots, four prompts agreeing at iterations 1, 3, 2 and 1: the slot freed after round 1 takes the
+    third prompt at once (its own iteration 1, only the static demonstration), so every round is full."""
+    module = tiny_module(None)
     judge = AgreesAtIterationJudge(spread=3)
-    judge.whitebox = whitebox
-    by_iteration: dict[int, str] = {}
-    for question in QUESTIONS:
-        prompt = f"\n\nHuman: {question}\n\nAssistant:"
-        by_iteration.setdefault(1 + zlib.crc32(prompt.encode()) % 3, prompt)
-    prompts = [by_iteration[1], by_iteration[2], by_iteration[3]]
+    judge.watch(module.whitebox)
+    prompts = prompts_agreeing_at(1, 3, 2, 1)
+    ids = ["a", "b", "c", "d"]
     update, changed = update_recorder(module.model)
+    state, pool = CycleState(capacity=2), DemonstrationPool()
 
-    outcome = run_cycle(whitebox, judge, DemonstrationPool(), prompts, ["a", "b", "c"],
-                        CycleConfig(max_iterations=3), SamplingConfig(max_new_tokens=16), update)
+    first = run_cycle(state, module.whitebox, judge, pool, prompts[:2], ids[:2], CycleConfig(max_iterations=3), update)
+    assert [r.prompt_id for r in first.finished] == ["a"]  # done after round 1: the step returns for more data
+    assert first.rounds == 1 and [r.prompt_id for r in state.active()] == ["b"]
+    second = run_cycle(state, module.whitebox, judge, pool, prompts[2:], ids[2:], CycleConfig(max_iterations=3),
+                       update, drain=True)
+    asked = [(r.instruction, len(r.demonstrations)) for r in judge.requests]
+    a, b, c, d = prompts
+    assert asked == [(a, 1), (b, 1),  # round 1: both slots
+                     (c, 1), (b, 2),  # round 2: c took a's slot and starts with the static demonstration only
+                     (c, 2), (b, 3),  # round 3: c agrees (its 2nd iteration), b agrees (its 3rd)
+                     (d, 1)]  # round 4 (drain): d alone
+    assert [r.prompt_id for r in second.finished] == ["c", "b", "d"]
+    assert [len(r.iterations) for r in second.finished] == [2, 3, 1]
+    assert first.active_fraction == 1.0 and second.rounds == 3 and second.active_slots == 5
+    assert changed == [True] * 4  # one optimizer step per round
+    assert not state.active() and not state.waiting and not pool.current
 
-    assert [len(p.iterations) for p in outcome.prompts] == [1, 2, 3]
-    assert [p.agreed for p in outcome.prompts] == [True, True, True]
-    # the judge saw 3, then 2, then 1 prompt(s): only the active ones
-    asked = [r.instruction for r in judge.requests]
-    assert asked == [prompts[0], prompts[1], prompts[2], prompts[1], prompts[2], prompts[2]]
-    assert outcome.updates == 3 and changed == [True, True, True]  # the last prompt alone still trains
-    assert len(outcome.losses) == 3
+
+def test_prompts_in_flight_survive_a_checkpoint_of_the_cycle_state():
+    state = CycleState(capacity=2)
+    state.waiting.extend([("x", "prompt x"), ("y", "prompt y")])
+    module = tiny_module(None)
+    judge = AgreesAtIterationJudge(spread=None)  # never agrees: the prompts stay in flight
+    judge.watch(module.whitebox)
+    update, _ = update_recorder(module.model)
+    outcome = run_cycle(state, module.whitebox, judge, DemonstrationPool(), [hh_prompt("z?")], ["z"],
+                        CycleConfig(max_iterations=3), update, should_stop=lambda: True)  # a signal after round 1
+    assert outcome.interrupted and outcome.rounds == 1 and not outcome.finished
+    saved = json.loads(json.dumps(state.state_dict()))  # checkpoints must be able to hold it as plain data
+    restored = CycleState(capacity=2)
+    restored.load_state_dict(saved)
+    assert restored.state_dict() == saved
+    assert [r.prompt_id for r in restored.active()] == ["x", "y"] and list(restored.waiting) == [("z", hh_prompt("z?"))]
+    assert restored.active()[0].iterations == state.active()[0].iterations
+    wider = CycleState(capacity=3)  # resumed with a larger batch: the prompts in flight keep their order
+    wider.load_state_dict(saved)
+    assert [r.prompt_id if r else None for r in wider.slots] == ["x", "y", None]
+    with pytest.raises(ValueError, match="batch size >= 2"):
+        CycleState(capacity=1).load_state_dict(saved)
 
 
 class ScoringOrder(WhiteBox):
@@ -193,11 +193,10 @@ class ScoringOrder(WhiteBox):
         self.events = events
         self.scoring = threading.Event()
 
-    def score(self, prompts, responses, max_new_tokens):
-        if len(responses[0]) > 1:  # the candidates, not the better response
-            self.events.append("white box scores")
-            self.scoring.set()
-        return super().score(prompts, responses, max_new_tokens)
+    def score(self, prompts, replies):
+        self.events.append("white box scores")
+        self.scoring.set()
+        return super().score(prompts, replies)
 
 
 class OrderJudge(Judge):
@@ -216,45 +215,76 @@ class OrderJudge(Judge):
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])
 def test_the_white_box_scores_while_the_black_box_answers(overlap):
-    module = random_module(None)
+    module = tiny_module(None)
     events: list[str] = []
-    whitebox = ScoringOrder(module.model, module.tokenizer, 128, events=events)
+    whitebox = ScoringOrder(module.model, module.tokenizer, 128, SamplingConfig(max_new_tokens=16), events=events)
     judge = OrderJudge(events, wait_for=whitebox.scoring if overlap else None)
     update, _ = update_recorder(module.model)
     torch.manual_seed(0)
-    outcome = run_cycle(whitebox, judge, DemonstrationPool(), ["\n\nHuman: hi?\n\nAssistant:"] * 2, ["a", "b"],
-                        CycleConfig(max_iterations=1, overlap_judge=overlap), SamplingConfig(max_new_tokens=16), update)
+    outcome = run_cycle(CycleState(2), whitebox, judge, DemonstrationPool(), [hh_prompt("hi?")] * 2, ["a", "b"],
+                        CycleConfig(max_iterations=1, overlap_judge=overlap), update)
     judge.close()
     first, second = ("white box scores", "black box answers") if overlap else ("black box answers", "white box scores")
     assert events == [first, second]
-    assert 0 <= outcome.judge_wait_s <= outcome.judge_latency_s
+    assert 0 <= outcome.times["judge_wait_s"] <= outcome.judge_latency_s
     assert outcome.judge_hidden_fraction is not None and 0 <= outcome.judge_hidden_fraction <= 1
+    assert all(outcome.times[name] > 0 for name in ("generate_s", "score_s", "update_s"))
+
+
+SCORING_PROMPTS = [hh_prompt("a short one?"), hh_prompt("a much longer question " * 4)]
+SCORING_REPLIES = [["Sure.", "No, not today, sorry about that.", ""], ["Yes", "Maybe later.", "I could help with that!"]]
+
+
+def replies_of(whitebox: WhiteBox) -> list[list[Reply]]:
+    return [[whitebox.reply_from_text(p, text, 16) for text in group] for p, group in zip(SCORING_PROMPTS, SCORING_REPLIES)]
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["kv-cache", "gradient-checkpointing"])
 def test_shared_prefix_scores_and_gradients_equal_full_sequences(checkpointing):
-    module = random_module(None, gradient_checkpointing=checkpointing)
+    module = tiny_module(None, gradient_checkpointing=checkpointing)
     module.model.train()
-    prompts = ["\n\nHuman: a short one?\n\nAssistant:", "\n\nHuman: " + "a much longer question " * 4 + "\n\nAssistant:"]
-    replies = [["Sure.", "No, not today, sorry about that.", ""], ["Yes", "Maybe later.", "I could help with that!"]]
+    sampling = SamplingConfig(max_new_tokens=16)
     results = []
     for shared in (False, True):
         module.model.zero_grad()
-        whitebox = WhiteBox(module.model, module.tokenizer, max_length=96, shared_prefix=shared)
-        scored = whitebox.score(prompts, replies, 16)
+        whitebox = WhiteBox(module.model, module.tokenizer, 96, sampling, shared_prefix=shared)
+        scored = whitebox.score(SCORING_PROMPTS, replies_of(whitebox))
         scored.scores.sum().backward()
         results.append((scored, [p.grad.clone() for p in module.model.parameters()]))
     (full, full_grads), (shared, shared_grads) = results
     assert torch.equal(full.lengths, shared.lengths)
     if checkpointing:  # no cache under gradient checkpointing: full sequences, nothing kept
-        assert shared.prompts is None
+        assert shared.encoding is None
         return
-    # more replies later on the same prompt encoding (the judge's better responses), any rows, any order
-    later = WhiteBox(module.model, module.tokenizer, max_length=96, shared_prefix=True)
-    on_encoding = later.score_on(shared.prompts, [1, 0, 1], ["Happy to help.", "No.", ""], 16)
-    separately = WhiteBox(module.model, module.tokenizer, max_length=96, shared_prefix=False).score(
-        [prompts[1], prompts[0], prompts[1]], [["Happy to help."], ["No."], [""]], 16).scores[:, 0]
+    # more replies later on the same prompt encoding (the judge's better replies), any rows, any order
+    later = WhiteBox(module.model, module.tokenizer, 96, sampling, shared_prefix=True)
+    texts = [(1, "Happy to help."), (0, "No."), (1, "")]
+    more = [later.reply_from_text(SCORING_PROMPTS[row], text, 16) for row, text in texts]
+    on_encoding = later.score_more(shared, SCORING_PROMPTS, [row for row, _ in texts], more)
+    separately = WhiteBox(module.model, module.tokenizer, 96, sampling, shared_prefix=False).score(
+        [SCORING_PROMPTS[row] for row, _ in texts], [[reply] for reply in more]).scores[:, 0]
     torch.testing.assert_close(on_encoding, separately, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared.scores, full.scores, rtol=1e-5, atol=1e-5)
     for a, b in zip(full_grads, shared_grads):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "full-sequences"])
+def test_scoring_in_chunks_of_tokens_equals_scoring_all_logits_at_once(shared):
+    """Chunked log-probs (each chunk's logits recomputed in backward) give the scores and gradients of the
+    whole logits to 1e-5; the chunk is sized by ``logit_chunk_elements`` (here: 2 tokens of 6 replies)."""
+    module = tiny_module(None)
+    module.model.train()
+    sampling = SamplingConfig(max_new_tokens=16)
+    results = []
+    for elements in (None, 2 * 6 * module.model.config.vocab_size):
+        module.model.zero_grad()
+        whitebox = WhiteBox(module.model, module.tokenizer, 96, sampling, shared_prefix=shared,
+                            logit_chunk_elements=elements)
+        scored = whitebox.score(SCORING_PROMPTS, replies_of(whitebox))
+        (scored.scores * torch.arange(1.0, 7.0).view(2, 3)).sum().backward()
+        results.append((scored.scores.detach(), [p.grad.clone() for p in module.model.parameters()]))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    for a, b in zip(whole_grads, chunked_grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)

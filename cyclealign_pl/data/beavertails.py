@@ -19,26 +19,27 @@ from datasets.exceptions import DatasetGenerationError
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from cyclealign_pl.data.loaders import rows_dataloader, sample_indices
 from cyclealign_pl.data.rows import (
     CleaningStats,
     DataFileError,
     PromptRow,
     Turn,
     render_prompt,
-    rows_dataloader,
-    sample_indices,
 )
 
 log = logging.getLogger(__name__)
 
 HUB_NAME = "PKU-Alignment/BeaverTails-Evaluation"
 REQUIRED_COLUMNS: tuple[str, ...] = ("prompt", "category")
+WHERE_TO_GET = (f"get BeaverTails-Evaluation.csv from the hub dataset {HUB_NAME} (CC BY-NC 4.0, not shipped "
+                "here), or set data.init_args.path null to load it from the hub")
 
 
 def _check_csv_header(path: Path) -> None:
     """A missing file, an empty file or a missing column is an error naming the file (and the column)."""
     if not path.is_file():
-        raise FileNotFoundError(f"BeaverTails file not found: {path}")
+        raise FileNotFoundError(f"BeaverTails file not found: {path}; {WHERE_TO_GET}")
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             header = next(csv.reader(fh), None)
@@ -125,7 +126,7 @@ class BeaverTailsDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if path is not None and not Path(path).is_file():
-            raise ValueError(f"BeaverTails CSV not found: {path}")
+            raise ValueError(f"BeaverTails CSV not found: {path}; {WHERE_TO_GET}")
         if prompts_per_category is not None and prompts_per_category < 1:
             raise ValueError(f"prompts_per_category must be >= 1 or None (all), got {prompts_per_category}")
         if eval_batch_size < 1:

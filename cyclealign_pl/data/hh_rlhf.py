@@ -26,20 +26,19 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import datasets
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from cyclealign_pl.data.loaders import rows_dataloader, sample_indices
 from cyclealign_pl.data.rows import (
     CleaningStats,
     DataFileError,
     PromptRow,
     Turn,
     render_prompt,
-    rows_dataloader,
-    sample_indices,
 )
 
 log = logging.getLogger(__name__)
@@ -327,6 +326,11 @@ class HHRLHFDataModule(LightningDataModule):
 
     When ``train_split == eval_split`` the evaluation prompts are drawn first and the training prompts from
     the rest (seeded partition); in every case no training prompt text is an evaluation prompt.
+
+    ``total_weighting`` says how the evaluation's ``total`` row averages the subsets: ``"prompts"`` (each
+    evaluated prompt counts once) or ``"subset_size"`` (each subset's mean weighted by the number of rows of its
+    full evaluation split, as the paper's Table 1 Total is: 2,312 / 2,354 / 1,137 / 2,749 test rows), so that a
+    sample of equally many prompts per subset still estimates the paper's Total.
     """
 
     def __init__(
@@ -342,8 +346,11 @@ class HHRLHFDataModule(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        total_weighting: Literal["prompts", "subset_size"] = "prompts",
     ) -> None:
         super().__init__()
+        if total_weighting not in ("prompts", "subset_size"):
+            raise ValueError(f"total_weighting must be 'prompts' or 'subset_size', got {total_weighting!r}")
         subsets = list(subsets)
         if not subsets:
             raise ValueError("subsets must name at least one HH-RLHF subset")
@@ -375,6 +382,7 @@ class HHRLHFDataModule(LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.cache_dir = cache_dir
+        self.total_weighting = total_weighting
         self._loaded: dict[tuple[str, str], list[PromptRow]] = {}
         self._stats: dict[str, CleaningStats] = {}
         self.train_rows: list[PromptRow] | None = None
@@ -421,6 +429,13 @@ class HHRLHFDataModule(LightningDataModule):
         num_train = len(self.train_rows) if self.train_rows is not None else "no"
         log.info("HH-RLHF prompts: %s training, %d evaluation over %s",
                  num_train, len(self.eval_rows), self.subsets)
+
+    def subset_weights(self) -> dict[str, float] | None:
+        """The evaluation total's subset weights (None: every prompt counts once); see ``total_weighting``."""
+        if self.total_weighting == "prompts":
+            return None
+        self._split_rows(self.eval_split)
+        return {subset: float(self._stats[f"{subset}/{self.eval_split}"].rows) for subset in self.subsets}
 
     def _require(self, rows: list[PromptRow] | None, what: str) -> list[PromptRow]:
         if rows is None:

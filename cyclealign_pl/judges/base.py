@@ -9,6 +9,7 @@ and a ``failure`` reason, and the cycle masks the prompt out of the loss for tha
 from __future__ import annotations
 
 import abc
+import operator
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,14 @@ class Judgment:
     scores: tuple[float, ...] | None = None  # per-candidate scores, when the judge has them (reward models)
     raw: str | None = field(default=None, repr=False)  # the judge's raw reply, for debugging
 
+    def __post_init__(self) -> None:
+        # One type at the boundary: a judge may build its ranking as a list (or of numpy/torch integers),
+        # and a list never equals a tuple: the cycle would count it as disagreeing with every white box.
+        if self.ranking is not None:
+            object.__setattr__(self, "ranking", tuple(operator.index(i) for i in self.ranking))
+        if self.scores is not None:
+            object.__setattr__(self, "scores", tuple(float(x) for x in self.scores))
+
     @property
     def ok(self) -> bool:
         return self.ranking is not None
@@ -52,6 +61,14 @@ class JudgeStop(RuntimeError):
 
 class JudgeBudgetExceeded(JudgeStop):
     """The judge's hard budget (requests, tokens or money) is spent."""
+
+
+class JudgeUnavailable(JudgeStop):
+    """The judge cannot be used: unreachable, refusing the key, or not serving the model.
+
+    ``str()`` is one line naming the URL and what went wrong (from :meth:`Judge.preflight`, or from the
+    circuit breaker mid-run).
+    """
 
 
 class Judge(abc.ABC):
@@ -72,6 +89,21 @@ class Judge(abc.ABC):
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
         return self._executor.submit(self.rank, list(requests))
+
+    def preflight(self) -> None:
+        """Check, within seconds, that the judge can answer; raise :class:`JudgeUnavailable` if not.
+
+        Called once before the first training step, so that a dead server or a refused key stops the run at
+        once instead of failing every prompt. Local judges have nothing to check.
+        """
+
+    def bind_run(self, run_id: str, run_dir: str) -> None:
+        """Record spend durably for the run ``run_id`` (the same id on every rank and after a resume).
+
+        API judges keep what they spend in a ledger that survives ``kill -9`` and enforce their budget against
+        it; ``run_dir`` is where the ledger goes when the judge has no database of its own. Local judges spend
+        nothing.
+        """
 
     def to(self, device: Any) -> "Judge":
         """Move local weights (if any) to ``device``; API judges ignore it."""

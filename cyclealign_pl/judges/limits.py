@@ -4,9 +4,10 @@ A :class:`TokenBucket` smooths requests (or tokens) per minute so that 16 concur
 one burst: its capacity is one second's worth, so the rate holds over any second, not just over a minute.
 
 A :class:`BudgetGate` makes a budget *hard*: before each request it reserves an upper bound of what the
-request can cost (prompt bytes + ``max_tokens``), so concurrent requests can never jointly overshoot. When the
-budget cannot cover the next request even after the requests in flight settle, it raises
-:class:`~cyclealign_pl.judges.base.JudgeBudgetExceeded` and nothing is sent.
+request can cost (prompt bytes + ``max_tokens``) in the judge's spend ledger, so concurrent requests (and
+processes sharing the ledger) can never jointly overshoot. When the budget cannot cover the next request even
+after the requests in flight settle, it raises :class:`~cyclealign_pl.judges.base.JudgeBudgetExceeded` and
+nothing is sent.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from typing import Protocol
 
 from cyclealign_pl.judges.base import JudgeBudgetExceeded
 
@@ -59,76 +61,104 @@ class TokenBucket:
 
 @dataclass(frozen=True)
 class Cost:
-    """What one request may cost (an upper bound) or did cost."""
+    """What requests may cost (an upper bound) or did cost."""
 
     requests: float = 0.0
-    tokens: float = 0.0
+    prompt_tokens: float = 0.0
+    completion_tokens: float = 0.0
     usd: float = 0.0
 
-    def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.requests + other.requests, self.tokens + other.tokens, self.usd + other.usd)
+    @property
+    def tokens(self) -> float:
+        return self.prompt_tokens + self.completion_tokens
 
-    def __sub__(self, other: "Cost") -> "Cost":
-        return Cost(self.requests - other.requests, self.tokens - other.tokens, self.usd - other.usd)
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def __sub__(self, other: Cost) -> Cost:
+        return Cost(*(a - b for a, b in zip(astuple(self), astuple(other))))
+
+    def at_least(self, floor: Cost) -> Cost:
+        """Each part the larger of the two."""
+        return Cost(*(max(a, b) for a, b in zip(astuple(self), astuple(floor))))
 
 
-class BudgetGate:
-    """Reserve a request's maximum cost before sending it; refuse when the budget cannot cover it.
+@dataclass(frozen=True)
+class Budget:
+    """Hard limits on requests (HTTP attempts), tokens (prompt + completion) and dollars; None: no limit."""
 
-    Args:
-        requests, tokens, usd: the limits (None: unlimited).
-        spent: returns what has been spent so far (the judge's counters, which survive a resume).
-    """
-
-    def __init__(
-        self, requests: int | None, tokens: int | None, usd: float | None, spent: Callable[[], Cost]
-    ) -> None:
-        self.limits = (requests, tokens, usd)
-        self.spent = spent
-        self.reserved = Cost()
-        self._changed: asyncio.Condition | None = None
+    requests: float | None = None
+    tokens: float | None = None
+    usd: float | None = None
 
     @property
     def active(self) -> bool:
-        return any(limit is not None for limit in self.limits)
+        return any(limit is not None for limit in astuple(self))
 
-    def _over(self, cost: Cost) -> str | None:
-        names = ("budget_requests", "budget_tokens", "budget_usd")
-        for name, limit, value in zip(names, self.limits, (cost.requests, cost.tokens, cost.usd)):
+    def exceeded(self, cost: Cost) -> str | None:
+        """The name of the first limit ``cost`` passes (``budget_requests``, ...), or None."""
+        for name, limit, value in zip(("requests", "tokens", "usd"), astuple(self),
+                                      (cost.requests, cost.tokens, cost.usd)):
             if limit is not None and value > limit + 1e-12:
-                return name
+                return f"budget_{name}"
         return None
 
-    async def reserve(self, cost: Cost) -> None:
-        """Reserve ``cost``, waiting for requests in flight to settle if that may make room."""
-        if not self.active:
-            return
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        async with self._changed:
-            while True:
-                spent = self.spent()
-                name = self._over(spent + cost)
-                if name is not None:
-                    raise JudgeBudgetExceeded(
-                        f"{name} is spent: spent {spent.requests:g} requests, {spent.tokens:g} tokens, "
-                        f"${spent.usd:.4f}; the next request may cost up to {cost.requests:g} request, "
-                        f"{cost.tokens:g} tokens, ${cost.usd:.4f} (limits: requests={self.limits[0]}, "
-                        f"tokens={self.limits[1]}, usd={self.limits[2]})"
-                    )
-                if self._over(spent + self.reserved + cost) is None:
-                    self.reserved = self.reserved + cost
-                    return
-                await self._changed.wait()  # bounded: requests in flight end within their own timeouts
-
-    async def release(self, cost: Cost) -> None:
-        """Drop a reservation (call after the actual cost was added to the spent counters)."""
-        if not self.active:
-            return
-        assert self._changed is not None
-        async with self._changed:
-            self.reserved = self.reserved - cost
-            self._changed.notify_all()
+    def refusal(self, spent: Cost, cost: Cost) -> JudgeBudgetExceeded:
+        """The error for a request that ``spent`` leaves no room for."""
+        return JudgeBudgetExceeded(
+            f"{self.exceeded(spent + cost)} is spent: spent {spent.requests:g} requests, {spent.tokens:g} "
+            f"tokens, ${spent.usd:.4f}; the next request may cost up to {cost.requests:g} request, "
+            f"{cost.tokens:g} tokens, ${cost.usd:.4f} (limits: requests={self.requests}, "
+            f"tokens={self.tokens}, usd={self.usd})"
+        )
 
 
-__all__ = ["BudgetGate", "Cost", "TokenBucket"]
+class Ledger(Protocol):
+    """Where spend is recorded (:class:`~cyclealign_pl.judges.ledger.SpendLedger`)."""
+
+    def try_reserve(self, bound: Cost, budget: Budget) -> int | None: ...
+
+    def settle(self, row: int, actual: Cost) -> None: ...
+
+
+class BudgetGate:
+    """Reserve a request's maximum cost in the ledger before sending; refuse when the budget cannot cover it.
+
+    The check and the reservation are one transaction of the ledger, so concurrent requests, and processes
+    sharing the ledger, can never jointly overshoot. When only the requests in flight stand in the way, the
+    gate waits for them to settle (each ends within its own timeout) and checks again.
+
+    Args:
+        budget: the limits.
+        ledger: returns the ledger in use (it may be replaced when the judge is bound to a run).
+        poll_s: how often to look again for requests of other processes settling.
+    """
+
+    def __init__(self, budget: Budget, ledger: Callable[[], Ledger], poll_s: float = 0.1) -> None:
+        self.budget = budget
+        self.ledger = ledger
+        self.poll_s = poll_s
+        self._settled: asyncio.Event | None = None
+
+    async def reserve(self, bound: Cost) -> int:
+        """Record a request about to be sent at its bound; its ledger row. Raises JudgeBudgetExceeded."""
+        if self._settled is None:
+            self._settled = asyncio.Event()
+        while True:
+            row = self.ledger().try_reserve(bound, self.budget)
+            if row is not None:
+                return row
+            self._settled.clear()
+            try:  # bounded: requests in flight end within their own timeouts
+                await asyncio.wait_for(self._settled.wait(), self.poll_s)
+            except asyncio.TimeoutError:
+                pass
+
+    def settle(self, row: int, actual: Cost) -> None:
+        """Replace the reservation by what the request cost (zero tokens for a failed attempt)."""
+        self.ledger().settle(row, actual)
+        if self._settled is not None:
+            self._settled.set()
+
+
+__all__ = ["Budget", "BudgetGate", "Cost", "Ledger", "TokenBucket"]

@@ -14,13 +14,12 @@ one of the three verdicts. Anything else is an invalid judgment with a reason, n
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from cyclealign_pl.judges.base import RankRequest
-from cyclealign_pl.judges.prompt import RankingTemplate, delimited_user_message, delimiters, load_template, request_nonce
+from cyclealign_pl.judges.prompt import RankingTemplate, delimiters, load_template, request_nonce
 
 Verdict = Literal["A", "B", "TIE"]
 VERDICTS: tuple[Verdict, ...] = ("A", "B", "TIE")
@@ -68,19 +67,6 @@ def build_pairwise_messages(
     ]
 
 
-def parse_pairwise_prompt(messages: Sequence[Mapping[str, object]]) -> tuple[str, str, str]:
-    """The (conversation, reply A, reply B) that :func:`build_pairwise_messages` enclosed, in that order.
-
-    Used by the local test server to judge what it was sent, and by tests to see which order was shown.
-    Raises ValueError for messages that do not hold exactly three delimited texts.
-    """
-    content, begin, end = delimited_user_message(messages)
-    texts = re.findall(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), content, flags=re.DOTALL)
-    if len(texts) != 3:
-        raise ValueError(f"a pairwise prompt holds 3 delimited texts, this one {len(texts)}")
-    return texts[0], texts[1], texts[2]
-
-
 @dataclass(frozen=True)
 class ParsedVerdict:
     """What a judge's answer says: a verdict (in the order shown) or ``None`` and why; its reasoning."""
@@ -88,12 +74,6 @@ class ParsedVerdict:
     verdict: Verdict | None
     reasoning: str | None
     failure: str | None
-
-
-def format_verdict(verdict: Verdict, reasoning: str | None = None) -> str:
-    """The answer the template asks for (used by the local server and tests)."""
-    line = f"Verdict: [[{verdict}]]"
-    return line if not reasoning else f"{reasoning.strip()}\n{line}"
 
 
 def parse_verdict(text: str) -> ParsedVerdict:
@@ -125,8 +105,6 @@ __all__ = [
     "ParsedVerdict",
     "Verdict",
     "build_pairwise_messages",
-    "format_verdict",
     "load_pairwise_template",
-    "parse_pairwise_prompt",
     "parse_verdict",
 ]

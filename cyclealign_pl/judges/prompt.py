@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from cyclealign_pl.demonstrations import Demonstration
 from cyclealign_pl.judges.base import RankRequest
 from cyclealign_pl.ranking import InvalidRankingError, Ranking, validate_ranking
 
@@ -217,71 +216,6 @@ def build_messages(request: RankRequest, template: RankingTemplate | None = None
     ]
 
 
-_NONCE_OPEN = re.compile(r"<text-([0-9a-f]{16})>")
-_DEMO_RANKING = re.compile(r"The desired ranking is:\s*\[([\d,\s]*)\]")
-_RESPONSE_HEADER = re.compile(r"# Response-(\d+)\.")
-
-
-def delimited_user_message(messages: Sequence[Mapping[str, object]]) -> tuple[str, str, str]:
-    """The last user message's text and its nonce delimiters (begin, end); ValueError when it has none."""
-    user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
-    if user is None or not isinstance(user.get("content"), str):
-        raise ValueError("no user message with text content")
-    content = str(user["content"])
-    match = _NONCE_OPEN.search(content)
-    if match is None:
-        raise ValueError("the prompt has no delimited texts")
-    begin, end = delimiters(match.group(1))
-    return content, begin, end
-
-
-def parse_prompt(messages: Sequence[Mapping[str, object]]) -> RankRequest:
-    """Recover the request from messages built with a template that keeps the paper's headers.
-
-    The inverse of :func:`build_messages` for the packaged template (and any template that keeps
-    ``### Instruction:``, ``# Response-i.`` and ``The desired ranking is: [...]``). Used by the local test
-    server to rank what a judge sent, and by tests to check that no candidate can change the structure.
-    """
-    content, begin, end = delimited_user_message(messages)
-    items: list[dict[str, object]] = []
-    expect: str | None = None
-    pos = 0
-    while True:
-        start = content.find(begin + "\n", pos)
-        outside = content[pos:] if start < 0 else content[pos:start]
-        ranking = _DEMO_RANKING.search(outside)
-        if ranking and items:
-            items[-1]["ranking"] = tuple(int(x) for x in re.findall(r"\d+", ranking.group(1)))
-        if "### Instruction:" in outside:
-            items.append({"instruction": None, "responses": [], "ranking": None})
-            expect = "instruction"
-        elif _RESPONSE_HEADER.search(outside):
-            expect = "response"
-        if start < 0:
-            break
-        body_start = start + len(begin) + 1
-        stop = content.find("\n" + end, start + len(begin))
-        if stop < 0:
-            raise ValueError(f"unterminated delimited text at offset {start}")
-        text = content[body_start:stop] if stop >= body_start else ""
-        pos = stop + 1 + len(end)
-        if not items or expect is None:
-            raise ValueError(f"delimited text at offset {start} follows no instruction or response header")
-        if expect == "instruction":
-            items[-1]["instruction"] = text
-        else:
-            items[-1]["responses"].append(text)  # type: ignore[union-attr]
-        expect = None
-    if not items or items[-1]["ranking"] is not None:
-        raise ValueError("the prompt has no instruction to rank after its demonstrations")
-    demos = tuple(
-        Demonstration(str(it["instruction"]), tuple(it["responses"]), it["ranking"])  # type: ignore[arg-type]
-        for it in items[:-1]
-    )
-    last = items[-1]
-    return RankRequest(str(last["instruction"]), tuple(last["responses"]), demos)  # type: ignore[arg-type]
-
-
 # ---------------------------------------------------------------------------------------------- the reply
 
 
@@ -292,12 +226,6 @@ class ParsedReply:
     ranking: Ranking | None
     better_response: str | None
     failure: str | None
-
-
-def format_reply(ranking: Sequence[int], better_response: str | None = None) -> str:
-    """The canonical reply that the template asks for (used by the local server and tests)."""
-    text = f"### The desired ranking is: {format_ranking(ranking)}."
-    return text if better_response is None else f"{text}\n### A better response: {better_response}"
 
 
 _ECHOED_BLOCK = re.compile(r"<text-([0-9a-f]{16})>.*?</text-\1>", re.DOTALL)
@@ -374,17 +302,86 @@ def _clean_better(text: str) -> str | None:
     return text or None
 
 
+_JSON_FENCE = re.compile(r"```[ \t]*(?:json)?[ \t]*\n(.*?)\n[ \t]*```", re.DOTALL | re.IGNORECASE)
+_JSON_RANKING_KEYS = ("ranking", "desired_ranking", "the_desired_ranking", "final_ranking")
+_JSON_BETTER_KEYS = ("better_response", "a_better_response", "response", "better")
+
+
+def _json_reply(text: str) -> dict[str, object] | None:
+    """The reply as a JSON object with a ranking key (bare, in a code fence, or the one ``{...}`` in prose),
+    its keys normalised (``"Desired ranking"`` -> ``desired_ranking``); None when it is not one."""
+    start, end = text.find("{"), text.rfind("}")
+    if not 0 <= start < end:
+        return None
+    for candidate in (*(m.group(1) for m in _JSON_FENCE.finditer(text)), text[start:end + 1]):
+        try:
+            value = json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            keys = {re.sub(r"[\s-]+", "_", str(k).strip().lower()): v for k, v in value.items()}
+            if any(k in keys for k in _JSON_RANKING_KEYS):
+                return keys
+    return None
+
+
+def _json_ranking(value: object) -> tuple[int, ...] | None:
+    """A ranking as a JSON list (``[1, 0, 2]``, ``["Response-1", ...]``) or string; None if not one."""
+    if isinstance(value, str):
+        return _expression_after_phrase(value) or (_numbers(value) if _BRACKET_BODY.match(value) else None)
+    if not isinstance(value, list):
+        return None
+    out = []
+    for item in value:
+        if isinstance(item, int) and not isinstance(item, bool):
+            out.append(item)
+        elif isinstance(item, str) and len(_numbers(item)) == 1:
+            out.append(_numbers(item)[0])
+        else:
+            return None
+    return tuple(out)
+
+
+def _checked(rankings: Sequence[tuple[int, ...]], better: str | None, visible: str, n: int) -> ParsedReply:
+    """The one ranking the reply states, validated for ``n`` candidates; otherwise a failure saying why."""
+    distinct = list(dict.fromkeys(rankings))
+    if not distinct:
+        if _REFUSAL.search(visible):
+            return ParsedReply(None, better, "refusal: the judge declined to rank")
+        return ParsedReply(None, better, "no ranking found in the reply")
+    if len(distinct) > 1:
+        shown = ", ".join(format_ranking(r) for r in distinct[:3])
+        return ParsedReply(None, better, f"ambiguous reply: several different rankings ({shown})")
+    try:
+        ranking = validate_ranking(distinct[0], n)
+    except InvalidRankingError as err:
+        return ParsedReply(None, better, f"invalid ranking {format_ranking(distinct[0])}: {err}")
+    return ParsedReply(ranking, better, None)
+
+
 def parse_reply(text: str | None, num_candidates: int) -> ParsedReply:
     """Read the ranking and the better response out of a judge's reply; invalid replies say why.
 
     Accepts ``The desired ranking is: [1, 3, 2, 0]`` (with or without ``###``, markdown, text around it),
     ``1 > 3 > 2 > 0`` and ``Response-1, Response-3, ...``; the better response follows a
-    ``A better response:`` marker. A reply that states two different rankings, a partial, duplicated or
-    out-of-range ranking, a refusal or no ranking at all is a failure with its reason.
+    ``A better response:`` marker. A JSON reply (bare or in a code fence) is read by its keys: ``ranking`` or
+    ``desired_ranking``, and ``better_response``, ``a_better_response`` or ``response`` (absent: no better
+    response). A reply that states two different rankings, a partial, duplicated or out-of-range ranking, a
+    refusal or no ranking at all is a failure with its reason.
     """
     if text is None or not text.strip():
         return ParsedReply(None, None, "empty reply")
     visible = _ECHOED_BLOCK.sub(" ", text)
+    as_json = _json_reply(visible)
+    if as_json is not None:
+        value = next(as_json[k] for k in _JSON_RANKING_KEYS if k in as_json)
+        said = next((as_json[k] for k in _JSON_BETTER_KEYS if k in as_json), None)
+        better = _clean_better(said) if isinstance(said, str) else None
+        ranking = _json_ranking(value)
+        if ranking is None:
+            shown = json.dumps(value)[:80]
+            return ParsedReply(None, better, f"no ranking in the JSON reply's ranking field: {shown}")
+        return _checked([ranking], better, visible, num_candidates)
     better: str | None = None
     marker = _BETTER_MARKER.search(visible)
     ranking_text = visible
@@ -399,20 +396,7 @@ def parse_reply(text: str | None, num_candidates: int) -> ParsedReply:
         ranking_text = visible[: marker.start()] + "\n" + after[cut:]
     plain = _MARKDOWN.sub("", ranking_text)
     stated = [r for r in (_expression_after_phrase(plain[m.end():]) for m in _PHRASE.finditer(plain)) if r]
-    candidates = stated or _anywhere(plain)
-    distinct = list(dict.fromkeys(candidates))
-    if not distinct:
-        if _REFUSAL.search(visible):
-            return ParsedReply(None, better, "refusal: the judge declined to rank")
-        return ParsedReply(None, better, "no ranking found in the reply")
-    if len(distinct) > 1:
-        shown = ", ".join(format_ranking(r) for r in distinct[:3])
-        return ParsedReply(None, better, f"ambiguous reply: several different rankings ({shown})")
-    try:
-        ranking = validate_ranking(distinct[0], num_candidates)
-    except InvalidRankingError as err:
-        return ParsedReply(None, better, f"invalid ranking {format_ranking(distinct[0])}: {err}")
-    return ParsedReply(ranking, better, None)
+    return _checked(stated or _anywhere(plain), better, visible, num_candidates)
 
 
 __all__ = [
@@ -425,9 +409,7 @@ __all__ = [
     "default_template",
     "delimiters",
     "format_ranking",
-    "format_reply",
     "load_template",
-    "parse_prompt",
     "parse_reply",
     "parse_template",
     "request_nonce",

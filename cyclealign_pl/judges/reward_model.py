@@ -79,6 +79,11 @@ class RewardModelJudge(Judge):
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.calls = 0
 
+    @property
+    def preferred_threshold(self) -> float:
+        """The reward above which the model prefers a reply: logit 0 (probability 0.5), in reported units."""
+        return 0.5 * self.scale if self.sigmoid else 0.0
+
     def to(self, device: Any) -> "RewardModelJudge":
         self.model.to(device)
         return self

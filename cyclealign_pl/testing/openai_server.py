@@ -2,12 +2,13 @@
 
 ``POST /v1/chat/completions`` answers with proper ``chat.completion`` JSON (with ``usage``). By default it is
 a deterministic *ranker*: it reads the request's candidates out of our prompt format
-(:func:`cyclealign_pl.judges.prompt.parse_prompt`) and ranks them by :func:`harm_score` (fewer harmful
+(:func:`cyclealign_pl.testing.prompt_reader.parse_prompt`) and ranks them by :func:`harm_score` (fewer harmful
 keywords first), then by length (more words first), then by index; its better response is the best candidate
 when that one is harmless, else a polite refusal. On the paper's static demonstration this gives the paper's
 ranking ``[1, 3, 2, 0]``. A pairwise comparison prompt (:mod:`cyclealign_pl.judges.pairwise`) gets a
 verdict by the same rule (:func:`compare_replies`: fewer harmful keywords, then more words; equal: a tie).
-Messages in neither format get a reply without a ranking.
+Messages in neither format get a reply without a ranking. ``GET /v1/models`` lists ``model`` (unless
+``models_route=False``); with ``api_key`` set, a request without that key gets a 401, on any route.
 
 Each request can be scripted (:class:`Behaviour`): an HTTP error with or without ``Retry-After``, a reply that
 hangs, a garbage body, a dropped connection, a custom reply text. Behaviours come from a queue (one per
@@ -37,8 +38,13 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
-from cyclealign_pl.judges.pairwise import Verdict, format_verdict, parse_pairwise_prompt
-from cyclealign_pl.judges.prompt import format_reply, parse_prompt
+from cyclealign_pl.judges.pairwise import Verdict
+from cyclealign_pl.testing.prompt_reader import (
+    format_reply,
+    format_verdict,
+    parse_pairwise_prompt,
+    parse_prompt,
+)
 
 _HARMFUL = re.compile(
     r"\b(?:rob|robb|steal|stole|fraud|drug|kill|murder|weapon|bomb|explosive|hack|poison|scam|illegal|hurt"
@@ -142,8 +148,11 @@ class LocalOpenAIServer:
         failure: the behaviour used by ``failure_rate`` (default: HTTP 500), or several: each failing request
             gets one of them at random (see :func:`failure_mix`).
         seed: seeds the failure draws, so a run is reproducible.
-        model: the model name reported back.
+        model: the model name reported back, and listed by ``GET /v1/models`` (any name is answered).
         responder: ``f(index, body) -> Behaviour | None`` consulted after the queue (None: fall through).
+        api_key: when set, every request must carry ``Authorization: Bearer <api_key>`` or gets a 401 (as
+            vLLM's ``--api-key``); None: any key is accepted.
+        models_route: serve ``GET /v1/models``; False answers it with 404, like servers without that route.
     """
 
     def __init__(
@@ -157,6 +166,8 @@ class LocalOpenAIServer:
         seed: int = 0,
         model: str = "local-ranker",
         responder: Callable[[int, Any], Behaviour | None] | None = None,
+        api_key: str | None = None,
+        models_route: bool = True,
     ) -> None:
         if not 0.0 <= failure_rate <= 1.0:
             raise ValueError(f"failure_rate must be in [0, 1], got {failure_rate}")
@@ -169,6 +180,8 @@ class LocalOpenAIServer:
         self.failures = failures
         self.model = model
         self.responder = responder
+        self.api_key = api_key
+        self.models_route = models_route
         self._rng = random.Random(seed)
         self._queue: deque[Behaviour] = deque()
         self._requests: list[RecordedRequest] = []
@@ -235,12 +248,17 @@ class LocalOpenAIServer:
 
     # ---------------------------------------------------------------------------------------- answering
 
+    def authorised(self, headers: Mapping[str, str]) -> bool:
+        """Whether a request with these (lower-cased) headers carries the key, when one is required."""
+        return self.api_key is None or headers.get("authorization") == f"Bearer {self.api_key}"
+
     def _record(self, path: str, headers: dict[str, str], body: Any) -> Behaviour:
         arrived = time.monotonic()
+        refused = None if self.authorised(headers) else Behaviour.error(401)
         with self._lock:
             index = self._count
             self._count += 1
-            behaviour = self._queue.popleft() if self._queue else None
+            behaviour = refused or (self._queue.popleft() if self._queue else None)
         if behaviour is None and self.responder is not None:
             behaviour = self.responder(index, body)  # outside the lock: a responder may block
         if behaviour is None:
@@ -249,10 +267,12 @@ class LocalOpenAIServer:
                 if not failed:
                     behaviour = Behaviour.rank()
                 else:  # one behaviour: no extra draw, so seeded runs fail where they always did
-                    behaviour = self.failures[0] if len(self.failures) == 1 else self._rng.choice(self.failures)
+                    single = len(self.failures) == 1
+                    behaviour = self.failures[0] if single else self._rng.choice(self.failures)
         status = 0 if behaviour.kind in ("hang", "drop") else behaviour.status
         with self._lock:
-            self._requests.append(RecordedRequest(index, arrived, path, headers, body, behaviour.kind, status))
+            record = RecordedRequest(index, arrived, path, headers, body, behaviour.kind, status)
+            self._requests.append(record)
         return behaviour
 
     def completion(self, body: Any, text: str) -> dict[str, Any]:
@@ -321,7 +341,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         owner = self.server_owner
-        if self.path.rstrip("/").endswith("/models"):
+        if not owner.authorised({k.lower(): v for k, v in self.headers.items()}):
+            self._send_json(401, {"error": {"message": "invalid API key", "type": "invalid_request_error"}})
+        elif self.path.rstrip("/").endswith("/models") and owner.models_route:
             self._send_json(200, {"object": "list", "data": [{"id": owner.model, "object": "model",
                                                               "owned_by": "cyclealign-pl"}]})
         else:
@@ -379,17 +401,22 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, owner.completion(body, text), behaviour.headers)
 
 
-FAILURE_KINDS: tuple[str, ...] = ("429", "500", "timeout", "garbage", "drop")
+# the names of the failures a server can be scripted with (``--failure-kinds``, :func:`failure_mix`)
+SCRIPTED_FAILURES: tuple[str, ...] = ("429", "500", "timeout", "garbage", "drop")
 
 
-def failure_mix(kinds: Iterable[str] = FAILURE_KINDS, hang_seconds: float = 30.0) -> tuple[Behaviour, ...]:
-    """Failure behaviours by name: ``429``/``500`` (HTTP errors), ``timeout`` (no answer for ``hang_seconds``),
-    ``garbage`` (a 200 whose body is not JSON), ``drop`` (the connection closed without a response)."""
-    table = {"429": Behaviour.error(429), "500": Behaviour.error(500), "timeout": Behaviour.hang(hang_seconds),
-             "garbage": Behaviour.garbage(), "drop": Behaviour.drop()}
+def failure_mix(
+    kinds: Iterable[str] = SCRIPTED_FAILURES, hang_seconds: float = 30.0
+) -> tuple[Behaviour, ...]:
+    """Failure behaviours by name: ``429``/``500`` (HTTP errors), ``timeout`` (no answer for
+    ``hang_seconds``), ``garbage`` (a 200 whose body is not JSON), ``drop`` (the connection closed without a
+    response)."""
+    table = {"429": Behaviour.error(429), "500": Behaviour.error(500),
+             "timeout": Behaviour.hang(hang_seconds), "garbage": Behaviour.garbage(),
+             "drop": Behaviour.drop()}
     unknown = [k for k in kinds if k not in table]
     if unknown:
-        raise ValueError(f"unknown failure kind(s) {unknown}; choose from {', '.join(FAILURE_KINDS)}")
+        raise ValueError(f"unknown failure kind(s) {unknown}; choose from {', '.join(SCRIPTED_FAILURES)}")
     return tuple(table[k] for k in kinds)
 
 
@@ -400,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before every answer")
     parser.add_argument("--failure-rate", type=float, default=0.0, help="share of requests that fail")
     parser.add_argument("--failure-kinds", default="500",
-                        help=f"comma-separated failures drawn at random: {','.join(FAILURE_KINDS)}")
+                        help=f"comma-separated failures drawn at random: {','.join(SCRIPTED_FAILURES)}")
     parser.add_argument("--hang-seconds", type=float, default=30.0, help="how long a 'timeout' failure hangs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="local-ranker")
@@ -423,6 +450,7 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "FAILURE_KINDS", "Behaviour", "LocalOpenAIServer", "RecordedRequest", "compare_replies", "count_tokens",
+    "SCRIPTED_FAILURES", "Behaviour", "LocalOpenAIServer", "RecordedRequest", "compare_replies",
+    "count_tokens",
     "failure_mix", "harm_score", "rank_candidates",
 ]

@@ -1,0 +1,156 @@
+"""What ``fit`` tells the user at its end: where the files went, what the run did, and whether it worked.
+
+:func:`collect` reads the numbers (pure: from the module's counters, the judge's metrics, the trainer's
+logged metrics and an optional ``evaluation_summary`` dict of the module); :func:`render` writes the lines;
+:func:`verdict` decides whether the run did its job: a run that had prompts but took no optimizer step
+failed (:data:`EXIT_NO_UPDATE`), and a judge failure rate above a threshold is a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+EXIT_NO_UPDATE = 4  # fit had prompts but took no optimizer step: the model is unchanged
+
+VALIDATION_REWARD = "val/reward/total"
+
+
+class RunReport:
+    """How ``fit``'s end-of-run report judges the run.
+
+    Args:
+        judge_failure_warning: warn at the end of ``fit`` when more than this share of the judgments
+            (judge failures / iterations) failed; 1.0 never warns.
+    """
+
+    def __init__(self, judge_failure_warning: float = 0.2) -> None:
+        if not 0.0 <= judge_failure_warning <= 1.0:
+            raise ValueError(f"report.judge_failure_warning must be in [0, 1], got {judge_failure_warning}")
+        self.judge_failure_warning = judge_failure_warning
+
+
+@dataclass
+class FitSummary:
+    counters: dict[str, float]
+    judge: dict[str, float]
+    validation_reward: float | None
+    evaluation: dict[str, Any]
+    paths: dict[str, str] = field(default_factory=dict)  # what -> where: checkpoint, logs, exported model
+
+    @property
+    def mean_iterations(self) -> float | None:
+        prompts = self.counters.get("prompts", 0)
+        return self.counters.get("iterations", 0) / prompts if prompts else None
+
+    @property
+    def judge_failure_rate(self) -> float | None:
+        iterations = self.counters.get("iterations", 0)
+        return self.counters.get("judge_failures", 0) / iterations if iterations else None
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def collect(module: Any, callback_metrics: Mapping[str, Any], paths: Mapping[str, str | None]) -> FitSummary:
+    """The run's numbers, read defensively: any part the module does not have is left out."""
+    counters = {k: v for k, v in (getattr(module, "counters", None) or {}).items() if _number(v) is not None}
+    judge = getattr(module, "judge", None)
+    judge_metrics = judge.metrics() if judge is not None and hasattr(judge, "metrics") else {}
+    evaluation = getattr(module, "evaluation_summary", None)
+    return FitSummary(
+        counters={k: float(v) for k, v in counters.items()},
+        judge={k: n for k, v in judge_metrics.items() if (n := _number(v)) is not None},
+        validation_reward=_number(callback_metrics.get(VALIDATION_REWARD)),
+        evaluation=dict(evaluation) if isinstance(evaluation, Mapping) else {},
+        paths={k: v for k, v in paths.items() if v},
+    )
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def _relative(path: str) -> str:
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return path
+    return path if relative.startswith("..") else relative
+
+
+def render(summary: FitSummary) -> list[str]:
+    """The report's lines (no trailing newlines)."""
+    c = summary.counters
+    lines = []
+    run = [
+        f"{_fmt(c.get('steps', 0))} steps",
+        f"{_fmt(c.get('prompts', 0))} prompts",
+        f"{_fmt(c.get('optimizer_steps', 0))} optimizer steps",
+    ]
+    if summary.mean_iterations is not None:
+        run.append(f"{summary.mean_iterations:.2f} iterations per prompt")
+    if c.get("skipped_updates"):
+        run.append(f"{_fmt(c['skipped_updates'])} skipped updates")
+    lines.append("fit done: " + ", ".join(run))
+    j = summary.judge
+    judged = []
+    if "requests_sent" in j:
+        judged.append(f"{_fmt(j['requests_sent'])} requests")
+    if "cache_hits" in j:
+        judged.append(f"{_fmt(j['cache_hits'])} cache hits")
+    if "failures" in j:
+        judged.append(f"{_fmt(j['failures'])} failed requests")
+    if "cost_usd" in j:
+        judged.append(f"${j['cost_usd']:.4f}")
+    if "judge_failures" in c:
+        rate = summary.judge_failure_rate
+        share = f" ({rate:.1%})" if rate is not None else ""
+        judged.append(
+            f"{_fmt(c['judge_failures'])} failed judgments of {_fmt(c.get('iterations', 0))}{share}"
+        )
+    if judged:
+        lines.append("  judge: " + ", ".join(judged))
+    if summary.validation_reward is not None:
+        lines.append(f"  validation reward ({VALIDATION_REWARD}): {summary.validation_reward:.4g}")
+    for key, value in summary.evaluation.items():
+        lines.append(f"  {key}: {_fmt(value)}")
+    for what, path in summary.paths.items():
+        lines.append(f"  {what}: {_relative(path)}")
+    return lines
+
+
+def verdict(summary: FitSummary, judge_failure_warning: float) -> tuple[int, list[str]]:
+    """The exit status and the warning/error lines for a finished ``fit``."""
+    c = summary.counters
+    messages = []
+    rate = summary.judge_failure_rate
+    if rate is not None and rate > judge_failure_warning:
+        messages.append(
+            f"warning: {rate:.0%} of the judgments failed ({_fmt(c.get('judge_failures', 0))} of "
+            f"{_fmt(c.get('iterations', 0))}; report.judge_failure_warning={judge_failure_warning:g}): see "
+            "judge/failures/* in metrics.csv"
+        )
+    if c.get("prompts", 0) > 0 and c.get("optimizer_steps", 0) == 0:
+        reasons = []
+        if c.get("judge_failures"):
+            reasons.append(f"{_fmt(c['judge_failures'])} of {_fmt(c.get('iterations', 0))} judgments failed")
+        if c.get("nonfinite_updates"):
+            reasons.append(f"{_fmt(c['nonfinite_updates'])} non-finite updates were skipped")
+        why = "; ".join(reasons) or "no iteration gave a loss to learn from"
+        prompts = _fmt(c["prompts"]) + (" prompt" if c["prompts"] == 1 else " prompts")
+        messages.append(f"error: no optimizer step in {prompts} ({why}): the model is unchanged")
+        return EXIT_NO_UPDATE, messages
+    return 0, messages
