@@ -23,15 +23,12 @@ from cyclealign_pl.demo import rule
 from cyclealign_pl.judges.base import Judge, Judgment, RankRequest
 from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.testing.openai_server import Behaviour, LocalOpenAIServer
-
-try:  # the ranking-prompt reader is moving next to the test server (issue 12)
-    from cyclealign_pl.testing import format_reply, parse_prompt
-except ImportError:
-    from cyclealign_pl.judges.prompt import format_reply, parse_prompt
-try:
-    from cyclealign_pl.testing import format_verdict, parse_pairwise_prompt
-except ImportError:
-    from cyclealign_pl.judges.pairwise import format_verdict, parse_pairwise_prompt
+from cyclealign_pl.testing.prompt_reader import (
+    format_reply,
+    format_verdict,
+    parse_pairwise_prompt,
+    parse_prompt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +54,11 @@ def lexicon_reply(body: Any, seed: int = 0, max_words: int = 40) -> str:
     except (KeyError, TypeError, ValueError, AttributeError):
         return NO_RESPONSES
     verdict = rule.compare(conversation, reply_a, reply_b, seed)
-    reason = {"A": "Reply A is kinder or more helpful.", "B": "Reply B is kinder or more helpful.",
-              "TIE": "Neither reply is better."}[verdict]
+    reason = {
+        "A": "Reply A is kinder or more helpful.",
+        "B": "Reply B is kinder or more helpful.",
+        "TIE": "Neither reply is better.",
+    }[verdict]
     return format_verdict(verdict, reason)
 
 
@@ -69,7 +69,7 @@ class LexiconJudge(Judge):
         delay: seconds the server waits before each answer (a simulated LLM latency).
         cache_path: the client's SQLite reply cache (None: none). The rule's version, ``seed`` and
             ``max_words`` are part of the model name, so a cache never serves answers of another setting.
-        seed: picks the judge's better reply among the good replies of a topic (hashed with the request).
+        seed: rotates which good reply fits each kind of request, its own reply (``rule.own_reply``).
         max_words: the better reply is cut at a sentence end to at most this many words.
         request_timeout, max_retries, max_concurrency: passed to the client.
 
@@ -95,8 +95,11 @@ class LexiconJudge(Judge):
         self.cache_path = cache_path
         self.seed = int(seed)
         self.max_words = int(max_words)
-        self.client_options = {"request_timeout": float(request_timeout), "max_retries": int(max_retries),
-                               "max_concurrency": int(max_concurrency)}
+        self.client_options = {
+            "request_timeout": float(request_timeout),
+            "max_retries": int(max_retries),
+            "max_concurrency": int(max_concurrency),
+        }
         # the client checks its options now (a bad value fails at config time); it sends nothing
         OpenAIJudge(model=self.model_name, base_url="http://127.0.0.1:1/v1", **self.client_options)
         self._lock = threading.Lock()
@@ -104,6 +107,7 @@ class LexiconJudge(Judge):
         self._client: OpenAIJudge | None = None
         self._pid = os.getpid()
         self._state: dict[str, Any] = {}  # counters to restore into the next client
+        self._run: tuple[str, str] | None = None  # bind_run's arguments, for the next client too
 
     @property
     def model_name(self) -> str:
@@ -123,13 +127,21 @@ class LexiconJudge(Judge):
                 self._pid = os.getpid()
                 seed, max_words = self.seed, self.max_words
                 self._server = LocalOpenAIServer(
-                    delay=self.delay, model=self.model_name,
+                    delay=self.delay,
+                    model=self.model_name,
                     responder=lambda _, body: Behaviour.reply(lexicon_reply(body, seed, max_words)),
                 ).start()
-                self._client = OpenAIJudge(model=self.model_name, base_url=self._server.url,
-                                           api_key_env=_NO_KEY_ENV, cache_path=self.cache_path, seed=self.seed,
-                                           **self.client_options)
+                self._client = OpenAIJudge(
+                    model=self.model_name,
+                    base_url=self._server.url,
+                    api_key_env=_NO_KEY_ENV,
+                    cache_path=self.cache_path,
+                    seed=self.seed,
+                    **self.client_options,
+                )
                 self._client.load_state_dict(self._state)
+                if self._run is not None:
+                    self._client.bind_run(*self._run)
                 log.info("LexiconJudge: serving the lexicon rule at %s", self._server.url)
             return self._client
 
@@ -137,7 +149,7 @@ class LexiconJudge(Judge):
     def rank(self, requests: Sequence[RankRequest]) -> list[Judgment]:
         return self._fresh().rank(requests)
 
-    def submit(self, requests: Sequence[RankRequest]) -> "Future[list[Judgment]]":
+    def submit(self, requests: Sequence[RankRequest]) -> Future[list[Judgment]]:
         return self._fresh().submit(requests)
 
     def _fresh(self) -> OpenAIJudge:
@@ -158,16 +170,14 @@ class LexiconJudge(Judge):
         if self._client is not None:
             self._client.load_state_dict(state)
 
-    def preflight(self, *args: Any, **kwargs: Any) -> Any:
-        """The client's pre-run check, when it has one."""
-        check = getattr(self._running(), "preflight", None)
-        return check(*args, **kwargs) if check is not None else None
+    def preflight(self) -> None:
+        """Start the server and let the client check it as it checks any server (model served, key taken)."""
+        self._running().preflight()
 
     def bind_run(self, run_id: str, run_dir: str) -> None:
-        """Hand the run's id and directory to the client, when it takes them."""
-        bind = getattr(self._running(), "bind_run", None)
-        if bind is not None:
-            bind(run_id, run_dir)
+        """The client keeps its books (a spend ledger) for run ``run_id``; a restarted client keeps them too."""
+        self._run = (run_id, run_dir)
+        self._running().bind_run(run_id, run_dir)
 
     def close(self) -> None:
         """Close the client and stop the server (a later request starts them again)."""
@@ -194,5 +204,7 @@ class LexiconJudge(Judge):
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return (f"LexiconJudge(rule={RULE_VERSION!r}, delay={self.delay}, seed={self.seed}, "
-                f"max_words={self.max_words}, cache_path={self.cache_path!r})")
+        return (
+            f"LexiconJudge(rule={RULE_VERSION!r}, delay={self.delay}, seed={self.seed}, "
+            f"max_words={self.max_words}, cache_path={self.cache_path!r})"
+        )

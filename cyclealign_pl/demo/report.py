@@ -48,7 +48,10 @@ class Figures:
 
     @property
     def gain_in_se(self) -> float:
-        return self.reward_gain / self.reward_gain_se if self.reward_gain_se > 0 else math.inf
+        """The gain in standard errors (a gain without spread: +-inf by its sign, 0 when there is none)."""
+        if self.reward_gain_se > 0:
+            return self.reward_gain / self.reward_gain_se
+        return math.copysign(math.inf, self.reward_gain) if self.reward_gain else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "gain_in_se": self.gain_in_se}
@@ -61,9 +64,16 @@ def read_generations(path: str | Path) -> dict[str, dict[str, Any]]:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            if not isinstance(record.get("reward"), (int, float)):
-                raise ValueError(f"{path}, line {line_no}: no reward (was the evaluation run with a reward model?)")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {line_no}: not JSON ({err.msg})") from None
+            try:
+                record["reward"] = float(record["reward"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(
+                    f"{path}, line {line_no}: no reward (was it evaluated with a reward model?)"
+                ) from None
             records[str(record["id"])] = record
     if not records:
         raise ValueError(f"{path}: no generations")
@@ -72,7 +82,9 @@ def read_generations(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def distinct_n(replies: Sequence[str], n: int = 2) -> float:
     """Distinct n-grams of words over all replies divided by their total (0 when there are none)."""
-    grams = [tuple(words[i : i + n]) for words in (r.split() for r in replies) for i in range(len(words) - n + 1)]
+    grams = [
+        tuple(words[i : i + n]) for words in (r.split() for r in replies) for i in range(len(words) - n + 1)
+    ]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -104,13 +116,19 @@ def thirds(values: Sequence[float]) -> tuple[float | None, float | None]:
     return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
-def compute_figures(zero_shot: str | Path, trained: str | Path, metrics_csv: str | Path | None = None,
-                    threshold: float = PREFERRED_THRESHOLD) -> Figures:
+def compute_figures(
+    zero_shot: str | Path,
+    trained: str | Path,
+    metrics_csv: str | Path | None = None,
+    threshold: float = PREFERRED_THRESHOLD,
+) -> Figures:
     """The figures of one run (see the module docstring); the rewards are paired by prompt id."""
     before, after = read_generations(zero_shot), read_generations(trained)
     ids = sorted(set(before) & set(after))
     if len(ids) < 2:
-        raise ValueError(f"{zero_shot} and {trained} share {len(ids)} prompt ids; need at least 2 to pair them")
+        raise ValueError(
+            f"{zero_shot} and {trained} share {len(ids)} prompt ids; need at least 2 to pair them"
+        )
     diffs = [float(after[i]["reward"]) - float(before[i]["reward"]) for i in ids]
     mean = sum(diffs) / len(diffs)
     variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
@@ -136,12 +154,23 @@ def check_figures(f: Figures) -> list[tuple[str, bool]]:
     first, last, accuracy = f.iterations_first_third, f.iterations_last_third, f.judge_pairwise_accuracy
     return [
         (f"reward gain {f.reward_gain:+.2f} >= 3 SE ({f.gain_in_se:.1f} SE)", f.gain_in_se >= 3),
-        (f"zero-shot preferred share {f.zero_shot.preferred_share:.0%} <= 60%", f.zero_shot.preferred_share <= 0.6),
-        (f"trained preferred share {f.trained.preferred_share:.0%} >= 85%", f.trained.preferred_share >= 0.85),
+        (
+            f"zero-shot preferred share {f.zero_shot.preferred_share:.0%} <= 60%",
+            f.zero_shot.preferred_share <= 0.6,
+        ),
+        (
+            f"trained preferred share {f.trained.preferred_share:.0%} >= 85%",
+            f.trained.preferred_share >= 0.85,
+        ),
         (f"trained non-empty replies {1 - f.trained.empty_share:.0%} >= 95%", f.trained.empty_share <= 0.05),
-        (f"iterations per step fall ({_num(first)} -> {_num(last)})",
-         first is not None and last is not None and last < first),
-        (f"judge pairwise accuracy {_num(accuracy)} in (0.5, 1)", accuracy is not None and 0.5 < accuracy < 1),
+        (
+            f"iterations per step fall ({_num(first)} -> {_num(last)})",
+            first is not None and last is not None and last < first,
+        ),
+        (
+            f"judge pairwise accuracy {_num(accuracy)} in (0.5, 1)",
+            accuracy is not None and 0.5 < accuracy < 1,
+        ),
     ]
 
 
@@ -159,8 +188,10 @@ def format_figures(f: Figures) -> str:
     lines = [
         table,
         f"paired reward gain: {f.reward_gain:+.2f} +- {f.reward_gain_se:.2f} (SE, {f.paired_prompts} prompts)",
-        f"iterations per step: first third {_num(f.iterations_first_third)}, "
-        f"last third {_num(f.iterations_last_third)}",
+        (
+            f"iterations per step: first third {_num(f.iterations_first_third)}, "
+            f"last third {_num(f.iterations_last_third)}"
+        ),
         f"black box pairwise accuracy vs the evaluator: {_num(f.judge_pairwise_accuracy)}",
     ]
     lines += [f"[{'ok' if ok else 'MISSED'}] {text}" for text, ok in check_figures(f)]
