@@ -24,6 +24,23 @@ class ModelLoadError(ValueError):
     """A model or tokenizer could not be loaded; the message names the path and the likely cause."""
 
 
+BUILTIN_PREFIX = "builtin:"  # "builtin:whitebox": a model shipped in the package (cyclealign_pl/demo/assets)
+
+
+def resolve_builtin(name: str) -> str:
+    """The directory of a packaged model named ``builtin:<name>``, so that configs work from any directory and
+    after ``pip install``; any other name is returned unchanged."""
+    if not name.startswith(BUILTIN_PREFIX):
+        return name
+    assets = Path(__file__).resolve().parent / "demo" / "assets"
+    path = assets / name[len(BUILTIN_PREFIX) :]
+    if not (path / "config.json").is_file():
+        shipped = sorted(p.name for p in assets.glob("*") if (p / "config.json").is_file())
+        names = ", ".join(BUILTIN_PREFIX + s for s in shipped) or "none"
+        raise ModelLoadError(f"no packaged model {name!r}; the package ships: {names}")
+    return str(path)
+
+
 def _explain(kind: str, name: str, error: Exception) -> ModelLoadError:
     hint = (
         ""
@@ -39,6 +56,7 @@ def load_tokenizer(name: str):
         from transformers import ByT5Tokenizer
 
         return ByT5Tokenizer()
+    name = resolve_builtin(name)
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
@@ -97,6 +115,7 @@ def load_causal_lm(
         raise ModelLoadError(
             "no white-box model given: set model.model (a path or hub name) or model.model_config"
         )
+    path = resolve_builtin(path)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     except (OSError, ValueError) as error:
@@ -116,6 +135,7 @@ def load_reward_model(
         return _init_from_config(AutoModelForSequenceClassification, build_config(config, num_labels=1), seed, dtype)
     if not path:
         raise ModelLoadError("no reward model given: set its model (a path or hub name) or its config")
+    path = resolve_builtin(path)
     try:
         return AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype or "auto")
     except (OSError, ValueError) as error:

@@ -1,0 +1,1 @@
+"""The default task: a CPU-sized alignment run that shows the cycle working (docs/default_task.md)."""

@@ -1,0 +1,198 @@
+"""The default run's figures, from a finished run's files: did the cycle align the white box, and how well?
+
+Inputs: the ``<stage>_generations.jsonl`` of a zero-shot and of a trained evaluation (``validate`` without
+and with ``--ckpt_path``, or the validation at the end of ``fit``), and the fit's ``metrics.csv``. Pure
+reading and arithmetic; ``benchmarks/default_run.py`` runs the commands and prints :func:`format_figures`.
+
+The targets (issue 11) are checked in :func:`check_figures`: the evaluator's reward rises by at least 3
+standard errors of the paired difference (per prompt id), the share of replies it prefers goes from at most
+60% to at least 85%, at least 95% of replies are non-empty, mean iterations per step fall from the first to
+the last third of the run, and the black box's pairwise ranking accuracy against the evaluator is in (0.5, 1).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+PREFERRED_THRESHOLD = 50.0  # sigmoid(reward) x 100 above this: the evaluator prefers the reply
+
+
+@dataclass(frozen=True)
+class ReplyStats:
+    """One evaluation's replies: rewards and the collapse figures."""
+
+    prompts: int
+    mean_reward: float
+    preferred_share: float
+    empty_share: float
+    mean_words: float
+    distinct_2: float
+
+
+@dataclass(frozen=True)
+class Figures:
+    zero_shot: ReplyStats
+    trained: ReplyStats
+    paired_prompts: int
+    reward_gain: float  # mean over prompts of trained - zero-shot reward
+    reward_gain_se: float  # standard error of that mean
+    iterations_first_third: float | None
+    iterations_last_third: float | None
+    judge_pairwise_accuracy: float | None
+
+    @property
+    def gain_in_se(self) -> float:
+        """The gain in standard errors (a gain without spread: +-inf by its sign, 0 when there is none)."""
+        if self.reward_gain_se > 0:
+            return self.reward_gain / self.reward_gain_se
+        return math.copysign(math.inf, self.reward_gain) if self.reward_gain else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "gain_in_se": self.gain_in_se}
+
+
+def read_generations(path: str | Path) -> dict[str, dict[str, Any]]:
+    """``{id: record}`` of a generations file; a record without a reward is an error naming the line."""
+    records: dict[str, dict[str, Any]] = {}
+    with Path(path).open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {line_no}: not JSON ({err.msg})") from None
+            try:
+                record["reward"] = float(record["reward"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(
+                    f"{path}, line {line_no}: no reward (was it evaluated with a reward model?)"
+                ) from None
+            records[str(record["id"])] = record
+    if not records:
+        raise ValueError(f"{path}: no generations")
+    return records
+
+
+def distinct_n(replies: Sequence[str], n: int = 2) -> float:
+    """Distinct n-grams of words over all replies divided by their total (0 when there are none)."""
+    grams = [
+        tuple(words[i : i + n]) for words in (r.split() for r in replies) for i in range(len(words) - n + 1)
+    ]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def reply_stats(records: Sequence[dict[str, Any]], threshold: float = PREFERRED_THRESHOLD) -> ReplyStats:
+    replies = [str(r["reply"]) for r in records]
+    rewards = [float(r["reward"]) for r in records]
+    n = len(records)
+    return ReplyStats(
+        prompts=n,
+        mean_reward=sum(rewards) / n,
+        preferred_share=sum(w > threshold for w in rewards) / n,
+        empty_share=sum(not r.strip() for r in replies) / n,
+        mean_words=sum(len(r.split()) for r in replies) / n,
+        distinct_2=distinct_n(replies, 2),
+    )
+
+
+def read_metric(path: str | Path, name: str) -> list[float]:
+    """The logged values of one metric in a Lightning ``metrics.csv``, in order (empty cells skipped)."""
+    with Path(path).open(newline="", encoding="utf-8") as fh:
+        return [float(row[name]) for row in csv.DictReader(fh) if row.get(name) not in (None, "")]
+
+
+def thirds(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """The means of the first and the last third of ``values`` (None when there are fewer than 3)."""
+    if len(values) < 3:
+        return None, None
+    k = len(values) // 3
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+def compute_figures(
+    zero_shot: str | Path,
+    trained: str | Path,
+    metrics_csv: str | Path | None = None,
+    threshold: float = PREFERRED_THRESHOLD,
+) -> Figures:
+    """The figures of one run (see the module docstring); the rewards are paired by prompt id."""
+    before, after = read_generations(zero_shot), read_generations(trained)
+    ids = sorted(set(before) & set(after))
+    if len(ids) < 2:
+        raise ValueError(
+            f"{zero_shot} and {trained} share {len(ids)} prompt ids; need at least 2 to pair them"
+        )
+    diffs = [float(after[i]["reward"]) - float(before[i]["reward"]) for i in ids]
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    first = last = accuracy = None
+    if metrics_csv is not None:
+        first, last = thirds(read_metric(metrics_csv, "cycle/iterations"))
+        accuracies = read_metric(metrics_csv, "cycle/ranking_pairwise_accuracy_mean")
+        accuracy = accuracies[-1] if accuracies else None
+    return Figures(
+        zero_shot=reply_stats([before[i] for i in ids], threshold),
+        trained=reply_stats([after[i] for i in ids], threshold),
+        paired_prompts=len(ids),
+        reward_gain=mean,
+        reward_gain_se=math.sqrt(variance / len(diffs)),
+        iterations_first_third=first,
+        iterations_last_third=last,
+        judge_pairwise_accuracy=accuracy,
+    )
+
+
+def check_figures(f: Figures) -> list[tuple[str, bool]]:
+    """Each target of the default run and whether this run meets it."""
+    first, last, accuracy = f.iterations_first_third, f.iterations_last_third, f.judge_pairwise_accuracy
+    return [
+        (f"reward gain {f.reward_gain:+.2f} >= 3 SE ({f.gain_in_se:.1f} SE)", f.gain_in_se >= 3),
+        (
+            f"zero-shot preferred share {f.zero_shot.preferred_share:.0%} <= 60%",
+            f.zero_shot.preferred_share <= 0.6,
+        ),
+        (
+            f"trained preferred share {f.trained.preferred_share:.0%} >= 85%",
+            f.trained.preferred_share >= 0.85,
+        ),
+        (f"trained non-empty replies {1 - f.trained.empty_share:.0%} >= 95%", f.trained.empty_share <= 0.05),
+        (
+            f"iterations per step fall ({_num(first)} -> {_num(last)})",
+            first is not None and last is not None and last < first,
+        ),
+        (
+            f"judge pairwise accuracy {_num(accuracy)} in (0.5, 1)",
+            accuracy is not None and 0.5 < accuracy < 1,
+        ),
+    ]
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def format_figures(f: Figures) -> str:
+    """A small table of both evaluations and the target checks."""
+    rows = [("", "zero-shot", "trained")]
+    for name in ("prompts", "mean_reward", "preferred_share", "empty_share", "mean_words", "distinct_2"):
+        a, b = getattr(f.zero_shot, name), getattr(f.trained, name)
+        rows.append((name, *(str(v) if isinstance(v, int) else f"{v:.3f}" for v in (a, b))))
+    table = "\n".join(f"{a:<18}{b:>12}{c:>12}" for a, b, c in rows)
+    lines = [
+        table,
+        f"paired reward gain: {f.reward_gain:+.2f} +- {f.reward_gain_se:.2f} (SE, {f.paired_prompts} prompts)",
+        (
+            f"iterations per step: first third {_num(f.iterations_first_third)}, "
+            f"last third {_num(f.iterations_last_third)}"
+        ),
+        f"black box pairwise accuracy vs the evaluator: {_num(f.judge_pairwise_accuracy)}",
+    ]
+    lines += [f"[{'ok' if ok else 'MISSED'}] {text}" for text, ok in check_figures(f)]
+    return "\n".join(lines)
