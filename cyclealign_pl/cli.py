@@ -244,8 +244,12 @@ def main(args: list[str] | None = None) -> CycleAlignCLI | None:
 
     # errors that name what is wrong with the user's input (file, line, field, path): the message is enough
     input_errors = (DataFileError, ModelLoadError, FileNotFoundError)
-    # "Seed set to N" would come before a configuration error's one line; the seed is in config.yaml
+    # "Seed set to N" would come before a configuration error's one line; the seed is in config.yaml; and the
+    # per-file "Loading weights" bars of from_pretrained say nothing a user needs
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     try:
         return CycleAlignCLI(
             CycleAlignModule,
@@ -260,9 +264,7 @@ def main(args: list[str] | None = None) -> CycleAlignCLI | None:
     except RunStopped as stopped:
         print(f"cyclealign_pl: {stopped}", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
-    except (
-        JudgeStop
-    ) as stop:  # not wrapped in RunStopped: before any training step (preflight), no checkpoint
+    except JudgeStop as stop:  # not wrapped in RunStopped: before any training step (preflight), no checkpoint
         print(f"cyclealign_pl: the judge cannot be used: {stop}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except SIGTERMException:  # SIGTERM outside a training step (e.g. validation): Lightning's own exit

@@ -92,10 +92,14 @@ class PairedGain(NamedTuple):
 
     @property
     def z(self) -> float:
-        """The gain in standard errors (inf for a gain without spread)."""
-        if self.standard_error > 0:
-            return self.gain / self.standard_error
-        return math.copysign(math.inf, self.gain) if self.gain else 0.0
+        return standard_errors(self.gain, self.standard_error)
+
+
+def standard_errors(gain: float, standard_error: float) -> float:
+    """A gain in standard errors (a gain without spread: +-inf by its sign, 0 when there is none)."""
+    if standard_error > 0:
+        return gain / standard_error
+    return math.copysign(math.inf, gain) if gain else 0.0
 
 
 def paired_gain(after: Mapping[str, float], before: Mapping[str, float]) -> PairedGain | None:

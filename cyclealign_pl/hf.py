@@ -97,7 +97,7 @@ def white_box_conflict(path: str | None, config: dict[str, Any] | None) -> str |
     if path and config is not None:
         return (
             f"model.model={path!r} and model.model_config are both set; give one (on top of a config that "
-            "sets model.model_config, add --model.model_config null)"
+            "sets the other, add --model.model null or --model.model_config null)"
         )
     return None
 

@@ -130,7 +130,7 @@ class CycleAlignModule(LightningModule):
                 "eos_token_id": self.tokenizer.eos_token_id,
                 **model_config,
             }
-        self.model = load_causal_lm(model, model_config)
+        self.model = load_causal_lm(model, model_config).train()  # from_pretrained hands it over in eval mode
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         if lora is not None:

@@ -47,9 +47,13 @@ class FitSummary:
         return self.counters.get("iterations", 0) / prompts if prompts else None
 
     @property
+    def judged(self) -> float:
+        """Iterations whose candidates went to the judge (a set of one distinct reply never does)."""
+        return self.counters.get("iterations", 0) - self.counters.get("degenerate_sets", 0)
+
+    @property
     def judge_failure_rate(self) -> float | None:
-        iterations = self.counters.get("iterations", 0)
-        return self.counters.get("judge_failures", 0) / iterations if iterations else None
+        return self.counters.get("judge_failures", 0) / self.judged if self.judged else None
 
 
 def _number(value: Any) -> float | None:
@@ -62,7 +66,8 @@ def _number(value: Any) -> float | None:
 
 def collect(module: Any, callback_metrics: Mapping[str, Any], paths: Mapping[str, str | None]) -> FitSummary:
     """The run's numbers, read defensively: any part the module does not have is left out."""
-    counters = {k: v for k, v in (getattr(module, "counters", None) or {}).items() if _number(v) is not None}
+    run_counters = getattr(module, "totals", None) or getattr(module, "counters", None) or {}  # all processes
+    counters = {k: v for k, v in run_counters.items() if _number(v) is not None}
     judge = getattr(module, "judge", None)
     judge_metrics = judge.metrics() if judge is not None and hasattr(judge, "metrics") else {}
     evaluation = getattr(module, "evaluation_summary", None)
@@ -118,17 +123,42 @@ def render(summary: FitSummary) -> list[str]:
     if "judge_failures" in c:
         rate = summary.judge_failure_rate
         share = f" ({rate:.1%})" if rate is not None else ""
-        judged.append(
-            f"{_fmt(c['judge_failures'])} failed judgments of {_fmt(c.get('iterations', 0))}{share}"
-        )
+        judged.append(f"{_fmt(c['judge_failures'])} failed judgments of {_fmt(summary.judged)}{share}")
     if judged:
         lines.append("  judge: " + ", ".join(judged))
-    if summary.validation_reward is not None:
-        lines.append(f"  validation reward ({VALIDATION_REWARD}): {summary.validation_reward:.4g}")
-    for key, value in summary.evaluation.items():
-        lines.append(f"  {key}: {_fmt(value)}")
+    lines.extend(_evaluation_lines(summary))
     for what, path in summary.paths.items():
         lines.append(f"  {what}: {_relative(path)}")
+    return lines
+
+
+def _evaluation_lines(summary: FitSummary) -> list[str]:
+    """The validation's headline: the reward against the zero-shot white box, and the collapse monitors."""
+    e = summary.evaluation
+    if not e:
+        if summary.validation_reward is None:
+            return []
+        return [f"  validation reward ({VALIDATION_REWARD}): {summary.validation_reward:.4g}"]
+    lines = []
+    prompts = f"{_fmt(e.get('prompts', 0))} prompts"
+    if e.get("reward_gain") is not None:
+        lines.append(f"  evaluation on {prompts}: reward {e['zero_shot_reward']:.4g} (zero-shot) -> {e['reward']:.4g}, "
+                     f"gain {e['reward_gain']:+.4g} +- {e['reward_gain_se']:.2g} (paired standard error; "
+                     f"{e['reward_gain_z']:+.1f} SE over {_fmt(e['paired_prompts'])} prompts)")
+    elif e.get("reward") is not None:
+        lines.append(f"  evaluation on {prompts}: reward {e['reward']:.4g}")
+    shares = []
+    if e.get("preferred_share") is not None:
+        before = e.get("zero_shot_preferred_share")
+        shares.append("replies the evaluator prefers: " + (f"{before:.0%} -> " if before is not None else "")
+                      + f"{e['preferred_share']:.0%}")
+    if e.get("empty_share") is not None:
+        shares.append(f"empty {e['empty_share']:.0%}, {e['mean_reply_words']:.1f} words on average, "
+                      f"distinct-2 {e['distinct_2']:.3f}")
+    if shares:
+        lines.append("  " + "; ".join(shares))
+    if e.get("collapse_warning"):
+        lines.append(f"  warning: the replies collapsed: {e['collapse_warning']}")
     return lines
 
 
@@ -140,13 +170,13 @@ def verdict(summary: FitSummary, judge_failure_warning: float) -> tuple[int, lis
     if rate is not None and rate > judge_failure_warning:
         messages.append(
             f"warning: {rate:.0%} of the judgments failed ({_fmt(c.get('judge_failures', 0))} of "
-            f"{_fmt(c.get('iterations', 0))}; report.judge_failure_warning={judge_failure_warning:g}): see "
+            f"{_fmt(summary.judged)}; report.judge_failure_warning={judge_failure_warning:g}): see "
             "judge/failures/* in metrics.csv"
         )
     if c.get("prompts", 0) > 0 and c.get("optimizer_steps", 0) == 0:
         reasons = []
         if c.get("judge_failures"):
-            reasons.append(f"{_fmt(c['judge_failures'])} of {_fmt(c.get('iterations', 0))} judgments failed")
+            reasons.append(f"{_fmt(c['judge_failures'])} of {_fmt(summary.judged)} judgments failed")
         if c.get("nonfinite_updates"):
             reasons.append(f"{_fmt(c['nonfinite_updates'])} non-finite updates were skipped")
         why = "; ".join(reasons) or "no iteration gave a loss to learn from"

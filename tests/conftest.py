@@ -4,18 +4,21 @@ are in ``tests/helpers.py``)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from pathlib import Path
 
-import pytest
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep, not spin
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub in tests
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from collections.abc import Callable, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 from cyclealign_pl.judges.chat import ChatClient, ChatSettings
 from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.testing.openai_server import LocalOpenAIServer
 from tests.helpers import write_hh_split
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub in tests
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture

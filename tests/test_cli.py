@@ -93,7 +93,7 @@ def test_every_output_of_a_fit_goes_under_default_root_dir(tiny_run):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     log_dir = run_dir / "logs" / "version_0"
     assert Path(cli.trainer.log_dir) == log_dir
-    assert {p.name for p in run_dir.iterdir()} == {"checkpoints", "logs"}
+    assert {p.name for p in run_dir.iterdir()} == {"checkpoints", "logs", "judge_ledger.sqlite"}
 
     rows = list(csv.DictReader((log_dir / "metrics.csv").read_text().splitlines()))
     iterations = [float(r["cycle/iterations"]) for r in rows if r.get("cycle/iterations")]
@@ -122,9 +122,13 @@ def test_fit_ends_with_its_paths_and_numbers(tiny_run):
         in report
     )
     assert f"{counters['iterations'] / counters['prompts']:.2f} iterations per prompt" in report
-    assert f"{counters['judge_failures']} failed judgments of {counters['iterations']}" in report
+    judged = counters["iterations"] - counters["degenerate_sets"]
+    assert f"{counters['judge_failures']} failed judgments of {judged}" in report
     reward = cli.trainer.callback_metrics["val/reward/total"].item()
-    assert f"validation reward (val/reward/total): {reward:.4g}" in report
+    summary = cli.model.evaluation_summary
+    assert f"reward {summary['zero_shot_reward']:.4g} (zero-shot) -> {reward:.4g}, gain" in report
+    assert f"{summary['reward_gain_z']:+.1f} SE over {summary['paired_prompts']} prompts" in report
+    assert f"replies the evaluator prefers: {summary['zero_shot_preferred_share']:.0%} -> " in report
     for what, path in [
         ("checkpoint", run_dir / "checkpoints" / "last.ckpt"),
         ("logs", run_dir / "logs" / "version_0"),
@@ -310,32 +314,33 @@ def test_the_report_prints_whatever_the_module_and_judge_provide():
             return {"requests_sent": 12, "cache_hits": 3, "failures": 1, "cost_usd": 0.0123}
 
     module = SimpleNamespace(
-        counters={"steps": 4, "prompts": 4, "iterations": 10, "optimizer_steps": 9, "judge_failures": 1},
+        counters={"steps": 4, "prompts": 4, "iterations": 12, "degenerate_sets": 2, "optimizer_steps": 9,
+                  "judge_failures": 1},
         judge=Judge(),
         evaluation_summary={
-            "zero-shot reward": -0.25,
-            "trained reward": 0.5,
-            "paired difference": 0.75,
-            "standard error": 0.125,
-            "empty replies": "0 of 16",
+            "prompts": 16, "empty_share": 0.0625, "mean_reply_words": 12.5, "distinct_2": 0.5, "reward": 0.5,
+            "preferred_share": 0.75, "zero_shot_reward": -0.25, "reward_gain": 0.75, "reward_gain_se": 0.125,
+            "reward_gain_z": 6.0, "paired_prompts": 16, "zero_shot_preferred_share": 0.25,
+            "collapse_warning": "distinct-2 is 0.010",
         },
     )
     summary = collect(module, {"val/reward/total": 0.5}, {"checkpoint": "/x/last.ckpt", "logs": None})
     lines = render(summary)
-    assert lines[0] == "fit done: 4 steps, 4 prompts, 9 optimizer steps, 2.50 iterations per prompt"
-    assert (
+    assert lines[0] == "fit done: 4 steps, 4 prompts, 9 optimizer steps, 3.00 iterations per prompt"
+    assert (  # the degenerate candidate sets were never sent to the judge
         lines[1]
         == "  judge: 12 requests, 3 cache hits, 1 failed requests, $0.0123, 1 failed judgments of 10 (10.0%)"
     )
-    assert "  validation reward (val/reward/total): 0.5" in lines
     for line in [
-        "  zero-shot reward: -0.25",
-        "  paired difference: 0.75",
-        "  standard error: 0.125",
-        "  empty replies: 0 of 16",
+        "  evaluation on 16 prompts: reward -0.25 (zero-shot) -> 0.5, gain +0.75 +- 0.12 (paired standard error; "
+        "+6.0 SE over 16 prompts)",
+        "  replies the evaluator prefers: 25% -> 75%; empty 6%, 12.5 words on average, distinct-2 0.500",
+        "  warning: the replies collapsed: distinct-2 is 0.010",
         "  checkpoint: /x/last.ckpt",
     ]:
         assert line in lines
+    without_evaluation = render(collect(SimpleNamespace(counters={}), {"val/reward/total": 0.5}, {}))
+    assert "  validation reward (val/reward/total): 0.5" in without_evaluation
     assert not any(line.startswith("  logs") for line in lines)  # no logger: no line
 
     bare = collect(object(), {}, {})  # a module without counters or judge: nothing to crash on

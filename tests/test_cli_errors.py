@@ -54,10 +54,11 @@ def run_cli(tmp_path: Path, capsys, *args: str, subcommand: str = "fit") -> str:
         (["--model.cycle.num_candidates", "1"], "num_candidates (l) must be >= 2"),
         (["--model.cycle.max_iterations", "0"], "max_iterations (N) must be >= 1"),
         (["--model.cycle.objective", "dpo"], "model.cycle.objective: expected one of 'rrhf', 'pro', got dpo"),
-        (["--model.judge.init_args.sed", "1"], "RewardModelJudge has no argument 'sed' (did you mean seed?)"),
+        (["--model.judge.init_args.sed", "1"], "model.judge: LexiconJudge has no argument 'sed' (did you mean seed?)"),
+        (["--model.model", "/no/such/model"], "could not load tokenizer '/no/such/model' (not a local directory"),
         (
-            ["--model.model_config", "null", "--model.model", "/no/such/model"],
-            "could not load causal LM '/no/such/model'",
+            ["--model.model", "/no/such/model", "--model.tokenizer", "byt5"],
+            "could not load causal LM '/no/such/model' (not a local directory",
         ),
         (["--model.ablation", "no_everything"], "model.ablation: expected one of 'none'"),
         (["--data.init_args.subsets", "[harmless-bass]"], "unknown HH-RLHF subset(s) ['harmless-bass']"),
@@ -96,17 +97,23 @@ def test_an_unknown_key_in_a_config_file_gets_a_suggestion(tmp_path, capsys):
     assert "unknown key model.cycle.max_iteration (did you mean model.cycle.max_iterations?)" in line
 
 
-def test_model_path_on_top_of_a_model_config_names_both_keys_before_any_model_is_built(
-    tmp_path, capsys, monkeypatch
+@pytest.mark.parametrize("first, second", [("model", "model_config"), ("model_config", "model")])
+def test_a_white_box_by_path_and_by_config_names_both_keys_before_any_model_is_built(
+    first, second, tmp_path, capsys, monkeypatch
 ):
+    """A config that sets one of model.model / model.model_config, and the other on the command line."""
     from cyclealign_pl import hf
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built before the configuration was checked")
 
     monkeypatch.setattr(hf, "_init_from_config", no_model)
-    line = run_cli(tmp_path, capsys, "--model.model", str(tmp_path / "my-model"))
-    assert "model.model=" in line and "model.model_config" in line and "--model.model_config null" in line
+    monkeypatch.setattr(hf.AutoModelForCausalLM, "from_pretrained", no_model)
+    values = {"model": f'"{tmp_path / "my-model"}"', "model_config": '{"model_type": "llama"}'}  # JSON is YAML
+    extra = tmp_path / "first.yaml"
+    extra.write_text(f"model:\n  model: null\n  {first}: {values[first]}\n")
+    line = run_cli(tmp_path, capsys, "--config", str(extra), f"--model.{second}", values[second].strip('"'))
+    assert "model.model=" in line and "model.model_config" in line and f"--model.{first} null" in line
 
 
 def test_no_subcommand_and_a_wrong_one_are_one_line(capsys):

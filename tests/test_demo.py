@@ -28,7 +28,8 @@ from cyclealign_pl.demo.bank import (
     topic_of,
 )
 from cyclealign_pl.demo.judge import NO_RESPONSES, LexiconJudge, lexicon_reply
-from cyclealign_pl.demo.report import check_figures, compute_figures, distinct_n, thirds
+from cyclealign_pl.demo.report import check_figures, compute_figures, thirds
+from cyclealign_pl.evaluation import reply_stats
 from cyclealign_pl.demonstrations import STATIC_DEMONSTRATION
 from cyclealign_pl.hf import ModelLoadError, load_causal_lm, load_reward_model, load_tokenizer
 from cyclealign_pl.judges.base import RankRequest
@@ -348,7 +349,7 @@ def test_figures_pair_rewards_by_prompt_and_check_the_targets(tmp_path):
 
 
 def test_figure_helpers_and_bad_files(tmp_path):
-    assert distinct_n(["a b a b", "a b"], 2) == pytest.approx(2 / 4)
+    assert reply_stats(["a b a b", "a b"]).distinct_2 == pytest.approx(2 / 4)
     assert thirds([1, 2, 3, 4, 5, 6]) == (1.5, 5.5) and thirds([1, 2]) == (None, None)
     missing = tmp_path / "bad.jsonl"
     missing.write_text(json.dumps({"id": "a", "reply": "x", "reward": None}) + "\n")

@@ -21,6 +21,7 @@ from cyclealign_pl.cli import main
 from cyclealign_pl.judges.cache import JudgeCache
 from cyclealign_pl.testing import LocalOpenAIServer
 from cyclealign_pl.testing.openai_server import Behaviour
+from tests.helpers import TINY_LLAMA
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -83,6 +84,8 @@ def ddp_fit(run_dir: Path, server: LocalOpenAIServer, *extra: str) -> tuple[list
         "--model.judge.init_args.base_url", server.url,
         "--model.judge.init_args.cache_path", str(run_dir / "judge_cache.sqlite"),
         "--model.cycle.max_iterations", "2", "--model.sampling.max_new_tokens", "16", "--model.max_length", "160",
+        # a random white box: its samples always differ, so every iteration asks the judge (the counts below)
+        "--model.model", "null", "--model.tokenizer", "byt5", "--model.model_config", json.dumps(TINY_LLAMA),
         "--data.init_args.batch_size", "2", "--data.init_args.num_train_prompts", "16",
         *extra,
     ]

@@ -189,7 +189,7 @@ def test_results_tables_notebook(tiny_run: Path, monkeypatch: pytest.MonkeyPatch
     }
     row = gains[("last.ckpt (6 steps)", "total")]
     gain, se, n = _paired_gain(tiny_run)
-    assert int(row["prompts"]) == n == 16
+    assert int(row["prompts"]) == n == 100
     assert float(row["gain"]) == pytest.approx(gain, abs=1e-4)
     assert float(row["gain"]) == pytest.approx(
         float(table1[2]["total"]) - float(table1[0]["total"]), abs=1e-3
@@ -199,7 +199,7 @@ def test_results_tables_notebook(tiny_run: Path, monkeypatch: pytest.MonkeyPatch
     assert row["verdict"] == expected
     out = _stdout(notebook)
     assert (
-        f"HH-RLHF, last.ckpt (6 steps): gain {gain:+.4f} ± {se:.4f} (standard error, 16 paired prompts, "
+        f"HH-RLHF, last.ckpt (6 steps): gain {gain:+.4f} ± {se:.4f} (standard error, 100 paired prompts, "
         f"{gain / se:+.1f} SE): {expected}"
     ) in out
     if BEAVERTAILS_CSV.is_file():

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from cyclealign_pl import evaluation
 
 PREFERRED_THRESHOLD = 50.0  # sigmoid(reward) x 100 above this: the evaluator prefers the reply
 
@@ -48,10 +49,7 @@ class Figures:
 
     @property
     def gain_in_se(self) -> float:
-        """The gain in standard errors (a gain without spread: +-inf by its sign, 0 when there is none)."""
-        if self.reward_gain_se > 0:
-            return self.reward_gain / self.reward_gain_se
-        return math.copysign(math.inf, self.reward_gain) if self.reward_gain else 0.0
+        return evaluation.standard_errors(self.reward_gain, self.reward_gain_se)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "gain_in_se": self.gain_in_se}
@@ -80,26 +78,13 @@ def read_generations(path: str | Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def distinct_n(replies: Sequence[str], n: int = 2) -> float:
-    """Distinct n-grams of words over all replies divided by their total (0 when there are none)."""
-    grams = [
-        tuple(words[i : i + n]) for words in (r.split() for r in replies) for i in range(len(words) - n + 1)
-    ]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
 def reply_stats(records: Sequence[dict[str, Any]], threshold: float = PREFERRED_THRESHOLD) -> ReplyStats:
-    replies = [str(r["reply"]) for r in records]
+    """Rewards, the preferred share and the collapse monitors (``evaluation.reply_stats``) of one evaluation."""
+    text = evaluation.reply_stats([str(r["reply"]) for r in records])
     rewards = [float(r["reward"]) for r in records]
     n = len(records)
-    return ReplyStats(
-        prompts=n,
-        mean_reward=sum(rewards) / n,
-        preferred_share=sum(w > threshold for w in rewards) / n,
-        empty_share=sum(not r.strip() for r in replies) / n,
-        mean_words=sum(len(r.split()) for r in replies) / n,
-        distinct_2=distinct_n(replies, 2),
-    )
+    return ReplyStats(prompts=n, mean_reward=sum(rewards) / n, preferred_share=sum(w > threshold for w in rewards) / n,
+                      empty_share=text.empty_share, mean_words=text.mean_reply_words, distinct_2=text.distinct_2)
 
 
 def read_metric(path: str | Path, name: str) -> list[float]:
@@ -125,13 +110,11 @@ def compute_figures(
     """The figures of one run (see the module docstring); the rewards are paired by prompt id."""
     before, after = read_generations(zero_shot), read_generations(trained)
     ids = sorted(set(before) & set(after))
-    if len(ids) < 2:
+    gain = evaluation.paired_gain({i: after[i]["reward"] for i in ids}, {i: before[i]["reward"] for i in ids})
+    if gain is None:
         raise ValueError(
             f"{zero_shot} and {trained} share {len(ids)} prompt ids; need at least 2 to pair them"
         )
-    diffs = [float(after[i]["reward"]) - float(before[i]["reward"]) for i in ids]
-    mean = sum(diffs) / len(diffs)
-    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
     first = last = accuracy = None
     if metrics_csv is not None:
         first, last = thirds(read_metric(metrics_csv, "cycle/iterations"))
@@ -140,9 +123,9 @@ def compute_figures(
     return Figures(
         zero_shot=reply_stats([before[i] for i in ids], threshold),
         trained=reply_stats([after[i] for i in ids], threshold),
-        paired_prompts=len(ids),
-        reward_gain=mean,
-        reward_gain_se=math.sqrt(variance / len(diffs)),
+        paired_prompts=gain.n,
+        reward_gain=gain.gain,
+        reward_gain_se=gain.standard_error,
         iterations_first_third=first,
         iterations_last_third=last,
         judge_pairwise_accuracy=accuracy,

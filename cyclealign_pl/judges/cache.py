@@ -59,6 +59,23 @@ def cache_key(
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+def enable_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """Switch a connection's database to write-ahead logging, waiting for other processes that open it too.
+
+    Changing the journal mode needs the database to itself for a moment, and SQLite answers "database is
+    locked" at once instead of waiting on its busy timeout (DDP ranks open the shared file together).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class JudgeCache:
     """Key -> :class:`CachedReply` in an SQLite file, safe for several threads and processes.
 
@@ -84,7 +101,7 @@ class JudgeCache:
             conn = sqlite3.connect(
                 self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn, self.busy_timeout_s)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL, "

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import astuple
 from pathlib import Path
 
+from cyclealign_pl.judges.cache import enable_wal
 from cyclealign_pl.judges.limits import Budget, Cost
 
 _PARTS = ("requests", "prompt_tokens", "completion_tokens", "usd")
@@ -74,7 +75,7 @@ class SpendLedger:
             where = ":memory:" if self.path is None else self.path
             self._conn = sqlite3.connect(where, timeout=busy_timeout_s, isolation_level=None,
                                          check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(self._conn, busy_timeout_s)
             # WAL + NORMAL: a commit is in the OS's hands before the request goes out, so it survives the
             # process (kill -9, OOM); only a power cut may lose the last ones. FULL (an fsync per commit)
             # costs ~9 ms a request on the event loop (benchmarks/judge_throughput.py); NORMAL, nothing seen.
