@@ -107,8 +107,11 @@ def render(summary: FitSummary) -> list[str]:
     ]
     if summary.mean_iterations is not None:
         run.append(f"{summary.mean_iterations:.2f} iterations per prompt")
-    if c.get("skipped_updates"):
-        run.append(f"{_fmt(c['skipped_updates'])} skipped updates")
+    nothing_ranked = c.get("skipped_updates", 0) - c.get("nonfinite_updates", 0)
+    if nothing_ranked:
+        run.append(f"{_fmt(nothing_ranked)} rounds with nothing to learn from (no ranking)")
+    if c.get("nonfinite_updates"):
+        run.append(f"{_fmt(c['nonfinite_updates'])} non-finite updates skipped")
     lines.append("fit done: " + ", ".join(run))
     j = summary.judge
     judged = []

@@ -9,15 +9,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
 from cyclealign_pl.judges.chat import ChatClient, ChatSettings
 from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.testing.openai_server import LocalOpenAIServer
-from tests.helpers import write_hh_split
+from tests.helpers import Capture, cli_args, write_hh_split
 
 
 
@@ -76,3 +79,65 @@ def make_client(server):
     yield make
     for client in clients:
         client.close()
+
+
+@dataclass
+class DefaultRun:
+    """The README's first command (``fit --config configs/tiny.yaml``, exactly as shipped), started from another
+    working directory: its CLI object, run directory, that working directory and what it printed."""
+
+    cli: Any
+    root: Path
+    workdir: Path
+    output: str
+
+    def copy(self, to: Path) -> Path:
+        """A copy of the run directory, for tests that add evaluations or files to it."""
+        shutil.copytree(self.root, to)
+        return to
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> DefaultRun:
+    """One default run for the whole session: the learning, CLI, notebook and evaluation tests all read it."""
+    from cyclealign_pl.cli import main
+
+    base = tmp_path_factory.mktemp("default-run")
+    workdir = base / "cwd"
+    workdir.mkdir()
+    with pytest.MonkeyPatch.context() as patch, Capture() as capture:
+        patch.chdir(workdir)
+        cli = main(["fit", *cli_args(base / "run")])
+    return DefaultRun(cli, base / "run", workdir, capture.out + capture.err)
+
+
+@dataclass
+class ValidatedRun:
+    """A copy of the default run with ``validate --ckpt_path last``, ``validate`` of the zero-shot white box
+    and, when the BeaverTails CSV is at hand, a BeaverTails ``validate``: the evaluations a user runs."""
+
+    root: Path
+    trained: Any  # the CLI objects of those commands
+    zero_shot: Any
+    beavertails: Any | None
+
+
+BEAVERTAILS_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "beavertails" / "BeaverTails-Evaluation.csv"
+
+
+@pytest.fixture(scope="session")
+def validated_run(default_run: DefaultRun, tmp_path_factory: pytest.TempPathFactory) -> ValidatedRun:
+    from cyclealign_pl.cli import main
+
+    root = default_run.copy(tmp_path_factory.mktemp("validated") / "run")
+    with Capture():
+        trained = main(["validate", *cli_args(root, "--ckpt_path", "last")])
+        zero_shot = main(["validate", *cli_args(root)])
+        beavertails = None
+        if BEAVERTAILS_CSV.is_file():
+            preset = Path(__file__).resolve().parents[1] / "configs" / "eval" / "beavertails.yaml"
+            beavertails = main(["validate", *cli_args(
+                root, "--config", str(preset), "--data.init_args.path", str(BEAVERTAILS_CSV),
+                "--data.init_args.prompts_per_category", "1", "--data.init_args.cache_dir",
+                str(root.parent / "hf-cache"), "--ckpt_path", "last")])
+    return ValidatedRun(root, trained, zero_shot, beavertails)

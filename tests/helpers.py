@@ -224,3 +224,32 @@ def bpe_tokenizer(texts: Sequence[str], vocab_size: int = 400):
     trainer.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,
                                 special_tokens=["<pad>", "</s>"])
     return PreTrainedTokenizerFast(tokenizer_object=trainer._tokenizer, eos_token="</s>", pad_token="<pad>")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
+
+
+class Capture:
+    """stdout/stderr of an in-process CLI call (session- and module-scoped fixtures cannot use capsys)."""
+
+    def __enter__(self) -> Capture:
+        import io
+        from contextlib import redirect_stderr, redirect_stdout
+
+        self._out, self._err = io.StringIO(), io.StringIO()
+        self._stack = [redirect_stdout(self._out), redirect_stderr(self._err)]
+        for cm in self._stack:
+            cm.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for cm in reversed(self._stack):
+            cm.__exit__(*exc)
+        self.out, self.err = self._out.getvalue(), self._err.getvalue()
+
+
+def cli_args(root: Path, *extra: str, config: Path = TINY_CONFIG) -> list[str]:
+    """The default config with every output under ``root`` and no progress bar."""
+    return ["--config", str(config), "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+            *extra]

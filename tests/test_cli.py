@@ -18,23 +18,11 @@ import pytest
 import yaml
 
 from cyclealign_pl.cli import EXIT_BAD_INPUT, EXIT_NO_UPDATE, main
+from tests.helpers import Capture, cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 TINY_OPENAI = str(ROOT / "configs" / "tiny_openai.yaml")
-
-
-def tiny_args(run_dir: Path, *extra: str) -> list[str]:
-    """configs/tiny.yaml with every output under ``run_dir`` (the one setting that moves a run)."""
-    return [
-        "--config",
-        TINY,
-        "--trainer.default_root_dir",
-        str(run_dir),
-        "--trainer.enable_progress_bar",
-        "false",
-        *extra,
-    ]
 
 
 def files_under(path: Path) -> dict[str, float]:
@@ -42,53 +30,15 @@ def files_under(path: Path) -> dict[str, float]:
     return {str(p.relative_to(path)): p.stat().st_mtime for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-# -- one short fit, shared: layout, report, resuming, a second run in the same root -------------------------
+# -- the default run (tests/conftest.py: one per session): layout, report, resuming, a second run ----------
 
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory):
-    """A 2-step fit in ``<tmp>/run`` started from another working directory; its CLI object and printed report."""
-    base = tmp_path_factory.mktemp("cli-run")
-    workdir = base / "cwd"
-    workdir.mkdir()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(workdir)
-        capture = Capture()
-        with capture:
-            cli = main(
-                [
-                    "fit",
-                    *tiny_args(
-                        base / "run", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"
-                    ),
-                ]
-            )
-    return cli, base / "run", workdir, capture.out
-
-
-class Capture:
-    """stdout/stderr of an in-process CLI call (module-scoped fixtures cannot use capsys)."""
-
-    def __enter__(self):
-        import io
-        from contextlib import redirect_stderr, redirect_stdout
-
-        self._out, self._err = io.StringIO(), io.StringIO()
-        self._stack = [redirect_stdout(self._out), redirect_stderr(self._err)]
-        for cm in self._stack:
-            cm.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        for cm in reversed(self._stack):
-            cm.__exit__(*exc)
-        self.out, self.err = self._out.getvalue(), self._err.getvalue()
+STEPS = 48  # configs/tiny.yaml: limit_train_batches (batch size 1)
 
 
 @pytest.mark.slow
-def test_every_output_of_a_fit_goes_under_default_root_dir(tiny_run):
-    cli, run_dir, workdir, _ = tiny_run
-    assert cli.model.counters["steps"] == 2
+def test_every_output_of_a_fit_goes_under_default_root_dir(default_run):
+    cli, run_dir, workdir = default_run.cli, default_run.root, default_run.workdir
+    assert cli.model.counters["steps"] == STEPS
     assert list(workdir.iterdir()) == []  # nothing in the working directory (no runs/tiny)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     log_dir = run_dir / "logs" / "version_0"
@@ -97,7 +47,7 @@ def test_every_output_of_a_fit_goes_under_default_root_dir(tiny_run):
 
     rows = list(csv.DictReader((log_dir / "metrics.csv").read_text().splitlines()))
     iterations = [float(r["cycle/iterations"]) for r in rows if r.get("cycle/iterations")]
-    assert len(iterations) == 2 and all(1 <= i <= 5 for i in iterations)
+    assert len(iterations) == STEPS and all(1 <= i <= 5 for i in iterations)
     assert any(r.get("train/loss") for r in rows)
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
     assert saved["model"]["cycle"]["num_candidates"] == 3
@@ -113,8 +63,8 @@ def test_every_output_of_a_fit_goes_under_default_root_dir(tiny_run):
 
 
 @pytest.mark.slow
-def test_fit_ends_with_its_paths_and_numbers(tiny_run):
-    cli, run_dir, _, out = tiny_run
+def test_fit_ends_with_its_paths_and_numbers(default_run):
+    cli, run_dir, out = default_run.cli, default_run.root, default_run.output
     counters = cli.model.counters
     report = out[out.index("cyclealign_pl: fit done") :]
     assert (
@@ -138,24 +88,24 @@ def test_fit_ends_with_its_paths_and_numbers(tiny_run):
 
 
 @pytest.mark.slow
-def test_resuming_a_finished_run_says_so_and_writes_nothing(tiny_run, capsys):
-    _, run_dir, _, _ = tiny_run
+def test_resuming_a_finished_run_says_so_and_writes_nothing(default_run, capsys):
+    run_dir = default_run.root
     before = files_under(run_dir)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *tiny_args(run_dir, "--trainer.limit_train_batches", "2", "--ckpt_path", "last")])
+        main(["fit", *cli_args(run_dir, "--ckpt_path", "last")])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "already finished (2 of 2 steps, 1 of 1 epochs)" in out
+    assert f"already finished ({STEPS} of {STEPS} steps, 1 of 1 epochs)" in out
     assert str(run_dir / "checkpoints" / "last.ckpt") in out
     assert files_under(run_dir) == before  # no log version, no export, no checkpoint
 
 
 @pytest.mark.slow
-def test_a_new_fit_into_a_root_that_holds_a_run_is_refused(tiny_run, capsys):
-    _, run_dir, _, _ = tiny_run
+def test_a_new_fit_into_a_root_that_holds_a_run_is_refused(default_run, capsys):
+    run_dir = default_run.root
     before = files_under(run_dir)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *tiny_args(run_dir, "--trainer.limit_train_batches", "2")])
+        main(["fit", *cli_args(run_dir)])
     assert exit_info.value.code == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
@@ -165,8 +115,8 @@ def test_a_new_fit_into_a_root_that_holds_a_run_is_refused(tiny_run, capsys):
 
 
 @pytest.mark.slow
-def test_validate_with_ckpt_path_last_reads_the_roots_checkpoint(tiny_run, tmp_path, capsys):
-    _, run_dir, _, _ = tiny_run
+def test_validate_with_ckpt_path_last_reads_the_roots_checkpoint(default_run, tmp_path, capsys):
+    run_dir = default_run.copy(tmp_path / "run")
     cli = main(
         [
             "validate",
@@ -185,11 +135,11 @@ def test_validate_with_ckpt_path_last_reads_the_roots_checkpoint(tiny_run, tmp_p
     assert isinstance(cli.trainer.progress_bar_callback, CycleProgressBar)  # the CLI's one-line bar
     meta = json.loads((Path(cli.trainer.log_dir) / "eval" / "val_meta.json").read_text())
     assert Path(meta["checkpoint"]) == run_dir / "checkpoints" / "last.ckpt"
-    assert meta["trained_steps"] == 2 and Path(cli.trainer.log_dir).parent == run_dir / "logs"
+    assert meta["trained_steps"] == STEPS and Path(cli.trainer.log_dir).parent == run_dir / "logs"
 
     # in a root without a run, "last" is an error (validating the untrained model instead would mislead)
     with pytest.raises(SystemExit) as exit_info:
-        main(["validate", *tiny_args(tmp_path / "empty", "--ckpt_path", "last")])
+        main(["validate", *cli_args(tmp_path / "empty", "--ckpt_path", "last")])
     assert exit_info.value.code == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert (
@@ -370,7 +320,7 @@ def test_a_fit_whose_judge_never_ranks_exits_4_with_a_warning(tmp_path, monkeypa
         main(
             [
                 "fit",
-                *tiny_args(
+                *cli_args(
                     tmp_path / "run",
                     "--config",
                     TINY_OPENAI,
@@ -404,7 +354,7 @@ def test_tiny_fit_against_a_local_openai_compatible_server(tmp_path, monkeypatch
         cli = main(
             [
                 "fit",
-                *tiny_args(
+                *cli_args(
                     tmp_path,
                     "--trainer.limit_train_batches",
                     "3",
@@ -448,7 +398,7 @@ def test_a_dead_judge_fails_before_training_with_one_line(tmp_path):
     url = f"http://127.0.0.1:{closed_port()}/v1"
     fit = [
         "fit",
-        *tiny_args(tmp_path / "run", "--config", TINY_OPENAI, "--model.judge.init_args.base_url", url),
+        *cli_args(tmp_path / "run", "--config", TINY_OPENAI, "--model.judge.init_args.base_url", url),
     ]
     fit += ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0"]
     env = {**os.environ, "OPENAI_API_KEY": "sk-test-local", "HF_HUB_OFFLINE": "1"}

@@ -2,92 +2,59 @@
 
 from __future__ import annotations
 
-import random
+import csv
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
 from cyclealign_pl.cycle import CycleConfig
-from cyclealign_pl.module import CycleAlignModule
-from cyclealign_pl.policy import SamplingConfig
 from tests.helpers import (
-    BAD,
-    GOOD,
     QUESTIONS,
-    TINY_LLAMA,
-    PrefersHelpJudge,
+    Capture,
     WhiteBoxMirrorJudge,
-    is_good,
+    cli_args,
     make_data,
     make_trainer,
     swap_top_two,
     tiny_module,
 )
 
-# -- learning -----------------------------------------------------------------------------------------
+# -- learning: the default task (docs/default_task.md) -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pretrained_lm(tmp_path_factory) -> Path:
-    """A tiny LM pre-trained for seconds to answer with helpful or dismissive templates, about half each."""
-    tokenizer = ByT5Tokenizer()
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    config = LlamaConfig(vocab_size=384, pad_token_id=0, eos_token_id=1, bos_token_id=None, **{k: v for k, v in TINY_LLAMA.items() if k != "model_type"})
-    model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(120):
-        ids = []
-        for _ in range(32):
-            prompt = f"\n\nHuman: {rng.choice(QUESTIONS)}\n\nAssistant:"
-            reply = rng.choice(GOOD + BAD)
-            ids.append(tokenizer(f"{prompt} {reply}", add_special_tokens=False).input_ids + [1])
-        width = max(map(len, ids))
-        x = torch.zeros(len(ids), width, dtype=torch.long)
-        mask = torch.zeros_like(x)
-        for i, seq in enumerate(ids):
-            x[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
-        loss = model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    path = tmp_path_factory.mktemp("pretrained")
-    model.save_pretrained(path)
-    return path
-
-
-def good_fraction(module: CycleAlignModule, samples: int = 96) -> float:
-    torch.manual_seed(123)
-    prompts = [f"\n\nHuman: {q}\n\nAssistant:" for q in QUESTIONS[: samples // 3]]
-    replies = module.whitebox.sample(prompts, 3)
-    flat = [r.text for group in replies for r in group]
-    return sum(map(is_good, flat)) / len(flat)
+def metric(run_dir: Path, name: str) -> list[float]:
+    rows = csv.DictReader((run_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines())
+    return [float(row[name]) for row in rows if row.get(name)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["rrhf", "pro"])
-def test_cycle_raises_reward_of_preferred_replies(objective, pretrained_lm, hh_root, tmp_path):
-    """The gradient aligns: a short run moves the LM towards the judge's preferred kind of reply."""
-    judge = PrefersHelpJudge()
-    module = CycleAlignModule(
-        model=str(pretrained_lm),
-        tokenizer="byt5",
-        judge=judge,
-        cycle=CycleConfig(objective=objective, max_iterations=3),
-        sampling=SamplingConfig(max_new_tokens=24),
-        max_length=128,
-        eval_max_new_tokens=32,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-4),
-    )
-    before = good_fraction(module)
-    assert 0.2 < before < 0.8, f"the pre-trained LM should produce both kinds, got {before:.2f} good"
-    make_trainer(tmp_path, batches=24).fit(module, make_data(hh_root(QUESTIONS)))
-    after = good_fraction(module)
-    assert after >= 0.9 and after - before >= 0.25, f"{objective}: good replies {before:.2f} -> {after:.2f}"
-    assert module.counters["prompts"] == 24 and module.counters["optimizer_steps"] >= 12
+def test_the_default_run_aligns_its_white_box(default_run):
+    """The README's first command, as shipped: on 100 held-out prompts the evaluator's reward rises by >= 3
+    standard errors of the paired difference, the share of replies it prefers goes from <= 60% to >= 85%, the
+    replies stay non-empty and varied, iterations per step fall over the run (the paper's Fig. 4), and the black
+    box ranks like the evaluator more often than chance but not always."""
+    summary = default_run.cli.model.evaluation_summary
+    assert summary["paired_prompts"] == 100
+    assert summary["reward_gain_z"] >= 3, summary
+    assert summary["zero_shot_preferred_share"] <= 0.6 and summary["preferred_share"] >= 0.85, summary
+    assert summary["empty_share"] <= 0.05 and summary["distinct_2"] > 0.02 and "collapse_warning" not in summary
+    iterations = metric(default_run.root, "cycle/iterations")
+    third = len(iterations) // 3
+    assert sum(iterations[-third:]) / third < sum(iterations[:third]) / third, iterations
+    accuracy = metric(default_run.root, "cycle/ranking_pairwise_accuracy_mean")[-1]
+    assert 0.5 < accuracy < 1.0
+
+
+@pytest.mark.slow
+def test_the_pro_objective_aligns_the_default_white_box_too(tmp_path):
+    from cyclealign_pl.cli import main
+
+    with Capture():
+        cli = main(["fit", *cli_args(tmp_path / "run", "--model.cycle.objective", "pro",
+                                     "--trainer.limit_train_batches", "24")])
+    summary = cli.model.evaluation_summary
+    assert cli.model.cycle_config.objective == "pro"
+    assert summary["reward_gain_z"] >= 3 and summary["preferred_share"] >= 0.8, summary
 
 
 # -- early stop and iterations --------------------------------------------------------------------------

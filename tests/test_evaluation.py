@@ -286,3 +286,57 @@ def test_fit_without_an_evaluator_skips_validation_with_a_warning(
     assert "no model.reward_model: validation during fit is skipped" in caplog.text
     assert not list(tmp_path.rglob("eval"))
     assert not any(k.startswith("val/") for k in cli.trainer.callback_metrics)
+
+
+# ------------------------------------------------------------------------------ the default run's evaluations
+
+
+@pytest.mark.slow
+def test_validate_with_and_without_a_checkpoint_shows_the_gain(default_run, validated_run) -> None:
+    """``validate`` without a checkpoint is the zero-shot row; with the run's checkpoint it reports the trained
+    reward and its gain over the zero-shot evaluation the checkpoint carries (paired by prompt, with its SE)."""
+    fit = default_run.cli.model.evaluation_summary
+    zero_shot = validated_run.zero_shot.model.evaluation_summary
+    trained = validated_run.trained.model.evaluation_summary
+    assert zero_shot["reward"] == pytest.approx(fit["zero_shot_reward"], rel=1e-6)  # greedy: the same replies
+    assert "reward_gain" not in zero_shot  # nothing trained to compare with
+    assert trained["reward"] == pytest.approx(fit["reward"], rel=1e-6)
+    assert trained["reward_gain"] == pytest.approx(fit["reward_gain"], rel=1e-6) and trained["reward_gain_z"] >= 3
+    logged = validated_run.trained.trainer.callback_metrics  # what the validate table prints
+    assert logged["val/reward_gain"].item() == pytest.approx(trained["reward_gain"], rel=1e-5)
+    metas = [json.loads(eval_paths(cli.trainer.log_dir, "val")["meta"].read_text())
+             for cli in (validated_run.trained, validated_run.zero_shot)]
+    assert [(m["trainer_fn"], m["trained_steps"], bool(m["checkpoint"])) for m in metas] == [
+        ("validate", 48, True), ("validate", 0, False)]
+    for cli in (validated_run.trained, validated_run.zero_shot):  # every evaluation under the run
+        assert Path(cli.trainer.log_dir).parent == validated_run.root / "logs"
+
+
+def test_collapsed_replies_are_flagged_in_the_logs_the_table_and_the_summary(tmp_path, caplog) -> None:
+    """A white box that only says EOS: validate warns that the replies collapsed and shows it beside the reward."""
+    from lightning.pytorch import Trainer
+
+    from tests.helpers import make_data, tiny_module, write_hh_split
+
+    questions = [f"question {i}?" for i in range(6)]
+    write_hh_split(tmp_path / "hh", "harmless-base", "test",
+                   [(f"\n\nHuman: {q}\n\nAssistant: Sure.", f"\n\nHuman: {q}\n\nAssistant: No.") for q in questions])
+    module = tiny_module(None, reward_model=RewardModelJudge(config=TINY_REWARD_MODEL, tokenizer="byt5"))
+    head = module.model.lm_head
+    eos_only = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        eos_only.weight.zero_()
+        eos_only.bias.zero_()
+        eos_only.bias[module.tokenizer.eos_token_id] = 100.0
+    module.model.lm_head = eos_only
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=str(tmp_path / "run"))
+    data = make_data(tmp_path / "hh", train_split="test", eval_prompts_per_subset=6)
+    with caplog.at_level("WARNING"):
+        trainer.validate(module, data)
+    summary = module.evaluation_summary
+    assert summary["empty_share"] == 1.0 and "100% of the replies are empty" in summary["collapse_warning"]
+    assert "the white box's replies collapsed: 100% of the replies are empty" in caplog.text
+    assert trainer.callback_metrics["val/empty_share"].item() == 1.0
+    rows = read_rewards_csv(eval_paths(tmp_path / "run", "val")["rewards"])
+    assert all(row.empty_share == 1.0 for row in rows)  # beside the reward in the table

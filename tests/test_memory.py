@@ -81,10 +81,10 @@ def test_lora_preset_fits_through_the_cli(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from cyclealign_pl.cli import main
-    from tests.test_cli import tiny_args
+    from tests.helpers import cli_args
 
     lora = str(Path(__file__).resolve().parents[1] / "configs" / "lora.yaml")
-    cli = main(["fit", *tiny_args(tmp_path, "--config", lora, "--trainer.limit_train_batches", "1",
+    cli = main(["fit", *cli_args(tmp_path, "--config", lora, "--trainer.limit_train_batches", "1",
                                   "--trainer.limit_val_batches", "0", "--model.cycle.max_iterations", "2")])
     module = cli.model
     assert module.counters["steps"] == 1 and module.counters["optimizer_steps"] >= 1

@@ -1,8 +1,8 @@
 """The notebooks run top to bottom against a fresh tiny run, and their plot cells draw images.
 
-One tiny run is made in-process in one run directory (fit, then validate with ``--ckpt_path last``, the base
-model, and BeaverTails when its CSV is at hand), then each notebook is executed with nbclient in a kernel
-pointed at the run by ``CYCLEALIGN_RUN_DIR``. Cells tagged ``plot`` must produce ``image/png`` output. The
+The session's default run (tests/conftest.py: fit, then validate with ``--ckpt_path last``, the base model,
+and BeaverTails when its CSV is at hand) is the run each notebook is executed against, with nbclient in a
+kernel pointed at it by ``CYCLEALIGN_RUN_DIR``. Cells tagged ``plot`` must produce ``image/png`` output. The
 notebooks must not call blank replies a success, and must give each gain with its standard error.
 """
 
@@ -19,7 +19,6 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from cyclealign_pl.cli import main
 from cyclealign_pl.evaluation import eval_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,51 +30,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``<tmp>/run`` after a short fit and the evaluations the tables notebook reads."""
-    run = tmp_path_factory.mktemp("notebook") / "run"
-    common = [
-        "--config",
-        TINY,
-        "--trainer.default_root_dir",
-        str(run),
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
-    fit = main(["fit", *common, "--trainer.limit_train_batches", "6"])
-    with_ckpt = main(["validate", *common, "--ckpt_path", "last"])
-    zero_shot = main(["validate", *common])
-    runs = [fit, with_ckpt, zero_shot]
-    if BEAVERTAILS_CSV.is_file():
-        runs.append(
-            main(
-                [
-                    "validate",
-                    *common,
-                    "--config",
-                    str(REPO / "configs" / "eval" / "beavertails.yaml"),
-                    "--data.init_args.path",
-                    str(BEAVERTAILS_CSV),
-                    "--data.init_args.prompts_per_category",
-                    "1",
-                    "--data.init_args.cache_dir",
-                    str(run.parent / "hf-cache"),
-                    "--ckpt_path",
-                    "last",
-                ]
-            )
-        )
-    metas = [json.loads(eval_paths(r.trainer.log_dir, "val")["meta"].read_text()) for r in runs]
-    assert [(m["trainer_fn"], m["trained_steps"]) for m in metas[:3]] == [
-        ("fit", 6),
-        ("validate", 6),
-        ("validate", 0),
-    ]
-    assert (
-        Path(metas[1]["checkpoint"]) == run / "checkpoints" / "last.ckpt" and metas[2]["checkpoint"] is None
-    )
-    assert all(Path(r.trainer.log_dir).parent == run / "logs" for r in runs)  # every evaluation under the run
-    return run
+def tiny_run(validated_run) -> Path:
+    """The session's default run with the evaluations the tables notebook reads (``conftest.validated_run``)."""
+    return validated_run.root
 
 
 def _execute(name: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> nbformat.NotebookNode:
@@ -121,7 +78,7 @@ def test_reload_and_compare_notebook(tiny_run: Path, monkeypatch: pytest.MonkeyP
     notebook = _execute("01_reload_and_compare", tiny_run, monkeypatch)
     assert _plot_cells_draw(notebook) == 2  # Fig. 4 (iterations, reward) and Fig. 3 (ranking accuracy)
     out = _stdout(notebook)
-    assert "trained for 6 steps" in out
+    assert "trained for 48 steps" in out
     assert "checkpoint: checkpoints/last.ckpt" in out and "training logs: logs/version_0" in out
     assert "exported model has the checkpoint's weights: True" in out
     demo = int(re.search(r"aligned \(checkpoint\): (\d+)% of the replies are empty", out)[1]) / 100
@@ -177,17 +134,17 @@ def test_results_tables_notebook(tiny_run: Path, monkeypatch: pytest.MonkeyPatch
         table1 = list(csv.DictReader(fh))
     assert [row["evaluation"] for row in table1] == [
         "base (zero-shot)",
-        "during fit (6 steps)",
-        "last.ckpt (6 steps)",
+        "during fit (48 steps)",
+        "last.ckpt (48 steps)",
     ]
     assert list(table1[0])[1:] == ["harmless-base", "total"]
 
     with open(tiny_run / "results" / "gains_hh_rlhf.csv", newline="") as fh:
         gains = {(row["evaluation"], row["subset"]): row for row in csv.DictReader(fh)}
     assert set(gains) == {
-        (e, s) for e in ("during fit (6 steps)", "last.ckpt (6 steps)") for s in ("harmless-base", "total")
+        (e, s) for e in ("during fit (48 steps)", "last.ckpt (48 steps)") for s in ("harmless-base", "total")
     }
-    row = gains[("last.ckpt (6 steps)", "total")]
+    row = gains[("last.ckpt (48 steps)", "total")]
     gain, se, n = _paired_gain(tiny_run)
     assert int(row["prompts"]) == n == 100
     assert float(row["gain"]) == pytest.approx(gain, abs=1e-4)
@@ -199,7 +156,7 @@ def test_results_tables_notebook(tiny_run: Path, monkeypatch: pytest.MonkeyPatch
     assert row["verdict"] == expected
     out = _stdout(notebook)
     assert (
-        f"HH-RLHF, last.ckpt (6 steps): gain {gain:+.4f} ± {se:.4f} (standard error, 100 paired prompts, "
+        f"HH-RLHF, last.ckpt (48 steps): gain {gain:+.4f} ± {se:.4f} (standard error, 100 paired prompts, "
         f"{gain / se:+.1f} SE): {expected}"
     ) in out
     if BEAVERTAILS_CSV.is_file():
