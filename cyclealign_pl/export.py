@@ -49,9 +49,22 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
             module = CycleAlignModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
         except (KeyError, RuntimeError, EOFError) as error:
             raise ExportError(f"{checkpoint} is not a CycleAlign checkpoint: {error}") from error
-    plain_model(module.model).save_pretrained(out_dir)
+    model = plain_model(module.model)
+    model.save_pretrained(out_dir)
     module.tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def check_export(out_dir: str | Path) -> str:
+    """Load the exported model and tokenizer as a user would (plain transformers); what was loaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(out_dir)
+        AutoTokenizer.from_pretrained(out_dir)
+    except (OSError, ValueError) as error:
+        raise ExportError(f"the export in {out_dir} does not load in transformers: {error}") from error
+    return f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,9 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir)
+        loaded = check_export(out)
     except ExportError as error:
         parser.exit(2, f"cyclealign_pl.export: {error}\n")
-    print(f"exported {args.checkpoint} -> {out}", file=sys.stderr)
+    print(f"exported {args.checkpoint} -> {out} ({loaded}; it loads with AutoModelForCausalLM.from_pretrained)",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,16 @@ from tests.helpers import Capture, cli_args, write_hh_split
 
 
 
+SHARED_RUNS = ("default_run", "validated_run")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that read the session's default run share one xdist worker, so the run is made once."""
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in SHARED_RUNS):
+            item.add_marker(pytest.mark.xdist_group("default_run"))
+
+
 @pytest.fixture
 def hh_root(tmp_path: Path) -> Callable[..., Path]:
     """A factory for small HH-RLHF directories: ``hh_root(questions, good, bad) -> root``."""

@@ -51,7 +51,7 @@ def test_the_pro_objective_aligns_the_default_white_box_too(tmp_path):
 
     with Capture():
         cli = main(["fit", *cli_args(tmp_path / "run", "--model.cycle.objective", "pro",
-                                     "--trainer.limit_train_batches", "24")])
+                                     "--trainer.limit_train_batches", "16")])
     summary = cli.model.evaluation_summary
     assert cli.model.cycle_config.objective == "pro"
     assert summary["reward_gain_z"] >= 3 and summary["preferred_share"] >= 0.8, summary

@@ -22,5 +22,5 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path):
     assert done.returncode == 0, output[-4000:]
     assert "prompts/hour" in output and "per round (ms): generate" in output  # the figures it exists to print
     assert "Restored all states from the checkpoint" in output  # the resume took the first fit's checkpoint
-    assert "exported model loads: LlamaForCausalLM" in output
+    assert "(LlamaForCausalLM, " in output and "it loads with AutoModelForCausalLM.from_pretrained" in output
     assert (tmp_path / "out" / "exported" / "config.json").is_file()
