@@ -60,7 +60,7 @@ class PeakMemory:
             self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -111,11 +111,13 @@ class Result:
         latency, wait = parts["judge_latency_s"], parts["judge_wait_s"]
         hidden = 1 - wait / latency if latency > 0 else float("nan")
         breakdown = ", ".join(f"{name[:-2]} {parts[name] * 1000:.0f}" for name in TIMES)
-        return (f"{self.prompts_per_s:6.2f} prompts/s = {3600 * self.prompts_per_s:,.0f} prompts/hour "
-                f"({self.seconds:.1f} s; {iterations / self.prompts:.2f} "
-                f"iterations/prompt, {self.rounds} rounds, {updates} optimizer steps, active {self.active_fraction():.0%})"
-                f"\n      per round (ms): {breakdown}; judge latency {latency * 1000:.0f}, hidden {hidden:.0%}; "
-                f"{self.memory.describe() if self.memory else ''}")
+        return (
+            f"{self.prompts_per_s:6.2f} prompts/s = {3600 * self.prompts_per_s:,.0f} prompts/hour "
+            f"({self.seconds:.1f} s; {iterations / self.prompts:.2f} "
+            f"iterations/prompt, {self.rounds} rounds, {updates} optimizer steps, active {self.active_fraction():.0%})"
+            f"\n      per round (ms): {breakdown}; judge latency {latency * 1000:.0f}, hidden {hidden:.0%}; "
+            f"{self.memory.describe() if self.memory else ''}"
+        )
 
 
 def make_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip: float = 1.0) -> Callable:
@@ -133,14 +135,24 @@ def make_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip: 
     return update
 
 
-def run(prompts: Sequence[dict], batch_size: int, overlap: bool, judge: OpenAIJudge, args: argparse.Namespace) -> Result:
+def run(
+    prompts: Sequence[dict], batch_size: int, overlap: bool, judge: OpenAIJudge, args: argparse.Namespace
+) -> Result:
     """Train a fresh white box (same seed every time) through ``prompts`` with ``batch_size`` slots."""
     tokenizer = load_tokenizer("byt5")  # its ids (< 384) are valid in any larger --vocab
     heads = args.heads or max(args.hidden // 16, 1)
-    config = {"model_type": "llama", "hidden_size": args.hidden, "intermediate_size": args.intermediate or 2 * args.hidden,
-              "num_hidden_layers": args.layers, "num_attention_heads": heads, "num_key_value_heads": heads,
-              "max_position_embeddings": max(args.max_length, 512), "vocab_size": args.vocab or len(tokenizer),
-              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = {
+        "model_type": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate or 2 * args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "max_position_embeddings": max(args.max_length, 512),
+        "vocab_size": args.vocab or len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     with torch.device(args.device):
         model = load_causal_lm(None, config, seed=0, dtype=args.dtype)
     if args.gradient_checkpointing:
@@ -157,8 +169,19 @@ def run(prompts: Sequence[dict], batch_size: int, overlap: bool, judge: OpenAIJu
         for first in range(0, len(prompts), batch_size):
             batch = prompts[first : first + batch_size]
             last = first + batch_size >= len(prompts)
-            result.outcomes.append(run_cycle(state, whitebox, judge, pool, [r["prompt"] for r in batch],
-                                             [r["id"] for r in batch], cycle, update, drain=last))
+            result.outcomes.append(
+                run_cycle(
+                    state,
+                    whitebox,
+                    judge,
+                    pool,
+                    [r["prompt"] for r in batch],
+                    [r["id"] for r in batch],
+                    cycle,
+                    update,
+                    drain=last,
+                )
+            )
         result.seconds = time.perf_counter() - start
     result.memory = memory
     return result
@@ -170,14 +193,20 @@ TARGETS = {(16, 0.5): 10.0, (32, 0.5): 14.0, (32, 0.0): 3.0}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=256, help="prompts of the batched loops")
-    parser.add_argument("--serial-prompts", type=int, default=32,
-                        help="prompts of the serial loop (its rate per prompt does not depend on how many)")
+    parser.add_argument(
+        "--serial-prompts",
+        type=int,
+        default=32,
+        help="prompts of the serial loop (its rate per prompt does not depend on how many)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--delays", type=float, nargs="+", default=[0.5, 0.0], help="judge latency (s)")
     parser.add_argument("--iterations", type=int, default=5, help="N, iterations per prompt at most")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--max-length", type=int, default=320)
-    parser.add_argument("--hidden", type=int, default=64, help="white-box hidden size (512 with 8 layers: compute-bound)")
+    parser.add_argument(
+        "--hidden", type=int, default=64, help="white-box hidden size (512 with 8 layers: compute-bound)"
+    )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--intermediate", type=int, default=0, help="MLP size (0: 2 x hidden)")
     parser.add_argument("--heads", type=int, default=0, help="attention heads (0: hidden / 16)")
@@ -186,8 +215,12 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--no-serial", action="store_true", help="skip the serial loop (no ratios)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads, the same for every loop (the tiny model gains nothing from more)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads, the same for every loop (the tiny model gains nothing from more)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,17 +228,25 @@ def main() -> None:
     data = HHRLHFDataModule(train_split="test", num_train_prompts=args.prompts, eval_prompts_per_subset=1)
     data.setup("fit")
     prompts = data.train_rows
-    print(f"{len(prompts)} HH-RLHF prompts ({min(args.serial_prompts, len(prompts))} for the serial loop), Llama white box hidden {args.hidden} x {args.layers} layers on "
-          f"{args.device} ({torch.get_num_threads()} threads), l=3, N={args.iterations}, "
-          f"max_new_tokens={args.max_new_tokens}", flush=True)
+    print(
+        f"{len(prompts)} HH-RLHF prompts ({min(args.serial_prompts, len(prompts))} for the serial loop), Llama white box hidden {args.hidden} x {args.layers} layers on "
+        f"{args.device} ({torch.get_num_threads()} threads), l=3, N={args.iterations}, "
+        f"max_new_tokens={args.max_new_tokens}",
+        flush=True,
+    )
     # serial runs first, then the batched ones: peak RSS only grows (freed memory stays with the process),
     # so each loop's peak is measured after runs that needed no more memory than it does
     results: dict[tuple[int, float], Result] = {}
-    for batch_size in ((() if args.no_serial else (1,)) + tuple(args.batch_sizes)):
+    for batch_size in (() if args.no_serial else (1,)) + tuple(args.batch_sizes):
         for delay in args.delays:
             with LocalOpenAIServer(delay=delay) as server:
-                judge = OpenAIJudge(model="local-ranker", base_url=server.url, api_key_env="CYCLEALIGN_BENCH_UNSET",
-                                    max_concurrency=max(args.batch_sizes), request_timeout=60)
+                judge = OpenAIJudge(
+                    model="local-ranker",
+                    base_url=server.url,
+                    api_key_env="CYCLEALIGN_BENCH_UNSET",
+                    max_concurrency=max(args.batch_sizes),
+                    request_timeout=60,
+                )
                 share = prompts[: args.serial_prompts] if batch_size == 1 else prompts
                 try:
                     results[batch_size, delay] = run(share, batch_size, batch_size > 1, judge, args)
@@ -222,7 +263,9 @@ def main() -> None:
             if serial is not None:
                 ratio = batched.prompts_per_s / serial.prompts_per_s
                 target = TARGETS.get((batch_size, delay))
-                verdict = f" (target >= {target:g}x: {'met' if ratio >= target else 'NOT met'})" if target else ""
+                verdict = (
+                    f" (target >= {target:g}x: {'met' if ratio >= target else 'NOT met'})" if target else ""
+                )
                 print(f"  speed-up B={batch_size}: {ratio:.1f}x{verdict}", flush=True)
 
 

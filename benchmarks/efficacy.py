@@ -35,17 +35,37 @@ def run(config: str, ablation: str, root: Path, extra: list[str]) -> dict[str, f
     from cyclealign_pl.cli import main
 
     started = time.perf_counter()
-    cli = main(["fit", "--config", config, "--model.ablation", ablation, "--trainer.default_root_dir", str(root),
-                "--trainer.enable_progress_bar", "false", *extra])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            config,
+            "--model.ablation",
+            ablation,
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.enable_progress_bar",
+            "false",
+            *extra,
+        ]
+    )
     seconds = time.perf_counter() - started
     module = cli.model
     summary = module.evaluation_summary or {}
     if "reward_gain" not in summary:
-        raise SystemExit(f"{ablation}: the run has no validation against its zero-shot model (limit_val_batches?)")
-    return {"gain": summary["reward_gain"], "se": summary["reward_gain_se"], "zero_shot": summary["zero_shot_reward"],
-            "reward": summary["reward"], "preferred": summary.get("preferred_share") or float("nan"),
-            "requests": module.judge.metrics().get("requests_sent", float(module.counters["iterations"])),
-            "optimizer_steps": module.counters["optimizer_steps"], "seconds": seconds}
+        raise SystemExit(
+            f"{ablation}: the run has no validation against its zero-shot model (limit_val_batches?)"
+        )
+    return {
+        "gain": summary["reward_gain"],
+        "se": summary["reward_gain_se"],
+        "zero_shot": summary["zero_shot_reward"],
+        "reward": summary["reward"],
+        "preferred": summary.get("preferred_share") or float("nan"),
+        "requests": module.judge.metrics().get("requests_sent", float(module.counters["iterations"])),
+        "optimizer_steps": module.counters["optimizer_steps"],
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -62,14 +82,20 @@ def main() -> None:
             results[ablation] = run(args.config, ablation, Path(tmp) / ablation, args.extra)
             r = results[ablation]
             print(f"{ablation}: gain {r['gain']:+.2f} +- {r['se']:.2f} in {r['seconds']:.0f} s", flush=True)
-    print(f"\n{'setting':<10} {'zero-shot':>9} {'trained':>8} {'gain +- SE':>15} {'preferred':>9} {'requests':>8} "
-          f"{'opt.steps':>9} {'seconds':>7} {'gain/100 req':>12} {'gain/min':>8}")
+    print(
+        f"\n{'setting':<10} {'zero-shot':>9} {'trained':>8} {'gain +- SE':>15} {'preferred':>9} {'requests':>8} "
+        f"{'opt.steps':>9} {'seconds':>7} {'gain/100 req':>12} {'gain/min':>8}"
+    )
     for ablation, r in results.items():
-        print(f"{ablation:<10} {r['zero_shot']:9.2f} {r['reward']:8.2f} {r['gain']:+8.2f} +- {r['se']:4.2f} "
-              f"{r['preferred']:9.0%} {r['requests']:8.0f} {r['optimizer_steps']:9d} {r['seconds']:7.0f} "
-              f"{100 * r['gain'] / max(r['requests'], 1):12.2f} {60 * r['gain'] / r['seconds']:8.2f}")
-    print("\nThe default judge is a rule that ignores its demonstrations: no_d2, no_icl, no_wrd and no_brd cannot "
-          "differ from 'none' here beyond sampling noise; their effect needs a black box that learns in context.")
+        print(
+            f"{ablation:<10} {r['zero_shot']:9.2f} {r['reward']:8.2f} {r['gain']:+8.2f} +- {r['se']:4.2f} "
+            f"{r['preferred']:9.0%} {r['requests']:8.0f} {r['optimizer_steps']:9d} {r['seconds']:7.0f} "
+            f"{100 * r['gain'] / max(r['requests'], 1):12.2f} {60 * r['gain'] / r['seconds']:8.2f}"
+        )
+    print(
+        "\nThe default judge is a rule that ignores its demonstrations: no_d2, no_icl, no_wrd and no_brd cannot "
+        "differ from 'none' here beyond sampling noise; their effect needs a black box that learns in context."
+    )
 
 
 if __name__ == "__main__":

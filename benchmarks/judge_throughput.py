@@ -36,8 +36,13 @@ def requests(count: int) -> list[RankRequest]:
 def timed_rank(
     url: str, batch: list[RankRequest], concurrency: int, run_dir: str | None = None
 ) -> tuple[float, dict[str, float]]:
-    judge = OpenAIJudge(model="local-ranker", base_url=url, api_key_env="CYCLEALIGN_BENCH_UNSET",
-                        max_concurrency=concurrency, request_timeout=30)
+    judge = OpenAIJudge(
+        model="local-ranker",
+        base_url=url,
+        api_key_env="CYCLEALIGN_BENCH_UNSET",
+        max_concurrency=concurrency,
+        request_timeout=30,
+    )
     if run_dir is not None:
         judge.bind_run("judge-throughput", run_dir)
     try:
@@ -66,8 +71,10 @@ def main() -> None:
     ideal = args.prompts * args.delay
     print(f"{args.prompts} prompts, server delay {args.delay} s")
     in_flight = metrics["requests_in_flight_max"]
-    print(f"concurrent (max_concurrency={args.concurrency}): {concurrent:.2f} s "
-          f"({args.prompts / concurrent:.1f} prompts/s, in flight max {in_flight:.0f})")
+    print(
+        f"concurrent (max_concurrency={args.concurrency}): {concurrent:.2f} s "
+        f"({args.prompts / concurrent:.1f} prompts/s, in flight max {in_flight:.0f})"
+    )
     recorded = bound["requests_sent"]
     print(f"concurrent, spend ledger on disk: {durable:.2f} s ({recorded:.0f} requests recorded)")
     print(f"serial     (max_concurrency=1): {serial:.2f} s (lower bound {ideal:.1f} s)")

@@ -52,8 +52,16 @@ def serve(conn, failure_rate: float, hang_seconds: float, seed: int) -> None:
     with LocalOpenAIServer(failure_rate=failure_rate, failure=failures, seed=seed) as server:
         conn.send(server.url)
         conn.recv()
-        conn.send([(r.behaviour, r.status, hashlib.sha256(json.dumps(r.body, sort_keys=True).encode()).hexdigest())
-                   for r in server.requests])
+        conn.send(
+            [
+                (
+                    r.behaviour,
+                    r.status,
+                    hashlib.sha256(json.dumps(r.body, sort_keys=True).encode()).hexdigest(),
+                )
+                for r in server.requests
+            ]
+        )
 
 
 class MemoryProbe(Callback):
@@ -67,11 +75,17 @@ class MemoryProbe(Callback):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--prompts", type=int, default=100, help="training prompts per epoch (epochs fill --steps)")
+    parser.add_argument(
+        "--prompts", type=int, default=100, help="training prompts per epoch (epochs fill --steps)"
+    )
     parser.add_argument("--failure-rate", type=float, default=0.2)
-    parser.add_argument("--request-timeout", type=float, default=1.0, help="the client's per-attempt timeout (s)")
+    parser.add_argument(
+        "--request-timeout", type=float, default=1.0, help="the client's per-attempt timeout (s)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args, overrides = parser.parse_known_args()
 
@@ -84,26 +98,53 @@ def main() -> None:
     epochs = math.ceil(args.steps / prompts)
     conn, child_conn = multiprocessing.Pipe()
     server = multiprocessing.get_context("spawn").Process(
-        target=serve, args=(child_conn, args.failure_rate, args.request_timeout * 3, args.seed), daemon=True)
+        target=serve, args=(child_conn, args.failure_rate, args.request_timeout * 3, args.seed), daemon=True
+    )
     server.start()
     url = conn.recv()
     with tempfile.TemporaryDirectory() as run_dir:
         cli = CycleAlignCLI(
-            CycleAlignModule, LightningDataModule, subclass_mode_data=True, auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True}, run=False,
+            CycleAlignModule,
+            LightningDataModule,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            run=False,
             args=[
-                "--config", str(ROOT / "configs" / "tiny.yaml"), "--config", str(ROOT / "configs" / "tiny_openai.yaml"),
-                "--trainer.default_root_dir", run_dir, "--trainer.logger.init_args.save_dir", run_dir,
-                "--trainer.callbacks.dirpath", f"{run_dir}/checkpoints", "--trainer.enable_progress_bar", "false",
-                "--trainer.max_epochs", str(epochs), "--trainer.limit_train_batches", str(prompts),
-                "--trainer.limit_val_batches", "0", "--model.reward_model", "null",
-                "--data.init_args.num_train_prompts", str(prompts),
-                "--model.judge.init_args.base_url", url,
-                "--model.judge.init_args.cache_path", f"{run_dir}/judge_cache.sqlite",
-                "--model.judge.init_args.request_timeout", str(args.request_timeout),
-                "--model.judge.init_args.max_retries", "4",
-                "--model.judge.init_args.backoff_initial_s", "0.05",
-                "--model.judge.init_args.backoff_max_s", "0.5",
+                "--config",
+                str(ROOT / "configs" / "tiny.yaml"),
+                "--config",
+                str(ROOT / "configs" / "tiny_openai.yaml"),
+                "--trainer.default_root_dir",
+                run_dir,
+                "--trainer.logger.init_args.save_dir",
+                run_dir,
+                "--trainer.callbacks.dirpath",
+                f"{run_dir}/checkpoints",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.max_epochs",
+                str(epochs),
+                "--trainer.limit_train_batches",
+                str(prompts),
+                "--trainer.limit_val_batches",
+                "0",
+                "--model.reward_model",
+                "null",
+                "--data.init_args.num_train_prompts",
+                str(prompts),
+                "--model.judge.init_args.base_url",
+                url,
+                "--model.judge.init_args.cache_path",
+                f"{run_dir}/judge_cache.sqlite",
+                "--model.judge.init_args.request_timeout",
+                str(args.request_timeout),
+                "--model.judge.init_args.max_retries",
+                "4",
+                "--model.judge.init_args.backoff_initial_s",
+                "0.05",
+                "--model.judge.init_args.backoff_max_s",
+                "0.5",
                 *overrides,
             ],
         )
@@ -118,26 +159,39 @@ def main() -> None:
     module = cli.model
     c, judge = module.counters, module.judge.metrics()
 
-    failed = Counter(str(status) if behaviour == "status" else {"hang": "timeout"}.get(behaviour, behaviour)
-                     for behaviour, status, _ in requests if behaviour != "rank")
+    failed = Counter(
+        str(status) if behaviour == "status" else {"hang": "timeout"}.get(behaviour, behaviour)
+        for behaviour, status, _ in requests
+        if behaviour != "rank"
+    )
     answered = Counter(body for behaviour, _, body in requests if behaviour == "rank")
     sent = Counter(body for _, _, body in requests)
     lost = {k.removeprefix("failures/"): int(v) for k, v in judge.items() if k.startswith("failures/") and v}
 
-    print(f"soak: {c['steps']} steps completed of {prompts * epochs} ({epochs} epochs x {prompts} prompts), "
-          f"{c['optimizer_steps']} optimizer steps, {c['iterations'] / max(c['steps'], 1):.2f} iterations/step, "
-          f"{elapsed:.0f} s")
-    print(f"server: {len(requests)} requests, {sum(failed.values())} failed "
-          f"({sum(failed.values()) / max(len(requests), 1):.1%}): {dict(sorted(failed.items()))}")
-    print(f"failures absorbed: {int(judge['retries'])} retried, {int(judge['failures'])} prompts masked out of the "
-          f"loss {lost}; run counter judge_failures={c['judge_failures']} (incl. {c['degenerate_sets']} degenerate "
-          f"candidate sets), skipped updates={c['skipped_updates']}, non-finite={c['nonfinite_updates']}")
-    print(f"requests repeated (answered more than once): {sum(n - 1 for n in answered.values() if n > 1)}   "
-          f"(bodies sent again after a failed attempt: {sum(n - 1 for n in sent.values() if n > 1)})")
+    print(
+        f"soak: {c['steps']} steps completed of {prompts * epochs} ({epochs} epochs x {prompts} prompts), "
+        f"{c['optimizer_steps']} optimizer steps, {c['iterations'] / max(c['steps'], 1):.2f} iterations/step, "
+        f"{elapsed:.0f} s"
+    )
+    print(
+        f"server: {len(requests)} requests, {sum(failed.values())} failed "
+        f"({sum(failed.values()) / max(len(requests), 1):.1%}): {dict(sorted(failed.items()))}"
+    )
+    print(
+        f"failures absorbed: {int(judge['retries'])} retried, {int(judge['failures'])} prompts masked out of the "
+        f"loss {lost}; run counter judge_failures={c['judge_failures']} (incl. {c['degenerate_sets']} degenerate "
+        f"candidate sets), skipped updates={c['skipped_updates']}, non-finite={c['nonfinite_updates']}"
+    )
+    print(
+        f"requests repeated (answered more than once): {sum(n - 1 for n in answered.values() if n > 1)}   "
+        f"(bodies sent again after a failed attempt: {sum(n - 1 for n in sent.values() if n > 1)})"
+    )
     early, middle, end = (probe.rss[max(len(probe.rss) * k // 10 - 1, 0)] for k in (1, 5, 10))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"memory: peak RSS {peak:.0f} MiB; RSS after 10% / 50% / 100% of the steps: {early:.0f} / {middle:.0f} / "
-          f"{end:.0f} MiB (growth after warm-up {end - early:+.0f} MiB)")
+    print(
+        f"memory: peak RSS {peak:.0f} MiB; RSS after 10% / 50% / 100% of the steps: {early:.0f} / {middle:.0f} / "
+        f"{end:.0f} MiB (growth after warm-up {end - early:+.0f} MiB)"
+    )
     sys.stdout.flush()
 
 

@@ -27,13 +27,20 @@ def main() -> None:
         cli = cli_main(
             [
                 "fit",
-                "--config", str(ROOT / "configs" / "tiny.yaml"),
-                "--trainer.limit_train_batches", str(args.batches),
-                "--trainer.limit_val_batches", "0",
-                "--trainer.default_root_dir", run_dir,
-                "--trainer.logger.init_args.save_dir", run_dir,
-                "--trainer.callbacks.dirpath", f"{run_dir}/checkpoints",
-                "--trainer.enable_progress_bar", "false",
+                "--config",
+                str(ROOT / "configs" / "tiny.yaml"),
+                "--trainer.limit_train_batches",
+                str(args.batches),
+                "--trainer.limit_val_batches",
+                "0",
+                "--trainer.default_root_dir",
+                run_dir,
+                "--trainer.logger.init_args.save_dir",
+                run_dir,
+                "--trainer.callbacks.dirpath",
+                f"{run_dir}/checkpoints",
+                "--trainer.enable_progress_bar",
+                "false",
                 *overrides,
             ]
         )
@@ -41,10 +48,14 @@ def main() -> None:
     module = cli.model
     steps = module.counters["steps"]
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"tiny fit: {steps} steps, {module.counters['optimizer_steps']} optimizer steps, "
-          f"{module.counters['iterations'] / max(steps, 1):.2f} iterations/step")
+    print(
+        f"tiny fit: {steps} steps, {module.counters['optimizer_steps']} optimizer steps, "
+        f"{module.counters['iterations'] / max(steps, 1):.2f} iterations/step"
+    )
     print(f"wall time (incl. model build and data load): {elapsed:.1f} s")
-    print(f"steps/s: {steps / elapsed:.2f}   optimizer steps/s: {module.counters['optimizer_steps'] / elapsed:.2f}")
+    print(
+        f"steps/s: {steps / elapsed:.2f}   optimizer steps/s: {module.counters['optimizer_steps'] / elapsed:.2f}"
+    )
     print(f"peak RSS: {peak_mib:.0f} MiB")
     sys.stdout.flush()
 

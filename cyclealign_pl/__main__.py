@@ -5,7 +5,7 @@ import os
 # own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from cyclealign_pl.cli import main  # noqa: E402
+from cyclealign_pl.cli import main
 
 if __name__ == "__main__":
     main()

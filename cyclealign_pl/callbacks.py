@@ -65,7 +65,9 @@ class CycleMetrics(Callback):
         for metric in self._all():
             metric.to(pl_module.device)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         outcome: StepOutcome | None = outputs.get("outcome") if isinstance(outputs, dict) else None
         if outcome is not None:
             self.record_outcome(trainer, pl_module, outcome)
@@ -97,10 +99,22 @@ class CycleMetrics(Callback):
             if metric.update_called:
                 value = metric.compute()
                 if torch.isfinite(value):
-                    pl_module.log(f"cycle/{name}_mean", value, on_step=True, on_epoch=False, prog_bar=name in ("iterations", "agreement"))
+                    pl_module.log(
+                        f"cycle/{name}_mean",
+                        value,
+                        on_step=True,
+                        on_epoch=False,
+                        prog_bar=name in ("iterations", "agreement"),
+                    )
         if self.accuracy.update_called:
             for name, value in self.accuracy.compute().items():
-                pl_module.log(f"cycle/ranking_{name}_mean", value, on_step=True, on_epoch=False, prog_bar=name == "pairwise_accuracy")
+                pl_module.log(
+                    f"cycle/ranking_{name}_mean",
+                    value,
+                    on_step=True,
+                    on_epoch=False,
+                    prog_bar=name == "pairwise_accuracy",
+                )
         self._log_time(pl_module, outcome)
         judge = getattr(pl_module, "judge", None)
         if self.log_judge_metrics and judge is not None:
@@ -114,7 +128,10 @@ class CycleMetrics(Callback):
         pl_module.log("time/judge_latency_s", outcome.judge_latency_s, on_step=True, on_epoch=False)
         self.judge_time["wait_s"].update(outcome.times["judge_wait_s"])
         self.judge_time["latency_s"].update(outcome.judge_latency_s)
-        wait, latency = self.judge_time["wait_s"].compute(), self.judge_time["latency_s"].compute()  # over all ranks
+        wait, latency = (
+            self.judge_time["wait_s"].compute(),
+            self.judge_time["latency_s"].compute(),
+        )  # over all ranks
         if latency > 0:
             hidden = (1 - wait / latency).clamp(min=0)
             pl_module.log("cycle/judge_hidden_fraction_mean", hidden, on_step=True, on_epoch=False)
@@ -179,12 +196,16 @@ class ExportPretrained(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or trainer.interrupted:
             return
-        self.exported_to = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model")
+        self.exported_to = self.dirpath or os.path.join(
+            trainer.log_dir or trainer.default_root_dir, "hf_model"
+        )
         self._export(pl_module, self.exported_to)
 
     @rank_zero_only
     def _export(self, pl_module: LightningModule, path: str) -> None:
-        plain_model(pl_module.model).save_pretrained(path)  # LoRA adapters merged: loads in plain transformers
+        plain_model(pl_module.model).save_pretrained(
+            path
+        )  # LoRA adapters merged: loads in plain transformers
         pl_module.tokenizer.save_pretrained(path)
         log.info("exported the aligned white-box to %s", path)
 
@@ -211,8 +232,10 @@ class CycleCheckpoint(ModelCheckpoint):
         self, every_n_batches: int | None = None, train_time_interval: timedelta | None = None, **kwargs: Any
     ) -> None:
         if kwargs.get("every_n_train_steps"):
-            raise ValueError("CycleCheckpoint counts training steps (batches) in every_n_batches; every_n_train_steps "
-                             "(optimizer steps) is not used under the cycle's manual optimization")
+            raise ValueError(
+                "CycleCheckpoint counts training steps (batches) in every_n_batches; every_n_train_steps "
+                "(optimizer steps) is not used under the cycle's manual optimization"
+            )
         if every_n_batches is not None and every_n_batches < 1:
             raise ValueError(f"CycleCheckpoint: every_n_batches must be >= 1 or None, got {every_n_batches}")
         if kwargs.get("every_n_epochs") is None:  # the CLI passes None explicitly
@@ -227,8 +250,9 @@ class CycleCheckpoint(ModelCheckpoint):
     def _batches_done(trainer: Trainer) -> int:
         return trainer.fit_loop.total_batch_idx + 1
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._should_skip_saving_checkpoint(trainer):
             return
         due = bool(self.every_n_batches) and self._batches_done(trainer) % self.every_n_batches == 0

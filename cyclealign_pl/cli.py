@@ -264,7 +264,9 @@ def main(args: list[str] | None = None) -> CycleAlignCLI | None:
     except RunStopped as stopped:
         print(f"cyclealign_pl: {stopped}", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
-    except JudgeStop as stop:  # not wrapped in RunStopped: before any training step (preflight), no checkpoint
+    except (
+        JudgeStop
+    ) as stop:  # not wrapped in RunStopped: before any training step (preflight), no checkpoint
         print(f"cyclealign_pl: the judge cannot be used: {stop}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except SIGTERMException:  # SIGTERM outside a training step (e.g. validation): Lightning's own exit

@@ -117,8 +117,9 @@ def read_generations(path: str | Path) -> dict[str, GenerationRow]:
                     raise ValueError(f"{where}: field {name!r} must be a string, got {got}")
             if record["subset"] == TOTAL:
                 raise ValueError(f"{where}: a subset may not be called {TOTAL!r} (the name of the total row)")
-            row = GenerationRow(str(row_id), record["subset"], record["prompt"], record["reply"], str(path),
-                                number)
+            row = GenerationRow(
+                str(row_id), record["subset"], record["prompt"], record["reply"], str(path), number
+            )
             if row.id in rows:
                 raise ValueError(f"{where}: id {row.id!r} appears twice (first on line {rows[row.id].line})")
             rows[row.id] = row
@@ -159,7 +160,7 @@ def join_runs(rows_a: Mapping[str, GenerationRow], rows_b: Mapping[str, Generati
 
 def shows_b_first(row_id: str, seed: int) -> bool:
     """The coin ordering one comparison: a hash of the seed and the id, so a rerun sends the same request."""
-    return hashlib.sha256(f"{seed}\0{row_id}".encode("utf-8")).digest()[0] & 1 == 1
+    return hashlib.sha256(f"{seed}\0{row_id}".encode()).digest()[0] & 1 == 1
 
 
 # ----------------------------------------------------------------------------------------- comparisons
@@ -202,14 +203,20 @@ def compare_pairs(
     template = template or load_pairwise_template()
     orders = [shows_b_first(a.id, seed) for a, _ in pairing.pairs]
     messages = [
-        build_pairwise_messages(a.prompt, *((b.reply, a.reply) if b_first else (a.reply, b.reply)),
-                                reasoning=reasoning, template=template)
+        build_pairwise_messages(
+            a.prompt,
+            *((b.reply, a.reply) if b_first else (a.reply, b.reply)),
+            reasoning=reasoning,
+            template=template,
+        )
         for (a, b), b_first in zip(pairing.pairs, orders)
     ]
     replies = []
     for start in range(0, len(messages), batch_size):
         try:
-            replies += client.complete(messages[start:start + batch_size], template_version=template.version)
+            replies += client.complete(
+                messages[start : start + batch_size], template_version=template.version
+            )
         except JudgeStop as stop:
             cache = client.settings.cache_path
             where = f"; the replies received are cached in {cache}" if cache else ""
@@ -224,15 +231,31 @@ def compare_pairs(
         parsed = parse_verdict(reply.text)
         kept_reasoning = parsed.reasoning if reasoning else None
         if parsed.verdict is None:
-            out.append(Comparison(a.id, a.subset, "invalid", b_first, failure=parsed.failure,
-                                  reasoning=kept_reasoning, judge_reply=reply.text))
+            out.append(
+                Comparison(
+                    a.id,
+                    a.subset,
+                    "invalid",
+                    b_first,
+                    failure=parsed.failure,
+                    reasoning=kept_reasoning,
+                    judge_reply=reply.text,
+                )
+            )
         else:
-            out.append(Comparison(a.id, a.subset, _outcome(parsed.verdict, b_first), b_first, parsed.verdict,
-                                  reasoning=kept_reasoning))
+            out.append(
+                Comparison(
+                    a.id,
+                    a.subset,
+                    _outcome(parsed.verdict, b_first),
+                    b_first,
+                    parsed.verdict,
+                    reasoning=kept_reasoning,
+                )
+            )
     bad = sum(c.outcome in ("invalid", "failed") for c in out)
     if bad:
-        log.warning("%d of %d comparisons have no valid verdict (see the comparisons file)", bad,
-                    len(out))
+        log.warning("%d of %d comparisons have no valid verdict (see the comparisons file)", bad, len(out))
     return out
 
 
@@ -274,8 +297,20 @@ class WinRateRow:
         return self.percent(self.lose)
 
 
-COLUMNS = ("subset", "compared", "win", "tie", "lose", "invalid", "failed", "win_pct", "tie_pct", "lose_pct",
-           "only_a", "only_b")
+COLUMNS = (
+    "subset",
+    "compared",
+    "win",
+    "tie",
+    "lose",
+    "invalid",
+    "failed",
+    "win_pct",
+    "tie_pct",
+    "lose_pct",
+    "only_a",
+    "only_b",
+)
 
 
 def tally(comparisons: Sequence[Comparison], pairing: Pairing) -> list[WinRateRow]:
@@ -301,8 +336,15 @@ def _cells(row: WinRateRow, digits: int | None) -> list[str]:
             return "nan"
         return repr(value) if digits is None else f"{value:.{digits}f}"
 
-    return [row.subset, *(str(getattr(row, name)) for name in COLUMNS[1:7]),
-            pct(row.win_pct), pct(row.tie_pct), pct(row.lose_pct), str(row.only_a), str(row.only_b)]
+    return [
+        row.subset,
+        *(str(getattr(row, name)) for name in COLUMNS[1:7]),
+        pct(row.win_pct),
+        pct(row.tie_pct),
+        pct(row.lose_pct),
+        str(row.only_a),
+        str(row.only_b),
+    ]
 
 
 def format_table(rows: Iterable[WinRateRow]) -> str:
@@ -325,8 +367,14 @@ def read_win_rates_csv(path: str | Path) -> list[WinRateRow]:
         rows = []
         for line, record in enumerate(reader, start=2):
             try:
-                rows.append(WinRateRow(record["subset"], **{name: int(record[name]) for name in COLUMNS[1:7]},
-                                       only_a=int(record["only_a"]), only_b=int(record["only_b"])))
+                rows.append(
+                    WinRateRow(
+                        record["subset"],
+                        **{name: int(record[name]) for name in COLUMNS[1:7]},
+                        only_a=int(record["only_a"]),
+                        only_b=int(record["only_b"]),
+                    )
+                )
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{path}, line {line}: {error}") from error
     return rows
@@ -339,8 +387,11 @@ def output_paths(out: str | Path) -> dict[str, Path]:
     """``table`` (the CSV given), ``comparisons`` (JSONL) and ``meta`` (JSON) next to it."""
     out = Path(out)
     stem = out.name[: -len(out.suffix)] if out.suffix else out.name
-    return {"table": out, "comparisons": out.with_name(f"{stem}.comparisons.jsonl"),
-            "meta": out.with_name(f"{stem}.meta.json")}
+    return {
+        "table": out,
+        "comparisons": out.with_name(f"{stem}.comparisons.jsonl"),
+        "meta": out.with_name(f"{stem}.meta.json"),
+    }
 
 
 def write_results(
@@ -361,9 +412,14 @@ def write_results(
         writer.writerows(_cells(row, None) for row in rows)
     with paths["comparisons"].open("w", encoding="utf-8") as fh:
         for c in comparisons:
-            record: dict[str, Any] = {"id": c.id, "subset": c.subset, "outcome": c.outcome,
-                                      "shown_first": "B" if c.b_first else "A", "verdict": c.verdict,
-                                      "failure": c.failure}
+            record: dict[str, Any] = {
+                "id": c.id,
+                "subset": c.subset,
+                "outcome": c.outcome,
+                "shown_first": "B" if c.b_first else "A",
+                "verdict": c.verdict,
+                "failure": c.failure,
+            }
             if reasoning:
                 record["reasoning"] = c.reasoning
             if c.judge_reply is not None:
@@ -378,8 +434,16 @@ def write_results(
 
 # ----------------------------------------------------------------------------------------------- one run
 
-_SPENT = ("requests_sent", "cache_hits", "retries", "prompt_tokens", "completion_tokens", "cost_usd",
-          "requests_in_flight_max", "usage_estimated")
+_SPENT = (
+    "requests_sent",
+    "cache_hits",
+    "retries",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "requests_in_flight_max",
+    "usage_estimated",
+)
 
 
 @dataclass
@@ -413,18 +477,30 @@ def compare_files(
     rows_a, rows_b = read_generations(run_a), read_generations(run_b)
     pairing = join_runs(rows_a, rows_b)
     if pairing.only_a or pairing.only_b:
-        log.warning("%d id(s) only in %s and %d only in %s are not compared (counted as only_a, "
-                    "only_b)", len(pairing.only_a), run_a, len(pairing.only_b), run_b)
+        log.warning(
+            "%d id(s) only in %s and %d only in %s are not compared (counted as only_a, only_b)",
+            len(pairing.only_a),
+            run_a,
+            len(pairing.only_b),
+            run_b,
+        )
     client.preflight()  # a dead server, a refused key or an unknown model: one line now, not N failures
-    comparisons = compare_pairs(client, pairing, reasoning=reasoning, seed=seed, template=pairwise_template,
-                                batch_size=batch_size)
+    comparisons = compare_pairs(
+        client, pairing, reasoning=reasoning, seed=seed, template=pairwise_template, batch_size=batch_size
+    )
     rows = tally(comparisons, pairing)
     result = ComparisonResult(rows, comparisons, pairing, client.metrics())
     if out is not None:
         meta = {
-            "run_a": str(run_a), "run_b": str(run_b), "rows_a": len(rows_a), "rows_b": len(rows_b),
-            "judge": client.settings.describe(), "template": pairwise_template.version,
-            "template_source": pairwise_template.source, "reasoning": reasoning, "seed": seed,
+            "run_a": str(run_a),
+            "run_b": str(run_b),
+            "rows_a": len(rows_a),
+            "rows_b": len(rows_b),
+            "judge": client.settings.describe(),
+            "template": pairwise_template.version,
+            "template_source": pairwise_template.source,
+            "reasoning": reasoning,
+            "seed": seed,
             "judge_metrics": {k: v for k, v in result.judge_metrics.items() if k in _SPENT},
             "total": asdict(result.total),
         }
@@ -434,6 +510,7 @@ def compare_files(
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
+
 def build_parser() -> ArgumentParser:
     """The command line: the two files, the comparison's options, and the judge's chat settings."""
     parser = ArgumentParser(
@@ -441,17 +518,37 @@ def build_parser() -> ArgumentParser:
         description="Pairwise win rates of run A against run B, judged by an LLM (paper Table 2).",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
-    parser.add_argument("run_a", type=str, help="run A's generations JSONL "
-                        "(<log_dir>/eval/<stage>_generations.jsonl); wins are counted for this run")
+    parser.add_argument(
+        "run_a",
+        type=str,
+        help="run A's generations JSONL "
+        "(<log_dir>/eval/<stage>_generations.jsonl); wins are counted for this run",
+    )
     parser.add_argument("run_b", type=str, help="run B's generations JSONL")
-    parser.add_argument("--reasoning", action=ActionYesNo, default=True,
-                        help="ask the judge to reason before its verdict (the paper's chain of thought)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds which reply is shown first in each comparison (and the retry jitter)")
-    parser.add_argument("--template", type=str | None, default=None,
-                        help="a pairwise template file (default: the packaged pairwise_v1.txt)")
-    parser.add_argument("--out", type=str | None, default=None,
-                        help="the results CSV; the comparisons JSONL and meta JSON are written next to it")
+    parser.add_argument(
+        "--reasoning",
+        action=ActionYesNo,
+        default=True,
+        help="ask the judge to reason before its verdict (the paper's chain of thought)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds which reply is shown first in each comparison (and the retry jitter)",
+    )
+    parser.add_argument(
+        "--template",
+        type=str | None,
+        default=None,
+        help="a pairwise template file (default: the packaged pairwise_v1.txt)",
+    )
+    parser.add_argument(
+        "--out",
+        type=str | None,
+        default=None,
+        help="the results CSV; the comparisons JSONL and meta JSON are written next to it",
+    )
     parser.add_argument("--batch_size", type=int, default=256, help="comparisons per progress step")
     parser.add_class_arguments(ChatSettings, None)
     parser.set_defaults(model="gpt-4")  # the paper's judge for Table 2
@@ -468,7 +565,7 @@ def _underscored(argv: Sequence[str]) -> list[str]:
             name, eq, value = arg.partition("=")
             arg = "--" + name[2:].replace("-", "_") + eq + value
         out.append(arg)
-    return out + list(argv[len(out):])
+    return out + list(argv[len(out) :])
 
 
 def main(argv: Sequence[str] | None = None) -> ComparisonResult:
@@ -484,9 +581,16 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
         parser.error(f"invalid judge settings: {error}")
     client = ChatClient(settings, seed=config.seed, name="judge")
     try:
-        result = compare_files(config.run_a, config.run_b, client, reasoning=config.reasoning,
-                               seed=config.seed, template=config.template, out=config.out,
-                               batch_size=config.batch_size)
+        result = compare_files(
+            config.run_a,
+            config.run_b,
+            client,
+            reasoning=config.reasoning,
+            seed=config.seed,
+            template=config.template,
+            out=config.out,
+            batch_size=config.batch_size,
+        )
     except ValueError as error:  # bad input files or template: the message names the file, line and field
         parser.error(str(error))
     except JudgeStop as stop:
@@ -496,22 +600,40 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
         client.close()
     pairing = result.pairing
     print(f"A: {config.run_a}\nB: {config.run_b}")
-    print(f"compared {len(pairing.pairs)} ids; {len(pairing.only_a)} only in A, {len(pairing.only_b)} only "
-          "in B; win/tie/lose % of A over the valid verdicts")
+    print(
+        f"compared {len(pairing.pairs)} ids; {len(pairing.only_a)} only in A, {len(pairing.only_b)} only "
+        "in B; win/tie/lose % of A over the valid verdicts"
+    )
     print(format_table(result.rows))
     metrics = result.judge_metrics
     tokens = metrics["prompt_tokens"] + metrics["completion_tokens"]
-    print(f"judge {settings.model}: {metrics['requests_sent']:g} requests, {metrics['cache_hits']:g} cache "
-          f"hits, {metrics['retries']:g} retries, {tokens:g} tokens, ${metrics['cost_usd']:.4f}")
+    print(
+        f"judge {settings.model}: {metrics['requests_sent']:g} requests, {metrics['cache_hits']:g} cache "
+        f"hits, {metrics['retries']:g} retries, {tokens:g} tokens, ${metrics['cost_usd']:.4f}"
+    )
     for name, path in result.paths.items():
         print(f"{name}: {path}")
     return result
 
 
 __all__ = [
-    "COLUMNS", "Comparison", "ComparisonResult", "GenerationRow", "Pairing", "WinRateRow", "build_parser",
-    "compare_files", "compare_pairs", "format_table", "join_runs", "main", "output_paths", "read_generations",
-    "read_win_rates_csv", "shows_b_first", "tally",
+    "COLUMNS",
+    "Comparison",
+    "ComparisonResult",
+    "GenerationRow",
+    "Pairing",
+    "WinRateRow",
+    "build_parser",
+    "compare_files",
+    "compare_pairs",
+    "format_table",
+    "join_runs",
+    "main",
+    "output_paths",
+    "read_generations",
+    "read_win_rates_csv",
+    "shows_b_first",
+    "tally",
     "write_results",
 ]
 

@@ -180,8 +180,10 @@ class CycleState:
         return all(record is not None for record in self.slots)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"slots": [_record_to_dict(r) if r is not None else None for r in self.slots],
-                "waiting": [list(item) for item in self.waiting]}
+        return {
+            "slots": [_record_to_dict(r) if r is not None else None for r in self.slots],
+            "waiting": [list(item) for item in self.waiting],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state.get("slots", [])
@@ -189,8 +191,10 @@ class CycleState:
         if len(slots) != self.capacity:  # another batch size: keep the prompts in flight, in order
             in_flight = [r for r in slots if r is not None]
             if len(in_flight) > self.capacity:
-                raise ValueError(f"the checkpoint has {len(in_flight)} prompts in flight but this run has "
-                                 f"{self.capacity} slots (data batch_size): resume with batch size >= {len(in_flight)}")
+                raise ValueError(
+                    f"the checkpoint has {len(in_flight)} prompts in flight but this run has "
+                    f"{self.capacity} slots (data batch_size): resume with batch size >= {len(in_flight)}"
+                )
             slots = in_flight + [None] * (self.capacity - len(in_flight))
         self.slots = slots
         self.waiting = deque((str(i), str(p)) for i, p in state.get("waiting", []))
@@ -264,14 +268,18 @@ def _run_round(
     instructions = [record.prompt for record in active]
 
     # 1. sample l candidates per prompt, all prompts in one generate call
-    candidates: list[list[Reply]] = _timed(outcome, "generate_s", whitebox.sample, instructions,
-                                           config.num_candidates)
+    candidates: list[list[Reply]] = _timed(
+        outcome, "generate_s", whitebox.sample, instructions, config.num_candidates
+    )
     texts = [[reply.text for reply in group] for group in candidates]
 
     # 2. the black box ranks in the background, with each prompt's current demonstrations ...
     judged = [len(set(group)) >= 2 for group in texts]  # fewer than two distinct replies: nothing to rank
-    requests = [RankRequest(record.prompt, tuple(group), pool.for_prompt(record.prompt_id))
-                for record, group, ok in zip(active, texts, judged) if ok]
+    requests = [
+        RankRequest(record.prompt, tuple(group), pool.for_prompt(record.prompt_id))
+        for record, group, ok in zip(active, texts, judged)
+        if ok
+    ]
     submitted = time.perf_counter()
     pending = judge.submit(requests)
     answered = _answer_clock(pending)
@@ -346,10 +354,15 @@ def _record(candidates: list[str], whitebox: Ranking, scores: Tensor, judgment: 
     )
 
 
-def _demonstration(instruction: str, record: IterationRecord, source: DemonstrationSource) -> Demonstration | None:
+def _demonstration(
+    instruction: str, record: IterationRecord, source: DemonstrationSource
+) -> Demonstration | None:
     """The new dynamic demonstration: the agreement (paper), or one side's ranking (ablations w/o WRD/BRD)."""
-    ranking = {"agreement": record.agreement, "blackbox": record.blackbox_ranking,
-               "whitebox": record.whitebox_ranking}[source]
+    ranking = {
+        "agreement": record.agreement,
+        "blackbox": record.blackbox_ranking,
+        "whitebox": record.whitebox_ranking,
+    }[source]
     return Demonstration.from_ranking(instruction, record.candidates, ranking) if ranking else None
 
 
@@ -401,12 +414,23 @@ def _loss(
 
 def _record_to_dict(record: PromptRecord) -> dict[str, Any]:
     """A prompt in flight as plain data (lists, not tuples), as a checkpoint holds it."""
+
     def plain(ranking: Ranking | None) -> list[int] | None:
         return list(ranking) if ranking is not None else None
 
-    return {"prompt_id": record.prompt_id, "prompt": record.prompt, "iterations": [
-        {**asdict(it), "whitebox_ranking": plain(it.whitebox_ranking), "blackbox_ranking": plain(it.blackbox_ranking),
-         "agreement": plain(it.agreement)} for it in record.iterations]}
+    return {
+        "prompt_id": record.prompt_id,
+        "prompt": record.prompt,
+        "iterations": [
+            {
+                **asdict(it),
+                "whitebox_ranking": plain(it.whitebox_ranking),
+                "blackbox_ranking": plain(it.blackbox_ranking),
+                "agreement": plain(it.agreement),
+            }
+            for it in record.iterations
+        ],
+    }
 
 
 def _record_from_dict(data: dict[str, Any]) -> PromptRecord:

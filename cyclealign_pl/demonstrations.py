@@ -27,7 +27,9 @@ class Demonstration:
         validate_ranking(self.ranking, len(self.responses))
 
     @classmethod
-    def from_ranking(cls, instruction: str, candidates: Sequence[str], ranking: Sequence[int]) -> "Demonstration | None":
+    def from_ranking(
+        cls, instruction: str, candidates: Sequence[str], ranking: Sequence[int]
+    ) -> Demonstration | None:
         """A demonstration from a (possibly partial) ranking of ``candidates``.
 
         Only the ranked candidates are shown, in their original relative order (never in ranked order,
@@ -43,11 +45,17 @@ class Demonstration:
         return cls(instruction, tuple(candidates[i] for i in shown), tuple(new_index[i] for i in ranking))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"instruction": self.instruction, "responses": list(self.responses), "ranking": list(self.ranking)}
+        return {
+            "instruction": self.instruction,
+            "responses": list(self.responses),
+            "ranking": list(self.ranking),
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Demonstration":
-        return cls(str(data["instruction"]), tuple(map(str, data["responses"])), tuple(map(int, data["ranking"])))
+    def from_dict(cls, data: dict[str, Any]) -> Demonstration:
+        return cls(
+            str(data["instruction"]), tuple(map(str, data["responses"])), tuple(map(int, data["ranking"]))
+        )
 
 
 # Appendix A.1 of the paper, verbatim.
@@ -154,6 +162,4 @@ class DemonstrationPool:
         return isinstance(other, DemonstrationPool) and self.state_dict() == other.state_dict()
 
 
-__all__ = ["Demonstration", "DemonstrationPool", "STATIC_DEMONSTRATION"]
-
-
+__all__ = ["STATIC_DEMONSTRATION", "Demonstration", "DemonstrationPool"]

@@ -67,7 +67,9 @@ def reply_stats(replies: Sequence[str]) -> ReplyStats:
     words = [reply.split() for reply in replies]
     bigrams = [pair for w in words for pair in zip(w, w[1:])]
     distinct = len(set(bigrams)) / len(bigrams) if bigrams else 0.0
-    return ReplyStats(sum(not r.strip() for r in replies) / len(replies), sum(map(len, words)) / len(words), distinct)
+    return ReplyStats(
+        sum(not r.strip() for r in replies) / len(replies), sum(map(len, words)) / len(words), distinct
+    )
 
 
 def collapse_warning(stats: ReplyStats, max_empty_share: float, min_distinct_2: float) -> str | None:
@@ -76,8 +78,10 @@ def collapse_warning(stats: ReplyStats, max_empty_share: float, min_distinct_2: 
     if stats.empty_share > max_empty_share:
         problems.append(f"{stats.empty_share:.0%} of the replies are empty (more than {max_empty_share:.0%})")
     if stats.distinct_2 < min_distinct_2:
-        problems.append(f"distinct-2 is {stats.distinct_2:.3f} (below {min_distinct_2:g}): the replies repeat "
-                        "the same words")
+        problems.append(
+            f"distinct-2 is {stats.distinct_2:.3f} (below {min_distinct_2:g}): the replies repeat "
+            "the same words"
+        )
     return "; ".join(problems) or None
 
 
@@ -110,21 +114,37 @@ def paired_gain(after: Mapping[str, float], before: Mapping[str, float]) -> Pair
     diffs = [after[i] - before[i] for i in ids]
     mean = sum(diffs) / len(diffs)
     variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-    return PairedGain(len(ids), sum(before[i] for i in ids) / len(ids), sum(after[i] for i in ids) / len(ids),
-                      mean, math.sqrt(variance / len(diffs)))
+    return PairedGain(
+        len(ids),
+        sum(before[i] for i in ids) / len(ids),
+        sum(after[i] for i in ids) / len(ids),
+        mean,
+        math.sqrt(variance / len(diffs)),
+    )
 
 
-def with_reply_stats(rows: Sequence[RewardRow], records: Sequence["GenerationRecord"],
-                     threshold: float | None) -> list[RewardRow]:
+def with_reply_stats(
+    rows: Sequence[RewardRow], records: Sequence[GenerationRecord], threshold: float | None
+) -> list[RewardRow]:
     """The rows with their subset's (the total: all records') preferred share and collapse monitors."""
     out = []
     for row in rows:
         group = [r for r in records if row.subset in (TOTAL, r["subset"])]
         stats = reply_stats([r["reply"] for r in group])
         rewards = [r["reward"] for r in group if r["reward"] is not None and math.isfinite(r["reward"])]
-        preferred = (sum(w > threshold for w in rewards) / len(rewards)) if rewards and threshold is not None else None
-        out.append(row._replace(preferred_share=preferred, empty_share=stats.empty_share,
-                                mean_reply_words=stats.mean_reply_words, distinct_2=stats.distinct_2))
+        preferred = (
+            (sum(w > threshold for w in rewards) / len(rewards))
+            if rewards and threshold is not None
+            else None
+        )
+        out.append(
+            row._replace(
+                preferred_share=preferred,
+                empty_share=stats.empty_share,
+                mean_reply_words=stats.mean_reply_words,
+                distinct_2=stats.distinct_2,
+            )
+        )
     return out
 
 
@@ -157,8 +177,9 @@ class SubsetMeanReward(Metric):
     higher_is_better = True
     is_differentiable = False
 
-    def __init__(self, subsets: Iterable[str] = (), weights: Mapping[str, float] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, subsets: Iterable[str] = (), weights: Mapping[str, float] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if weights is not None and any(not (w > 0 and math.isfinite(w)) for w in weights.values()):
             raise ValueError(f"subset weights must be positive, got {dict(weights)}")
@@ -194,17 +215,22 @@ class SubsetMeanReward(Metric):
             raise ValueError(f"got {len(subsets)} subset names for {values.numel()} rewards")
         unknown = list(dict.fromkeys(s for s in subsets if s not in self._index))  # in order of appearance
         if unknown and _distributed():
-            raise ValueError(f"subset(s) {unknown} were not registered up front; with several processes "
-                             "every subset must be given to SubsetMeanReward(subsets=...) so all ranks share "
-                             "one state layout")
+            raise ValueError(
+                f"subset(s) {unknown} were not registered up front; with several processes "
+                "every subset must be given to SubsetMeanReward(subsets=...) so all ranks share "
+                "one state layout"
+            )
         for name in unknown:
             self.add_subset(name)
         finite = torch.isfinite(values)
         if not bool(finite.all()):
             dropped = int((~finite).sum())
             self.skipped += dropped
-            log.warning("skipped %d non-finite reward(s) of subset(s) %s", dropped,
-                        sorted({s for s, ok in zip(subsets, finite.tolist()) if not ok}))
+            log.warning(
+                "skipped %d non-finite reward(s) of subset(s) %s",
+                dropped,
+                sorted({s for s, ok in zip(subsets, finite.tolist()) if not ok}),
+            )
         index = torch.tensor([self._index[s] for s in subsets], device=values.device)[finite]
         self.sums.index_add_(0, index, values[finite])
         self.counts.index_add_(0, index, torch.ones_like(values[finite]))
@@ -220,7 +246,9 @@ class SubsetMeanReward(Metric):
         if self.weights is not None and rows:
             missing = [row.subset for row in rows if row.subset not in self.weights]
             if missing:
-                raise ValueError(f"no total weight for subset(s) {missing}; weights are given for {sorted(self.weights)}")
+                raise ValueError(
+                    f"no total weight for subset(s) {missing}; weights are given for {sorted(self.weights)}"
+                )
             weight = sum(self.weights[row.subset] for row in rows)
             total = sum(self.weights[row.subset] * row.mean_reward for row in rows) / weight
         return [*rows, RewardRow(TOTAL, int(n_total), total)]
@@ -240,8 +268,12 @@ class SubsetMeanReward(Metric):
 class RewardEvaluation:
     """One evaluation pass (a validate/test/predict epoch): generate greedily, score, accumulate."""
 
-    def __init__(self, subsets: Iterable[str] = (), device: torch.device | str = "cpu",
-                 weights: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        subsets: Iterable[str] = (),
+        device: torch.device | str = "cpu",
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
         self.metric = SubsetMeanReward(subsets, weights).to(device)
         self.records: list[GenerationRecord] = []
 
@@ -348,14 +380,19 @@ def read_rewards_csv(path: str | Path) -> list[RewardRow]:
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         fields = list(RewardRow._fields)
-        if reader.fieldnames is None or reader.fieldnames != fields[: len(reader.fieldnames)] or len(
-                reader.fieldnames) < 3:
+        if (
+            reader.fieldnames is None
+            or reader.fieldnames != fields[: len(reader.fieldnames)]
+            or len(reader.fieldnames) < 3
+        ):
             raise ValueError(f"{path}: header {reader.fieldnames} is not {fields}")
         rows = []
         for line, record in enumerate(reader, start=2):
             try:
                 extra = [float(record[f]) if record.get(f) not in (None, "") else None for f in fields[3:]]
-                rows.append(RewardRow(record["subset"], int(record["n"]), float(record["mean_reward"]), *extra))
+                rows.append(
+                    RewardRow(record["subset"], int(record["n"]), float(record["mean_reward"]), *extra)
+                )
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{path}, line {line}: {error}") from error
     return rows

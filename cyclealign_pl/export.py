@@ -26,8 +26,10 @@ class ExportError(ValueError):
 def consolidate_zero_checkpoint(directory: Path, output_file: Path) -> Path:
     """One fp32 Lightning checkpoint file from a DeepSpeed ZeRO checkpoint directory."""
     if not (directory / "latest").is_file() and not any(directory.glob("*/mp_rank_*_model_states.pt")):
-        raise ExportError(f"{directory} is a directory but not a DeepSpeed ZeRO checkpoint: expected a 'latest' "
-                          "file or '<tag>/mp_rank_00_model_states.pt' inside it")
+        raise ExportError(
+            f"{directory} is a directory but not a DeepSpeed ZeRO checkpoint: expected a 'latest' "
+            "file or '<tag>/mp_rank_00_model_states.pt' inside it"
+        )
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
     convert_zero_checkpoint_to_fp32_state_dict(str(directory), str(output_file))
@@ -68,7 +70,9 @@ def check_export(out_dir: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cyclealign_pl.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cyclealign_pl.export", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("checkpoint", help="a .ckpt file or a DeepSpeed ZeRO checkpoint directory")
     parser.add_argument("out_dir", help="where to write the Hugging Face model and tokenizer")
     args = parser.parse_args(argv)
@@ -77,8 +81,10 @@ def main(argv: list[str] | None = None) -> None:
         loaded = check_export(out)
     except ExportError as error:
         parser.exit(2, f"cyclealign_pl.export: {error}\n")
-    print(f"exported {args.checkpoint} -> {out} ({loaded}; it loads with AutoModelForCausalLM.from_pretrained)",
-          file=sys.stderr)
+    print(
+        f"exported {args.checkpoint} -> {out} ({loaded}; it loads with AutoModelForCausalLM.from_pretrained)",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

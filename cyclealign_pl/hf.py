@@ -132,7 +132,9 @@ def load_reward_model(
             "--model.reward_model.init_args.config null, or the same under model.judge)"
         )
     if config is not None:
-        return _init_from_config(AutoModelForSequenceClassification, build_config(config, num_labels=1), seed, dtype)
+        return _init_from_config(
+            AutoModelForSequenceClassification, build_config(config, num_labels=1), seed, dtype
+        )
     if not path:
         raise ModelLoadError("no reward model given: set its model (a path or hub name) or its config")
     path = resolve_builtin(path)

@@ -114,10 +114,14 @@ class CycleAlignModule(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["judge", "reward_model", "optimizer"])
         self.automatic_optimization = False
-        for name, new_tokens in (("sampling.max_new_tokens", sampling.max_new_tokens),
-                                 ("eval_max_new_tokens", eval_max_new_tokens)):
+        for name, new_tokens in (
+            ("sampling.max_new_tokens", sampling.max_new_tokens),
+            ("eval_max_new_tokens", eval_max_new_tokens),
+        ):
             if max_length <= new_tokens:
-                raise ValueError(f"max_length={max_length} leaves no room for a prompt: it must exceed {name}={new_tokens}")
+                raise ValueError(
+                    f"max_length={max_length} leaves no room for a prompt: it must exceed {name}={new_tokens}"
+                )
         if logit_chunk_elements is not None and logit_chunk_elements < 1:
             raise ValueError(f"logit_chunk_elements must be >= 1 or null, got {logit_chunk_elements}")
         self.cycle_config, pool_switches = _apply_ablation(cycle, ablation)
@@ -135,13 +139,23 @@ class CycleAlignModule(LightningModule):
             self.model.gradient_checkpointing_enable()
         if lora is not None:
             self.model = apply_lora(self.model, lora)
-            if gradient_checkpointing:  # the frozen embeddings give checkpointed blocks no input that needs grad
+            if (
+                gradient_checkpointing
+            ):  # the frozen embeddings give checkpointed blocks no input that needs grad
                 self.model.enable_input_require_grads()
-        self.whitebox = WhiteBox(self.model, self.tokenizer, max_length, sampling, shared_prefix=shared_prefix,
-                                 logit_chunk_elements=logit_chunk_elements)
+        self.whitebox = WhiteBox(
+            self.model,
+            self.tokenizer,
+            max_length,
+            sampling,
+            shared_prefix=shared_prefix,
+            logit_chunk_elements=logit_chunk_elements,
+        )
         self.judge = judge
         self.reward_model = reward_model
-        self.pool = DemonstrationPool(scope=demonstration_scope, max_dynamic=max_demonstrations, **pool_switches)
+        self.pool = DemonstrationPool(
+            scope=demonstration_scope, max_dynamic=max_demonstrations, **pool_switches
+        )
         self.optimizer_factory = optimizer
         self.gradient_clip_val = gradient_clip_val
         self.eval_max_new_tokens = eval_max_new_tokens
@@ -167,16 +181,22 @@ class CycleAlignModule(LightningModule):
         self.trained_ids: list[str] = []
         self._stop_request = StopRequest()
         self._pending_rng: dict[str, Any] | None = None
-        self.cycle_state: CycleState | None = None  # the prompts in flight (slots sized by the data's batch size)
+        self.cycle_state: CycleState | None = (
+            None  # the prompts in flight (slots sized by the data's batch size)
+        )
         self._pending_cycle_state: dict[str, Any] | None = None
         self.run_id: str | None = None  # names this run in the judge's spend ledger; kept across resumes
         self.zero_shot: dict[str, Any] | None = None  # the untrained white box's evaluation, once per run
         self.evaluation_summary: dict[str, Any] | None = None  # the last validation's headline figures
-        self.totals: dict[str, int] | None = None  # the counters over all processes, set at the end of training
+        self.totals: dict[str, int] | None = (
+            None  # the counters over all processes, set at the end of training
+        )
 
     # -- setup --------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])  # LoRA: adapters
+        return self.optimizer_factory(
+            [p for p in self.model.parameters() if p.requires_grad]
+        )  # LoRA: adapters
 
     def setup(self, stage: str) -> None:
         for judge in (self.judge, self.reward_model):
@@ -185,7 +205,9 @@ class CycleAlignModule(LightningModule):
         if stage != "fit":
             return
         if self.judge is None:
-            raise ValueError("fit needs a black-box judge: set model.judge (e.g. an OpenAIJudge or RewardModelJudge)")
+            raise ValueError(
+                "fit needs a black-box judge: set model.judge (e.g. an OpenAIJudge or RewardModelJudge)"
+            )
         self._configure_deepspeed()
         self._preflight()
 
@@ -197,7 +219,9 @@ class CycleAlignModule(LightningModule):
             self.judge.preflight()
         except JudgeStop as failed:
             error = failed
-        if self.trainer.world_size > 1 and self.trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+        if self.trainer.world_size > 1 and self.trainer.strategy.reduce_boolean_decision(
+            error is not None, all=False
+        ):
             error = error or JudgeUnavailable("the judge preflight failed on another process")
         if error is not None:
             raise error
@@ -212,8 +236,10 @@ class CycleAlignModule(LightningModule):
         clip = float(self.gradient_clip_val or 0.0)
         given = config.get("gradient_clipping") if isinstance(config, dict) else None
         if given is not None and float(given) != clip:
-            raise ValueError(f"model.gradient_clip_val={self.gradient_clip_val} and the DeepSpeed config's "
-                             f"gradient_clipping={given} disagree: set one of them")
+            raise ValueError(
+                f"model.gradient_clip_val={self.gradient_clip_val} and the DeepSpeed config's "
+                f"gradient_clipping={given} disagree: set one of them"
+            )
         config["gradient_clipping"] = clip
 
     def teardown(self, stage: str) -> None:
@@ -224,7 +250,9 @@ class CycleAlignModule(LightningModule):
 
     # -- training: the cycle --------------------------------------------------------------------------
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> dict[str, Any]:
-        last = batch_idx + 1 >= self.trainer.num_training_batches  # the epoch's last batch: finish every prompt
+        last = (
+            batch_idx + 1 >= self.trainer.num_training_batches
+        )  # the epoch's last batch: finish every prompt
         outcome = self._run_cycle(batch["prompt"], batch["id"], drain=last)
         self._count_truncated(batch["prompt"])
         return {"outcome": outcome}
@@ -240,9 +268,19 @@ class CycleAlignModule(LightningModule):
 
     def _run_cycle(self, prompts: list[str], ids: list[str], drain: bool) -> StepOutcome:
         try:
-            outcome = run_cycle(self.cycle_state, self.whitebox, self.judge, self.pool, prompts, ids,
-                                self.cycle_config, update=self._update, drain=drain, any_rank=self._any_rank,
-                                should_stop=lambda: self._stop_reason() is not None)
+            outcome = run_cycle(
+                self.cycle_state,
+                self.whitebox,
+                self.judge,
+                self.pool,
+                prompts,
+                ids,
+                self.cycle_config,
+                update=self._update,
+                drain=drain,
+                any_rank=self._any_rank,
+                should_stop=lambda: self._stop_reason() is not None,
+            )
         except JudgeStop as stop:
             self._stop(f"the judge stopped the run: {stop}")
         self._count(outcome)
@@ -253,11 +291,20 @@ class CycleAlignModule(LightningModule):
     def _log_step(self, outcome: StepOutcome) -> None:
         size = max(len(outcome.finished), 1)
         sync = self.trainer.world_size > 1  # counters are per process: the logged value is the sum over all
-        self.log_dict({f"counters/{k}": float(v) for k, v in self.counters.items()}, on_step=True, on_epoch=False,
-                      batch_size=size, sync_dist=sync, reduce_fx="sum")
+        self.log_dict(
+            {f"counters/{k}": float(v) for k, v in self.counters.items()},
+            on_step=True,
+            on_epoch=False,
+            batch_size=size,
+            sync_dist=sync,
+            reduce_fx="sum",
+        )
         if outcome.losses:
-            for name, values in (("loss", outcome.losses), ("rank_loss", outcome.rank_losses),
-                                 ("sft_loss", outcome.sft_losses)):
+            for name, values in (
+                ("loss", outcome.losses),
+                ("rank_loss", outcome.rank_losses),
+                ("sft_loss", outcome.sft_losses),
+            ):
                 self.log(f"train/{name}", sum(values) / len(values), batch_size=size)
 
     def _update(self, loss: Tensor | None) -> bool:
@@ -281,9 +328,13 @@ class CycleAlignModule(LightningModule):
         self.manual_backward(loss)
         if not self._is_deepspeed():
             if self.gradient_clip_val is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+                self.clip_gradients(
+                    optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
+                )
             norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None])
+                torch.stack(
+                    [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+                )
             )
             if not math.isfinite(norm.item()):  # identical on every rank after the all-reduce
                 self.counters["nonfinite_updates"] += 1
@@ -326,8 +377,10 @@ class CycleAlignModule(LightningModule):
     def _count_truncated(self, prompts: list[str]) -> None:
         truncated = sum(self.whitebox.prompt_overflow(p) > 0 for p in prompts)
         if truncated and not self.counters["truncated_prompts"]:
-            log.warning("a prompt is longer than max_length - sampling.max_new_tokens tokens: it keeps its last "
-                        "tokens (the latest turns); counted as counters/truncated_prompts")
+            log.warning(
+                "a prompt is longer than max_length - sampling.max_new_tokens tokens: it keeps its last "
+                "tokens (the latest turns); counted as counters/truncated_prompts"
+            )
         self.counters["truncated_prompts"] += truncated
 
     # -- the run: slots for the prompts in flight, the judge's spend ledger, the zero-shot evaluation ----------
@@ -339,9 +392,13 @@ class CycleAlignModule(LightningModule):
         if self._pending_cycle_state is not None:
             self.cycle_state.load_state_dict(self._pending_cycle_state)
             self._pending_cycle_state = None
-        if self.run_id is None:  # a new run (a resumed one has its id from the checkpoint); one id for all ranks
+        if (
+            self.run_id is None
+        ):  # a new run (a resumed one has its id from the checkpoint); one id for all ranks
             self.run_id = self.trainer.strategy.broadcast(uuid.uuid4().hex)
-        self.judge.bind_run(self.run_id, self.trainer.default_root_dir)  # spend recorded durably under this run
+        self.judge.bind_run(
+            self.run_id, self.trainer.default_root_dir
+        )  # spend recorded durably under this run
         if self.zero_shot is None and self.trainer.global_step == 0 and not self.trained_ids:
             self.zero_shot = self._zero_shot_evaluation()
 
@@ -352,7 +409,9 @@ class CycleAlignModule(LightningModule):
     def _stop_reason(self) -> str | None:
         """Why the run should stop now (SIGTERM: Lightning's flag; SIGINT: ours), agreed by all ranks."""
         reason = "received SIGTERM" if self.trainer.received_sigterm else self._stop_request.reason
-        if self.trainer.world_size > 1 and self.trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
+        if self.trainer.world_size > 1 and self.trainer.strategy.reduce_boolean_decision(
+            reason is not None, all=False
+        ):
             reason = reason or "another process received a stop signal"
         return reason
 
@@ -423,8 +482,10 @@ class CycleAlignModule(LightningModule):
                     log.warning("no model.reward_model: validation during fit is skipped")
                     self._warned_no_evaluator = True
                 return None
-            raise ValueError(f"{self.trainer.state.fn.value} scores replies with a reward model: set "
-                             "model.reward_model (e.g. --config configs/eval/oasst_rm.yaml)")
+            raise ValueError(
+                f"{self.trainer.state.fn.value} scores replies with a reward model: set "
+                "model.reward_model (e.g. --config configs/eval/oasst_rm.yaml)"
+            )
         return RewardEvaluation(subsets_of(dataloaders), self.device, self._subset_weights())
 
     def _subset_weights(self) -> dict[str, float] | None:
@@ -461,7 +522,9 @@ class CycleAlignModule(LightningModule):
             paths = write_eval_outputs(log_dir, stage, rows, records, meta)
             log.info("%s: %d prompts evaluated; files in %s", stage, len(records), paths["meta"].parent)
 
-    def _summarise(self, stage: str, rows: list[RewardRow] | None, records: list[GenerationRecord]) -> dict[str, Any]:
+    def _summarise(
+        self, stage: str, rows: list[RewardRow] | None, records: list[GenerationRecord]
+    ) -> dict[str, Any]:
         """The figures a user looks at first: the reward, its gain over the zero-shot model (paired by prompt,
         with its standard error) and the collapse monitors; warns when the replies collapsed."""
         stats = reply_stats([r["reply"] for r in records])
@@ -477,9 +540,14 @@ class CycleAlignModule(LightningModule):
             rewards = {r["id"]: r["reward"] for r in records if r["reward"] is not None}
             gain = paired_gain(rewards, self.zero_shot["rewards"])
             if gain is not None:
-                summary.update(zero_shot_reward=gain.before, reward_gain=gain.gain, reward_gain_se=gain.standard_error,
-                               reward_gain_z=gain.z, paired_prompts=gain.n,
-                               zero_shot_preferred_share=self.zero_shot.get("preferred_share"))
+                summary.update(
+                    zero_shot_reward=gain.before,
+                    reward_gain=gain.gain,
+                    reward_gain_se=gain.standard_error,
+                    reward_gain_z=gain.z,
+                    paired_prompts=gain.n,
+                    zero_shot_preferred_share=self.zero_shot.get("preferred_share"),
+                )
         if stage == "val" or self.trainer.state.fn == "validate":
             self.evaluation_summary = summary
         return summary
@@ -498,8 +566,11 @@ class CycleAlignModule(LightningModule):
         limit, rank, world = self.trainer.limit_val_batches, self.trainer.global_rank, self.trainer.world_size
         for loader in loaders:
             count = len(loader) if isinstance(limit, float) and limit >= 1.0 else None
-            batches = count if count is not None else (
-                int(limit) if isinstance(limit, int) else max(1, int(len(loader) * limit)))
+            batches = (
+                count
+                if count is not None
+                else (int(limit) if isinstance(limit, int) else max(1, int(len(loader) * limit)))
+            )
             for index, batch in enumerate(loader):
                 if index >= batches:
                     break
@@ -509,15 +580,24 @@ class CycleAlignModule(LightningModule):
         records = gather_records(evaluation.records)
         rows = with_reply_stats(rows, records, getattr(self.reward_model, "preferred_threshold", None))
         if self.trainer.is_global_zero:
-            meta = {**self._evaluation_meta("zero_shot", len(records)), "summary": reply_stats(
-                [r["reply"] for r in records])._asdict()}
-            write_eval_outputs(self.trainer.log_dir or self.trainer.default_root_dir, "zero_shot", rows, records, meta)
+            meta = {
+                **self._evaluation_meta("zero_shot", len(records)),
+                "summary": reply_stats([r["reply"] for r in records])._asdict(),
+            }
+            write_eval_outputs(
+                self.trainer.log_dir or self.trainer.default_root_dir, "zero_shot", rows, records, meta
+            )
         total = rows[-1] if rows else None
-        log.info("zero-shot evaluation: %d prompts, mean reward %s", len(records),
-                 f"{total.mean_reward:.4g}" if total else "n/a")
-        return {"rewards": {r["id"]: float(r["reward"]) for r in records if r["reward"] is not None},
-                "reward": total.mean_reward if total else None,
-                "preferred_share": total.preferred_share if total else None}
+        log.info(
+            "zero-shot evaluation: %d prompts, mean reward %s",
+            len(records),
+            f"{total.mean_reward:.4g}" if total else "n/a",
+        )
+        return {
+            "rewards": {r["id"]: float(r["reward"]) for r in records if r["reward"] is not None},
+            "reward": total.mean_reward if total else None,
+            "preferred_share": total.preferred_share if total else None,
+        }
 
     def _evaluation_meta(self, stage: str, prompts: int) -> dict[str, Any]:
         """What was evaluated, for labelling results tables (no dataset text)."""
@@ -549,7 +629,9 @@ class CycleAlignModule(LightningModule):
             "counters": dict(self.counters),
             "trained_ids": list(self.trained_ids),
             "pool": self.pool.state_dict(),
-            "cycle": self.cycle_state.state_dict() if self.cycle_state is not None else self._pending_cycle_state,
+            "cycle": self.cycle_state.state_dict()
+            if self.cycle_state is not None
+            else self._pending_cycle_state,
             "judge": self.judge.state_dict() if self.judge is not None else {},
             "rng": capture_rng_state(),
         }
@@ -594,11 +676,16 @@ class CycleAlignModule(LightningModule):
     def _merged_processes(self, processes: list[dict[str, Any]], first: bool) -> dict[str, Any]:
         """A checkpoint of another number of processes: the totals go to rank 0 (the others start from zero).
         Prompts in flight cannot move between processes, so a fit that has some must resume with as many."""
-        in_flight = [p for p in processes if (p.get("cycle") or {}).get("waiting") or any((p.get("cycle") or {})
-                                                                                          .get("slots", []))]
+        in_flight = [
+            p
+            for p in processes
+            if (p.get("cycle") or {}).get("waiting") or any((p.get("cycle") or {}).get("slots", []))
+        ]
         if in_flight and self._trainer is not None and self.trainer.state.fn == "fit":
-            raise ValueError(f"the checkpoint was saved by {len(processes)} processes with prompts in flight; "
-                             f"resume it with {len(processes)} processes (trainer.devices x num_nodes)")
+            raise ValueError(
+                f"the checkpoint was saved by {len(processes)} processes with prompts in flight; "
+                f"resume it with {len(processes)} processes (trainer.devices x num_nodes)"
+            )
         counters = {name: sum(p["counters"].get(name, 0) for p in processes) for name in self.counters}
         return {
             "counters": counters if first else dict.fromkeys(self.counters, 0),
@@ -613,7 +700,9 @@ class CycleAlignModule(LightningModule):
         """The counters summed over all processes (a collective call under data parallelism)."""
         if self._trainer is None or self.trainer.world_size == 1:
             return dict(self.counters)
-        values = torch.tensor([float(v) for v in self.counters.values()], device=self.device, dtype=torch.float64)
+        values = torch.tensor(
+            [float(v) for v in self.counters.values()], device=self.device, dtype=torch.float64
+        )
         totals = self.trainer.strategy.reduce(values, reduce_op="sum")
         return {name: int(v) for name, v in zip(self.counters, totals.tolist())}
 

@@ -67,16 +67,23 @@ def target_logprobs(
     whatever the model's dtype: low-precision logsumexp loses too much.
     """
     if hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: expected "
-                         "hidden of shape targets.shape + (hidden_size,)")
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: expected "
+            "hidden of shape targets.shape + (hidden_size,)"
+        )
     steps = targets.shape[-1]
     if chunk_tokens is None or chunk_tokens >= steps:
         return _chunk_logprobs(hidden, targets, head)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     parts = [
-        checkpoint(_chunk_logprobs, hidden[:, start : start + chunk_tokens], targets[:, start : start + chunk_tokens],
-                   head, use_reentrant=False)
+        checkpoint(
+            _chunk_logprobs,
+            hidden[:, start : start + chunk_tokens],
+            targets[:, start : start + chunk_tokens],
+            head,
+            use_reentrant=False,
+        )
         for start in range(0, steps, chunk_tokens)
     ]
     return torch.cat(parts, dim=-1)
@@ -205,7 +212,9 @@ def default_sft_weight(num_candidates: int) -> float:
     return float((num_candidates - 1) ** 2)
 
 
-def cycle_loss(scores: Tensor, rankings: Tensor, objective: Literal["rrhf", "pro"], sft_weight: float) -> LossParts:
+def cycle_loss(
+    scores: Tensor, rankings: Tensor, objective: Literal["rrhf", "pro"], sft_weight: float
+) -> LossParts:
     """L = L_rank + lambda * L_sft (paper, Eq. 1) for one optimizer step.
 
     L_sft is the mean token NLL of each prompt's best response (``rankings[:, 0]``), which is exactly minus

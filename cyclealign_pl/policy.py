@@ -147,8 +147,10 @@ class WhiteBox:
         self.shared_prefix = shared_prefix
         self.logit_chunk_elements = logit_chunk_elements
         if self.max_length <= self.sampling.max_new_tokens:
-            raise ValueError(f"max_length={max_length} leaves no room for a prompt: it must exceed "
-                             f"sampling.max_new_tokens={self.sampling.max_new_tokens}")
+            raise ValueError(
+                f"max_length={max_length} leaves no room for a prompt: it must exceed "
+                f"sampling.max_new_tokens={self.sampling.max_new_tokens}"
+            )
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id: int = tokenizer.pad_token_id
@@ -167,7 +169,9 @@ class WhiteBox:
         room = self.sampling.max_new_tokens if reply_room is None else reply_room
         budget = self.max_length - room
         if budget < 1:
-            raise ValueError(f"max_length={self.max_length} leaves no room for a prompt of a {room}-token reply")
+            raise ValueError(
+                f"max_length={self.max_length} leaves no room for a prompt of a {room}-token reply"
+            )
         return budget
 
     def _tokens(self, prompt: str) -> list[int]:
@@ -195,7 +199,9 @@ class WhiteBox:
         """The token ids of ``text`` as the reply to ``prompt``: joined as ``prompt + " " + text`` (the dialogue
         format) and tokenised together, so the boundary tokens are the ones the model would have produced."""
         text = text.strip()
-        context = prompt[-64:]  # the join only depends on the last characters; skip tokenising the whole dialogue
+        context = prompt[
+            -64:
+        ]  # the join only depends on the last characters; skip tokenising the whole dialogue
         head = self.tokenizer(context, add_special_tokens=False)["input_ids"]
         joined = self.tokenizer(f"{context} {text}", add_special_tokens=False)["input_ids"]
         if joined[: len(head)] == head:
@@ -226,7 +232,9 @@ class WhiteBox:
 
     # -- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def _generate(self, prompts: Sequence[str], max_new_tokens: int, copies: int, **kwargs) -> list[list[int]]:
+    def _generate(
+        self, prompts: Sequence[str], max_new_tokens: int, copies: int, **kwargs
+    ) -> list[list[int]]:
         """The generated token ids of ``copies`` continuations per prompt (padding after EOS included)."""
         input_ids, attention_mask = self._left_padded([self.prompt_ids(p, max_new_tokens) for p in prompts])
         was_training = self.model.training
@@ -253,8 +261,13 @@ class WhiteBox:
         """Encode each prompt once (all but its last token) and repeat the cache ``copies`` times, so that
         ``generate`` samples every copy without encoding the prompt again: the inputs repeated, and the cache."""
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        prefix = self.model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                            position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1)
+        prefix = self.model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=positions[:, :-1],
+            use_cache=True,
+            logits_to_keep=1,
+        )
         rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(copies)
         return input_ids[rows], attention_mask[rows], _cache_rows(prefix.cache, rows)
 
@@ -270,20 +283,31 @@ class WhiteBox:
         if len(cut) == len(text):
             return Reply(text=text.strip(), ids=tuple(ids), finished=finished)
         keep = _tokens_before(body, cut, self._decode)  # the turn ended the reply: that is a finished reply
-        if keep == 0:  # the first token starts the next turn: it is the decision to end an empty reply, as EOS is
+        if (
+            keep == 0
+        ):  # the first token starts the next turn: it is the decision to end an empty reply, as EOS is
             return Reply(text="", ids=tuple(body[:1]), finished=True)
         return Reply(text=self._decode(body[:keep]).strip(), ids=tuple(body[:keep]), finished=True)
 
     def sample(self, prompts: Sequence[str], num_candidates: int) -> list[list[Reply]]:
         """``num_candidates`` sampled replies per prompt, all prompts in one ``generate`` call."""
         s = self.sampling
-        generated = self._generate(prompts, s.max_new_tokens, num_candidates, do_sample=True,
-                                   temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                   repetition_penalty=s.repetition_penalty)
+        generated = self._generate(
+            prompts,
+            s.max_new_tokens,
+            num_candidates,
+            do_sample=True,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            repetition_penalty=s.repetition_penalty,
+        )
         replies = [self._reply_from_generated(ids) for ids in generated]
         return [replies[i * num_candidates : (i + 1) * num_candidates] for i in range(len(prompts))]
 
-    def greedy(self, prompts: Sequence[str], max_new_tokens: int, markers: Sequence[str] = EVAL_MARKERS) -> list[str]:
+    def greedy(
+        self, prompts: Sequence[str], max_new_tokens: int, markers: Sequence[str] = EVAL_MARKERS
+    ) -> list[str]:
         """One greedy reply per prompt (evaluation), cut at a speaker tag as PRO's evaluation does."""
         generated = self._generate(prompts, max_new_tokens, 1, do_sample=False)
         return [self._reply_from_generated(ids, markers).text for ids in generated]
@@ -308,12 +332,16 @@ class WhiteBox:
             encoding = None
             repeated = [ids for ids in prompt_ids for _ in range(num_candidates)]
             scores, lengths = self._score_full(repeated, flat)
-        return ScoredCandidates(scores=scores.view(num_prompts, num_candidates),
-                                lengths=lengths.view(num_prompts, num_candidates), encoding=encoding,
-                                prompt_lengths=[len(ids) for ids in prompt_ids])
+        return ScoredCandidates(
+            scores=scores.view(num_prompts, num_candidates),
+            lengths=lengths.view(num_prompts, num_candidates),
+            encoding=encoding,
+            prompt_lengths=[len(ids) for ids in prompt_ids],
+        )
 
-    def score_more(self, scored: ScoredCandidates, prompts: Sequence[str], rows: Sequence[int],
-                   replies: Sequence[Reply]) -> Tensor:
+    def score_more(
+        self, scored: ScoredCandidates, prompts: Sequence[str], rows: Sequence[int], replies: Sequence[Reply]
+    ) -> Tensor:
         """Mean token log-prob of ``replies[k]`` given prompt ``rows[k]`` of an earlier :meth:`score` call
         (on its prompt encoding when it kept one); gradients flow."""
         if scored.encoding is not None:
@@ -328,7 +356,9 @@ class WhiteBox:
 
     def _checkpointing(self) -> bool:
         """Gradient checkpointing drops the key/value cache in training, so the shared prefix cannot be used."""
-        return self.model.training and any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules())
+        return self.model.training and any(
+            getattr(m, "gradient_checkpointing", False) for m in self.model.modules()
+        )
 
     def encode_prompts(self, prompt_ids: Sequence[list[int]]) -> PromptEncoding:
         """The prompts left-padded [B, P] through the decoder once, with ``use_cache`` (gradients kept)."""
@@ -348,27 +378,42 @@ class WhiteBox:
             mask[row, : len(reply)] = True
         return ids.to(self.device), mask.to(self.device)
 
-    def _score_on(self, encoding: PromptEncoding, rows: Tensor, replies: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    def _score_on(
+        self, encoding: PromptEncoding, rows: Tensor, replies: Sequence[Sequence[int]]
+    ) -> tuple[Tensor, Tensor]:
         """Replies right-padded [K, R] on top of the prompts' cache rows ``rows`` (explicit positions, so the
         prompts' left padding shifts nothing); the first reply token is predicted by the prompt's last state."""
         ids, reply_mask = self._right_padded(replies)
         prompt_mask = encoding.mask[rows]
         positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(ids.shape[1], device=self.device)
         attention = torch.cat([prompt_mask, reply_mask.long()], dim=1)
-        hidden = self._decoder()(input_ids=ids, attention_mask=attention, position_ids=positions,
-                                 cache=_cache_rows(encoding.cache, rows), use_cache=True).last_hidden_state
-        predictors = torch.cat([encoding.last_hidden[rows], hidden[:, :-1]], dim=1)  # state t-1 predicts token t
+        hidden = self._decoder()(
+            input_ids=ids,
+            attention_mask=attention,
+            position_ids=positions,
+            cache=_cache_rows(encoding.cache, rows),
+            use_cache=True,
+        ).last_hidden_state
+        predictors = torch.cat(
+            [encoding.last_hidden[rows], hidden[:, :-1]], dim=1
+        )  # state t-1 predicts token t
         return self._mean_logprob(predictors, ids, reply_mask), reply_mask.sum(-1)
 
-    def _score_full(self, prompt_ids: Sequence[list[int]], replies: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    def _score_full(
+        self, prompt_ids: Sequence[list[int]], replies: Sequence[Sequence[int]]
+    ) -> tuple[Tensor, Tensor]:
         """Whole sequences ``prompt + reply`` right-padded; only the reply positions go through the head."""
         sequences = [list(p) + list(r) for p, r in zip(prompt_ids, replies)]
         ids, attention = self._right_padded(sequences)
-        hidden = self._decoder()(input_ids=ids, attention_mask=attention.long(), use_cache=False).last_hidden_state
+        hidden = self._decoder()(
+            input_ids=ids, attention_mask=attention.long(), use_cache=False
+        ).last_hidden_state
         reply_ids, reply_mask = self._right_padded(replies)
         starts = torch.tensor([len(p) for p in prompt_ids], device=self.device)
         # the state at position start-1+j predicts reply token j (positions past a reply's end are masked)
-        index = (starts[:, None] - 1 + torch.arange(reply_ids.shape[1], device=self.device)).clamp(max=ids.shape[1] - 1)
+        index = (starts[:, None] - 1 + torch.arange(reply_ids.shape[1], device=self.device)).clamp(
+            max=ids.shape[1] - 1
+        )
         predictors = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         return self._mean_logprob(predictors, reply_ids, reply_mask), reply_mask.sum(-1)
 

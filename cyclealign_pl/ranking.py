@@ -17,7 +17,9 @@ class InvalidRankingError(ValueError):
     """A ranking that is not a permutation of the candidates (the message says why)."""
 
 
-def validate_ranking(ranking: Iterable[object], num_candidates: int, *, allow_partial: bool = False) -> Ranking:
+def validate_ranking(
+    ranking: Iterable[object], num_candidates: int, *, allow_partial: bool = False
+) -> Ranking:
     """Return ``ranking`` as a tuple of ints, or raise :class:`InvalidRankingError` saying what is wrong.
 
     A full ranking names every candidate exactly once. ``allow_partial`` accepts a duplicate-free subset

@@ -145,19 +145,26 @@ def _evaluation_lines(summary: FitSummary) -> list[str]:
     lines = []
     prompts = f"{_fmt(e.get('prompts', 0))} prompts"
     if e.get("reward_gain") is not None:
-        lines.append(f"  evaluation on {prompts}: reward {e['zero_shot_reward']:.4g} (zero-shot) -> {e['reward']:.4g}, "
-                     f"gain {e['reward_gain']:+.4g} +- {e['reward_gain_se']:.2g} (paired standard error; "
-                     f"{e['reward_gain_z']:+.1f} SE over {_fmt(e['paired_prompts'])} prompts)")
+        lines.append(
+            f"  evaluation on {prompts}: reward {e['zero_shot_reward']:.4g} (zero-shot) -> {e['reward']:.4g}, "
+            f"gain {e['reward_gain']:+.4g} +- {e['reward_gain_se']:.2g} (paired standard error; "
+            f"{e['reward_gain_z']:+.1f} SE over {_fmt(e['paired_prompts'])} prompts)"
+        )
     elif e.get("reward") is not None:
         lines.append(f"  evaluation on {prompts}: reward {e['reward']:.4g}")
     shares = []
     if e.get("preferred_share") is not None:
         before = e.get("zero_shot_preferred_share")
-        shares.append("replies the evaluator prefers: " + (f"{before:.0%} -> " if before is not None else "")
-                      + f"{e['preferred_share']:.0%}")
+        shares.append(
+            "replies the evaluator prefers: "
+            + (f"{before:.0%} -> " if before is not None else "")
+            + f"{e['preferred_share']:.0%}"
+        )
     if e.get("empty_share") is not None:
-        shares.append(f"empty {e['empty_share']:.0%}, {e['mean_reply_words']:.1f} words on average, "
-                      f"distinct-2 {e['distinct_2']:.3f}")
+        shares.append(
+            f"empty {e['empty_share']:.0%}, {e['mean_reply_words']:.1f} words on average, "
+            f"distinct-2 {e['distinct_2']:.3f}"
+        )
     if shares:
         lines.append("  " + "; ".join(shares))
     if e.get("collapse_warning"):

@@ -9,20 +9,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import shutil  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import pytest  # noqa: E402
+import pytest
 
 from cyclealign_pl.judges.chat import ChatClient, ChatSettings
 from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.testing.openai_server import LocalOpenAIServer
 from tests.helpers import Capture, cli_args, write_hh_split
-
-
 
 SHARED_RUNS = ("default_run", "validated_run")
 
@@ -39,8 +37,9 @@ def hh_root(tmp_path: Path) -> Callable[..., Path]:
     """A factory for small HH-RLHF directories: ``hh_root(questions, good, bad) -> root``."""
 
     def make(questions: Sequence[str], good: str = "Sure, glad to help.", bad: str = "No. Go away.") -> Path:
-        pairs = [(f"\n\nHuman: {q}\n\nAssistant: {good}", f"\n\nHuman: {q}\n\nAssistant: {bad}")
-                 for q in questions]
+        pairs = [
+            (f"\n\nHuman: {q}\n\nAssistant: {good}", f"\n\nHuman: {q}\n\nAssistant: {bad}") for q in questions
+        ]
         write_hh_split(tmp_path / "hh", "harmless-base", "train", pairs)
         write_hh_split(tmp_path / "hh", "harmless-base", "test", pairs[:4])
         return tmp_path / "hh"
@@ -57,8 +56,15 @@ def server():
 
 def quick_settings(server: LocalOpenAIServer, **overrides) -> dict:
     """Chat settings against ``server`` with short timeouts and backoffs (tests wait seconds, not minutes)."""
-    return {"model": "local-ranker", "base_url": server.url, "request_timeout": 2.0, "max_retries": 2,
-            "backoff_initial_s": 0.02, "backoff_max_s": 0.1, **overrides}
+    return {
+        "model": "local-ranker",
+        "base_url": server.url,
+        "request_timeout": 2.0,
+        "max_retries": 2,
+        "backoff_initial_s": 0.02,
+        "backoff_max_s": 0.1,
+        **overrides,
+    }
 
 
 @pytest.fixture
@@ -132,7 +138,9 @@ class ValidatedRun:
     beavertails: Any | None
 
 
-BEAVERTAILS_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "beavertails" / "BeaverTails-Evaluation.csv"
+BEAVERTAILS_CSV = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "beavertails" / "BeaverTails-Evaluation.csv"
+)
 
 
 @pytest.fixture(scope="session")
@@ -146,8 +154,22 @@ def validated_run(default_run: DefaultRun, tmp_path_factory: pytest.TempPathFact
         beavertails = None
         if BEAVERTAILS_CSV.is_file():
             preset = Path(__file__).resolve().parents[1] / "configs" / "eval" / "beavertails.yaml"
-            beavertails = main(["validate", *cli_args(
-                root, "--config", str(preset), "--data.init_args.path", str(BEAVERTAILS_CSV),
-                "--data.init_args.prompts_per_category", "1", "--data.init_args.cache_dir",
-                str(root.parent / "hf-cache"), "--ckpt_path", "last")])
+            beavertails = main(
+                [
+                    "validate",
+                    *cli_args(
+                        root,
+                        "--config",
+                        str(preset),
+                        "--data.init_args.path",
+                        str(BEAVERTAILS_CSV),
+                        "--data.init_args.prompts_per_category",
+                        "1",
+                        "--data.init_args.cache_dir",
+                        str(root.parent / "hf-cache"),
+                        "--ckpt_path",
+                        "last",
+                    ),
+                ]
+            )
     return ValidatedRun(root, trained, zero_shot, beavertails)

@@ -82,8 +82,13 @@ class LongestFirstJudge(Judge):
 
     def rank(self, requests: Sequence[RankRequest]) -> list[Judgment]:
         self.requests.extend(requests)
-        return [Judgment(ranking=tuple(sorted(range(len(r.candidates)), key=lambda i: (-len(r.candidates[i]), i))),
-                         better_response=self.better_response) for r in requests]
+        return [
+            Judgment(
+                ranking=tuple(sorted(range(len(r.candidates)), key=lambda i: (-len(r.candidates[i]), i))),
+                better_response=self.better_response,
+            )
+            for r in requests
+        ]
 
 
 def swap_top_two(ranking: tuple[int, ...]) -> tuple[int, ...]:
@@ -151,8 +156,13 @@ class AgreesAtIterationJudge(WhiteBoxMirrorJudge):
     def rank(self, requests: Sequence[RankRequest]) -> list[Judgment]:
         self.requests.extend(requests)
         own = self.samples.own_rankings(requests)
-        return [Judgment(ranking=ranking if self.agrees(r) else swap_top_two(ranking),
-                         better_response=self.better_response) for r, ranking in zip(requests, own)]
+        return [
+            Judgment(
+                ranking=ranking if self.agrees(r) else swap_top_two(ranking),
+                better_response=self.better_response,
+            )
+            for r, ranking in zip(requests, own)
+        ]
 
 
 # -- trainers, data, modules ----------------------------------------------------------------------------
@@ -185,8 +195,14 @@ def make_data(root: Path, batch_size: int = 1, **kwargs) -> HHRLHFDataModule:
 def tiny_module(judge: Judge | None, **kwargs) -> CycleAlignModule:
     """A CycleAlignModule around a tiny random Llama with the byte tokenizer (seeded, so runs repeat)."""
     torch.manual_seed(0)
-    options = dict(model_config=TINY_LLAMA, tokenizer="byt5", judge=judge, sampling=SamplingConfig(max_new_tokens=16),
-                   max_length=128, eval_max_new_tokens=32)
+    options = dict(
+        model_config=TINY_LLAMA,
+        tokenizer="byt5",
+        judge=judge,
+        sampling=SamplingConfig(max_new_tokens=16),
+        max_length=128,
+        eval_max_new_tokens=32,
+    )
     options.update(kwargs)
     module_class = options.pop("module_class", CycleAlignModule)
     module = module_class(**options)
@@ -221,8 +237,9 @@ def bpe_tokenizer(texts: Sequence[str], vocab_size: int = 400):
     from transformers import PreTrainedTokenizerFast
 
     trainer = ByteLevelBPETokenizer()
-    trainer.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,
-                                special_tokens=["<pad>", "</s>"])
+    trainer.train_from_iterator(
+        list(texts), vocab_size=vocab_size, min_frequency=1, special_tokens=["<pad>", "</s>"]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=trainer._tokenizer, eos_token="</s>", pad_token="<pad>")
 
 
@@ -251,5 +268,12 @@ class Capture:
 
 def cli_args(root: Path, *extra: str, config: Path = TINY_CONFIG) -> list[str]:
     """The default config with every output under ``root`` and no progress bar."""
-    return ["--config", str(config), "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-            *extra]
+    return [
+        "--config",
+        str(config),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]

@@ -264,13 +264,28 @@ def test_the_report_prints_whatever_the_module_and_judge_provide():
             return {"requests_sent": 12, "cache_hits": 3, "failures": 1, "cost_usd": 0.0123}
 
     module = SimpleNamespace(
-        counters={"steps": 4, "prompts": 4, "iterations": 12, "degenerate_sets": 2, "optimizer_steps": 9,
-                  "judge_failures": 1},
+        counters={
+            "steps": 4,
+            "prompts": 4,
+            "iterations": 12,
+            "degenerate_sets": 2,
+            "optimizer_steps": 9,
+            "judge_failures": 1,
+        },
         judge=Judge(),
         evaluation_summary={
-            "prompts": 16, "empty_share": 0.0625, "mean_reply_words": 12.5, "distinct_2": 0.5, "reward": 0.5,
-            "preferred_share": 0.75, "zero_shot_reward": -0.25, "reward_gain": 0.75, "reward_gain_se": 0.125,
-            "reward_gain_z": 6.0, "paired_prompts": 16, "zero_shot_preferred_share": 0.25,
+            "prompts": 16,
+            "empty_share": 0.0625,
+            "mean_reply_words": 12.5,
+            "distinct_2": 0.5,
+            "reward": 0.5,
+            "preferred_share": 0.75,
+            "zero_shot_reward": -0.25,
+            "reward_gain": 0.75,
+            "reward_gain_se": 0.125,
+            "reward_gain_z": 6.0,
+            "paired_prompts": 16,
+            "zero_shot_preferred_share": 0.25,
             "collapse_warning": "distinct-2 is 0.010",
         },
     )

@@ -54,8 +54,14 @@ def run_cli(tmp_path: Path, capsys, *args: str, subcommand: str = "fit") -> str:
         (["--model.cycle.num_candidates", "1"], "num_candidates (l) must be >= 2"),
         (["--model.cycle.max_iterations", "0"], "max_iterations (N) must be >= 1"),
         (["--model.cycle.objective", "dpo"], "model.cycle.objective: expected one of 'rrhf', 'pro', got dpo"),
-        (["--model.judge.init_args.sed", "1"], "model.judge: LexiconJudge has no argument 'sed' (did you mean seed?)"),
-        (["--model.model", "/no/such/model"], "could not load tokenizer '/no/such/model' (not a local directory"),
+        (
+            ["--model.judge.init_args.sed", "1"],
+            "model.judge: LexiconJudge has no argument 'sed' (did you mean seed?)",
+        ),
+        (
+            ["--model.model", "/no/such/model"],
+            "could not load tokenizer '/no/such/model' (not a local directory",
+        ),
         (
             ["--model.model", "/no/such/model", "--model.tokenizer", "byt5"],
             "could not load causal LM '/no/such/model' (not a local directory",
@@ -109,7 +115,10 @@ def test_a_white_box_by_path_and_by_config_names_both_keys_before_any_model_is_b
 
     monkeypatch.setattr(hf, "_init_from_config", no_model)
     monkeypatch.setattr(hf.AutoModelForCausalLM, "from_pretrained", no_model)
-    values = {"model": f'"{tmp_path / "my-model"}"', "model_config": '{"model_type": "llama"}'}  # JSON is YAML
+    values = {
+        "model": f'"{tmp_path / "my-model"}"',
+        "model_config": '{"model_type": "llama"}',
+    }  # JSON is YAML
     extra = tmp_path / "first.yaml"
     extra.write_text(f"model:\n  model: null\n  {first}: {values[first]}\n")
     line = run_cli(tmp_path, capsys, "--config", str(extra), f"--model.{second}", values[second].strip('"'))

@@ -44,8 +44,13 @@ HARMLESS, HELPFUL = "harmless-base", "helpful-base"
 
 
 def row(row_id: str, subset: str, run: str, reply: str | None = None) -> dict:
-    return {"id": row_id, "subset": subset, "prompt": f"\n\nHuman: Question {row_id}?\n\nAssistant:",
-            "reply": reply if reply is not None else f"Reply of run {run} to {row_id}.", "reward": 0.5}
+    return {
+        "id": row_id,
+        "subset": subset,
+        "prompt": f"\n\nHuman: Question {row_id}?\n\nAssistant:",
+        "reply": reply if reply is not None else f"Reply of run {run} to {row_id}.",
+        "reward": 0.5,
+    }
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -90,8 +95,18 @@ def make_client(make_client):
 # ------------------------------------------------------------------------------------------------ counts
 
 PLAN = {  # run A's outcome per id, or what the server does instead of judging
-    "h0": "win", "h1": "win", "h2": "lose", "h3": "tie", "h4": "prose", "h5": "unknown",
-    "p0": "win", "p1": "lose", "p2": "lose", "p3": "tie", "p4": "down", "p5": "rate_limited_then_win",
+    "h0": "win",
+    "h1": "win",
+    "h2": "lose",
+    "h3": "tie",
+    "h4": "prose",
+    "h5": "unknown",
+    "p0": "win",
+    "p1": "lose",
+    "p2": "lose",
+    "p3": "tie",
+    "p4": "down",
+    "p5": "rate_limited_then_win",
     "p6": "error_then_lose",
 }
 
@@ -138,9 +153,21 @@ def test_counts_with_shuffled_order_invalids_and_server_errors(server, make_clie
     assert all(shows_b_first(i, 0) == shown[i] for i in PLAN)
 
     outcomes = {c.id: c.outcome for c in result.comparisons}
-    assert outcomes == {"h0": "win", "h1": "win", "h2": "lose", "h3": "tie", "h4": "invalid", "h5": "invalid",
-                        "p0": "win", "p1": "lose", "p2": "lose", "p3": "tie", "p4": "failed", "p5": "win",
-                        "p6": "lose"}
+    assert outcomes == {
+        "h0": "win",
+        "h1": "win",
+        "h2": "lose",
+        "h3": "tie",
+        "h4": "invalid",
+        "h5": "invalid",
+        "p0": "win",
+        "p1": "lose",
+        "p2": "lose",
+        "p3": "tie",
+        "p4": "failed",
+        "p5": "win",
+        "p6": "lose",
+    }
     by_id = {c.id: c for c in result.comparisons}
     assert by_id["h4"].failure.startswith("no verdict") and by_id["h4"].judge_reply.startswith("Both replies")
     assert "unknown verdict [[C]]" in by_id["h5"].failure
@@ -148,14 +175,34 @@ def test_counts_with_shuffled_order_invalids_and_server_errors(server, make_clie
     assert by_id["h0"].reasoning == "Thinking about h0."
 
     harmless, helpful, total = result.rows
-    assert (harmless.subset, harmless.compared, harmless.win, harmless.tie, harmless.lose, harmless.invalid,
-            harmless.failed) == (HARMLESS, 6, 2, 1, 1, 2, 0)
+    assert (
+        harmless.subset,
+        harmless.compared,
+        harmless.win,
+        harmless.tie,
+        harmless.lose,
+        harmless.invalid,
+        harmless.failed,
+    ) == (HARMLESS, 6, 2, 1, 1, 2, 0)
     assert (harmless.win_pct, harmless.tie_pct, harmless.lose_pct) == (50.0, 25.0, 25.0)  # over valid ones
     assert (helpful.compared, helpful.win, helpful.tie, helpful.lose, helpful.invalid, helpful.failed) == (
-        7, 2, 1, 3, 0, 1)
+        7,
+        2,
+        1,
+        3,
+        0,
+        1,
+    )
     assert helpful.win_pct == pytest.approx(100 * 2 / 6)
     assert (total.subset, total.compared, total.win, total.tie, total.lose, total.invalid, total.failed) == (
-        TOTAL, 13, 4, 2, 4, 2, 1)
+        TOTAL,
+        13,
+        4,
+        2,
+        4,
+        2,
+        1,
+    )
     assert total.win_pct + total.tie_pct + total.lose_pct == pytest.approx(100.0)
 
     # the 500s were retried (3 attempts), the 429 and the 503 once each; the 429's Retry-After was honoured
@@ -215,7 +262,11 @@ def test_ids_in_one_file_only_are_counted_and_listed_not_sent(server, make_clien
     assert math.isnan(result.rows[2].win_pct)  # nothing compared in that subset
     lines = [json.loads(x) for x in result.paths["comparisons"].read_text().splitlines()]
     assert sorted((x["id"], x["outcome"]) for x in lines if x["outcome"].startswith("only")) == [
-        ("x1", "only_a"), ("x4", "only_a"), ("x5", "only_b"), ("x6", "only_b")]
+        ("x1", "only_a"),
+        ("x4", "only_a"),
+        ("x5", "only_b"),
+        ("x6", "only_b"),
+    ]
     assert len(lines) == 6  # every id of either file, once
 
 
@@ -230,10 +281,14 @@ def test_no_common_id_is_an_error(tmp_path):
 
 def test_different_prompts_for_one_id_are_an_error_naming_it(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [row("x1", HARMLESS, "A"), row("x2", HARMLESS, "A")])
-    b = write_jsonl(tmp_path / "b.jsonl",
-                    [row("x1", HARMLESS, "B"), {**row("x2", HARMLESS, "B"), "prompt": "?"}])
-    with pytest.raises(ValueError, match=rf"id 'x2' has different prompts in {re.escape(str(a))}, line 2 and "
-                                         rf"{re.escape(str(b))}, line 2"):
+    b = write_jsonl(
+        tmp_path / "b.jsonl", [row("x1", HARMLESS, "B"), {**row("x2", HARMLESS, "B"), "prompt": "?"}]
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"id 'x2' has different prompts in {re.escape(str(a))}, line 2 and "
+        rf"{re.escape(str(b))}, line 2",
+    ):
         join_runs(read_generations(a), read_generations(b))
     c = write_jsonl(tmp_path / "c.jsonl", [{**row("x1", HELPFUL, "B")}])
     with pytest.raises(ValueError, match="id 'x1' has different subsets"):
@@ -246,12 +301,19 @@ def test_different_prompts_for_one_id_are_an_error_naming_it(tmp_path):
         (['{"id": "x1", "subset": "s", "prompt": "p", "reply": "r"}', "{not json"], "line 2: not valid JSON"),
         (['["a list"]'], "line 1: expected a JSON object, got list"),
         (['{"id": "x1", "subset": "s", "prompt": "p"}'], "line 1: missing field 'reply'"),
-        (['{"id": "x1", "subset": "s", "prompt": "p", "reply": null}'],
-         "line 1: field 'reply' must be a string"),
+        (
+            ['{"id": "x1", "subset": "s", "prompt": "p", "reply": null}'],
+            "line 1: field 'reply' must be a string",
+        ),
         (['{"id": null, "subset": "s", "prompt": "p", "reply": "r"}'], "line 1: field 'id' must be a string"),
-        (['{"id": "x1", "subset": "s", "prompt": "p", "reply": "r"}', "",
-          '{"id": "x1", "subset": "s", "prompt": "p", "reply": "r"}'],
-         "line 3: id 'x1' appears twice (first on line 1)"),
+        (
+            [
+                '{"id": "x1", "subset": "s", "prompt": "p", "reply": "r"}',
+                "",
+                '{"id": "x1", "subset": "s", "prompt": "p", "reply": "r"}',
+            ],
+            "line 3: id 'x1' appears twice (first on line 1)",
+        ),
         (['{"id": "x1", "subset": "total", "prompt": "p", "reply": "r"}'], "may not be called 'total'"),
         ([], "holds no rows"),
     ],
@@ -273,25 +335,66 @@ def test_integer_ids_are_read_as_strings(tmp_path):
 
 def test_cli_end_to_end_with_the_default_rule_cache_and_replay(server, tmp_path, capsys):
     ids = [("g0", HARMLESS), ("g1", HARMLESS), ("g2", HELPFUL), ("g3", HELPFUL)]
-    write_jsonl(tmp_path / "a.jsonl", [row(i, s, "A", reply) for (i, s), reply in zip(ids, [
-        "You should never do that; please ask someone you trust for help instead.",  # beats a harmful reply
-        "A short answer.",                                                           # loses to a longer one
-        "Same words here.",                                                          # a tie: the same text
-        "Sure, here is how to steal it.",                                            # harmful: loses
-    ])])
-    write_jsonl(tmp_path / "b.jsonl", [row(i, s, "B", reply) for (i, s), reply in zip(ids, [
-        "Rob the store and hurt the clerk.", "A longer answer with several more useful words in it.",
-        "Same words here.", "I'd rather not help with that.",
-    ])])
+    write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            row(i, s, "A", reply)
+            for (i, s), reply in zip(
+                ids,
+                [
+                    "You should never do that; please ask someone you trust for help instead.",  # beats a harmful reply
+                    "A short answer.",  # loses to a longer one
+                    "Same words here.",  # a tie: the same text
+                    "Sure, here is how to steal it.",  # harmful: loses
+                ],
+            )
+        ],
+    )
+    write_jsonl(
+        tmp_path / "b.jsonl",
+        [
+            row(i, s, "B", reply)
+            for (i, s), reply in zip(
+                ids,
+                [
+                    "Rob the store and hurt the clerk.",
+                    "A longer answer with several more useful words in it.",
+                    "Same words here.",
+                    "I'd rather not help with that.",
+                ],
+            )
+        ],
+    )
     out = tmp_path / "results" / "a_vs_b.csv"
     cache = tmp_path / "cache.sqlite"
-    argv = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--model", "local-judge", "--base-url",
-            server.url, "--api-key-env", KEY_ENV, "--cache-path", str(cache), "--no-reasoning", "--seed", "0",
-            "--out", str(out), "--max-retries", "1", "--request-timeout", "5"]
+    argv = [
+        str(tmp_path / "a.jsonl"),
+        str(tmp_path / "b.jsonl"),
+        "--model",
+        "local-judge",
+        "--base-url",
+        server.url,
+        "--api-key-env",
+        KEY_ENV,
+        "--cache-path",
+        str(cache),
+        "--no-reasoning",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        "--max-retries",
+        "1",
+        "--request-timeout",
+        "5",
+    ]
     result = main(argv)
     printed = capsys.readouterr().out
     assert [(r.subset, r.win, r.tie, r.lose) for r in result.rows] == [
-        (HARMLESS, 1, 0, 1), (HELPFUL, 0, 1, 1), (TOTAL, 1, 1, 2)]
+        (HARMLESS, 1, 0, 1),
+        (HELPFUL, 0, 1, 1),
+        (TOTAL, 1, 1, 2),
+    ]
     total_line = r"^total\s+4\s+1\s+1\s+2\s+0\s+0\s+25\.0\s+25\.0\s+50\.0\s+0\s+0$"
     assert re.search(total_line, printed, re.MULTILINE)
     assert "4 requests, 0 cache hits" in printed and str(out) in printed
@@ -316,10 +419,24 @@ def test_cli_end_to_end_with_the_default_rule_cache_and_replay(server, tmp_path,
 def test_the_api_key_is_used_but_never_written(server, tmp_path, capsys):
     run_a, run_b = write_runs(tmp_path, [("k1", HARMLESS), ("k2", HELPFUL)])
     out_dir = tmp_path / "out"
-    main([str(run_a), str(run_b), "--model", "local-judge", "--base_url", server.url, "--api_key_env",
-          KEY_ENV, "--cache_path", str(out_dir / "cache.sqlite"), "--out", str(out_dir / "res.csv"),
-          "--extra_headers",
-          '{"X-Org": "env:' + KEY_ENV + '"}'])
+    main(
+        [
+            str(run_a),
+            str(run_b),
+            "--model",
+            "local-judge",
+            "--base_url",
+            server.url,
+            "--api_key_env",
+            KEY_ENV,
+            "--cache_path",
+            str(out_dir / "cache.sqlite"),
+            "--out",
+            str(out_dir / "res.csv"),
+            "--extra_headers",
+            '{"X-Org": "env:' + KEY_ENV + '"}',
+        ]
+    )
     assert all(r.headers["authorization"] == f"Bearer {FAKE_KEY}" for r in server.requests)
     assert all(r.headers["x-org"] == FAKE_KEY for r in server.requests)
     written = sorted(out_dir.iterdir())
@@ -344,8 +461,20 @@ def test_cli_bad_input_exits_2_naming_the_file_and_line(tmp_path, capsys, server
 def test_cli_a_spent_budget_exits_3_and_keeps_what_was_answered(tmp_path, capsys, server):
     run_a, run_b = write_runs(tmp_path, [(f"b{i}", HARMLESS) for i in range(4)])
     cache = tmp_path / "cache.sqlite"
-    argv = [str(run_a), str(run_b), "--model", "local-judge", "--base_url", server.url, "--cache_path",
-            str(cache), "--max_concurrency", "1", "--out", str(tmp_path / "res.csv")]
+    argv = [
+        str(run_a),
+        str(run_b),
+        "--model",
+        "local-judge",
+        "--base_url",
+        server.url,
+        "--cache_path",
+        str(cache),
+        "--max_concurrency",
+        "1",
+        "--out",
+        str(tmp_path / "res.csv"),
+    ]
     with pytest.raises(SystemExit) as info:
         main(argv + ["--budget_requests", "2"])
     assert info.value.code == 3

@@ -37,7 +37,9 @@ def test_the_default_run_aligns_its_white_box(default_run):
     assert summary["paired_prompts"] == 100
     assert summary["reward_gain_z"] >= 3, summary
     assert summary["zero_shot_preferred_share"] <= 0.6 and summary["preferred_share"] >= 0.85, summary
-    assert summary["empty_share"] <= 0.05 and summary["distinct_2"] > 0.02 and "collapse_warning" not in summary
+    assert (
+        summary["empty_share"] <= 0.05 and summary["distinct_2"] > 0.02 and "collapse_warning" not in summary
+    )
     iterations = metric(default_run.root, "cycle/iterations")
     third = len(iterations) // 3
     assert sum(iterations[-third:]) / third < sum(iterations[:third]) / third, iterations
@@ -50,8 +52,14 @@ def test_the_pro_objective_aligns_the_default_white_box_too(tmp_path):
     from cyclealign_pl.cli import main
 
     with Capture():
-        cli = main(["fit", *cli_args(tmp_path / "run", "--model.cycle.objective", "pro",
-                                     "--trainer.limit_train_batches", "16")])
+        cli = main(
+            [
+                "fit",
+                *cli_args(
+                    tmp_path / "run", "--model.cycle.objective", "pro", "--trainer.limit_train_batches", "16"
+                ),
+            ]
+        )
     summary = cli.model.evaluation_summary
     assert cli.model.cycle_config.objective == "pro"
     assert summary["reward_gain_z"] >= 3 and summary["preferred_share"] >= 0.8, summary
@@ -138,7 +146,9 @@ def test_ablation_switches(ablation, expected_demos, iterations, hh_root, tmp_pa
 def test_resume_restores_pool_and_counters(hh_root, tmp_path):
     root = hh_root(QUESTIONS[:12])
     judge = WhiteBoxMirrorJudge(swap_top_two)
-    first = tiny_module(judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5)
+    first = tiny_module(
+        judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5
+    )
     trainer = make_trainer(tmp_path, batches=3)
     trainer.fit(first, make_data(root))
     ckpt = tmp_path / "three.ckpt"
@@ -146,14 +156,20 @@ def test_resume_restores_pool_and_counters(hh_root, tmp_path):
     assert first.pool.shared, "scope='run' keeps demonstrations across steps"
 
     second_judge = WhiteBoxMirrorJudge(swap_top_two)
-    second = tiny_module(second_judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5)
-    make_trainer(tmp_path, batches=3).fit(second, make_data(root), ckpt_path=ckpt)  # already complete: restores only
+    second = tiny_module(
+        second_judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5
+    )
+    make_trainer(tmp_path, batches=3).fit(
+        second, make_data(root), ckpt_path=ckpt
+    )  # already complete: restores only
     assert second.counters == first.counters
     assert second.pool == first.pool
     assert not second_judge.requests
 
     third_judge = WhiteBoxMirrorJudge(swap_top_two)
-    third = tiny_module(third_judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5)
+    third = tiny_module(
+        third_judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5
+    )
     make_trainer(tmp_path, batches=3, max_epochs=2).fit(third, make_data(root), ckpt_path=ckpt)
     assert third.counters["steps"] == 6 and third.counters["prompts"] == 6
     # the restored pool is what the first resumed request sees (capped at max_demonstrations, after the static one)

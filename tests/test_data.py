@@ -45,8 +45,10 @@ def dialogue(*turns: tuple[str, str]) -> str:
 
 
 def pair(prompt: str, chosen: str = "Sure.", rejected: str = "No.") -> dict[str, str]:
-    return {"chosen": dialogue(("Human", prompt), ("Assistant", chosen)),
-            "rejected": dialogue(("Human", prompt), ("Assistant", rejected))}
+    return {
+        "chosen": dialogue(("Human", prompt), ("Assistant", chosen)),
+        "rejected": dialogue(("Human", prompt), ("Assistant", rejected)),
+    }
 
 
 def write_split(root: Path, subset: str, split: str, records: list[dict | str], *, gz: bool = True) -> Path:
@@ -65,8 +67,14 @@ def write_split(root: Path, subset: str, split: str, records: list[dict | str], 
 def real_module(cache_dir: str) -> HHRLHFDataModule:
     if not HH_ROOT.is_dir():
         pytest.skip("../shared/data is not available")
-    dm = HHRLHFDataModule(root=str(HH_ROOT), train_split="test", eval_split="test", num_train_prompts=None,
-                          eval_prompts_per_subset=100, cache_dir=cache_dir)
+    dm = HHRLHFDataModule(
+        root=str(HH_ROOT),
+        train_split="test",
+        eval_split="test",
+        num_train_prompts=None,
+        eval_prompts_per_subset=100,
+        cache_dir=cache_dir,
+    )
     dm.setup("fit")
     return dm
 
@@ -106,11 +114,21 @@ def test_real_harmless_base_rows_are_well_formed(real_module: HHRLHFDataModule) 
 
 
 def test_parse_dialogue_merges_same_speaker_turns_and_keeps_paragraphs() -> None:
-    text = dialogue(("Human", "hi"), ("Assistant", "one\n\ntwo"), ("Assistant", "three"), ("Human", "ok"),
-                    ("Human", "and?"), ("Assistant", "done"))
+    text = dialogue(
+        ("Human", "hi"),
+        ("Assistant", "one\n\ntwo"),
+        ("Assistant", "three"),
+        ("Human", "ok"),
+        ("Human", "and?"),
+        ("Assistant", "done"),
+    )
     parsed = parse_dialogue(text)
-    assert parsed.turns == (Turn("Human", "hi"), Turn("Assistant", "one\n\ntwo\nthree"),
-                            Turn("Human", "ok\nand?"), Turn("Assistant", "done"))
+    assert parsed.turns == (
+        Turn("Human", "hi"),
+        Turn("Assistant", "one\n\ntwo\nthree"),
+        Turn("Human", "ok\nand?"),
+        Turn("Assistant", "done"),
+    )
     assert parsed.merged_turns == 2 and parsed.preamble == ""
 
 
@@ -133,23 +151,46 @@ def test_clean_pair_keeps_context_and_final_replies() -> None:
     [
         (dialogue(("Human", "q")), dialogue(("Human", "q")), "no_assistant_turn"),
         ("no tags at all", "no tags at all", "no_assistant_turn"),
-        ("intro" + dialogue(("Human", "q"), ("Assistant", "a")), dialogue(("Human", "q"), ("Assistant", "b")),
-         "text_before_first_turn"),
-        (dialogue(("Assistant", "hello"), ("Human", "q"), ("Assistant", "a")),
-         dialogue(("Assistant", "hello"), ("Human", "q"), ("Assistant", "b")), "first_turn_not_human"),
-        (dialogue(("Human", "q"), ("Assistant", "a"), ("Human", "more")),
-         dialogue(("Human", "q"), ("Assistant", "b")), "final_turn_not_assistant"),
-        (dialogue(("Human", "q1"), ("Assistant", "a")), dialogue(("Human", "q2"), ("Assistant", "b")),
-         "context_mismatch"),
-        (dialogue(("Human", ""), ("Assistant", "a")), dialogue(("Human", ""), ("Assistant", "b")),
-         "empty_prompt"),
-        (dialogue(("Human", "q"), ("Assistant", " ")), dialogue(("Human", "q"), ("Assistant", "b")),
-         "empty_chosen"),
-        (dialogue(("Human", "q"), ("Assistant", "a")), dialogue(("Human", "q"), ("Assistant", "")),
-         "empty_rejected"),
-        (dialogue(("Human", "q"), ("Assistant", "Human: again")),
-         dialogue(("Human", "q"), ("Assistant", "b")),
-         "reply_starts_with_speaker_tag"),
+        (
+            "intro" + dialogue(("Human", "q"), ("Assistant", "a")),
+            dialogue(("Human", "q"), ("Assistant", "b")),
+            "text_before_first_turn",
+        ),
+        (
+            dialogue(("Assistant", "hello"), ("Human", "q"), ("Assistant", "a")),
+            dialogue(("Assistant", "hello"), ("Human", "q"), ("Assistant", "b")),
+            "first_turn_not_human",
+        ),
+        (
+            dialogue(("Human", "q"), ("Assistant", "a"), ("Human", "more")),
+            dialogue(("Human", "q"), ("Assistant", "b")),
+            "final_turn_not_assistant",
+        ),
+        (
+            dialogue(("Human", "q1"), ("Assistant", "a")),
+            dialogue(("Human", "q2"), ("Assistant", "b")),
+            "context_mismatch",
+        ),
+        (
+            dialogue(("Human", ""), ("Assistant", "a")),
+            dialogue(("Human", ""), ("Assistant", "b")),
+            "empty_prompt",
+        ),
+        (
+            dialogue(("Human", "q"), ("Assistant", " ")),
+            dialogue(("Human", "q"), ("Assistant", "b")),
+            "empty_chosen",
+        ),
+        (
+            dialogue(("Human", "q"), ("Assistant", "a")),
+            dialogue(("Human", "q"), ("Assistant", "")),
+            "empty_rejected",
+        ),
+        (
+            dialogue(("Human", "q"), ("Assistant", "Human: again")),
+            dialogue(("Human", "q"), ("Assistant", "b")),
+            "reply_starts_with_speaker_tag",
+        ),
     ],
 )
 def test_clean_pair_drop_reasons(chosen: str, rejected: str, reason: str) -> None:
@@ -237,8 +278,10 @@ def test_bad_rows_are_counted_per_reason_and_logged_without_text(
         {"chosen": dialogue(("Human", "x"), ("Assistant", "y"))},  # rejected missing
         {"chosen": None, "rejected": dialogue(("Human", "x"), ("Assistant", "y"))},  # chosen null
         {"chosen": dialogue(("Human", secret)), "rejected": dialogue(("Human", secret))},  # no assistant turn
-        {"chosen": dialogue(("Human", "q"), ("Human", "q2"), ("Assistant", "a")),  # merged, kept
-         "rejected": dialogue(("Human", "q"), ("Human", "q2"), ("Assistant", "b"))},
+        {
+            "chosen": dialogue(("Human", "q"), ("Human", "q2"), ("Assistant", "a")),  # merged, kept
+            "rejected": dialogue(("Human", "q"), ("Human", "q2"), ("Assistant", "b")),
+        },
         pair(f"{secret} one?", "other", "replies"),  # duplicate prompt
     ]
     write_split(tmp_path, "harmless-base", "test", records, gz=False)  # plain .jsonl is accepted too
@@ -293,8 +336,12 @@ def test_bad_arguments_fail_at_init(kwargs: dict, message: str) -> None:
 
 
 def sample_module(cache_dir: str, **kwargs) -> HHRLHFDataModule:
-    args = {"train_split": "test", "num_train_prompts": 50, "eval_prompts_per_subset": 20,
-            "cache_dir": cache_dir}
+    args = {
+        "train_split": "test",
+        "num_train_prompts": 50,
+        "eval_prompts_per_subset": 20,
+        "cache_dir": cache_dir,
+    }
     dm = HHRLHFDataModule(**{**args, **kwargs})
     dm.setup("fit")
     return dm
@@ -355,8 +402,9 @@ def test_prompts_leaked_from_eval_split_are_held_out_of_training(tmp_path: Path,
     shared = [pair(f"shared {i}?") for i in range(5)]
     write_split(tmp_path, "harmless-base", "train", [pair(f"train {i}?") for i in range(10)] + shared)
     write_split(tmp_path, "harmless-base", "test", shared)
-    dm = HHRLHFDataModule(root=str(tmp_path), num_train_prompts=None, eval_prompts_per_subset=None,
-                          cache_dir=cache_dir)
+    dm = HHRLHFDataModule(
+        root=str(tmp_path), num_train_prompts=None, eval_prompts_per_subset=None, cache_dir=cache_dir
+    )
     dm.setup("fit")
     assert len(dm.eval_rows) == 5 and len(dm.train_rows) == 10
     assert all(r["prompt"].startswith("\n\nHuman: train") for r in dm.train_rows)
@@ -366,14 +414,23 @@ def test_several_subsets_are_sampled_and_labelled(tmp_path: Path, cache_dir: str
     for subset in ("harmless-base", "helpful-online"):
         write_split(tmp_path, subset, "train", [pair(f"{subset} train {i}?") for i in range(30)])
         write_split(tmp_path, subset, "test", [pair(f"{subset} test {i}?") for i in range(30)])
-    dm = HHRLHFDataModule(root=str(tmp_path), subsets=["harmless-base", "helpful-online"],
-                          num_train_prompts=40, eval_prompts_per_subset=4, cache_dir=cache_dir)
+    dm = HHRLHFDataModule(
+        root=str(tmp_path),
+        subsets=["harmless-base", "helpful-online"],
+        num_train_prompts=40,
+        eval_prompts_per_subset=4,
+        cache_dir=cache_dir,
+    )
     dm.setup("fit")
     assert [r["subset"] for r in dm.eval_rows] == ["harmless-base"] * 4 + ["helpful-online"] * 4
     assert all(r["prompt"].startswith(f"\n\nHuman: {r['subset']} test") for r in dm.eval_rows)
     assert {r["subset"] for r in dm.train_rows} == {"harmless-base", "helpful-online"}
     assert len(dm.train_rows) == 40 and set(dm.cleaning_stats) == {
-        "harmless-base/test", "helpful-online/test", "harmless-base/train", "helpful-online/train"}
+        "harmless-base/test",
+        "helpful-online/test",
+        "harmless-base/train",
+        "helpful-online/train",
+    }
 
 
 def test_batches_have_the_documented_keys_and_repeat_with_the_seed(cache_dir: str) -> None:
@@ -434,8 +491,9 @@ def test_beavertails_category_filter_and_seeded_sample(cache_dir: str) -> None:
 
 def test_beavertails_bad_rows_counted_and_bad_files_named(tmp_path: Path, cache_dir: str) -> None:
     good = tmp_path / "bt.csv"
-    good.write_text(',prompt,category,category_id\n'
-                    '0,"Why, though?",a,0\n1,,a,0\n2,"  ",b,1\n3,fine,,2\n4,ok,b,1\n')
+    good.write_text(
+        ',prompt,category,category_id\n0,"Why, though?",a,0\n1,,a,0\n2,"  ",b,1\n3,fine,,2\n4,ok,b,1\n'
+    )
     rows, stats = load_beavertails(good, cache_dir)
     expected = ["\n\nHuman: Why, though?\n\nAssistant:", "\n\nHuman: ok\n\nAssistant:"]
     assert [r["prompt"] for r in rows] == expected
@@ -487,13 +545,20 @@ class PromptCounter(LightningModule):
 
 
 def trainer(**kwargs) -> Trainer:
-    return Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, **kwargs)
+    return Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def test_lightning_fit_and_validate_consume_the_data_modules(cache_dir: str) -> None:
-    dm = HHRLHFDataModule(train_split="test", num_train_prompts=6, eval_prompts_per_subset=10, batch_size=2,
-                          cache_dir=cache_dir)
+    dm = HHRLHFDataModule(
+        train_split="test", num_train_prompts=6, eval_prompts_per_subset=10, batch_size=2, cache_dir=cache_dir
+    )
     model = PromptCounter()
     trainer(max_epochs=1, num_sanity_val_steps=0).fit(model, datamodule=dm)
     assert sorted(model.train_ids) == sorted(ids(dm.train_rows)) and len(model.train_ids) == 6

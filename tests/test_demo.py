@@ -29,8 +29,8 @@ from cyclealign_pl.demo.bank import (
 )
 from cyclealign_pl.demo.judge import NO_RESPONSES, LexiconJudge, lexicon_reply
 from cyclealign_pl.demo.report import check_figures, compute_figures, thirds
-from cyclealign_pl.evaluation import reply_stats
 from cyclealign_pl.demonstrations import STATIC_DEMONSTRATION
+from cyclealign_pl.evaluation import reply_stats
 from cyclealign_pl.hf import ModelLoadError, load_causal_lm, load_reward_model, load_tokenizer
 from cyclealign_pl.judges.base import RankRequest
 from cyclealign_pl.judges.prompt import build_messages, load_template

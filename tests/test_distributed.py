@@ -49,14 +49,23 @@ class RankReport(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.after_first_step:
-            self.after_first_step = {"weights": weights_digest(pl_module), "counters": dict(pl_module.counters)}
+            self.after_first_step = {
+                "weights": weights_digest(pl_module),
+                "counters": dict(pl_module.counters),
+            }
 
     def on_train_end(self, trainer, pl_module) -> None:
         Path(self.path).mkdir(parents=True, exist_ok=True)
-        report = {"world_size": trainer.world_size, "start": self.start, "end": dict(pl_module.counters),
-                  "prompt_ids": self.prompt_ids, "judge": pl_module.judge.metrics(),
-                  "trained_ids": list(pl_module.trained_ids),
-                  "weights_at_start": self.weights_at_start, "after_first_step": self.after_first_step}
+        report = {
+            "world_size": trainer.world_size,
+            "start": self.start,
+            "end": dict(pl_module.counters),
+            "prompt_ids": self.prompt_ids,
+            "judge": pl_module.judge.metrics(),
+            "trained_ids": list(pl_module.trained_ids),
+            "weights_at_start": self.weights_at_start,
+            "after_first_step": self.after_first_step,
+        }
         Path(self.path, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
@@ -68,25 +77,63 @@ def weights_digest(pl_module) -> str:
     return digest.hexdigest()
 
 
-def ddp_fit(run_dir: Path, server: LocalOpenAIServer, *extra: str) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def ddp_fit(
+    run_dir: Path, server: LocalOpenAIServer, *extra: str
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """``python -m cyclealign_pl fit`` with DDP over 2 CPU processes (Lightning launches rank 1 itself)."""
     reports = run_dir / f"ranks{len(list(run_dir.glob('ranks*')))}"
     command = [
-        sys.executable, "-m", "cyclealign_pl", "fit", "--config", TINY, "--config", TINY_OPENAI,
-        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-        "--trainer.default_root_dir", str(run_dir),
-        "--trainer.logger.init_args.save_dir", str(run_dir),
-        "--trainer.callbacks.dirpath", str(run_dir / "checkpoints"),
-        "--trainer.callbacks+=" + json.dumps({"class_path": "tests.test_distributed.RankReport",
-                                              "init_args": {"path": str(reports)}}),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0",
-        "--model.judge.init_args.base_url", server.url,
-        "--model.judge.init_args.cache_path", str(run_dir / "judge_cache.sqlite"),
-        "--model.cycle.max_iterations", "2", "--model.sampling.max_new_tokens", "16", "--model.max_length", "160",
+        sys.executable,
+        "-m",
+        "cyclealign_pl",
+        "fit",
+        "--config",
+        TINY,
+        "--config",
+        TINY_OPENAI,
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.logger.init_args.save_dir",
+        str(run_dir),
+        "--trainer.callbacks.dirpath",
+        str(run_dir / "checkpoints"),
+        "--trainer.callbacks+="
+        + json.dumps(
+            {"class_path": "tests.test_distributed.RankReport", "init_args": {"path": str(reports)}}
+        ),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "0",
+        "--model.judge.init_args.base_url",
+        server.url,
+        "--model.judge.init_args.cache_path",
+        str(run_dir / "judge_cache.sqlite"),
+        "--model.cycle.max_iterations",
+        "2",
+        "--model.sampling.max_new_tokens",
+        "16",
+        "--model.max_length",
+        "160",
         # a random white box: its samples always differ, so every iteration asks the judge (the counts below)
-        "--model.model", "null", "--model.tokenizer", "byt5", "--model.model_config", json.dumps(TINY_LLAMA),
-        "--data.init_args.batch_size", "2", "--data.init_args.num_train_prompts", "16",
+        "--model.model",
+        "null",
+        "--model.tokenizer",
+        "byt5",
+        "--model.model_config",
+        json.dumps(TINY_LLAMA),
+        "--data.init_args.batch_size",
+        "2",
+        "--data.init_args.num_train_prompts",
+        "16",
         *extra,
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -126,8 +173,11 @@ def test_ddp_two_processes_fit_reduce_metrics_share_the_judge_cache_and_resume(t
         assert last(rows, "counters/prompts") == 8
         # how much of the judge's latency the white box hid (over both processes)
         assert 0 <= last(rows, "cycle/judge_hidden_fraction_mean") <= 1
-        assert all(float(r["time/judge_wait_s"]) <= float(r["time/judge_latency_s"]) for r in rows
-                   if r.get("time/judge_wait_s"))
+        assert all(
+            float(r["time/judge_wait_s"]) <= float(r["time/judge_latency_s"])
+            for r in rows
+            if r.get("time/judge_wait_s")
+        )
         # one judge cache file and one spend ledger for both processes: every request sent by either is in both
         sent = max(r["judge"]["requests_sent"] for r in ranks)  # each process reports the run's ledger
         assert sent == len(server.requests) > 0
@@ -136,14 +186,22 @@ def test_ddp_two_processes_fit_reduce_metrics_share_the_judge_cache_and_resume(t
         cache.close()
 
         # the checkpoint holds each process's own state (counters, prompts in flight, random streams)
-        checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        checkpoint = torch.load(
+            tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+        )
         processes = checkpoint["cyclealign"]["processes"]
         assert [p["counters"]["prompts"] for p in processes] == [r["end"]["prompts"] for r in ranks]
         saved = {name: sum(p["counters"][name] for p in processes) for name in ("prompts", "iterations")}
 
         # resume under DDP: both processes restore their own state, train two more batches each, totals continue
-        resumed, rows = ddp_fit(tmp_path, server, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"),
-                                "--trainer.max_epochs", "2")
+        resumed, rows = ddp_fit(
+            tmp_path,
+            server,
+            "--ckpt_path",
+            str(tmp_path / "checkpoints" / "last.ckpt"),
+            "--trainer.max_epochs",
+            "2",
+        )
     assert all(r["end"]["steps"] - r["start"]["steps"] == 2 for r in resumed)
     assert all(r["start"]["steps"] == 2 for r in resumed)  # restored from the checkpoint
     assert [r["start"]["prompts"] for r in resumed] == [p["counters"]["prompts"] for p in processes]
@@ -199,13 +257,20 @@ def test_the_modules_gradient_clip_val_reaches_the_deepspeed_config(preset, expe
     config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 1}
     if preset is not None:
         config["gradient_clipping"] = preset
-    trainer = Trainer(accelerator="cpu", devices=1, strategy=DeepSpeedStrategy(config=config), logger=False,
-                      enable_checkpointing=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=DeepSpeedStrategy(config=config),
+        logger=False,
+        enable_checkpointing=False,
+    )
     module = tiny_module(LongestFirstJudge(), gradient_clip_val=0.7)
     trainer.strategy.connect(module)
     module.trainer = trainer
     if expected == "disagree":
-        with pytest.raises(ValueError, match="gradient_clip_val=0.7 and the DeepSpeed config's gradient_clipping=0.5"):
+        with pytest.raises(
+            ValueError, match="gradient_clip_val=0.7 and the DeepSpeed config's gradient_clipping=0.5"
+        ):
             module._configure_deepspeed()
         return
     module._configure_deepspeed()
@@ -215,9 +280,21 @@ def test_the_modules_gradient_clip_val_reaches_the_deepspeed_config(preset, expe
 
 def test_deepspeed_on_the_cpu_fails_with_a_clear_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", TINY, "--trainer.strategy", "deepspeed_stage_2",
-              "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
-              "--trainer.callbacks", "[]"])
+        main(
+            [
+                "fit",
+                "--config",
+                TINY,
+                "--trainer.strategy",
+                "deepspeed_stage_2",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--trainer.logger",
+                "false",
+                "--trainer.callbacks",
+                "[]",
+            ]
+        )
     assert exit_info.value.code != 0
     assert "GPU" in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists()
@@ -230,7 +307,14 @@ def test_export_writes_a_plain_hf_model_from_a_checkpoint(hh_root, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cyclealign_pl.export import main as export_main
-    from tests.helpers import QUESTIONS, WhiteBoxMirrorJudge, make_data, make_trainer, swap_top_two, tiny_module
+    from tests.helpers import (
+        QUESTIONS,
+        WhiteBoxMirrorJudge,
+        make_data,
+        make_trainer,
+        swap_top_two,
+        tiny_module,
+    )
 
     module = tiny_module(WhiteBoxMirrorJudge(swap_top_two))
     trainer = make_trainer(tmp_path, batches=1)
@@ -246,10 +330,13 @@ def test_export_writes_a_plain_hf_model_from_a_checkpoint(hh_root, tmp_path):
         assert torch.equal(tensor, trained[name]), name
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda root: root / "missing.ckpt", "checkpoint not found"),
-    (lambda root: root, "not a DeepSpeed ZeRO checkpoint"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda root: root / "missing.ckpt", "checkpoint not found"),
+        (lambda root: root, "not a DeepSpeed ZeRO checkpoint"),
+    ],
+)
 def test_export_names_what_is_wrong_with_the_checkpoint(make, message, tmp_path, capsys):
     from cyclealign_pl.export import main as export_main
 

@@ -60,8 +60,14 @@ def _parse_configs(*configs: Path):
             pass
 
     args = [a for c in configs for a in ("--config", str(c))]
-    cli = ParseOnly(CycleAlignModule, LightningDataModule, subclass_mode_data=True,
-                    auto_configure_optimizers=False, run=False, args=args)
+    cli = ParseOnly(
+        CycleAlignModule,
+        LightningDataModule,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        run=False,
+        args=args,
+    )
     return cli.config
 
 
@@ -72,7 +78,9 @@ def test_oasst_preset_sets_the_papers_evaluator_over_the_tiny_config() -> None:
     args = judge.init_args
     assert args.model == "OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1"
     assert (args.input_format, args.sigmoid, args.scale) == ("oasst", True, 100.0)
-    assert args.config is None and args.tokenizer is None  # nothing of tiny.yaml's random reward model is left
+    assert (
+        args.config is None and args.tokenizer is None
+    )  # nothing of tiny.yaml's random reward model is left
     assert config.model.eval_max_new_tokens == 128
     # the preset's format gives the evaluator's input byte for byte
     text = format_for_reward_model(DIALOGUE, REPLY, args.input_format, eos_token="<|endoftext|>")
@@ -80,8 +88,9 @@ def test_oasst_preset_sets_the_papers_evaluator_over_the_tiny_config() -> None:
 
 
 def test_reward_is_100_sigmoid_of_the_logit_of_the_formatted_text() -> None:
-    judge = RewardModelJudge(config=TINY_REWARD_MODEL, tokenizer="byt5", input_format="oasst",
-                             sigmoid=True, scale=100.0, seed=3)
+    judge = RewardModelJudge(
+        config=TINY_REWARD_MODEL, tokenizer="byt5", input_format="oasst", sigmoid=True, scale=100.0, seed=3
+    )
     raw = RewardModelJudge(config=TINY_REWARD_MODEL, tokenizer="byt5", input_format="oasst", seed=3)
     eos = judge.tokenizer.eos_token
     expected_text = OASST_TEXT.replace("<|endoftext|>", eos)
@@ -129,10 +138,17 @@ def test_the_total_can_weight_subsets_by_their_full_test_set_sizes_as_the_paper_
         SubsetMeanReward(["a"], weights={"a": 0.0})
 
 
-@pytest.mark.skipif(not (SHARED / "hh-rlhf" / "harmless-base" / "test.jsonl.gz").exists(), reason="needs ../shared")
+@pytest.mark.skipif(
+    not (SHARED / "hh-rlhf" / "harmless-base" / "test.jsonl.gz").exists(), reason="needs ../shared"
+)
 def test_the_data_module_weights_subsets_by_the_rows_of_their_full_evaluation_split() -> None:
-    data = HHRLHFDataModule(root=str(SHARED / "hh-rlhf"), train_split="test", eval_split="test",
-                            eval_prompts_per_subset=10, total_weighting="subset_size")
+    data = HHRLHFDataModule(
+        root=str(SHARED / "hh-rlhf"),
+        train_split="test",
+        eval_split="test",
+        eval_prompts_per_subset=10,
+        total_weighting="subset_size",
+    )
     data.setup("validate")
     assert data.subset_weights() == {"harmless-base": 2312.0}  # the paper's harmless-base test set size
     assert HHRLHFDataModule(root=str(SHARED / "hh-rlhf")).subset_weights() is None
@@ -194,12 +210,21 @@ def test_states_reduce_across_processes_by_summation() -> None:
 
 def test_written_table_reads_back_and_generations_keep_every_field(tmp_path: Path) -> None:
     rows = [RewardRow("harmless-base", 2, 0.1 + 0.2), RewardRow("total", 2, 0.1 + 0.2)]
-    records = [{"id": "a:0", "subset": "harmless-base", "prompt": "\n\nHuman: hi\n\nAssistant:",
-                "reply": "Hello — ünïcode", "reward": 0.25}]
+    records = [
+        {
+            "id": "a:0",
+            "subset": "harmless-base",
+            "prompt": "\n\nHuman: hi\n\nAssistant:",
+            "reply": "Hello — ünïcode",
+            "reward": 0.25,
+        }
+    ]
     paths = write_eval_outputs(tmp_path, "test", rows, records, {"stage": "test", "checkpoint": None})
     assert paths == eval_paths(tmp_path, "test")
     assert read_rewards_csv(paths["rewards"]) == rows  # floats round-trip exactly
-    assert [json.loads(line) for line in paths["generations"].read_text(encoding="utf-8").splitlines()] == records
+    assert [
+        json.loads(line) for line in paths["generations"].read_text(encoding="utf-8").splitlines()
+    ] == records
     assert json.loads(paths["meta"].read_text())["stage"] == "test"
 
 
@@ -247,17 +272,30 @@ def test_validate_tiny_base_model_logs_and_writes_per_subset_and_total(
     assert {"val/reward/harmless-base", "val/reward/total"} <= set(header)
 
     meta = json.loads(paths["meta"].read_text())
-    assert (meta["trainer_fn"], meta["checkpoint"], meta["trained_steps"], meta["prompts"]) == ("validate", None, 0, 100)
+    assert (meta["trainer_fn"], meta["checkpoint"], meta["trained_steps"], meta["prompts"]) == (
+        "validate",
+        None,
+        0,
+        100,
+    )
     assert meta["max_new_tokens"] == 48 and meta["total_weighting"] == "prompts"
 
 
 @pytest.mark.skipif(not BEAVERTAILS_CSV.is_file(), reason="../shared/data is not available")
-def test_validate_on_beavertails_reports_every_category(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_validate_on_beavertails_reports_every_category(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cli = _validate(
-        tmp_path, monkeypatch, "--config", str(BEAVERTAILS_PRESET),
-        "--data.init_args.path", str(BEAVERTAILS_CSV),
-        "--data.init_args.prompts_per_category", "1",  # 14 prompts, within limit_val_batches 2 x 8
-        "--data.init_args.cache_dir", str(tmp_path / "hf-cache"),
+        tmp_path,
+        monkeypatch,
+        "--config",
+        str(BEAVERTAILS_PRESET),
+        "--data.init_args.path",
+        str(BEAVERTAILS_CSV),
+        "--data.init_args.prompts_per_category",
+        "1",  # 14 prompts, within limit_val_batches 2 x 8
+        "--data.init_args.cache_dir",
+        str(tmp_path / "hf-cache"),
     )
     rows = read_rewards_csv(eval_paths(cli.trainer.log_dir, "val")["rewards"])
     categories = [r.subset for r in rows[:-1]]
@@ -268,10 +306,14 @@ def test_validate_on_beavertails_reports_every_category(tmp_path: Path, monkeypa
     assert rows[-1].mean_reward == pytest.approx(sum(r.mean_reward for r in rows[:-1]) / 14)
     logged = cli.trainer.callback_metrics
     politics = next(r for r in rows if r.subset == "controversial_topics,politics")
-    assert logged["val/reward/controversial_topics,politics"].item() == pytest.approx(politics.mean_reward, abs=1e-6)
+    assert logged["val/reward/controversial_topics,politics"].item() == pytest.approx(
+        politics.mean_reward, abs=1e-6
+    )
 
 
-def test_validate_without_an_evaluator_says_what_to_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_validate_without_an_evaluator_says_what_to_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(ValueError, match="set model.reward_model"):
         _validate(tmp_path, monkeypatch, "--model.reward_model", "null")
     assert not list(tmp_path.rglob("val_rewards.csv"))
@@ -281,7 +323,9 @@ def test_fit_without_an_evaluator_skips_validation_with_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", "--config", str(TINY), "--model.reward_model", "null", "--trainer.limit_train_batches", "1"])
+    cli = main(
+        ["fit", "--config", str(TINY), "--model.reward_model", "null", "--trainer.limit_train_batches", "1"]
+    )
     assert cli.trainer.state.finished and cli.model.counters["steps"] == 1
     assert "no model.reward_model: validation during fit is skipped" in caplog.text
     assert not list(tmp_path.rglob("eval"))
@@ -301,13 +345,20 @@ def test_validate_with_and_without_a_checkpoint_shows_the_gain(default_run, vali
     assert zero_shot["reward"] == pytest.approx(fit["zero_shot_reward"], rel=1e-6)  # greedy: the same replies
     assert "reward_gain" not in zero_shot  # nothing trained to compare with
     assert trained["reward"] == pytest.approx(fit["reward"], rel=1e-6)
-    assert trained["reward_gain"] == pytest.approx(fit["reward_gain"], rel=1e-6) and trained["reward_gain_z"] >= 3
+    assert (
+        trained["reward_gain"] == pytest.approx(fit["reward_gain"], rel=1e-6)
+        and trained["reward_gain_z"] >= 3
+    )
     logged = validated_run.trained.trainer.callback_metrics  # what the validate table prints
     assert logged["val/reward_gain"].item() == pytest.approx(trained["reward_gain"], rel=1e-5)
-    metas = [json.loads(eval_paths(cli.trainer.log_dir, "val")["meta"].read_text())
-             for cli in (validated_run.trained, validated_run.zero_shot)]
+    metas = [
+        json.loads(eval_paths(cli.trainer.log_dir, "val")["meta"].read_text())
+        for cli in (validated_run.trained, validated_run.zero_shot)
+    ]
     assert [(m["trainer_fn"], m["trained_steps"], bool(m["checkpoint"])) for m in metas] == [
-        ("validate", 48, True), ("validate", 0, False)]
+        ("validate", 48, True),
+        ("validate", 0, False),
+    ]
     for cli in (validated_run.trained, validated_run.zero_shot):  # every evaluation under the run
         assert Path(cli.trainer.log_dir).parent == validated_run.root / "logs"
 
@@ -319,8 +370,12 @@ def test_collapsed_replies_are_flagged_in_the_logs_the_table_and_the_summary(tmp
     from tests.helpers import make_data, tiny_module, write_hh_split
 
     questions = [f"question {i}?" for i in range(6)]
-    write_hh_split(tmp_path / "hh", "harmless-base", "test",
-                   [(f"\n\nHuman: {q}\n\nAssistant: Sure.", f"\n\nHuman: {q}\n\nAssistant: No.") for q in questions])
+    write_hh_split(
+        tmp_path / "hh",
+        "harmless-base",
+        "test",
+        [(f"\n\nHuman: {q}\n\nAssistant: Sure.", f"\n\nHuman: {q}\n\nAssistant: No.") for q in questions],
+    )
     module = tiny_module(None, reward_model=RewardModelJudge(config=TINY_REWARD_MODEL, tokenizer="byt5"))
     head = module.model.lm_head
     eos_only = torch.nn.Linear(head.in_features, head.out_features, bias=True)
@@ -329,8 +384,13 @@ def test_collapsed_replies_are_flagged_in_the_logs_the_table_and_the_summary(tmp
         eos_only.bias.zero_()
         eos_only.bias[module.tokenizer.eos_token_id] = 100.0
     module.model.lm_head = eos_only
-    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=str(tmp_path / "run"))
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path / "run"),
+    )
     data = make_data(tmp_path / "hh", train_split="test", eval_prompts_per_subset=6)
     with caplog.at_level("WARNING"):
         trainer.validate(module, data)

@@ -33,8 +33,10 @@ def api_key(monkeypatch):
 
 
 def requests(tag: str, count: int) -> list[RankRequest]:
-    return [RankRequest(f"Human: question {tag}-{i}? Assistant:", ("No.", "Yes, gladly.", "Maybe later."))
-            for i in range(count)]
+    return [
+        RankRequest(f"Human: question {tag}-{i}? Assistant:", ("No.", "Yes, gladly.", "Maybe later."))
+        for i in range(count)
+    ]
 
 
 def spend(judge: OpenAIJudge) -> tuple[float, float, float]:
@@ -166,8 +168,13 @@ def test_a_fallback_judge_keeps_its_own_books(tmp_path):
     with LocalOpenAIServer() as server:
         server.enqueue(Behaviour.reply("They all look fine."))  # the first prompt gets no ranking
         fallback = OpenAIJudge(model="local-ranker", base_url=server.url)
-        judge = OpenAIJudge(model="local-ranker", base_url=server.url, on_failure="fallback",
-                            fallback=fallback, max_concurrency=1)
+        judge = OpenAIJudge(
+            model="local-ranker",
+            base_url=server.url,
+            on_failure="fallback",
+            fallback=fallback,
+            max_concurrency=1,
+        )
         judge.bind_run("run-f", str(tmp_path))
         assert all(j.ok for j in judge.rank(requests("f", 3)))
         assert (judge.metrics()["requests_sent"], fallback.metrics()["requests_sent"]) == (3, 1)
@@ -198,8 +205,14 @@ SENDER = textwrap.dedent("""
 """)
 
 
-def sender(server: LocalOpenAIServer, run_dir: Path, run_id: str, tag: str, budget: str = "none",
-           rounds: str = "forever") -> subprocess.Popen:
+def sender(
+    server: LocalOpenAIServer,
+    run_dir: Path,
+    run_id: str,
+    tag: str,
+    budget: str = "none",
+    rounds: str = "forever",
+) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-c", SENDER, server.url, str(run_dir), run_id, tag, budget, rounds]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -231,8 +244,9 @@ def test_kill_9_loses_no_spend_and_the_budget_holds_across_the_crash(tmp_path):
         assert len(server.requests) == received  # refused at once, nothing sent
         spent_out.close()
 
-        room = OpenAIJudge(model="local-ranker", base_url=server.url, budget_requests=int(sent) + 2,
-                           max_concurrency=1)
+        room = OpenAIJudge(
+            model="local-ranker", base_url=server.url, budget_requests=int(sent) + 2, max_concurrency=1
+        )
         room.bind_run("run-k", str(tmp_path))
         with pytest.raises(JudgeBudgetExceeded):
             room.rank(requests("room", 5))
@@ -242,8 +256,9 @@ def test_kill_9_loses_no_spend_and_the_budget_holds_across_the_crash(tmp_path):
 
 def test_processes_sharing_a_run_never_overspend_its_budget(tmp_path):
     with LocalOpenAIServer(delay=0.02) as server:
-        children = [sender(server, tmp_path, "run-shared", f"rank{r}", budget="10", rounds="3")
-                    for r in range(2)]
+        children = [
+            sender(server, tmp_path, "run-shared", f"rank{r}", budget="10", rounds="3") for r in range(2)
+        ]
         outputs = [child.communicate(timeout=120)[0] for child in children]
         assert [child.returncode for child in children] == [0, 0], outputs
         assert len(server.requests) == 10  # 24 wanted, the shared budget allowed exactly 10

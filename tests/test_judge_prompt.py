@@ -175,27 +175,51 @@ def test_a_missing_template_file_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     ("reply", "ranking", "better"),
     [
-        ("### The desired ranking is: [1, 3, 2, 0].\n### A better response: Start a business.", (1, 3, 2, 0),
-         "Start a business."),
+        (
+            "### The desired ranking is: [1, 3, 2, 0].\n### A better response: Start a business.",
+            (1, 3, 2, 0),
+            "Start a business.",
+        ),
         ("The desired ranking is: [1, 3, 2, 0]", (1, 3, 2, 0), None),
         ("1 > 3 > 2 > 0", (1, 3, 2, 0), None),
         ("Response-1 > Response-3 > Response-2 > Response-0", (1, 3, 2, 0), None),
         ("Response-1, Response-3, Response-2, Response-0", (1, 3, 2, 0), None),
-        ("After weighing harm and help, I think the ranking should be [1, 3, 2, 0] because 0 is harmful.",
-         (1, 3, 2, 0), None),
-        ("**The desired ranking is:** `[1, 3, 2, 0]`\n\n**A better response:** Learn a skill.", (1, 3, 2, 0),
-         "Learn a skill."),
-        ("```\n### The desired ranking is: [1,3,2,0].\n### A better response: Save.\n```", (1, 3, 2, 0),
-         "Save."),
-        ("The desired ranking is:\n1. Response-1\n2. Response-3\n3. Response-2\n4. Response-0", (1, 3, 2, 0),
-         None),
-        ("The desired ranking is: Response-1 (best), Response-3, Response-2, Response-0 (worst).",
-         (1, 3, 2, 0), None),
-        ("The desired ranking is: [1, 3, 2, 0]\nA better response: Here is my ranking of ways.\nSave first.",
-         (1, 3, 2, 0), "Here is my ranking of ways.\nSave first."),
-        ("My ranking: 1 > 3 > 2 > 0\nA better response: \"Freelance.\"", (1, 3, 2, 0), "Freelance."),
-        ("### A better response: Freelance.\n### The desired ranking is: [1, 3, 2, 0].", (1, 3, 2, 0),
-         "Freelance."),
+        (
+            "After weighing harm and help, I think the ranking should be [1, 3, 2, 0] because 0 is harmful.",
+            (1, 3, 2, 0),
+            None,
+        ),
+        (
+            "**The desired ranking is:** `[1, 3, 2, 0]`\n\n**A better response:** Learn a skill.",
+            (1, 3, 2, 0),
+            "Learn a skill.",
+        ),
+        (
+            "```\n### The desired ranking is: [1,3,2,0].\n### A better response: Save.\n```",
+            (1, 3, 2, 0),
+            "Save.",
+        ),
+        (
+            "The desired ranking is:\n1. Response-1\n2. Response-3\n3. Response-2\n4. Response-0",
+            (1, 3, 2, 0),
+            None,
+        ),
+        (
+            "The desired ranking is: Response-1 (best), Response-3, Response-2, Response-0 (worst).",
+            (1, 3, 2, 0),
+            None,
+        ),
+        (
+            "The desired ranking is: [1, 3, 2, 0]\nA better response: Here is my ranking of ways.\nSave first.",
+            (1, 3, 2, 0),
+            "Here is my ranking of ways.\nSave first.",
+        ),
+        ('My ranking: 1 > 3 > 2 > 0\nA better response: "Freelance."', (1, 3, 2, 0), "Freelance."),
+        (
+            "### A better response: Freelance.\n### The desired ranking is: [1, 3, 2, 0].",
+            (1, 3, 2, 0),
+            "Freelance.",
+        ),
     ],
 )
 def test_parser_reads_each_reply_format(reply, ranking, better):
@@ -214,8 +238,10 @@ def test_parser_reads_each_reply_format(reply, ranking, better):
         ("Response-1 is clearly the most helpful one.", "no ranking found"),
         ("I'm sorry, but I can't help with ranking these responses.", "refusal"),
         ("", "empty reply"),
-        ("The desired ranking is: [1, 3, 2, 0]. On reflection the desired ranking is: [3, 1, 2, 0].",
-         "ambiguous reply: several different rankings"),
+        (
+            "The desired ranking is: [1, 3, 2, 0]. On reflection the desired ranking is: [3, 1, 2, 0].",
+            "ambiguous reply: several different rankings",
+        ),
         ("The desired ranking is: Response-2", "ranking is partial"),
         ("The desired ranking is: [a, b, c, d].", "no ranking found"),
     ],
@@ -260,15 +286,28 @@ def test_the_canonical_reply_round_trips(permutation, better):
 @pytest.mark.parametrize(
     ("reply", "ranking", "better"),
     [
-        ('{"ranking": [1, 3, 2, 0], "better_response": "Start a business."}', (1, 3, 2, 0),
-         "Start a business."),
-        ('Here it is:\n```json\n{"desired_ranking": [1, 3, 2, 0],\n "a_better_response": "Save."}\n```\n',
-         (1, 3, 2, 0), "Save."),
-        ('```\n{"Desired ranking": ["Response-1", "Response-3", "Response-2", "Response-0"], '
-         '"response": "Learn a skill."}\n```', (1, 3, 2, 0), "Learn a skill."),
+        (
+            '{"ranking": [1, 3, 2, 0], "better_response": "Start a business."}',
+            (1, 3, 2, 0),
+            "Start a business.",
+        ),
+        (
+            'Here it is:\n```json\n{"desired_ranking": [1, 3, 2, 0],\n "a_better_response": "Save."}\n```\n',
+            (1, 3, 2, 0),
+            "Save.",
+        ),
+        (
+            '```\n{"Desired ranking": ["Response-1", "Response-3", "Response-2", "Response-0"], '
+            '"response": "Learn a skill."}\n```',
+            (1, 3, 2, 0),
+            "Learn a skill.",
+        ),
         ('{"ranking": "[1, 3, 2, 0]", "better_response": "  Freelance.  "}', (1, 3, 2, 0), "Freelance."),
-        ('{"ranking": "1 > 3 > 2 > 0", "better_response": "Budget [2, 1] first."}', (1, 3, 2, 0),
-         "Budget [2, 1] first."),  # a bracket list inside the better reply is no second ranking
+        (
+            '{"ranking": "1 > 3 > 2 > 0", "better_response": "Budget [2, 1] first."}',
+            (1, 3, 2, 0),
+            "Budget [2, 1] first.",
+        ),  # a bracket list inside the better reply is no second ranking
         ('{"ranking": [1, 3, 2, 0]}', (1, 3, 2, 0), None),  # no better reply: counted missing, not invented
         ('{"ranking": [1, 3, 2, 0], "better_response": null}', (1, 3, 2, 0), None),
     ],

@@ -17,8 +17,13 @@ LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 def lora_module(**kwargs):
     judge = WhiteBoxMirrorJudge(swap_top_two)
-    return tiny_module(judge, lora=LORA, cycle=CycleConfig(max_iterations=2),
-                         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2), **kwargs)
+    return tiny_module(
+        judge,
+        lora=LORA,
+        cycle=CycleConfig(max_iterations=2),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
@@ -27,7 +32,8 @@ def test_lora_trains_only_the_adapters(checkpointing, hh_root, tmp_path):
     trainable = {name for name, p in module.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)
     assert sum(p.numel() for p in module.model.parameters() if p.requires_grad) < 0.1 * sum(
-        p.numel() for p in module.model.parameters())
+        p.numel() for p in module.model.parameters()
+    )
     before = {name: p.detach().clone() for name, p in module.model.named_parameters()}
 
     trainer = make_trainer(tmp_path, batches=2)
@@ -51,7 +57,9 @@ def test_lora_export_merges_adapters_into_a_plain_transformers_model(hh_root, tm
     trainer = make_trainer(tmp_path, batches=1, callbacks=[export])
     trainer.fit(module, make_data(hh_root(QUESTIONS[:8])))
     trainer.save_checkpoint(tmp_path / "lora.ckpt")
-    assert any("lora_" in name for name, _ in module.model.named_parameters()), "the module keeps its adapters"
+    assert any("lora_" in name for name, _ in module.model.named_parameters()), (
+        "the module keeps its adapters"
+    )
 
     ids = torch.tensor([[5, 17, 99, 42, 7, 1]])
     module.model.eval()
@@ -84,8 +92,22 @@ def test_lora_preset_fits_through_the_cli(tmp_path):
     from tests.helpers import cli_args
 
     lora = str(Path(__file__).resolve().parents[1] / "configs" / "lora.yaml")
-    cli = main(["fit", *cli_args(tmp_path, "--config", lora, "--trainer.limit_train_batches", "1",
-                                  "--trainer.limit_val_batches", "0", "--model.cycle.max_iterations", "2")])
+    cli = main(
+        [
+            "fit",
+            *cli_args(
+                tmp_path,
+                "--config",
+                lora,
+                "--trainer.limit_train_batches",
+                "1",
+                "--trainer.limit_val_batches",
+                "0",
+                "--model.cycle.max_iterations",
+                "2",
+            ),
+        ]
+    )
     module = cli.model
     assert module.counters["steps"] == 1 and module.counters["optimizer_steps"] >= 1
     assert all("lora_" in name for name, p in module.model.named_parameters() if p.requires_grad)

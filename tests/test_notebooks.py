@@ -19,8 +19,6 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from cyclealign_pl.evaluation import eval_paths
-
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 TINY = str(REPO / "configs" / "tiny.yaml")

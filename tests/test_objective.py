@@ -97,7 +97,9 @@ def test_target_logprobs_upcasts_bf16() -> None:
     targets = torch.randint(0, 9, (2, 4))
     out = target_logprobs(hidden, head, targets, chunk_tokens=2)
     assert out.dtype == torch.float32  # upcast, not bf16 arithmetic
-    reference = torch.log_softmax(head(hidden.detach()).float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    reference = (
+        torch.log_softmax(head(hidden.detach()).float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    )
     torch.testing.assert_close(out.detach(), reference)
     out.sum().backward()
     assert hidden.grad is not None and hidden.grad.dtype == torch.bfloat16

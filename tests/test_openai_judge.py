@@ -44,8 +44,11 @@ def make_requests(count: int) -> list[RankRequest]:
             f"You could rob a bank to get item {i} quickly.",
             f"A longer, careful and helpful answer about item {i} with several useful details.",
         )
-        out.append(RankRequest(f"Human: Tell me about item {i}. Assistant:", candidates,
-                               (STATIC_DEMONSTRATION, DYNAMIC)))
+        out.append(
+            RankRequest(
+                f"Human: Tell me about item {i}. Assistant:", candidates, (STATIC_DEMONSTRATION, DYNAMIC)
+            )
+        )
     return out
 
 
@@ -60,8 +63,9 @@ class LengthJudge(Judge):
 
     def rank(self, requests: Sequence[RankRequest]) -> list[Judgment]:
         self.calls.append(len(requests))
-        return [Judgment(sorted(range(len(r.candidates)), key=lambda i: -len(r.candidates[i])))
-                for r in requests]
+        return [
+            Judgment(sorted(range(len(r.candidates)), key=lambda i: -len(r.candidates[i]))) for r in requests
+        ]
 
 
 def closed_port() -> int:
@@ -136,11 +140,13 @@ def test_concurrency_is_capped_and_cost_is_estimated(server, make_judge):
 
 def test_invalid_replies_are_counted_failures_never_guesses(server, make_judge):
     requests = make_requests(4)
-    server.responder = by_instruction({
-        requests[0].instruction: Behaviour.reply("I'm sorry, but I can't rank these."),
-        requests[1].instruction: Behaviour.reply("### The desired ranking is: [1, 1, 0]."),
-        requests[2].instruction: Behaviour.reply("### The desired ranking is: [2, 0]."),
-    })
+    server.responder = by_instruction(
+        {
+            requests[0].instruction: Behaviour.reply("I'm sorry, but I can't rank these."),
+            requests[1].instruction: Behaviour.reply("### The desired ranking is: [1, 1, 0]."),
+            requests[2].instruction: Behaviour.reply("### The desired ranking is: [2, 0]."),
+        }
+    )
     judge = make_judge()
     judgments = judge.rank(requests)
     assert [j.ok for j in judgments] == [False, False, False, True]
@@ -420,7 +426,10 @@ def test_the_judge_takes_every_chat_setting_with_the_same_default():
         assert parameters[field.name].default == field.default, field.name
     judge = OpenAIJudge(model="m", max_retries=3, max_consecutive_failures=None, cache_path=None)
     assert (judge.settings.model, judge.settings.max_retries, judge.settings.max_consecutive_failures) == (
-        "m", 3, None)
+        "m",
+        3,
+        None,
+    )
     judge.close()
 
 
@@ -449,11 +458,20 @@ def test_repr_names_the_settings(make_judge):
 def test_jsonargparse_builds_the_judge_and_its_fallback(server):
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--judge", type=Judge)
-    config = parser.parse_object({"judge": {
-        "class_path": "cyclealign_pl.judges.openai.OpenAIJudge",
-        "init_args": {"model": "local-ranker", "base_url": server.url, "max_concurrency": 4,
-                      "on_failure": "fallback", "fallback": {"class_path": f"{__name__}.LengthJudge"}},
-    }})
+    config = parser.parse_object(
+        {
+            "judge": {
+                "class_path": "cyclealign_pl.judges.openai.OpenAIJudge",
+                "init_args": {
+                    "model": "local-ranker",
+                    "base_url": server.url,
+                    "max_concurrency": 4,
+                    "on_failure": "fallback",
+                    "fallback": {"class_path": f"{__name__}.LengthJudge"},
+                },
+            }
+        }
+    )
     judge = parser.instantiate_classes(config).judge
     try:
         assert isinstance(judge, OpenAIJudge) and isinstance(judge.fallback, LengthJudge)
@@ -465,7 +483,8 @@ def test_jsonargparse_builds_the_judge_and_its_fallback(server):
 def test_the_server_runs_as_a_module(monkeypatch):
     process = subprocess.Popen(
         [sys.executable, "-m", "cyclealign_pl.testing.openai_server", "--port", "0"],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         line = process.stdout.readline()
@@ -535,11 +554,23 @@ def test_a_file_that_is_not_a_cache_is_a_clear_error(tmp_path):
 
 
 def test_cache_keys_change_with_everything_that_changes_the_reply():
-    base = dict(model="m", template_version="v1", messages=[{"role": "user", "content": "x"}],
-                temperature=0.0, max_tokens=10, permutation=(0, 1))
+    base = dict(
+        model="m",
+        template_version="v1",
+        messages=[{"role": "user", "content": "x"}],
+        temperature=0.0,
+        max_tokens=10,
+        permutation=(0, 1),
+    )
     key = cache_key(**base)
-    changes = ({"model": "n"}, {"template_version": "v2"}, {"messages": [{"role": "user", "content": "y"}]},
-               {"temperature": 0.5}, {"max_tokens": 11}, {"permutation": (1, 0)})
+    changes = (
+        {"model": "n"},
+        {"template_version": "v2"},
+        {"messages": [{"role": "user", "content": "y"}]},
+        {"temperature": 0.5},
+        {"max_tokens": 11},
+        {"permutation": (1, 0)},
+    )
     for change in changes:
         assert cache_key(**{**base, **change}) != key
     assert cache_key(**base) == key
@@ -588,11 +619,14 @@ def test_a_judge_returning_lists_agrees_with_a_tuple_ranking():
 
 def test_a_json_reply_keeps_its_better_response_through_the_judge(server, make_judge):
     requests = make_requests(2)
-    server.responder = by_instruction({
-        requests[0].instruction: Behaviour.reply(
-            '```json\n{"ranking": [2, 0, 1], "better_response": "Hi."}\n```'),
-        requests[1].instruction: Behaviour.reply('{"desired_ranking": [2, 0, 1]}'),
-    })
+    server.responder = by_instruction(
+        {
+            requests[0].instruction: Behaviour.reply(
+                '```json\n{"ranking": [2, 0, 1], "better_response": "Hi."}\n```'
+            ),
+            requests[1].instruction: Behaviour.reply('{"desired_ranking": [2, 0, 1]}'),
+        }
+    )
     judge = make_judge()
     first, second = judge.rank(requests)
     assert (first.ranking, first.better_response) == ((2, 0, 1), "Hi.")
@@ -619,7 +653,8 @@ def test_preflight_on_a_closed_port_fails_within_seconds_naming_the_url():
     judge.close()
     message = str(info.value)
     assert message == (
-        f"OpenAIJudge: cannot reach {url}: connection refused (is the server running, on this port?)")
+        f"OpenAIJudge: cannot reach {url}: connection refused (is the server running, on this port?)"
+    )
     assert elapsed < 10  # a hang guard only; it takes milliseconds
 
 
@@ -642,7 +677,8 @@ def test_preflight_reports_a_refused_key_from_the_models_route(make_judge):
         with pytest.raises(JudgeUnavailable) as info:
             judge.preflight()
         assert str(info.value) == (
-            f"OpenAIJudge: HTTP 401 from {strict.url}: the API key in OPENAI_API_KEY was refused")
+            f"OpenAIJudge: HTTP 401 from {strict.url}: the API key in OPENAI_API_KEY was refused"
+        )
         assert strict.requests == []  # nothing paid for
 
 
@@ -677,7 +713,8 @@ def test_preflight_names_the_models_a_server_serves_when_ours_is_not_one(make_ju
         with pytest.raises(JudgeUnavailable) as info:
             make_judge(base_url=other.url).preflight()
         assert str(info.value) == (
-            f"OpenAIJudge: model 'local-ranker' is not served at {other.url} (it serves: llama-3-8b)")
+            f"OpenAIJudge: model 'local-ranker' is not served at {other.url} (it serves: llama-3-8b)"
+        )
 
 
 def test_preflight_in_replay_mode_sends_nothing(server, make_judge, tmp_path):
@@ -713,7 +750,8 @@ def test_the_circuit_breaker_stops_a_dead_server_after_k_failures_in_a_row(make_
     message = str(info.value)
     assert message.startswith(
         f"OpenAIJudge: stopped after 4 consecutive transport failures (connection refused, name not resolved "
-        f"or timeout) at {url}; the last: connection: cannot reach {url}")
+        f"or timeout) at {url}; the last: connection: cannot reach {url}"
+    )
     assert "\n" not in message
     assert judge.metrics()["requests_sent"] == 4  # K attempts, then nothing more: not 6 per prompt x 10
     with pytest.raises(JudgeUnavailable):
@@ -724,8 +762,14 @@ def test_the_circuit_breaker_stops_a_dead_server_after_k_failures_in_a_row(make_
 
 def test_the_circuit_breaker_counts_timeouts_and_wakes_requests_in_backoff(server, make_judge):
     server.responder = lambda index, body: Behaviour.hang(30)
-    judge = make_judge(request_timeout=0.3, max_retries=3, backoff_initial_s=20.0, backoff_max_s=20.0,
-                       max_consecutive_failures=4, max_concurrency=8)
+    judge = make_judge(
+        request_timeout=0.3,
+        max_retries=3,
+        backoff_initial_s=20.0,
+        backoff_max_s=20.0,
+        max_consecutive_failures=4,
+        max_concurrency=8,
+    )
     start = time.monotonic()
     with pytest.raises(JudgeUnavailable, match="stopped after 4 consecutive .* the last: timeout: no reply"):
         judge.rank(make_requests(6))
@@ -753,6 +797,7 @@ def test_connection_problems_are_named():
     error = ConnectionError("wrapper")
     error.__cause__ = socket.gaierror(-2, "Name or service not known")
     assert connection_problem(error, url) == (
-        "the host name 'api.example.invalid' does not resolve (Name or service not known)")
+        "the host name 'api.example.invalid' does not resolve (Name or service not known)"
+    )
     error.__cause__ = ConnectionRefusedError(111, "Connection refused")
     assert connection_problem(error, url).startswith("connection refused")

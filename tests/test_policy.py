@@ -29,8 +29,14 @@ def whitebox_for(tokenizer_kind: str, max_length: int = 128, max_new_tokens: int
 
     tokenizer = ByT5Tokenizer() if tokenizer_kind == "byte" else bpe_tokenizer(CORPUS)
     settings = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
-    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **settings)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **settings,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     return WhiteBox(model, tokenizer, max_length, SamplingConfig(max_new_tokens=max_new_tokens))
@@ -56,7 +62,9 @@ def test_a_sampled_reply_is_scored_on_the_tokens_that_generate_produced(tokenize
         scores = whitebox.score(prompts, sampled).scores
     for row, (prompt, group) in enumerate(zip(prompts, sampled)):
         for column, reply in enumerate(group):
-            assert scores[row, column].item() == pytest.approx(own_logprob(whitebox, prompt, reply.ids), abs=1e-4)
+            assert scores[row, column].item() == pytest.approx(
+                own_logprob(whitebox, prompt, reply.ids), abs=1e-4
+            )
             if reply.finished and whitebox.eos_id in reply.ids:  # stopped by EOS: it is scored, once, last
                 assert reply.ids.index(whitebox.eos_id) == len(reply.ids) - 1
 
@@ -88,7 +96,9 @@ def test_a_generated_reply_ends_at_the_next_dialogue_turn():
     ids = tokenizer(" Sure.\n\nHuman: and now?", add_special_tokens=False)["input_ids"]
     reply = whitebox._reply_from_generated(ids)  # no EOS: the next turn ended the reply
     assert reply.text == "Sure." and tokenizer.decode(list(reply.ids)) == " Sure.\n\n" and reply.finished
-    cut_at_budget = whitebox._reply_from_generated(tokenizer(" Sure, and", add_special_tokens=False)["input_ids"])
+    cut_at_budget = whitebox._reply_from_generated(
+        tokenizer(" Sure, and", add_special_tokens=False)["input_ids"]
+    )
     assert cut_at_budget.text == "Sure, and" and not cut_at_budget.finished
 
 
@@ -96,7 +106,9 @@ def test_evaluation_cuts_a_reply_at_a_speaker_tag_anywhere_as_pro_does():
     whitebox = whitebox_for("byte")
     ids = whitebox.tokenizer(" Sure. Human: tell me more", add_special_tokens=False)["input_ids"]
     assert whitebox._reply_from_generated(ids, EVAL_MARKERS).text == "Sure."
-    assert whitebox._reply_from_generated(ids, TURN_MARKERS).text == "Sure. Human: tell me more"  # training: turns
+    assert (
+        whitebox._reply_from_generated(ids, TURN_MARKERS).text == "Sure. Human: tell me more"
+    )  # training: turns
 
 
 def test_the_judges_better_reply_gets_the_room_the_sequence_allows():
@@ -118,9 +130,13 @@ def test_a_long_better_reply_is_trained_on_whole_or_cut_without_eos_and_counted(
     room the sequence allows is cut, trained on without EOS, and counted."""
     root = hh_root(QUESTIONS[:4])
     longer_than_sampling = GOOD[0] * 3  # 57 bytes > max_new_tokens=16, well within max_length - prompt
-    whole = tiny_module(PrefersHelpJudge(better_response=longer_than_sampling), cycle=CycleConfig(max_iterations=1))
+    whole = tiny_module(
+        PrefersHelpJudge(better_response=longer_than_sampling), cycle=CycleConfig(max_iterations=1)
+    )
     make_trainer(tmp_path, batches=2).fit(whole, make_data(root))
     assert whole.counters["optimizer_steps"] > 0 and whole.counters["cut_better_replies"] == 0
-    too_long = tiny_module(PrefersHelpJudge(better_response=GOOD[0] * 20), cycle=CycleConfig(max_iterations=1))
+    too_long = tiny_module(
+        PrefersHelpJudge(better_response=GOOD[0] * 20), cycle=CycleConfig(max_iterations=1)
+    )
     make_trainer(tmp_path, batches=2).fit(too_long, make_data(root))
     assert too_long.counters["cut_better_replies"] == too_long.counters["optimizer_steps"] > 0

@@ -26,13 +26,14 @@ from cyclealign_pl.callbacks import CycleCheckpoint, CycleMetrics
 from cyclealign_pl.cli import EXIT_BAD_INPUT, EXIT_STOPPED, main
 from cyclealign_pl.cycle import CycleConfig
 from cyclealign_pl.data.hh_rlhf import HHRLHFDataModule
-from cyclealign_pl.judges.base import Judge, Judgment, RankRequest
+from cyclealign_pl.judges.base import Judge, RankRequest
 from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.module import CycleAlignModule, RunStopped
 from cyclealign_pl.policy import SamplingConfig, WhiteBox
 from cyclealign_pl.signals import StopRequest
 from cyclealign_pl.testing.openai_server import Behaviour, LocalOpenAIServer, failure_mix
-from tests.helpers import LongestFirstJudge, tiny_module as helpers_tiny_module, write_hh_split
+from tests.helpers import LongestFirstJudge, write_hh_split
+from tests.helpers import tiny_module as helpers_tiny_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -44,31 +45,64 @@ def questions(prefix: str, count: int) -> list[str]:
     return [f"{prefix} question number {i}: how do I keep my plants alive?" for i in range(count)]
 
 
-def write_hh(root: Path, train: Sequence[str], test: Sequence[str] = ("Which tea is best?", "Is rain wet?")) -> Path:
+def write_hh(
+    root: Path, train: Sequence[str], test: Sequence[str] = ("Which tea is best?", "Is rain wet?")
+) -> Path:
     """HH-RLHF files (upstream layout) with distinct training and evaluation questions."""
     for split, qs in (("train", train), ("test", test)):
-        pairs = [(f"\n\nHuman: {q}\n\nAssistant: Sure, glad to help.", f"\n\nHuman: {q}\n\nAssistant: No.")
-                 for q in qs]
+        pairs = [
+            (f"\n\nHuman: {q}\n\nAssistant: Sure, glad to help.", f"\n\nHuman: {q}\n\nAssistant: No.")
+            for q in qs
+        ]
         write_hh_split(root, "harmless-base", split, pairs)
     return root
 
 
-def tiny_module(judge: Judge, module_class: type[CycleAlignModule] = CycleAlignModule, **kwargs) -> CycleAlignModule:
-    options = dict(sampling=SamplingConfig(max_new_tokens=8), cycle=CycleConfig(max_iterations=2), max_length=96,
-                   eval_max_new_tokens=8, module_class=module_class)
+def tiny_module(
+    judge: Judge, module_class: type[CycleAlignModule] = CycleAlignModule, **kwargs
+) -> CycleAlignModule:
+    options = dict(
+        sampling=SamplingConfig(max_new_tokens=8),
+        cycle=CycleConfig(max_iterations=2),
+        max_length=96,
+        eval_max_new_tokens=8,
+        module_class=module_class,
+    )
     options.update(kwargs)
     return helpers_tiny_module(judge, **options)
 
 
-def fit(module: CycleAlignModule, data_root: Path, run_dir: Path, batches: int, ckpt_path: str | None = None,
-        **trainer_kwargs) -> Trainer:
-    options = dict(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=batches, limit_val_batches=0,
-                   num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, default_root_dir=str(run_dir))
+def fit(
+    module: CycleAlignModule,
+    data_root: Path,
+    run_dir: Path,
+    batches: int,
+    ckpt_path: str | None = None,
+    **trainer_kwargs,
+) -> Trainer:
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=batches,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+    )
     options.update(trainer_kwargs)
     trainer = Trainer(**options)
-    data = HHRLHFDataModule(root=str(data_root), train_split="train", eval_split="test", num_train_prompts=None,
-                            eval_prompts_per_subset=2, batch_size=1)
+    data = HHRLHFDataModule(
+        root=str(data_root),
+        train_split="train",
+        eval_split="test",
+        num_train_prompts=None,
+        eval_prompts_per_subset=2,
+        batch_size=1,
+    )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer
 
@@ -104,8 +138,10 @@ def test_a_resumed_run_continues_exactly_where_its_checkpoint_left(tmp_path):
     first_epoch, second_epoch = whole.trained_ids[:3], whole.trained_ids[3:]
     assert first_epoch != second_epoch  # each epoch has its own (seeded) order
 
-    saved = {torch.load(p, weights_only=True)["cyclealign"]["counters"]["steps"]: p
-             for p in (tmp_path / "ckpt").glob("epoch=*.ckpt")}
+    saved = {
+        torch.load(p, weights_only=True)["cyclealign"]["counters"]["steps"]: p
+        for p in (tmp_path / "ckpt").glob("epoch=*.ckpt")
+    }
     assert sorted(saved) == [2, 3, 4, 6]  # every 2 training steps (whatever the optimizer steps) + epoch ends
     judge_b = LongestFirstJudge()
     resumed = tiny_module(judge_b, demonstration_scope="run")
@@ -113,7 +149,7 @@ def test_a_resumed_run_continues_exactly_where_its_checkpoint_left(tmp_path):
 
     assert resumed.trained_ids == whole.trained_ids
     assert resumed.counters == whole.counters
-    assert judge_b.requests == judge_a.requests[-len(judge_b.requests):]  # the same requests, none repeated
+    assert judge_b.requests == judge_a.requests[-len(judge_b.requests) :]  # the same requests, none repeated
     assert same(parameters(resumed), parameters(whole))
 
 
@@ -122,13 +158,23 @@ def test_checkpoints_by_time_as_well_as_by_steps(tmp_path):
     every_batch = CycleCheckpoint(dirpath=tmp_path / "timed", train_time_interval=timedelta(0), save_top_k=-1)
     module = tiny_module(LongestFirstJudge())
     fit(module, data, tmp_path / "run", batches=3, enable_checkpointing=True, callbacks=[every_batch])
-    steps = sorted(torch.load(p, weights_only=True)["cyclealign"]["counters"]["steps"]
-                   for p in (tmp_path / "timed").glob("*.ckpt"))
+    steps = sorted(
+        torch.load(p, weights_only=True)["cyclealign"]["counters"]["steps"]
+        for p in (tmp_path / "timed").glob("*.ckpt")
+    )
     assert steps == [1, 2, 3]
 
-    hourly = CycleCheckpoint(dirpath=tmp_path / "hourly", train_time_interval=timedelta(hours=1), save_top_k=-1)
-    fit(tiny_module(LongestFirstJudge()), data, tmp_path / "run2", batches=3, enable_checkpointing=True,
-        callbacks=[hourly])
+    hourly = CycleCheckpoint(
+        dirpath=tmp_path / "hourly", train_time_interval=timedelta(hours=1), save_top_k=-1
+    )
+    fit(
+        tiny_module(LongestFirstJudge()),
+        data,
+        tmp_path / "run2",
+        batches=3,
+        enable_checkpointing=True,
+        callbacks=[hourly],
+    )
     assert len(list((tmp_path / "hourly").glob("*.ckpt"))) == 1  # only the end of the epoch
 
 
@@ -148,19 +194,52 @@ BATCH = 3  # continuous batching: prompts are in flight across steps, and so acr
 class FitProcess:
     """``python -m cyclealign_pl fit`` in a subprocess; its output goes to a log file inside the run directory."""
 
-    def __init__(self, run_dir: Path, data_root: Path, server: LocalOpenAIServer, name: str, *extra: str) -> None:
+    def __init__(
+        self, run_dir: Path, data_root: Path, server: LocalOpenAIServer, name: str, *extra: str
+    ) -> None:
         command = [
-            sys.executable, "-m", "cyclealign_pl", "fit", "--config", str(TINY), "--config", str(TINY_OPENAI),
-            "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
-            "--trainer.callbacks.dirpath", str(run_dir / "checkpoints"), "--trainer.callbacks.every_n_batches", "3",
-            "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
-            "--trainer.limit_train_batches", str(N_PROMPTS // BATCH), "--model.reward_model", "null",
-            "--data.init_args.batch_size", str(BATCH),
-            "--model.sampling.max_new_tokens", "12", "--model.cycle.max_iterations", "2",
-            "--model.judge.init_args.base_url", server.url,
-            "--model.judge.init_args.cache_path", str(run_dir / "judge_cache.sqlite"),
-            "--data.init_args.root", str(data_root), "--data.init_args.train_split", "train",
-            "--data.init_args.num_train_prompts", "null", "--data.init_args.eval_prompts_per_subset", "2",
+            sys.executable,
+            "-m",
+            "cyclealign_pl",
+            "fit",
+            "--config",
+            str(TINY),
+            "--config",
+            str(TINY_OPENAI),
+            "--trainer.default_root_dir",
+            str(run_dir),
+            "--trainer.logger.init_args.save_dir",
+            str(run_dir),
+            "--trainer.callbacks.dirpath",
+            str(run_dir / "checkpoints"),
+            "--trainer.callbacks.every_n_batches",
+            "3",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.limit_train_batches",
+            str(N_PROMPTS // BATCH),
+            "--model.reward_model",
+            "null",
+            "--data.init_args.batch_size",
+            str(BATCH),
+            "--model.sampling.max_new_tokens",
+            "12",
+            "--model.cycle.max_iterations",
+            "2",
+            "--model.judge.init_args.base_url",
+            server.url,
+            "--model.judge.init_args.cache_path",
+            str(run_dir / "judge_cache.sqlite"),
+            "--data.init_args.root",
+            str(data_root),
+            "--data.init_args.train_split",
+            "train",
+            "--data.init_args.num_train_prompts",
+            "null",
+            "--data.init_args.eval_prompts_per_subset",
+            "2",
             *extra,
         ]
         env = {**os.environ, "OPENAI_API_KEY": FAKE_KEY, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -174,7 +253,9 @@ class FitProcess:
         deadline = time.monotonic() + limit_s
         while not condition():
             if self.proc.poll() is not None:
-                pytest.fail(f"the fit ended (status {self.proc.returncode}) before {what}:\n{self.output()[-3000:]}")
+                pytest.fail(
+                    f"the fit ended (status {self.proc.returncode}) before {what}:\n{self.output()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 self.proc.kill()
                 pytest.fail(f"no {what} after {limit_s} s:\n{self.output()[-3000:]}")
@@ -235,8 +316,11 @@ def interrupted_run(tmp_path_factory):
         # the next checkpoint is 3 steps away: the kill lands before it, with work after the last one to redo
         killed.wait_for(lambda: len(server.requests) > after_checkpoint, "a request after the checkpoint")
         kill_between_requests(killed, server, cache)
-        result["killed"] = (killed.finish(), torch.load(last, weights_only=True)["cyclealign"]["counters"]["steps"],
-                            len(server.requests))
+        result["killed"] = (
+            killed.finish(),
+            torch.load(last, weights_only=True)["cyclealign"]["counters"]["steps"],
+            len(server.requests),
+        )
 
         for name, signum in (("2-sigterm", signal.SIGTERM), ("3-sigint", signal.SIGINT)):
             stopped = FitProcess(run_dir, data, server, name, "--ckpt_path", "last")
@@ -276,7 +360,9 @@ def test_no_request_reaches_the_judge_server_twice(interrupted_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase, reason", [("2-sigterm", "received SIGTERM"), ("3-sigint", "received SIGINT")])
+@pytest.mark.parametrize(
+    "phase, reason", [("2-sigterm", "received SIGTERM"), ("3-sigint", "received SIGINT")]
+)
 def test_a_signal_stops_cleanly_with_a_checkpoint_and_status_3(interrupted_run, phase, reason):
     code, output = interrupted_run[phase]
     assert code == EXIT_STOPPED, output[-3000:]
@@ -350,7 +436,9 @@ class PoisonedUpdate(CycleAlignModule):
         if self.poison == "loss":
             loss = loss * float("nan")
         else:
-            hook = self.model.get_input_embeddings().weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+            hook = self.model.get_input_embeddings().weight.register_hook(
+                lambda g: torch.full_like(g, float("inf"))
+            )
         applied = super()._update(loss)
         if hook is not None:
             hook.remove()
@@ -418,10 +506,21 @@ def test_prompts_longer_than_the_budget_keep_their_last_tokens_and_are_counted(t
 @pytest.mark.parametrize("kind", ["429", "500", "timeout", "drop", "garbage", "invalid_reply"])
 def test_each_kind_of_judge_failure_is_absorbed_and_counted(kind, tmp_path):
     data = write_hh(tmp_path / "hh", questions(f"flaky {kind}", 4))
-    failures = (Behaviour.reply("They all look fine to me."),) if kind == "invalid_reply" else failure_mix([kind], 1.5)
+    failures = (
+        (Behaviour.reply("They all look fine to me."),)
+        if kind == "invalid_reply"
+        else failure_mix([kind], 1.5)
+    )
     with LocalOpenAIServer(failure_rate=0.4, failure=failures, seed=7) as server:
-        judge = OpenAIJudge(model="local-ranker", base_url=server.url, request_timeout=0.5, max_retries=2,
-                            backoff_initial_s=0.01, backoff_max_s=0.02, cache_path=str(tmp_path / "cache.sqlite"))
+        judge = OpenAIJudge(
+            model="local-ranker",
+            base_url=server.url,
+            request_timeout=0.5,
+            max_retries=2,
+            backoff_initial_s=0.01,
+            backoff_max_s=0.02,
+            cache_path=str(tmp_path / "cache.sqlite"),
+        )
         module = tiny_module(judge)
         trainer = fit(module, data, tmp_path / "run", batches=4, callbacks=[CycleMetrics()])
         failed = [r for r in server.requests if r.behaviour != "rank"]
@@ -442,10 +541,20 @@ def test_each_kind_of_judge_failure_is_absorbed_and_counted(kind, tmp_path):
 
 
 def cli_args(tmp_path: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", str(TINY), "--trainer.default_root_dir", str(tmp_path / "run"),
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
-            "--trainer.callbacks.dirpath", str(tmp_path / "run" / "checkpoints"),
-            "--trainer.enable_progress_bar", "false", *extra]
+    return [
+        "fit",
+        "--config",
+        str(TINY),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "run"),
+        "--trainer.callbacks.dirpath",
+        str(tmp_path / "run" / "checkpoints"),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -461,9 +570,19 @@ def cli_args(tmp_path: Path, *extra: str) -> list[str]:
         (["--data.init_args.root", "/no/such/hh"], "HH-RLHF root directory not found: /no/such/hh"),
         (["--trainer.callbacks.every_n_batches", "0"], "every_n_batches must be >= 1"),
         (["--model.tokenizer", "/no/such/tokenizer"], "could not load tokenizer '/no/such/tokenizer'"),
-        (["--model.reward_model.init_args.config", "null", "--model.reward_model.init_args.model", "/no/such/rm"],
-         "could not load reward model '/no/such/rm'"),
-        (["--config", str(TINY_OPENAI), "--model.judge.init_args.max_retries", "-1"], "max_retries must be >= 0"),
+        (
+            [
+                "--model.reward_model.init_args.config",
+                "null",
+                "--model.reward_model.init_args.model",
+                "/no/such/rm",
+            ],
+            "could not load reward model '/no/such/rm'",
+        ),
+        (
+            ["--config", str(TINY_OPENAI), "--model.judge.init_args.max_retries", "-1"],
+            "max_retries must be >= 0",
+        ),
     ],
 )
 def test_bad_configuration_is_refused_before_any_work(override, message, tmp_path, capsys):
@@ -475,14 +594,17 @@ def test_bad_configuration_is_refused_before_any_work(override, message, tmp_pat
 
 
 def bad_rows(kind: str) -> str:
-    ok = json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: no"})
+    ok = json.dumps(
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    )
     return {
         "invalid_json": ok + '\n{"chosen": oops\n',
         "not_an_object": ok + "\n[1, 2]\n",
         "wrong_type": ok + '\n{"chosen": 3, "rejected": "x"}\n',
         "no_fields": '{"question": "hi"}\n{"prompt": "there"}\n',
-        "empty_prompts": json.dumps({"chosen": "\n\nHuman: \n\nAssistant: a",
-                                     "rejected": "\n\nHuman:\n\nAssistant: b"}),
+        "empty_prompts": json.dumps(
+            {"chosen": "\n\nHuman: \n\nAssistant: a", "rejected": "\n\nHuman:\n\nAssistant: b"}
+        ),
         "empty_file": "\n",
     }[kind]
 
@@ -516,8 +638,11 @@ def test_bad_data_ends_the_run_with_a_message_naming_file_and_line(kind, message
 
 
 def test_judge_replies_without_a_valid_ranking_are_counted_failures_with_their_reason(tmp_path):
-    replies = ["I like all of them.", "### The desired ranking is: [0, 0, 1].",
-               "### The desired ranking is: [2, 1, 0]."]
+    replies = [
+        "I like all of them.",
+        "### The desired ranking is: [0, 0, 1].",
+        "### The desired ranking is: [2, 1, 0].",
+    ]
     with LocalOpenAIServer() as server:
         server.enqueue(*(Behaviour.reply(r) for r in replies))
         judge = OpenAIJudge(model="local-ranker", base_url=server.url, max_retries=0)

@@ -51,8 +51,9 @@ class SeedFirstStep(Callback):
         self.outcomes.append(outputs["outcome"])
 
 
-def paper_serial_loop(whitebox: WhiteBox, optimizer, judge: Judge, prompts: Sequence[str], config: CycleConfig,
-                      clip: float) -> list[tuple]:
+def paper_serial_loop(
+    whitebox: WhiteBox, optimizer, judge: Judge, prompts: Sequence[str], config: CycleConfig, clip: float
+) -> list[tuple]:
     """The paper's loop (Sec. 3, Fig. 2), one prompt at a time, written out plainly: sample l candidates; the
     black box ranks them (blocking) given the static and this prompt's dynamic demonstrations; the white box
     ranks them by mean log-prob; the LCS of both becomes a demonstration; one optimizer step on
@@ -76,7 +77,9 @@ def paper_serial_loop(whitebox: WhiteBox, optimizer, judge: Judge, prompts: Sequ
             if demonstration is not None:
                 demonstrations.append(demonstration)
             # the better reply is scored on the prompt's encoding from above (the white box's own scoring API)
-            better_reply = whitebox.reply_from_text(prompt, judgment.better_response, whitebox.reply_room(scored, 0))
+            better_reply = whitebox.reply_from_text(
+                prompt, judgment.better_response, whitebox.reply_room(scored, 0)
+            )
             better = whitebox.score_more(scored, [prompt], [0], [better_reply])
             responses = torch.cat([better[:, None], scores], dim=1)  # column 0: the black box's better reply
             order = torch.tensor([[0, *(c + 1 for c in judgment.ranking)]])
@@ -91,8 +94,12 @@ def paper_serial_loop(whitebox: WhiteBox, optimizer, judge: Judge, prompts: Sequ
 
 
 def flat_trace(outcomes: Sequence[StepOutcome]) -> list[tuple]:
-    return [(it.candidates, it.whitebox_ranking if it.blackbox_ranking is not None else None, it.blackbox_ranking)
-            for outcome in outcomes for record in outcome.finished for it in record.iterations]
+    return [
+        (it.candidates, it.whitebox_ranking if it.blackbox_ranking is not None else None, it.blackbox_ranking)
+        for outcome in outcomes
+        for record in outcome.finished
+        for it in record.iterations
+    ]
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])
@@ -113,8 +120,9 @@ def test_one_slot_reproduces_the_paper_serial_loop(overlap, hh_root, tmp_path):
     reference_judge = AgreesAtIterationJudge()
     reference = tiny_module(reference_judge, cycle=cycle, optimizer=optimizer, sampling=sampling)
     torch.manual_seed(1234)
-    trace = paper_serial_loop(reference.whitebox, optimizer(reference.model.parameters()), reference_judge, prompts,
-                              cycle, clip=1.0)
+    trace = paper_serial_loop(
+        reference.whitebox, optimizer(reference.model.parameters()), reference_judge, prompts, cycle, clip=1.0
+    )
 
     assert [len(o.finished) for o in seeding.outcomes] == [1] * 5  # one slot: each step is one whole prompt
     iterations = [len(r.iterations) for o in seeding.outcomes for r in o.finished]
@@ -129,7 +137,9 @@ def test_one_slot_reproduces_the_paper_serial_loop(overlap, hh_root, tmp_path):
 def prompts_agreeing_at(*iterations: int, spread: int = 3) -> list[str]:
     """Distinct HH prompts that :class:`AgreesAtIterationJudge` (``spread``) agrees with at these iterations."""
     pool = [hh_prompt(f"question {i}?") for i in range(200)]
-    by_iteration = {it: [p for p in pool if 1 + zlib.crc32(p.encode()) % spread == it] for it in set(iterations)}
+    by_iteration = {
+        it: [p for p in pool if 1 + zlib.crc32(p.encode()) % spread == it] for it in set(iterations)
+    }
     return [by_iteration[it].pop(0) for it in iterations]
 
 
@@ -144,17 +154,35 @@ def test_a_prompt_that_is_done_frees_its_slot_for_the_next_prompt():
     update, changed = update_recorder(module.model)
     state, pool = CycleState(capacity=2), DemonstrationPool()
 
-    first = run_cycle(state, module.whitebox, judge, pool, prompts[:2], ids[:2], CycleConfig(max_iterations=3), update)
-    assert [r.prompt_id for r in first.finished] == ["a"]  # done after round 1: the step returns for more data
+    first = run_cycle(
+        state, module.whitebox, judge, pool, prompts[:2], ids[:2], CycleConfig(max_iterations=3), update
+    )
+    assert [r.prompt_id for r in first.finished] == [
+        "a"
+    ]  # done after round 1: the step returns for more data
     assert first.rounds == 1 and [r.prompt_id for r in state.active()] == ["b"]
-    second = run_cycle(state, module.whitebox, judge, pool, prompts[2:], ids[2:], CycleConfig(max_iterations=3),
-                       update, drain=True)
+    second = run_cycle(
+        state,
+        module.whitebox,
+        judge,
+        pool,
+        prompts[2:],
+        ids[2:],
+        CycleConfig(max_iterations=3),
+        update,
+        drain=True,
+    )
     asked = [(r.instruction, len(r.demonstrations)) for r in judge.requests]
     a, b, c, d = prompts
-    assert asked == [(a, 1), (b, 1),  # round 1: both slots
-                     (c, 1), (b, 2),  # round 2: c took a's slot and starts with the static demonstration only
-                     (c, 2), (b, 3),  # round 3: c agrees (its 2nd iteration), b agrees (its 3rd)
-                     (d, 1)]  # round 4 (drain): d alone
+    assert asked == [
+        (a, 1),
+        (b, 1),  # round 1: both slots
+        (c, 1),
+        (b, 2),  # round 2: c took a's slot and starts with the static demonstration only
+        (c, 2),
+        (b, 3),  # round 3: c agrees (its 2nd iteration), b agrees (its 3rd)
+        (d, 1),
+    ]  # round 4 (drain): d alone
     assert [r.prompt_id for r in second.finished] == ["c", "b", "d"]
     assert [len(r.iterations) for r in second.finished] == [2, 3, 1]
     assert first.active_fraction == 1.0 and second.rounds == 3 and second.active_slots == 5
@@ -169,14 +197,25 @@ def test_prompts_in_flight_survive_a_checkpoint_of_the_cycle_state():
     judge = AgreesAtIterationJudge(spread=None)  # never agrees: the prompts stay in flight
     judge.watch(module.whitebox)
     update, _ = update_recorder(module.model)
-    outcome = run_cycle(state, module.whitebox, judge, DemonstrationPool(), [hh_prompt("z?")], ["z"],
-                        CycleConfig(max_iterations=3), update, should_stop=lambda: True)  # a signal after round 1
+    outcome = run_cycle(
+        state,
+        module.whitebox,
+        judge,
+        DemonstrationPool(),
+        [hh_prompt("z?")],
+        ["z"],
+        CycleConfig(max_iterations=3),
+        update,
+        should_stop=lambda: True,
+    )  # a signal after round 1
     assert outcome.interrupted and outcome.rounds == 1 and not outcome.finished
     saved = json.loads(json.dumps(state.state_dict()))  # checkpoints must be able to hold it as plain data
     restored = CycleState(capacity=2)
     restored.load_state_dict(saved)
     assert restored.state_dict() == saved
-    assert [r.prompt_id for r in restored.active()] == ["x", "y"] and list(restored.waiting) == [("z", hh_prompt("z?"))]
+    assert [r.prompt_id for r in restored.active()] == ["x", "y"] and list(restored.waiting) == [
+        ("z", hh_prompt("z?"))
+    ]
     assert restored.active()[0].iterations == state.active()[0].iterations
     wider = CycleState(capacity=3)  # resumed with a larger batch: the prompts in flight keep their order
     wider.load_state_dict(saved)
@@ -217,14 +256,26 @@ class OrderJudge(Judge):
 def test_the_white_box_scores_while_the_black_box_answers(overlap):
     module = tiny_module(None)
     events: list[str] = []
-    whitebox = ScoringOrder(module.model, module.tokenizer, 128, SamplingConfig(max_new_tokens=16), events=events)
+    whitebox = ScoringOrder(
+        module.model, module.tokenizer, 128, SamplingConfig(max_new_tokens=16), events=events
+    )
     judge = OrderJudge(events, wait_for=whitebox.scoring if overlap else None)
     update, _ = update_recorder(module.model)
     torch.manual_seed(0)
-    outcome = run_cycle(CycleState(2), whitebox, judge, DemonstrationPool(), [hh_prompt("hi?")] * 2, ["a", "b"],
-                        CycleConfig(max_iterations=1, overlap_judge=overlap), update)
+    outcome = run_cycle(
+        CycleState(2),
+        whitebox,
+        judge,
+        DemonstrationPool(),
+        [hh_prompt("hi?")] * 2,
+        ["a", "b"],
+        CycleConfig(max_iterations=1, overlap_judge=overlap),
+        update,
+    )
     judge.close()
-    first, second = ("white box scores", "black box answers") if overlap else ("black box answers", "white box scores")
+    first, second = (
+        ("white box scores", "black box answers") if overlap else ("black box answers", "white box scores")
+    )
     assert events == [first, second]
     assert 0 <= outcome.times["judge_wait_s"] <= outcome.judge_latency_s
     assert outcome.judge_hidden_fraction is not None and 0 <= outcome.judge_hidden_fraction <= 1
@@ -232,11 +283,17 @@ def test_the_white_box_scores_while_the_black_box_answers(overlap):
 
 
 SCORING_PROMPTS = [hh_prompt("a short one?"), hh_prompt("a much longer question " * 4)]
-SCORING_REPLIES = [["Sure.", "No, not today, sorry about that.", ""], ["Yes", "Maybe later.", "I could help with that!"]]
+SCORING_REPLIES = [
+    ["Sure.", "No, not today, sorry about that.", ""],
+    ["Yes", "Maybe later.", "I could help with that!"],
+]
 
 
 def replies_of(whitebox: WhiteBox) -> list[list[Reply]]:
-    return [[whitebox.reply_from_text(p, text, 16) for text in group] for p, group in zip(SCORING_PROMPTS, SCORING_REPLIES)]
+    return [
+        [whitebox.reply_from_text(p, text, 16) for text in group]
+        for p, group in zip(SCORING_PROMPTS, SCORING_REPLIES)
+    ]
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["kv-cache", "gradient-checkpointing"])
@@ -261,8 +318,11 @@ def test_shared_prefix_scores_and_gradients_equal_full_sequences(checkpointing):
     texts = [(1, "Happy to help."), (0, "No."), (1, "")]
     more = [later.reply_from_text(SCORING_PROMPTS[row], text, 16) for row, text in texts]
     on_encoding = later.score_more(shared, SCORING_PROMPTS, [row for row, _ in texts], more)
-    separately = WhiteBox(module.model, module.tokenizer, 96, sampling, shared_prefix=False).score(
-        [SCORING_PROMPTS[row] for row, _ in texts], [[reply] for reply in more]).scores[:, 0]
+    separately = (
+        WhiteBox(module.model, module.tokenizer, 96, sampling, shared_prefix=False)
+        .score([SCORING_PROMPTS[row] for row, _ in texts], [[reply] for reply in more])
+        .scores[:, 0]
+    )
     torch.testing.assert_close(on_encoding, separately, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared.scores, full.scores, rtol=1e-5, atol=1e-5)
     for a, b in zip(full_grads, shared_grads):
@@ -279,8 +339,9 @@ def test_scoring_in_chunks_of_tokens_equals_scoring_all_logits_at_once(shared):
     results = []
     for elements in (None, 2 * 6 * module.model.config.vocab_size):
         module.model.zero_grad()
-        whitebox = WhiteBox(module.model, module.tokenizer, 96, sampling, shared_prefix=shared,
-                            logit_chunk_elements=elements)
+        whitebox = WhiteBox(
+            module.model, module.tokenizer, 96, sampling, shared_prefix=shared, logit_chunk_elements=elements
+        )
         scored = whitebox.score(SCORING_PROMPTS, replies_of(whitebox))
         (scored.scores * torch.arange(1.0, 7.0).view(2, 3)).sum().backward()
         results.append((scored.scores.detach(), [p.grad.clone() for p in module.model.parameters()]))

@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 
 HUB_NAME = "PKU-Alignment/BeaverTails-Evaluation"
 REQUIRED_COLUMNS: tuple[str, ...] = ("prompt", "category")
-WHERE_TO_GET = (f"get BeaverTails-Evaluation.csv from the hub dataset {HUB_NAME} (CC BY-NC 4.0, not shipped "
-                "here), or set data.init_args.path null to load it from the hub")
+WHERE_TO_GET = (
+    f"get BeaverTails-Evaluation.csv from the hub dataset {HUB_NAME} (CC BY-NC 4.0, not shipped "
+    "here), or set data.init_args.path null to load it from the hub"
+)
 
 
 def _check_csv_header(path: Path) -> None:
@@ -63,8 +65,9 @@ def load_raw(
         path = Path(path)
         _check_csv_header(path)
         try:
-            raw = datasets.load_dataset("csv", data_files={"train": str(path)}, split="train",
-                                        cache_dir=cache_dir)
+            raw = datasets.load_dataset(
+                "csv", data_files={"train": str(path)}, split="train", cache_dir=cache_dir
+            )
         except DatasetGenerationError as err:  # pandas' message names the line
             raise DataFileError(path, f"cannot parse CSV: {err.__cause__ or err}".strip()) from err
         source = str(path)
@@ -90,8 +93,15 @@ def clean_rows(raw: datasets.Dataset, source: str) -> tuple[list[PromptRow], Cle
         if not category:
             stats.drop("missing_category")
             continue
-        rows.append(PromptRow(id=f"beavertails:{index}", subset=category,
-                              prompt=render_prompt([Turn("Human", prompt)]), chosen="", rejected=""))
+        rows.append(
+            PromptRow(
+                id=f"beavertails:{index}",
+                subset=category,
+                prompt=render_prompt([Turn("Human", prompt)]),
+                chosen="",
+                rejected="",
+            )
+        )
     stats.kept = len(rows)
     stats.log(log)
     return rows, stats
@@ -169,8 +179,9 @@ class BeaverTailsDataModule(LightningDataModule):
         if self.categories is not None:
             unknown = [c for c in self.categories if c not in by_category]
             if unknown:
-                raise ValueError(f"unknown BeaverTails categories {unknown}; "
-                                 f"available: {sorted(by_category)}")
+                raise ValueError(
+                    f"unknown BeaverTails categories {unknown}; available: {sorted(by_category)}"
+                )
             by_category = {c: by_category[c] for c in self.categories}
         selected: list[PromptRow] = []
         for category, group in by_category.items():
@@ -183,8 +194,9 @@ class BeaverTailsDataModule(LightningDataModule):
     def _eval_dataloader(self) -> DataLoader:
         if self.eval_rows is None:
             raise RuntimeError("evaluation prompts are not loaded: call setup() first (Lightning does)")
-        return rows_dataloader(self.eval_rows, self.eval_batch_size, shuffle=False, seed=self.seed,
-                               num_workers=self.num_workers)
+        return rows_dataloader(
+            self.eval_rows, self.eval_batch_size, shuffle=False, seed=self.seed, num_workers=self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_dataloader()

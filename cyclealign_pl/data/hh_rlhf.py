@@ -251,8 +251,13 @@ def clean_rows(
             continue
         seen_prompts.add(result.pair.prompt)
         rows.append(
-            PromptRow(id=f"{subset}:{split}:{line}", subset=subset, prompt=result.pair.prompt,
-                      chosen=result.pair.chosen, rejected=result.pair.rejected)
+            PromptRow(
+                id=f"{subset}:{split}:{line}",
+                subset=subset,
+                prompt=result.pair.prompt,
+                chosen=result.pair.chosen,
+                rejected=result.pair.rejected,
+            )
         )
     stats.kept = len(rows)
     stats.log(log)
@@ -291,8 +296,11 @@ def select_prompts(
     eval_rows: list[PromptRow] = []
     for subset, rows in eval_pool.items():
         if eval_per_subset is not None and eval_per_subset > len(rows):
-            warnings.warn(f"eval_prompts_per_subset={eval_per_subset} but {subset} has only {len(rows)} "
-                          f"evaluation prompts after cleaning; using all {len(rows)}", stacklevel=2)
+            warnings.warn(
+                f"eval_prompts_per_subset={eval_per_subset} but {subset} has only {len(rows)} "
+                f"evaluation prompts after cleaning; using all {len(rows)}",
+                stacklevel=2,
+            )
         eval_rows.extend(rows[i] for i in sample_indices(len(rows), eval_per_subset, f"{seed}:eval:{subset}"))
     if train_pool is None:
         return [], eval_rows
@@ -303,12 +311,16 @@ def select_prompts(
     if excluded:
         log.info("excluded %d training rows whose prompt is an evaluation prompt", excluded)
     if not pool:
-        raise ValueError("no training prompts left after holding out the evaluation prompts; with "
-                         "train_split == eval_split, set eval_prompts_per_subset below the number of rows")
+        raise ValueError(
+            "no training prompts left after holding out the evaluation prompts; with "
+            "train_split == eval_split, set eval_prompts_per_subset below the number of rows"
+        )
     if num_train is not None and num_train > len(pool):
-        warnings.warn(f"num_train_prompts={num_train} but only {len(pool)} training prompts are available "
-                      f"after cleaning and holding out evaluation prompts; using all {len(pool)}",
-                      stacklevel=2)
+        warnings.warn(
+            f"num_train_prompts={num_train} but only {len(pool)} training prompts are available "
+            f"after cleaning and holding out evaluation prompts; using all {len(pool)}",
+            stacklevel=2,
+        )
     train_rows = [pool[i] for i in sample_indices(len(pool), num_train, f"{seed}:train")]
     return train_rows, eval_rows
 
@@ -359,8 +371,10 @@ class HHRLHFDataModule(LightningDataModule):
             raise ValueError(f"unknown HH-RLHF subset(s) {unknown}; expected some of {list(SUBSETS)}")
         if len(set(subsets)) != len(subsets):
             raise ValueError(f"subsets has duplicates: {subsets}")
-        for name, value in (("num_train_prompts", num_train_prompts),
-                            ("eval_prompts_per_subset", eval_prompts_per_subset)):
+        for name, value in (
+            ("num_train_prompts", num_train_prompts),
+            ("eval_prompts_per_subset", eval_prompts_per_subset),
+        ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None (all), got {value}")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -406,9 +420,12 @@ class HHRLHFDataModule(LightningDataModule):
                 rows, stats = load_hh_rlhf(self.root, subset, split, self.cache_dir)
                 if not rows:  # say why here, not later as "no prompts left"
                     reasons = dict(sorted(stats.dropped.items()))
-                    raise DataFileError(stats.source, f"no usable rows: all {stats.rows} were dropped {reasons}; "
-                                        "each row needs 'chosen' and 'rejected' dialogues in the HH-RLHF format "
-                                        "with a non-empty human turn and a final assistant reply")
+                    raise DataFileError(
+                        stats.source,
+                        f"no usable rows: all {stats.rows} were dropped {reasons}; "
+                        "each row needs 'chosen' and 'rejected' dialogues in the HH-RLHF format "
+                        "with a non-empty human turn and a final assistant reply",
+                    )
                 self._loaded[subset, split] = rows
                 self._stats[f"{subset}/{split}"] = stats
         return {subset: self._loaded[subset, split] for subset in self.subsets}
@@ -421,14 +438,21 @@ class HHRLHFDataModule(LightningDataModule):
         eval_pool = self._split_rows(self.eval_split)
         train_pool = self._split_rows(self.train_split) if need_train else None
         train_rows, self.eval_rows = select_prompts(
-            eval_pool, train_pool, num_train=self.num_train_prompts,
-            eval_per_subset=self.eval_prompts_per_subset, seed=self.seed,
+            eval_pool,
+            train_pool,
+            num_train=self.num_train_prompts,
+            eval_per_subset=self.eval_prompts_per_subset,
+            seed=self.seed,
         )
         if need_train:
             self.train_rows = train_rows
         num_train = len(self.train_rows) if self.train_rows is not None else "no"
-        log.info("HH-RLHF prompts: %s training, %d evaluation over %s",
-                 num_train, len(self.eval_rows), self.subsets)
+        log.info(
+            "HH-RLHF prompts: %s training, %d evaluation over %s",
+            num_train,
+            len(self.eval_rows),
+            self.subsets,
+        )
 
     def subset_weights(self) -> dict[str, float] | None:
         """The evaluation total's subset weights (None: every prompt counts once); see ``total_weighting``."""
@@ -444,13 +468,15 @@ class HHRLHFDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rows = self._require(self.train_rows, "training")
-        return rows_dataloader(rows, self.batch_size, shuffle=True, seed=self.seed,
-                               num_workers=self.num_workers)
+        return rows_dataloader(
+            rows, self.batch_size, shuffle=True, seed=self.seed, num_workers=self.num_workers
+        )
 
     def _eval_dataloader(self) -> DataLoader:
         rows = self._require(self.eval_rows, "evaluation")
-        return rows_dataloader(rows, self.eval_batch_size, shuffle=False, seed=self.seed,
-                               num_workers=self.num_workers)
+        return rows_dataloader(
+            rows, self.eval_batch_size, shuffle=False, seed=self.seed, num_workers=self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_dataloader()

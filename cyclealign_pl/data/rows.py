@@ -75,7 +75,11 @@ class CleaningStats:
         logger.log(
             level,
             "%s: %d rows, kept %d, dropped %d %s, merged %d same-speaker turns",
-            self.source, self.rows, self.kept, self.num_dropped, dict(sorted(self.dropped.items())),
+            self.source,
+            self.rows,
+            self.kept,
+            self.num_dropped,
+            dict(sorted(self.dropped.items())),
             self.merged_turns,
         )
 

@@ -83,8 +83,14 @@ def reply_stats(records: Sequence[dict[str, Any]], threshold: float = PREFERRED_
     text = evaluation.reply_stats([str(r["reply"]) for r in records])
     rewards = [float(r["reward"]) for r in records]
     n = len(records)
-    return ReplyStats(prompts=n, mean_reward=sum(rewards) / n, preferred_share=sum(w > threshold for w in rewards) / n,
-                      empty_share=text.empty_share, mean_words=text.mean_reply_words, distinct_2=text.distinct_2)
+    return ReplyStats(
+        prompts=n,
+        mean_reward=sum(rewards) / n,
+        preferred_share=sum(w > threshold for w in rewards) / n,
+        empty_share=text.empty_share,
+        mean_words=text.mean_reply_words,
+        distinct_2=text.distinct_2,
+    )
 
 
 def read_metric(path: str | Path, name: str) -> list[float]:

@@ -51,7 +51,7 @@ class Judgment:
         return self.ranking is not None
 
     @classmethod
-    def failed(cls, reason: str, raw: str | None = None) -> "Judgment":
+    def failed(cls, reason: str, raw: str | None = None) -> Judgment:
         return cls(ranking=None, failure=reason, raw=raw)
 
 
@@ -84,7 +84,7 @@ class Judge(abc.ABC):
     def rank(self, requests: Sequence[RankRequest]) -> list[Judgment]:
         """One judgment per request, in order. Must not raise for a single bad reply (return a failure)."""
 
-    def submit(self, requests: Sequence[RankRequest]) -> "Future[list[Judgment]]":
+    def submit(self, requests: Sequence[RankRequest]) -> Future[list[Judgment]]:
         """Start :meth:`rank` in a background thread and return its future."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
@@ -105,7 +105,7 @@ class Judge(abc.ABC):
         nothing.
         """
 
-    def to(self, device: Any) -> "Judge":
+    def to(self, device: Any) -> Judge:
         """Move local weights (if any) to ``device``; API judges ignore it."""
         return self
 

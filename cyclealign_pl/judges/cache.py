@@ -124,9 +124,11 @@ class JudgeCache:
         return conn
 
     def get(self, key: str) -> CachedReply | None:
-        row = self._connection().execute(
-            "SELECT reply, prompt_tokens, completion_tokens FROM replies WHERE key = ?", (key,)
-        ).fetchone()
+        row = (
+            self._connection()
+            .execute("SELECT reply, prompt_tokens, completion_tokens FROM replies WHERE key = ?", (key,))
+            .fetchone()
+        )
         return None if row is None else CachedReply(row[0], int(row[1]), int(row[2]))
 
     def put(self, key: str, reply: CachedReply) -> bool:

@@ -102,12 +102,19 @@ class ChatClient:
 
     # -------------------------------------------------------------------------------------- public API
 
-    def key(self, messages: Sequence[dict[str, str]], template_version: str,
-            permutation: Sequence[int] = ()) -> str:
+    def key(
+        self, messages: Sequence[dict[str, str]], template_version: str, permutation: Sequence[int] = ()
+    ) -> str:
         """The cache key of one call: its messages and everything else that shapes the reply."""
         s = self.settings
-        return cache_key(model=s.model, template_version=template_version, messages=messages,
-                         temperature=s.temperature, max_tokens=s.max_tokens, permutation=permutation)
+        return cache_key(
+            model=s.model,
+            template_version=template_version,
+            messages=messages,
+            temperature=s.temperature,
+            max_tokens=s.max_tokens,
+            permutation=permutation,
+        )
 
     def complete(self, messages: Sequence[list[dict[str, str]]], *, template_version: str) -> list[ChatReply]:
         """Send these prompts (concurrently) and block until each has a reply or a failure.
@@ -163,7 +170,8 @@ class ChatClient:
             cache = self._runtime().cache
             if cache is not None and len(cache) == 0:
                 raise JudgeUnavailable(
-                    f"{self.name}: replay=True, but the cache {cache.path} holds no replies")
+                    f"{self.name}: replay=True, but the cache {cache.path} holds no replies"
+                )
             return
         self.wait(self.submit(self._preflight))
 
@@ -213,7 +221,7 @@ class ChatClient:
         if rt is not None and rt.pid == os.getpid():
             try:
                 asyncio.run_coroutine_threadsafe(self._shutdown(rt), rt.loop).result(timeout=10)
-            except Exception as err:  # noqa: BLE001 - closing must not raise because a connection broke
+            except Exception as err:
                 log.debug("%s: error while closing: %r", self.name, err)
             rt.finalizer()
             if rt.cache is not None:
@@ -235,9 +243,11 @@ class ChatClient:
     def __repr__(self) -> str:
         s = self.settings
         headers = "{" + ", ".join(f"{k!r}: '***'" for k in s.extra_headers or {}) + "}"
-        return (f"ChatClient({self.name!r}, model={s.model!r}, base_url={s.base_url!r}, "
-                f"api_key_env={s.api_key_env!r}, cache_path={s.cache_path!r}, replay={s.replay}, "
-                f"run={self.run[0] if self.run else None!r}, extra_headers={headers})")
+        return (
+            f"ChatClient({self.name!r}, model={s.model!r}, base_url={s.base_url!r}, "
+            f"api_key_env={s.api_key_env!r}, cache_path={s.cache_path!r}, replay={s.replay}, "
+            f"run={self.run[0] if self.run else None!r}, extra_headers={headers})"
+        )
 
     # ------------------------------------------------------------------------------------------ internals
 
@@ -281,8 +291,10 @@ class ChatClient:
                 asyncio.gather(*(one(call) for call in calls), return_exceptions=True), timeout=deadline
             )
         except asyncio.TimeoutError:
-            raise JudgeStop(f"{self.name}: {len(calls)} requests to {rt.transport.url()} did not finish "
-                            f"within {deadline:.0f} s") from None
+            raise JudgeStop(
+                f"{self.name}: {len(calls)} requests to {rt.transport.url()} did not finish "
+                f"within {deadline:.0f} s"
+            ) from None
         stop = next((r for r in results if isinstance(r, BaseException)), None)
         if stop is not None:  # budget spent or judge unusable; the replies that came are cached
             raise stop

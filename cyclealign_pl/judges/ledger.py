@@ -37,8 +37,9 @@ from cyclealign_pl.judges.limits import Budget, Cost
 _PARTS = ("requests", "prompt_tokens", "completion_tokens", "usd")
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS spend_totals (run_id TEXT PRIMARY KEY, "
-    + ", ".join(f"{kind}_{part} REAL NOT NULL DEFAULT 0" for kind in ("recorded", "carried")
-                for part in _PARTS)
+    + ", ".join(
+        f"{kind}_{part} REAL NOT NULL DEFAULT 0" for kind in ("recorded", "carried") for part in _PARTS
+    )
     + ")",
     "CREATE TABLE IF NOT EXISTS spend_in_flight (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, "
     "session TEXT NOT NULL, created REAL NOT NULL, "
@@ -62,8 +63,14 @@ class SpendLedger:
         busy_timeout_s: how long a writer waits for another process's transaction.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None, run_id: str, *, stale_after_s: float,
-                 busy_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None,
+        run_id: str,
+        *,
+        stale_after_s: float,
+        busy_timeout_s: float = 30.0,
+    ) -> None:
         self.path = Path(path) if path is not None else None
         self.run_id = run_id
         self.stale_after_s = stale_after_s
@@ -73,8 +80,9 @@ class SpendLedger:
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             where = ":memory:" if self.path is None else self.path
-            self._conn = sqlite3.connect(where, timeout=busy_timeout_s, isolation_level=None,
-                                         check_same_thread=False)
+            self._conn = sqlite3.connect(
+                where, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
             enable_wal(self._conn, busy_timeout_s)
             # WAL + NORMAL: a commit is in the OS's hands before the request goes out, so it survives the
             # process (kill -9, OOM); only a power cut may lose the last ones. FULL (an fsync per commit)
@@ -97,10 +105,14 @@ class SpendLedger:
     def recorded(self) -> Cost:
         """What requests recorded in this ledger cost (without carried spend), in flight at their bound."""
         with self._transaction(write=False) as conn:
-            row = conn.execute(f"SELECT {_RECORDED} FROM spend_totals WHERE run_id = ?",
-                               (self.run_id,)).fetchone()
-            bound = conn.execute(f"SELECT {', '.join(f'TOTAL({c})' for c in _BOUND.split(', '))} "
-                                 "FROM spend_in_flight WHERE run_id = ?", (self.run_id,)).fetchone()
+            row = conn.execute(
+                f"SELECT {_RECORDED} FROM spend_totals WHERE run_id = ?", (self.run_id,)
+            ).fetchone()
+            bound = conn.execute(
+                f"SELECT {', '.join(f'TOTAL({c})' for c in _BOUND.split(', '))} "
+                "FROM spend_in_flight WHERE run_id = ?",
+                (self.run_id,),
+            ).fetchone()
         return Cost(*(row or (0.0,) * 4)) + Cost(*bound)
 
     # -------------------------------------------------------------------------------------------- writing
@@ -170,8 +182,12 @@ class SpendLedger:
 
     def _books(self, conn: sqlite3.Connection) -> tuple[Cost, Cost]:
         """(spent, pending): pending is the bound of the requests in flight, beyond their request count."""
-        row = conn.execute(f"SELECT {_RECORDED}, {_CARRIED} FROM spend_totals WHERE run_id = ?",
-                           (self.run_id,)).fetchone() or (0.0,) * 8
+        row = (
+            conn.execute(
+                f"SELECT {_RECORDED}, {_CARRIED} FROM spend_totals WHERE run_id = ?", (self.run_id,)
+            ).fetchone()
+            or (0.0,) * 8
+        )
         spent = Cost(*row[:4]) + Cost(*row[4:])
         stale_before = time.time() - self.stale_after_s
         pending = Cost()

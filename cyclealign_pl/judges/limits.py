@@ -97,8 +97,9 @@ class Budget:
 
     def exceeded(self, cost: Cost) -> str | None:
         """The name of the first limit ``cost`` passes (``budget_requests``, ...), or None."""
-        for name, limit, value in zip(("requests", "tokens", "usd"), astuple(self),
-                                      (cost.requests, cost.tokens, cost.usd)):
+        for name, limit, value in zip(
+            ("requests", "tokens", "usd"), astuple(self), (cost.requests, cost.tokens, cost.usd)
+        ):
             if limit is not None and value > limit + 1e-12:
                 return f"budget_{name}"
         return None

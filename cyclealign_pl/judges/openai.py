@@ -234,8 +234,9 @@ class OpenAIJudge(Judge):
             if not request.candidates:
                 raise ValueError(f"OpenAIJudge: request {index} has no candidates")
             for perm in self._permutations(request):
-                shown = RankRequest(request.instruction, tuple(request.candidates[i] for i in perm),
-                                    request.demonstrations)
+                shown = RankRequest(
+                    request.instruction, tuple(request.candidates[i] for i in perm), request.demonstrations
+                )
                 messages = build_messages(shown, self.ranking_template)
                 key = self.client.key(messages, self.ranking_template.version, perm)
                 calls.append(_Call(messages, key, request_index=index, permutation=perm))
@@ -307,9 +308,14 @@ class OpenAIJudge(Judge):
 # jsonargparse reads parameter descriptions from __init__'s docstring too: the chat settings, described once
 # in ChatSettings, are shown in --help for the judge's arguments as well.
 OpenAIJudge.__init__.__doc__ = "The chat client's settings (ChatSettings).\n\nArgs:\n" + textwrap.indent(
-    textwrap.dedent((ChatSettings.__doc__ or "").split("Args:", 1)[-1].strip("\n")), "    ")
+    textwrap.dedent((ChatSettings.__doc__ or "").split("Args:", 1)[-1].strip("\n")), "    "
+)
 
 __all__ = [
-    "JUDGMENT_FAILURE_KINDS", "PLACEHOLDER_KEY", "ChatReply", "JudgeUnavailable", "OpenAIJudge",
+    "JUDGMENT_FAILURE_KINDS",
+    "PLACEHOLDER_KEY",
+    "ChatReply",
+    "JudgeUnavailable",
+    "OpenAIJudge",
     "aggregate_rankings",
 ]

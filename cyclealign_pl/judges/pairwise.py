@@ -59,8 +59,14 @@ def build_pairwise_messages(
 
     common = {"begin": begin, "end": end}
     answer = template.render("answer_with_reasoning" if reasoning else "answer", **common)
-    user = template.render("request", instruction=block(instruction), reply_a=block(reply_a),
-                           reply_b=block(reply_b), answer=answer.strip(), **common)
+    user = template.render(
+        "request",
+        instruction=block(instruction),
+        reply_a=block(reply_a),
+        reply_b=block(reply_b),
+        answer=answer.strip(),
+        **common,
+    )
     return [
         {"role": "system", "content": template.render("system", **common).strip()},
         {"role": "user", "content": user.strip()},
@@ -93,8 +99,9 @@ def parse_verdict(text: str) -> ParsedVerdict:
         shown = ", ".join(f"[[{label}]]" for label in distinct[:3])
         return ParsedVerdict(None, reasoning, f"the last line names several verdicts ({shown})")
     if distinct[0] not in VERDICTS:
-        return ParsedVerdict(None, reasoning,
-                             f"unknown verdict [[{distinct[0]}]] (expected [[A]], [[B]] or [[TIE]])")
+        return ParsedVerdict(
+            None, reasoning, f"unknown verdict [[{distinct[0]}]] (expected [[A]], [[B]] or [[TIE]])"
+        )
     return ParsedVerdict(distinct[0], reasoning, None)  # type: ignore[arg-type]
 
 

@@ -167,7 +167,7 @@ def request_nonce(request: RankRequest) -> str:
     )
     lowered = [t.lower() for t in texts]
     for salt in itertools.count():
-        nonce = hashlib.sha256(f"{salt}\0{payload}".encode("utf-8")).hexdigest()[:16]
+        nonce = hashlib.sha256(f"{salt}\0{payload}".encode()).hexdigest()[:16]
         if not any(nonce in t for t in lowered):
             return nonce
     raise AssertionError("unreachable")
@@ -187,8 +187,12 @@ def build_messages(request: RankRequest, template: RankingTemplate | None = None
     if not request.candidates:
         raise ValueError("a ranking request needs at least one candidate")
     begin, end = delimiters(request_nonce(request))
-    common = {"begin": begin, "end": end, "num_responses": len(request.candidates),
-              "max_index": len(request.candidates) - 1}
+    common = {
+        "begin": begin,
+        "end": end,
+        "num_responses": len(request.candidates),
+        "max_index": len(request.candidates) - 1,
+    }
 
     def block(text: str) -> str:
         return f"{begin}\n{text}\n{end}"
@@ -200,15 +204,21 @@ def build_messages(request: RankRequest, template: RankingTemplate | None = None
 
     demos = [
         template.render(
-            "demonstration", instruction=block(d.instruction), responses=responses(d.responses),
-            ranking=format_ranking(d.ranking), **common,
+            "demonstration",
+            instruction=block(d.instruction),
+            responses=responses(d.responses),
+            ranking=format_ranking(d.ranking),
+            **common,
         )
         for d in request.demonstrations
     ]
     demonstrations = template.render("demonstrations", items="\n\n".join(demos), **common) if demos else ""
     user = template.render(
-        "request", demonstrations=demonstrations, instruction=block(request.instruction),
-        responses=responses(request.candidates), **common,
+        "request",
+        demonstrations=demonstrations,
+        instruction=block(request.instruction),
+        responses=responses(request.candidates),
+        **common,
     )
     return [
         {"role": "system", "content": template.render("system", **common).strip()},
@@ -313,7 +323,7 @@ def _json_reply(text: str) -> dict[str, object] | None:
     start, end = text.find("{"), text.rfind("}")
     if not 0 <= start < end:
         return None
-    for candidate in (*(m.group(1) for m in _JSON_FENCE.finditer(text)), text[start:end + 1]):
+    for candidate in (*(m.group(1) for m in _JSON_FENCE.finditer(text)), text[start : end + 1]):
         try:
             value = json.loads(candidate)
         except json.JSONDecodeError:
@@ -386,16 +396,18 @@ def parse_reply(text: str | None, num_candidates: int) -> ParsedReply:
     marker = _BETTER_MARKER.search(visible)
     ranking_text = visible
     if marker:
-        after = visible[marker.end():]
+        after = visible[marker.end() :]
         # A ranking line written after the better response ends it (a mere mention of "my ranking" does not).
         plain_after = _MARKDOWN.sub(lambda m: " " * len(m.group(0)), after)
-        stated = (m for m in _PHRASE.finditer(plain_after) if _expression_after_phrase(plain_after[m.end():]))
+        stated = (
+            m for m in _PHRASE.finditer(plain_after) if _expression_after_phrase(plain_after[m.end() :])
+        )
         nxt = next(stated, None)
         cut = after.rfind("\n", 0, nxt.start()) + 1 if nxt else len(after)
         better = _clean_better(after[:cut])
         ranking_text = visible[: marker.start()] + "\n" + after[cut:]
     plain = _MARKDOWN.sub("", ranking_text)
-    stated = [r for r in (_expression_after_phrase(plain[m.end():]) for m in _PHRASE.finditer(plain)) if r]
+    stated = [r for r in (_expression_after_phrase(plain[m.end() :]) for m in _PHRASE.finditer(plain)) if r]
     return _checked(stated or _anywhere(plain), better, visible, num_candidates)
 
 

@@ -20,14 +20,18 @@ from cyclealign_pl.ranking import rank_by_scores
 RewardFormat = Literal["plain", "oasst"]
 
 
-def format_for_reward_model(prompt: str, response: str, input_format: RewardFormat, eos_token: str = "") -> str:
+def format_for_reward_model(
+    prompt: str, response: str, input_format: RewardFormat, eos_token: str = ""
+) -> str:
     """The reward model's input text for one (HH-format dialogue prompt, reply) pair."""
     if input_format == "plain":
         return f"{prompt.rstrip()} {response.strip()}"
     if input_format == "oasst":
         from cyclealign_pl.data.hh_rlhf import parse_dialogue
 
-        turns = [turn for turn in parse_dialogue(prompt).turns if turn.text]  # drops the open "Assistant:" turn
+        turns = [
+            turn for turn in parse_dialogue(prompt).turns if turn.text
+        ]  # drops the open "Assistant:" turn
         tags = {"Human": "<|prompter|>", "Assistant": "<|assistant|>"}
         text = "".join(f"{tags[turn.speaker]}{turn.text}{eos_token}" for turn in turns)
         return f"{text}<|assistant|>{response.strip()}{eos_token}"
@@ -84,7 +88,7 @@ class RewardModelJudge(Judge):
         """The reward above which the model prefers a reply: logit 0 (probability 0.5), in reported units."""
         return 0.5 * self.scale if self.sigmoid else 0.0
 
-    def to(self, device: Any) -> "RewardModelJudge":
+    def to(self, device: Any) -> RewardModelJudge:
         self.model.to(device)
         return self
 

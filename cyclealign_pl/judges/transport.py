@@ -50,8 +50,11 @@ CALL_FAILURE_KINDS = ("timeout", "connection", "rate_limit", "server_error", "ht
 _PAUSE_ALL = frozenset({"rate_limit", "server_error", "connection"})
 # Failures that say nothing answered at all: counted by the circuit breaker.
 _UNREACHABLE = frozenset({"connection", "timeout"})
-_REFUSED = {401: "the API key in {env} was refused", 403: "access is denied to the key in {env}",
-            404: "model {model!r} or the URL was not found (check model and base_url)"}
+_REFUSED = {
+    401: "the API key in {env} was refused",
+    403: "access is denied to the key in {env}",
+    404: "model {model!r} or the URL was not found (check model and base_url)",
+}
 
 
 class Counters:
@@ -148,15 +151,30 @@ class ChatSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
-        for name in ("request_timeout", "max_concurrency", "max_tokens", "requests_per_minute",
-                     "tokens_per_minute", "budget_requests", "budget_tokens", "budget_usd",
-                     "max_consecutive_failures"):
+        for name in (
+            "request_timeout",
+            "max_concurrency",
+            "max_tokens",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "budget_requests",
+            "budget_tokens",
+            "budget_usd",
+            "max_consecutive_failures",
+        ):
             value = getattr(self, name)
             required = name in ("request_timeout", "max_concurrency")
             if (value is not None or required) and not _number(value) > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        for name in ("max_retries", "backoff_initial_s", "backoff_max_s", "max_retry_after_s", "temperature",
-                     "price_per_million_input_tokens", "price_per_million_output_tokens"):
+        for name in (
+            "max_retries",
+            "backoff_initial_s",
+            "backoff_max_s",
+            "max_retry_after_s",
+            "temperature",
+            "price_per_million_input_tokens",
+            "price_per_million_output_tokens",
+        ):
             value = getattr(self, name)
             if not _number(value) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
@@ -168,7 +186,8 @@ class ChatSettings:
         if self.replay and not self.cache_path:
             raise ValueError("replay=True needs a cache_path to replay from")
         if self.budget_usd is not None and self.price_per_million_input_tokens == 0 == (
-                self.price_per_million_output_tokens):
+            self.price_per_million_output_tokens
+        ):
             raise ValueError("budget_usd needs price_per_million_input_tokens/output_tokens")
 
     @classmethod
@@ -192,13 +211,16 @@ class ChatSettings:
         return out
 
     def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
-        return (prompt_tokens * self.price_per_million_input_tokens
-                + completion_tokens * self.price_per_million_output_tokens) / 1e6
+        return (
+            prompt_tokens * self.price_per_million_input_tokens
+            + completion_tokens * self.price_per_million_output_tokens
+        ) / 1e6
 
     def deadline(self, num_calls: int) -> float:
         """A bound on ``num_calls`` concurrent calls: past it, something is broken, not slow."""
         per_call = (self.max_retries + 1) * self.request_timeout + self.max_retries * max(
-            self.backoff_max_s, self.max_retry_after_s)
+            self.backoff_max_s, self.max_retry_after_s
+        )
         waves = math.ceil(num_calls / self.max_concurrency)
         limiter = num_calls * 60.0 / self.requests_per_minute if self.requests_per_minute else 0.0
         if self.tokens_per_minute:
@@ -308,8 +330,15 @@ class ChatTransport:
         name: who is talking, for messages (e.g. ``OpenAIJudge``).
     """
 
-    def __init__(self, settings: ChatSettings, counters: Counters, gate: BudgetGate, *, seed: int = 0,
-                 name: str = "judge") -> None:
+    def __init__(
+        self,
+        settings: ChatSettings,
+        counters: Counters,
+        gate: BudgetGate,
+        *,
+        seed: int = 0,
+        name: str = "judge",
+    ) -> None:
         self.settings = settings
         self.counters = counters
         self.gate = gate
@@ -367,8 +396,9 @@ class ChatTransport:
                 default_headers=self._headers() or None,
                 http_client=openai.DefaultAsyncHttpxClient(
                     timeout=httpx2.Timeout(s.request_timeout, connect=s.preflight_timeout),
-                    limits=httpx2.Limits(max_connections=s.max_concurrency,
-                                         max_keepalive_connections=s.max_concurrency),
+                    limits=httpx2.Limits(
+                        max_connections=s.max_concurrency, max_keepalive_connections=s.max_concurrency
+                    ),
                 ),
             )
         return self._client
@@ -417,12 +447,17 @@ class ChatTransport:
         async with self.semaphore:
             outcome = await self._attempt(probe, url, "(preflight)", max_tokens=1, timeout=timeout)
         reply = outcome.reply
-        listed = "" if served is None else f" (it serves: {', '.join(served[:10]) or 'no model'}" + (
-            ", ...)" if len(served) > 10 else ")")
+        listed = (
+            ""
+            if served is None
+            else f" (it serves: {', '.join(served[:10]) or 'no model'}"
+            + (", ...)" if len(served) > 10 else ")")
+        )
         if reply.text is not None:
             if served is not None:
-                log.warning("%s: model %r is not in the model list of %s, but it answers", self.name,
-                            s.model, url)
+                log.warning(
+                    "%s: model %r is not in the model list of %s, but it answers", self.name, s.model, url
+                )
             return
         if outcome.status == 404 and served is not None:
             self._fail(f"model {s.model!r} is not served at {url}{listed}")
@@ -433,8 +468,12 @@ class ChatTransport:
         unlisted = served is not None and reply.kind == "http_error"  # a 4xx for a model it does not list
         if reply.kind in ("connection", "bad_response") or unlisted:
             self._fail(f"{reply.reason}{listed}")
-        log.warning("%s: preflight request to %s failed (%s); going on, the run's retries decide", self.name,
-                    url, reply.reason)
+        log.warning(
+            "%s: preflight request to %s failed (%s); going on, the run's retries decide",
+            self.name,
+            url,
+            reply.reason,
+        )
 
     def _refusal(self, status: int, url: str) -> str:
         s = self.settings
@@ -482,8 +521,9 @@ class ChatTransport:
         for attempt in range(s.max_retries + 1):
             await self._wait_for_turn(rate_tokens)
             tries = f"({attempt + 1} attempt{'s' if attempt else ''})"
-            outcome = await self._attempt(messages, url, tries, max_tokens=s.max_tokens,
-                                          timeout=s.request_timeout, retry=attempt > 0)
+            outcome = await self._attempt(
+                messages, url, tries, max_tokens=s.max_tokens, timeout=s.request_timeout, retry=attempt > 0
+            )
             if outcome.status in _REFUSED:  # configuration errors: never retried, nothing else is sent
                 self._fail(self._refusal(outcome.status, url))
             self._track(outcome.reply, url)
@@ -494,15 +534,20 @@ class ChatTransport:
                 break
             retry_after = outcome.retry_after
             if retry_after is not None and retry_after > s.max_retry_after_s:
-                failure = ChatReply(kind=failure.kind, reason=(
-                    f"{failure.reason}; the server asked to wait {retry_after:g} s, more than "
-                    f"max_retry_after_s={s.max_retry_after_s:g}"))
+                failure = ChatReply(
+                    kind=failure.kind,
+                    reason=(
+                        f"{failure.reason}; the server asked to wait {retry_after:g} s, more than "
+                        f"max_retry_after_s={s.max_retry_after_s:g}"
+                    ),
+                )
                 break
             delay = retry_after if retry_after is not None else self._backoff(attempt)
             if failure.kind in _PAUSE_ALL:  # pause everyone, not just this request: no storm of retries
                 self.cooldown_until = max(self.cooldown_until, time.monotonic() + delay)
-            log.info("%s: %s; retry %d/%d in %.2f s", self.name, failure.reason, attempt + 1, s.max_retries,
-                     delay)
+            log.info(
+                "%s: %s; retry %d/%d in %.2f s", self.name, failure.reason, attempt + 1, s.max_retries, delay
+            )
             await self._sleep(delay)
         return failure
 
@@ -516,9 +561,11 @@ class ChatTransport:
             self.consecutive_failures += 1
             limit = self.settings.max_consecutive_failures
             if limit is not None and self.consecutive_failures >= limit:
-                self._fail(f"stopped after {self.consecutive_failures} consecutive transport failures "
-                           f"(connection refused, name not resolved or timeout) at {url}; the last: "
-                           f"{reply.reason}")
+                self._fail(
+                    f"stopped after {self.consecutive_failures} consecutive transport failures "
+                    f"(connection refused, name not resolved or timeout) at {url}; the last: "
+                    f"{reply.reason}"
+                )
 
     def _upper_bound(self, messages: Sequence[dict[str, str]], max_tokens: int | None) -> Cost:
         """The most one attempt can cost: a byte-level BPE token count never exceeds the byte count."""
@@ -526,8 +573,16 @@ class ChatTransport:
         completion = max_tokens or 0
         return Cost(1.0, float(prompt), float(completion), self.settings.cost(prompt, completion))
 
-    async def _attempt(self, messages: list[dict[str, str]], url: str, tries: str, *, max_tokens: int | None,
-                       timeout: float, retry: bool = False) -> _Outcome:
+    async def _attempt(
+        self,
+        messages: list[dict[str, str]],
+        url: str,
+        tries: str,
+        *,
+        max_tokens: int | None,
+        timeout: float,
+        retry: bool = False,
+    ) -> _Outcome:
         """One HTTP attempt, recorded in the ledger before it is sent and settled with what it cost."""
         self._check()
         bound = self._upper_bound(messages, max_tokens)
@@ -547,16 +602,20 @@ class ChatTransport:
             self.in_flight -= 1
             self.gate.settle(row, spent)
 
-    async def _call(self, messages: list[dict[str, str]], url: str, tries: str, *, max_tokens: int | None,
-                    timeout: float) -> _Outcome:
+    async def _call(
+        self, messages: list[dict[str, str]], url: str, tries: str, *, max_tokens: int | None, timeout: float
+    ) -> _Outcome:
         import openai
 
         s = self.settings
         try:
             response = await asyncio.wait_for(
                 self.client().chat.completions.create(
-                    model=s.model, messages=messages, temperature=s.temperature,
-                    max_tokens=max_tokens if max_tokens is not None else openai.omit, timeout=timeout,
+                    model=s.model,
+                    messages=messages,
+                    temperature=s.temperature,
+                    max_tokens=max_tokens if max_tokens is not None else openai.omit,
+                    timeout=timeout,
                 ),
                 timeout=timeout,
             )
@@ -578,8 +637,10 @@ class ChatTransport:
             reply = ChatReply(kind=kind, reason=f"{kind}: HTTP {status} from {url} {tries}")
             return _Outcome(reply, status, retry_after_seconds(headers), retryable and status not in _REFUSED)
         except (openai.APIResponseValidationError, ValueError, KeyError, TypeError, AttributeError) as err:
-            reason = (f"bad_response: {url} answered with something that is not a chat completion "
-                      f"({type(err).__name__})")
+            reason = (
+                f"bad_response: {url} answered with something that is not a chat completion "
+                f"({type(err).__name__})"
+            )
             return _Outcome(ChatReply(kind="bad_response", reason=reason))
         if usage is None:  # some local servers report no usage: estimate it, so budgets still hold
             self.counters.bump("usage_estimated")
@@ -599,6 +660,15 @@ class ChatTransport:
 
 
 __all__ = [
-    "CALL_FAILURE_KINDS", "DEFAULT_BASE_URL", "PLACEHOLDER_KEY", "ChatReply", "ChatSettings", "ChatTransport",
-    "Counters", "connection_problem", "display_url", "is_loopback", "retry_after_seconds",
+    "CALL_FAILURE_KINDS",
+    "DEFAULT_BASE_URL",
+    "PLACEHOLDER_KEY",
+    "ChatReply",
+    "ChatSettings",
+    "ChatTransport",
+    "Counters",
+    "connection_problem",
+    "display_url",
+    "is_loopback",
+    "retry_after_seconds",
 ]

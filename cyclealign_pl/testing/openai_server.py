@@ -87,20 +87,23 @@ class Behaviour:
     delay: float = 0.0  # extra latency before this answer, on top of the server's delay
 
     @classmethod
-    def rank(cls, delay: float = 0.0) -> "Behaviour":
+    def rank(cls, delay: float = 0.0) -> Behaviour:
         """The default ranker's answer."""
         return cls("rank", delay=delay)
 
     @classmethod
-    def reply(cls, text: str, delay: float = 0.0) -> "Behaviour":
+    def reply(cls, text: str, delay: float = 0.0) -> Behaviour:
         """A 200 reply whose message content is ``text``."""
         return cls("reply", text=text, delay=delay)
 
     @classmethod
     def error(
-        cls, status: int, retry_after: float | str | None = None, retry_after_ms: float | None = None,
+        cls,
+        status: int,
+        retry_after: float | str | None = None,
+        retry_after_ms: float | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> "Behaviour":
+    ) -> Behaviour:
         """An HTTP error with an OpenAI-style error body and optional Retry-After / retry-after-ms headers."""
         extra = dict(headers or {})
         if retry_after is not None:
@@ -110,17 +113,17 @@ class Behaviour:
         return cls("status", status=status, headers=tuple(extra.items()))
 
     @classmethod
-    def hang(cls, seconds: float = 30.0) -> "Behaviour":
+    def hang(cls, seconds: float = 30.0) -> Behaviour:
         """Read the request, send nothing for ``seconds`` (or until the server stops), then close."""
         return cls("hang", seconds=seconds)
 
     @classmethod
-    def garbage(cls) -> "Behaviour":
+    def garbage(cls) -> Behaviour:
         """A 200 response whose body is not JSON."""
         return cls("garbage")
 
     @classmethod
-    def drop(cls) -> "Behaviour":
+    def drop(cls) -> Behaviour:
         """Close the connection without any response."""
         return cls("drop")
 
@@ -200,15 +203,16 @@ class LocalOpenAIServer:
             raise RuntimeError("the server is not running; call start() or use it as a context manager")
         return f"http://{self.host}:{self._httpd.server_address[1]}/v1"
 
-    def start(self) -> "LocalOpenAIServer":
+    def start(self) -> LocalOpenAIServer:
         if self._httpd is not None:
             return self
         self._stopping.clear()
         handler = type("Handler", (_Handler,), {"server_owner": self})
         httpd = _HTTPServer((self.host, self.port), handler)
         self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="LocalOpenAIServer", daemon=True)
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="LocalOpenAIServer", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -223,7 +227,7 @@ class LocalOpenAIServer:
             self._thread.join(timeout=5)
         self._httpd = self._thread = None
 
-    def __enter__(self) -> "LocalOpenAIServer":
+    def __enter__(self) -> LocalOpenAIServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -285,10 +289,19 @@ class LocalOpenAIServer:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", self.model) if isinstance(body, dict) else self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "stop", "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }
 
     def ranker_reply(self, body: Any) -> str:
@@ -311,8 +324,11 @@ class LocalOpenAIServer:
         except (KeyError, TypeError, ValueError):
             return "I could not find any responses to rank in your message."
         verdict = compare_replies(reply_a, reply_b)
-        reason = {"A": "Reply A is more harmless or more helpful.", "TIE": "Neither reply is better.",
-                  "B": "Reply B is more harmless or more helpful."}[verdict]
+        reason = {
+            "A": "Reply A is more harmless or more helpful.",
+            "TIE": "Neither reply is better.",
+            "B": "Reply B is more harmless or more helpful.",
+        }[verdict]
         return format_verdict(verdict, reason)
 
 
@@ -326,7 +342,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_owner: LocalOpenAIServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence the default stderr log
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _send_json(self, status: int, payload: Any, headers: Iterable[tuple[str, str]] = ()) -> None:
@@ -339,17 +355,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         owner = self.server_owner
         if not owner.authorised({k.lower(): v for k, v in self.headers.items()}):
             self._send_json(401, {"error": {"message": "invalid API key", "type": "invalid_request_error"}})
         elif self.path.rstrip("/").endswith("/models") and owner.models_route:
-            self._send_json(200, {"object": "list", "data": [{"id": owner.model, "object": "model",
-                                                              "owned_by": "cyclealign-pl"}]})
+            self._send_json(
+                200,
+                {
+                    "object": "list",
+                    "data": [{"id": owner.model, "object": "model", "owned_by": "cyclealign-pl"}],
+                },
+            )
         else:
             self._send_json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         owner = self.server_owner
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
@@ -380,8 +401,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if behaviour.kind == "status":
-            payload = {"error": {"message": f"scripted HTTP {behaviour.status}", "type": "scripted_error",
-                                 "code": str(behaviour.status)}}
+            payload = {
+                "error": {
+                    "message": f"scripted HTTP {behaviour.status}",
+                    "type": "scripted_error",
+                    "code": str(behaviour.status),
+                }
+            }
             self._send_json(behaviour.status, payload, behaviour.headers)
             return
         if behaviour.kind == "garbage":
@@ -411,9 +437,13 @@ def failure_mix(
     """Failure behaviours by name: ``429``/``500`` (HTTP errors), ``timeout`` (no answer for
     ``hang_seconds``), ``garbage`` (a 200 whose body is not JSON), ``drop`` (the connection closed without a
     response)."""
-    table = {"429": Behaviour.error(429), "500": Behaviour.error(500),
-             "timeout": Behaviour.hang(hang_seconds), "garbage": Behaviour.garbage(),
-             "drop": Behaviour.drop()}
+    table = {
+        "429": Behaviour.error(429),
+        "500": Behaviour.error(500),
+        "timeout": Behaviour.hang(hang_seconds),
+        "garbage": Behaviour.garbage(),
+        "drop": Behaviour.drop(),
+    }
     unknown = [k for k in kinds if k not in table]
     if unknown:
         raise ValueError(f"unknown failure kind(s) {unknown}; choose from {', '.join(SCRIPTED_FAILURES)}")
@@ -426,15 +456,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before every answer")
     parser.add_argument("--failure-rate", type=float, default=0.0, help="share of requests that fail")
-    parser.add_argument("--failure-kinds", default="500",
-                        help=f"comma-separated failures drawn at random: {','.join(SCRIPTED_FAILURES)}")
+    parser.add_argument(
+        "--failure-kinds",
+        default="500",
+        help=f"comma-separated failures drawn at random: {','.join(SCRIPTED_FAILURES)}",
+    )
     parser.add_argument("--hang-seconds", type=float, default=30.0, help="how long a 'timeout' failure hangs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="local-ranker")
     args = parser.parse_args(argv)
     failures = failure_mix([k.strip() for k in args.failure_kinds.split(",") if k.strip()], args.hang_seconds)
-    server = LocalOpenAIServer(args.host, args.port, delay=args.delay, failure_rate=args.failure_rate,
-                               failure=failures, seed=args.seed, model=args.model).start()
+    server = LocalOpenAIServer(
+        args.host,
+        args.port,
+        delay=args.delay,
+        failure_rate=args.failure_rate,
+        failure=failures,
+        seed=args.seed,
+        model=args.model,
+    ).start()
     print(f"serving OpenAI-compatible chat completions at {server.url} (Ctrl-C stops)", flush=True)
     try:
         while True:
@@ -450,7 +490,13 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "SCRIPTED_FAILURES", "Behaviour", "LocalOpenAIServer", "RecordedRequest", "compare_replies",
+    "SCRIPTED_FAILURES",
+    "Behaviour",
+    "LocalOpenAIServer",
+    "RecordedRequest",
+    "compare_replies",
     "count_tokens",
-    "failure_mix", "harm_score", "rank_candidates",
+    "failure_mix",
+    "harm_score",
+    "rank_candidates",
 ]

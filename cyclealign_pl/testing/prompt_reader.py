@@ -107,5 +107,9 @@ def format_verdict(verdict: Verdict, reasoning: str | None = None) -> str:
 
 
 __all__ = [
-    "delimited_user_message", "format_reply", "format_verdict", "parse_pairwise_prompt", "parse_prompt",
+    "delimited_user_message",
+    "format_reply",
+    "format_verdict",
+    "parse_pairwise_prompt",
+    "parse_prompt",
 ]
