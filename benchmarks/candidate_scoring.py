@@ -1,4 +1,4 @@
-"""Candidate scoring: one full sequence per candidate vs each prompt encoded once (shared prefix, KV cache),
+r"""Candidate scoring: one full sequence per candidate vs each prompt encoded once (shared prefix, KV cache),
 and how scoring memory grows with the vocabulary (whole logits vs chunks of tokens).
 
 The cycle scores l candidates per prompt with gradients. Full sequences encode every prompt l times; the
@@ -13,7 +13,8 @@ vocabulary of 384 and of 32,000, with the logits of all reply tokens at once and
 (``logit_chunk_elements``, recomputed in backward). Target (issue 14): the 32k chunked case within 30% of
 the 384 case, with scores and gradients equal to 1e-5 (``tests/test_throughput.py`` checks the equality).
 
-    python benchmarks/candidate_scoring.py [--model tiny|small] [--prompts 16] [--prompt-tokens 200] [--threads 1]
+    python benchmarks/candidate_scoring.py [--model tiny|small] [--prompts 16] [--prompt-tokens 200] \
+        [--threads 1]
     python benchmarks/candidate_scoring.py --memory
 """
 
@@ -41,7 +42,25 @@ MODELS = {
     # a larger CPU model
     "small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8},
 }
-WORDS = ["the", "a", "help", "you", "can", "please", "question", "answer", "house", "water", "kind", "friend", "day", "book", "go", "see", "know"]
+WORDS = [
+    "the",
+    "a",
+    "help",
+    "you",
+    "can",
+    "please",
+    "question",
+    "answer",
+    "house",
+    "water",
+    "kind",
+    "friend",
+    "day",
+    "book",
+    "go",
+    "see",
+    "know",
+]
 
 
 def text(rng: random.Random, characters: int) -> str:
@@ -61,7 +80,8 @@ def forward_backward(whitebox: WhiteBox, prompts, replies) -> tuple[float, torch
 
 
 def timed(whiteboxes: list[WhiteBox], prompts, replies, repeats: int) -> list[tuple]:
-    """Median seconds, scores and gradients of each white box; the ways alternate, so machine load hits both."""
+    """Median seconds, scores and gradients of each white box; the ways alternate, so machine load hits
+    both."""
     runs: list[list] = [[] for _ in whiteboxes]
     for repeat in range(repeats + 1):  # the first round warms up
         for runs_of, whitebox in zip(runs, whiteboxes):
@@ -72,7 +92,8 @@ def timed(whiteboxes: list[WhiteBox], prompts, replies, repeats: int) -> list[tu
 
 
 def time_sampling(whiteboxes: list[WhiteBox], prompts, candidates: int, repeats: int) -> tuple:
-    """Median seconds of ``sample`` for each white box (alternating), and whether all sampled the same replies."""
+    """Median seconds of ``sample`` for each white box (alternating), and whether all sampled the same
+    replies."""
     times: list[list[float]] = [[] for _ in whiteboxes]
     same = True
     for repeat in range(repeats + 1):
@@ -135,8 +156,8 @@ def memory_case(vocab: int, chunked: bool, shared: bool) -> int:
 def memory_table() -> None:
     """Each case in a fresh process (peak RSS never goes down within one)."""
     print(
-        "peak RSS of WhiteBox.score forward + backward: hidden 256 x 4 layers, 32 prompts x 3 replies of 128 tokens "
-        "after 240-token prompts"
+        "peak RSS of WhiteBox.score forward + backward: hidden 256 x 4 layers, 32 prompts x 3 replies of "
+        "128 tokens after 240-token prompts"
     )
     peaks = {}
     for shared in (True, False):
@@ -158,7 +179,8 @@ def memory_table() -> None:
                 peaks[shared, vocab, chunked] = int(out.strip().splitlines()[-1])
                 print(
                     f"  {'shared prefix ' if shared else 'full sequences'}  vocab {vocab:>6}  "
-                    f"{'chunked logits' if chunked else 'whole logits  '}  {peaks[shared, vocab, chunked] / 2**30:6.2f} GiB",
+                    f"{'chunked logits' if chunked else 'whole logits  '}  "
+                    f"{peaks[shared, vocab, chunked] / 2**30:6.2f} GiB",
                     flush=True,
                 )
     for shared in (True, False):
@@ -239,8 +261,9 @@ def main() -> None:
 
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"model {args.model} ({params / 1e6:.2f} M parameters, {torch.get_num_threads()} threads); {args.prompts} prompts "
-        f"x {args.candidates} candidates, prompts <= {args.prompt_tokens} tokens, replies <= {args.reply_tokens} tokens"
+        f"model {args.model} ({params / 1e6:.2f} M parameters, {torch.get_num_threads()} threads); "
+        f"{args.prompts} prompts x {args.candidates} candidates, prompts <= {args.prompt_tokens} tokens, "
+        f"replies <= {args.reply_tokens} tokens"
     )
     print(f"  full sequences : {full_s * 1000:7.1f} ms forward+backward, peak {full_peak / 2**20:6.1f} MiB")
     print(
@@ -251,9 +274,9 @@ def main() -> None:
         f"max |score diff| {score_diff:.1e}, max relative grad diff {grad_diff:.1e}"
     )
     print(
-        f"  sampling {args.candidates} candidates per prompt ({args.reply_tokens} new tokens): prompt encoded per candidate "
-        f"{full_gen * 1000:.0f} ms, once per prompt {shared_gen * 1000:.0f} ms ({full_gen / shared_gen:.2f}x); "
-        f"same samples for a seed: {same_samples}"
+        f"  sampling {args.candidates} candidates per prompt ({args.reply_tokens} new tokens): "
+        f"prompt encoded per candidate {full_gen * 1000:.0f} ms, once per prompt {shared_gen * 1000:.0f} ms "
+        f"({full_gen / shared_gen:.2f}x); same samples for a seed: {same_samples}"
     )
 
 

@@ -1,4 +1,4 @@
-"""Prompts per second of the cycle: the paper's serial loop against continuous batching.
+r"""Prompts per second of the cycle: the paper's serial loop against continuous batching.
 
 The paper's loop is data-serial: one prompt at a time, and the white box idles while the black box answers.
 This runs both loops in one process on the same prompts, from the same initial weights and seed:
@@ -18,8 +18,10 @@ Printed per row: prompts/s and the ratio to the serial loop, the mean share of t
 optimizer steps, where a round's time went (generate, score, judge wait, update) and peak memory. Targets
 (issue 14): B=16 at 0.5 s >= 10x, B=32 at 0.5 s >= 14x, B=32 at 0 s >= 3x.
 
-    python benchmarks/cycle_throughput.py [--prompts 256] [--serial-prompts 32] [--batch-sizes 16 32] [--delays 0.5 0]
-    python benchmarks/cycle_throughput.py --hidden 512 --layers 8 --batch-sizes 32 --prompts 32   # compute-bound
+    python benchmarks/cycle_throughput.py [--prompts 256] [--serial-prompts 32] [--batch-sizes 16 32] \
+        [--delays 0.5 0]
+    python benchmarks/cycle_throughput.py --hidden 512 --layers 8 \
+        --batch-sizes 32 --prompts 32   # compute-bound
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ class Result:
         return sum(o.active_slots for o in self.outcomes) / slots if slots else float("nan")
 
     def per_round(self) -> dict[str, float]:
-        """Mean seconds per round of each part (generate, score, judge wait, update) and the judge's latency."""
+        """Mean seconds per round of each part (generate, score, judge wait, update) and the judge's
+        latency."""
         totals = {name: sum(o.times[name] for o in self.outcomes) for name in TIMES}
         totals["judge_latency_s"] = sum(o.judge_latency_s for o in self.outcomes)
         return {name: value / max(self.rounds, 1) for name, value in totals.items()}
@@ -114,7 +117,8 @@ class Result:
         return (
             f"{self.prompts_per_s:6.2f} prompts/s = {3600 * self.prompts_per_s:,.0f} prompts/hour "
             f"({self.seconds:.1f} s; {iterations / self.prompts:.2f} "
-            f"iterations/prompt, {self.rounds} rounds, {updates} optimizer steps, active {self.active_fraction():.0%})"
+            f"iterations/prompt, {self.rounds} rounds, {updates} optimizer steps, "
+            f"active {self.active_fraction():.0%})"
             f"\n      per round (ms): {breakdown}; judge latency {latency * 1000:.0f}, hidden {hidden:.0%}; "
             f"{self.memory.describe() if self.memory else ''}"
         )
@@ -229,7 +233,8 @@ def main() -> None:
     data.setup("fit")
     prompts = data.train_rows
     print(
-        f"{len(prompts)} HH-RLHF prompts ({min(args.serial_prompts, len(prompts))} for the serial loop), Llama white box hidden {args.hidden} x {args.layers} layers on "
+        f"{len(prompts)} HH-RLHF prompts ({min(args.serial_prompts, len(prompts))} for the serial loop), "
+        f"Llama white box hidden {args.hidden} x {args.layers} layers on "
         f"{args.device} ({torch.get_num_threads()} threads), l=3, N={args.iterations}, "
         f"max_new_tokens={args.max_new_tokens}",
         flush=True,

@@ -1,19 +1,20 @@
-"""Efficacy of the default run and of the paper's ablations (Table 3): what each buys per judge request and second.
+r"""Efficacy of the default run and of the paper's ablations (Table 3): gain per judge request and per second.
 
-Each setting runs the README's default fit (``configs/tiny.yaml``, the default task of docs/default_task.md) in a
-fresh run directory, with ``--model.ablation`` set, and reads the evaluator's gain over the zero-shot white box
-on the held-out prompts (paired by prompt, with its standard error), the judge requests the run sent, and its
-wall time (validation included, the same for every setting). Printed: gain +- SE, requests, seconds, and the
-gain per 100 judge requests and per minute.
+Each setting runs the README's default fit (``configs/tiny.yaml``, the default task of docs/default_task.md)
+in a fresh run directory, with ``--model.ablation`` set, and reads the evaluator's gain over the zero-shot
+white box on the held-out prompts (paired by prompt, with its standard error), the judge requests the run
+sent, and its wall time (validation included, the same for every setting). Printed: gain +- SE, requests,
+seconds, and the gain per 100 judge requests and per minute.
 
 What to expect: the dynamic demonstrations (``no_d2``) and in-context learning (``no_icl``) only matter with a
 black box that learns from its prompt. The default judge is a rule (a lexicon with blind spots): it reads the
 candidates and ignores every demonstration, so those two ablations cannot show an effect here; ``no_wrd`` /
 ``no_brd`` change only which ranking becomes a demonstration, so they cannot either. ``no_cycle`` (one
-sample-rank-update per prompt) changes what the white box learns from, and shows. Run the same settings with an
-LLM behind ``OpenAIJudge`` (configs/tiny_openai.yaml with your server) to measure the in-context effects.
+sample-rank-update per prompt) changes what the white box learns from, and shows. Run the same settings with
+an LLM behind ``OpenAIJudge`` (configs/tiny_openai.yaml with your server) to measure the in-context effects.
 
-    python benchmarks/efficacy.py [--ablations none no_cycle no_d2 no_icl no_wrd no_brd] [--config configs/tiny.yaml]
+    python benchmarks/efficacy.py [--ablations none no_cycle no_d2 no_icl no_wrd no_brd] \
+        [--config configs/tiny.yaml]
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def main() -> None:
             r = results[ablation]
             print(f"{ablation}: gain {r['gain']:+.2f} +- {r['se']:.2f} in {r['seconds']:.0f} s", flush=True)
     print(
-        f"\n{'setting':<10} {'zero-shot':>9} {'trained':>8} {'gain +- SE':>15} {'preferred':>9} {'requests':>8} "
-        f"{'opt.steps':>9} {'seconds':>7} {'gain/100 req':>12} {'gain/min':>8}"
+        f"\n{'setting':<10} {'zero-shot':>9} {'trained':>8} {'gain +- SE':>15} {'preferred':>9} "
+        f"{'requests':>8} {'opt.steps':>9} {'seconds':>7} {'gain/100 req':>12} {'gain/min':>8}"
     )
     for ablation, r in results.items():
         print(
@@ -93,8 +94,9 @@ def main() -> None:
             f"{100 * r['gain'] / max(r['requests'], 1):12.2f} {60 * r['gain'] / r['seconds']:8.2f}"
         )
     print(
-        "\nThe default judge is a rule that ignores its demonstrations: no_d2, no_icl, no_wrd and no_brd cannot "
-        "differ from 'none' here beyond sampling noise; their effect needs a black box that learns in context."
+        "\nThe default judge is a rule that ignores its demonstrations: no_d2, no_icl, no_wrd and no_brd "
+        "cannot differ from 'none' here beyond sampling noise; their effect needs a black box that learns "
+        "in context."
     )
 
 

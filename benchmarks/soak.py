@@ -45,7 +45,8 @@ def rss_mib() -> float:
 
 
 def serve(conn, failure_rate: float, hang_seconds: float, seed: int) -> None:
-    """The failing judge server (child process): sends its URL, and on request its record of what it answered."""
+    """The failing judge server (child process): sends its URL, and on request its record of what it
+    answered."""
     from cyclealign_pl.testing.openai_server import SCRIPTED_FAILURES, LocalOpenAIServer, failure_mix
 
     failures = failure_mix(SCRIPTED_FAILURES, hang_seconds=hang_seconds)
@@ -170,17 +171,18 @@ def main() -> None:
 
     print(
         f"soak: {c['steps']} steps completed of {prompts * epochs} ({epochs} epochs x {prompts} prompts), "
-        f"{c['optimizer_steps']} optimizer steps, {c['iterations'] / max(c['steps'], 1):.2f} iterations/step, "
-        f"{elapsed:.0f} s"
+        f"{c['optimizer_steps']} optimizer steps, "
+        f"{c['iterations'] / max(c['steps'], 1):.2f} iterations/step, {elapsed:.0f} s"
     )
     print(
         f"server: {len(requests)} requests, {sum(failed.values())} failed "
         f"({sum(failed.values()) / max(len(requests), 1):.1%}): {dict(sorted(failed.items()))}"
     )
     print(
-        f"failures absorbed: {int(judge['retries'])} retried, {int(judge['failures'])} prompts masked out of the "
-        f"loss {lost}; run counter judge_failures={c['judge_failures']} (incl. {c['degenerate_sets']} degenerate "
-        f"candidate sets), skipped updates={c['skipped_updates']}, non-finite={c['nonfinite_updates']}"
+        f"failures absorbed: {int(judge['retries'])} retried, {int(judge['failures'])} prompts masked out "
+        f"of the loss {lost}; run counter judge_failures={c['judge_failures']} "
+        f"(incl. {c['degenerate_sets']} degenerate candidate sets), skipped updates={c['skipped_updates']}, "
+        f"non-finite={c['nonfinite_updates']}"
     )
     print(
         f"requests repeated (answered more than once): {sum(n - 1 for n in answered.values() if n > 1)}   "
@@ -189,8 +191,8 @@ def main() -> None:
     early, middle, end = (probe.rss[max(len(probe.rss) * k // 10 - 1, 0)] for k in (1, 5, 10))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
-        f"memory: peak RSS {peak:.0f} MiB; RSS after 10% / 50% / 100% of the steps: {early:.0f} / {middle:.0f} / "
-        f"{end:.0f} MiB (growth after warm-up {end - early:+.0f} MiB)"
+        f"memory: peak RSS {peak:.0f} MiB; RSS after 10% / 50% / 100% of the steps: "
+        f"{early:.0f} / {middle:.0f} / {end:.0f} MiB (growth after warm-up {end - early:+.0f} MiB)"
     )
     sys.stdout.flush()
 

@@ -31,13 +31,14 @@ class CycleMetrics(Callback):
     Logged each training step (``cycle/...``), over the prompts that finished in it: iterations used,
     agreement rate, judge failure rate, the collapse monitors of their sampled candidates (``empty_share``,
     ``mean_reply_words``, ``distinct_2``), and, when the module has a ``reward_model`` (the reference ranker),
-    the black box's ranking accuracy against it at each prompt's last iteration, the mean reward of the sampled
-    candidates and their reward spread ("delta score"). ``*_mean`` values are running means since the start of
-    the run (checkpointed, reduced over processes). Throughput: ``cycle/active_fraction`` (the share of the
-    batch's slots the rounds kept busy), ``time/<part>_s`` (seconds this step spent generating, scoring,
-    waiting for the judge and updating), ``cycle/judge_hidden_fraction_mean`` (the share of the judge's latency
-    spent on white-box work instead of waiting, over the run and all processes). Judge counters (requests,
-    cache hits, tokens, cost, ...) are logged as ``judge/...``; the module's counters as ``counters/...``.
+    the black box's ranking accuracy against it at each prompt's last iteration, the mean reward of the
+    sampled candidates and their reward spread ("delta score"). ``*_mean`` values are running means since the
+    start of the run (checkpointed, reduced over processes). Throughput: ``cycle/active_fraction`` (the share
+    of the batch's slots the rounds kept busy), ``time/<part>_s`` (seconds this step spent generating,
+    scoring, waiting for the judge and updating), ``cycle/judge_hidden_fraction_mean`` (the share of the
+    judge's latency spent on white-box work instead of waiting, over the run and all processes). Judge
+    counters (requests, cache hits, tokens, cost, ...) are logged as ``judge/...``; the module's counters as
+    ``counters/...``.
     """
 
     def __init__(self, log_judge_metrics: bool = True) -> None:
@@ -137,7 +138,8 @@ class CycleMetrics(Callback):
             pl_module.log("cycle/judge_hidden_fraction_mean", hidden, on_step=True, on_epoch=False)
 
     def _reference_metrics(self, reference, finished: list[PromptRecord]) -> dict[str, float]:
-        """Black-box accuracy against the reference ranker at each prompt's last iteration (paper Sec. 4.4)."""
+        """Black-box accuracy against the reference ranker at each prompt's last iteration
+        (paper Sec. 4.4)."""
         last = [(record.prompt, record.iterations[-1]) for record in finished if record.iterations]
         judged = reference.rank([RankRequest(prompt, tuple(it.candidates)) for prompt, it in last])
         predictions, references, rewards, deltas = [], [], [], []
@@ -156,8 +158,9 @@ class CycleMetrics(Callback):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """The metric states summed over all processes (every rank calls this when a checkpoint is saved), so the
-        checkpoint holds the run's totals, not rank 0's share; :meth:`load_state_dict` restores them once."""
+        """The metric states summed over all processes (every rank calls this when a checkpoint is saved), so
+        the checkpoint holds the run's totals, not rank 0's share; :meth:`load_state_dict` restores them
+        once."""
         states = {}
         for name, metric in self._named():
             with metric.sync_context():  # a no-op in one process
@@ -211,16 +214,18 @@ class ExportPretrained(Callback):
 
 
 class CycleCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that saves every ``every_n_batches`` training steps and every ``train_time_interval``.
+    """``ModelCheckpoint`` that saves every ``every_n_batches`` training steps and every
+    ``train_time_interval``.
 
     A CycleAlign training step is one batch of prompts and takes up to N optimizer steps. Under manual
-    optimization Lightning's ``ModelCheckpoint`` counts ``every_n_train_steps`` in optimizer steps and saves only
-    when ``global_step`` is a multiple of it at a batch end, which a cycle of several optimizer steps per batch
-    jumps over; it also ignores ``train_time_interval`` there, and skips a save when no optimizer step happened
-    since the last one (a batch whose judgments all failed is still progress). This subclass counts batches
-    (``trainer.fit_loop.total_batch_idx + 1``, which survives a resume) and honours the time interval; all other
-    arguments are ``ModelCheckpoint``'s. Saving at each epoch end stays on (``every_n_epochs=1``), so the end
-    of training is always checkpointed. With ``save_last=True``, ``fit --ckpt_path last`` resumes from the newest.
+    optimization Lightning's ``ModelCheckpoint`` counts ``every_n_train_steps`` in optimizer steps and saves
+    only when ``global_step`` is a multiple of it at a batch end, which a cycle of several optimizer steps per
+    batch jumps over; it also ignores ``train_time_interval`` there, and skips a save when no optimizer step
+    happened since the last one (a batch whose judgments all failed is still progress). This subclass counts
+    batches (``trainer.fit_loop.total_batch_idx + 1``, which survives a resume) and honours the time interval;
+    all other arguments are ``ModelCheckpoint``'s. Saving at each epoch end stays on (``every_n_epochs=1``),
+    so the end of training is always checkpointed. With ``save_last=True``, ``fit --ckpt_path last`` resumes
+    from the newest.
 
     Args:
         every_n_batches: save after every this many training steps (batches); None: by time and epoch only.

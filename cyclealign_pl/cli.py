@@ -32,16 +32,18 @@ DESCRIPTION = (
     "CycleAlign aligns a white-box causal LM (weights visible, e.g. LLaMA-7B) with a black-box LLM judge "
     "(weights hidden, e.g. ChatGPT behind an API) in a cycle. For each prompt, up to N times: the white box "
     "samples l replies and ranks them by its own likelihood; the black box ranks them, guided by in-context "
-    "demonstrations, and writes a better reply; the agreement of the two rankings becomes a new demonstration; "
-    "the white box takes an optimizer step on a ranking loss (RRHF or PRO) plus a fine-tuning term. The "
-    "prompt is done once both rankings agree. All outputs of a run go under --trainer.default_root_dir. "
-    "Start with: python -m cyclealign_pl fit --config configs/tiny.yaml"
+    "demonstrations, and writes a better reply; the agreement of the two rankings becomes a new "
+    "demonstration; the white box takes an optimizer step on a ranking loss (RRHF or PRO) plus a "
+    "fine-tuning term. The prompt is done once both rankings agree. All outputs of a run go under "
+    "--trainer.default_root_dir. Start with: python -m cyclealign_pl fit --config configs/tiny.yaml"
 )
 SUBCOMMANDS = {
     "fit": "Align the white box with the black box by CycleAlign (resume with --ckpt_path last).",
     "validate": "Score greedy replies to the evaluation prompts with model.reward_model (paper Tables 1, 8).",
     "test": "Like validate, on the test prompts.",
-    "predict": "Write greedy replies (and rewards, with model.reward_model) to eval/predict_generations.jsonl.",
+    "predict": (
+        "Write greedy replies (and rewards, with model.reward_model) to eval/predict_generations.jsonl."
+    ),
 }
 HELP_FLAGS = ("-h", "--help")
 
@@ -99,7 +101,8 @@ class CycleAlignCLI(LightningCLI):
         self._parser(self.subcommand).error(message)
 
     def before_instantiate_classes(self) -> None:
-        """Checks that need no model: place the run's files, refuse what would mix runs, stop a finished one."""
+        """Checks that need no model: place the run's files, refuse what would mix runs, stop a finished
+        one."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config is None or config.get("trainer") is None:
             return
@@ -116,7 +119,8 @@ class CycleAlignCLI(LightningCLI):
             self._resolve_checkpoint(config, run_dir)
 
     def _check_strategy(self, trainer) -> None:
-        """DeepSpeed runs on CUDA GPUs only: say so before any model is built (Lightning fails deep in fit)."""
+        """DeepSpeed runs on CUDA GPUs only: say so before any model is built (Lightning fails deep in
+        fit)."""
         import torch
 
         strategy = trainer.get("strategy")
@@ -130,7 +134,8 @@ class CycleAlignCLI(LightningCLI):
             )
 
     def _resolve_checkpoint(self, config, run_dir) -> None:
-        """``--ckpt_path last`` -> this root's newest ``last*.ckpt``; one run per root; nothing to do if done."""
+        """``--ckpt_path last`` -> this root's newest ``last*.ckpt``; one run per root; nothing to do if
+        done."""
         dirs = run_dir.checkpoint_dirs(config)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last" and dirs:

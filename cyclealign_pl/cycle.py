@@ -161,7 +161,8 @@ class StepOutcome:
 
 
 class CycleState:
-    """The prompts in flight across training steps: the slots and the prompts waiting for one (checkpointed)."""
+    """The prompts in flight across training steps: the slots and the prompts waiting for one
+    (checkpointed)."""
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:

@@ -21,6 +21,7 @@ for exact paper numbers.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import math
@@ -39,8 +40,8 @@ TOTAL = "total"  # the name of the sample-weighted row; no subset may be called 
 
 
 class RewardRow(NamedTuple):
-    """One row of the results table: a subset (or ``"total"``), its number of scored replies, their mean reward,
-    and what shows a collapsed white box beside it (None where not computed)."""
+    """One row of the results table: a subset (or ``"total"``), its number of scored replies, their mean
+    reward, and what shows a collapsed white box beside it (None where not computed)."""
 
     subset: str
     n: int
@@ -65,7 +66,7 @@ def reply_stats(replies: Sequence[str]) -> ReplyStats:
     if not replies:
         return ReplyStats(math.nan, math.nan, math.nan)
     words = [reply.split() for reply in replies]
-    bigrams = [pair for w in words for pair in zip(w, w[1:])]
+    bigrams = [pair for w in words for pair in itertools.pairwise(w)]
     distinct = len(set(bigrams)) / len(bigrams) if bigrams else 0.0
     return ReplyStats(
         sum(not r.strip() for r in replies) / len(replies), sum(map(len, words)) / len(words), distinct
@@ -161,9 +162,9 @@ def _distributed() -> bool:
 
 
 class SubsetMeanReward(Metric):
-    """Mean reward per subset and the total: sample-weighted (every reply counts once, whatever its subset), or,
-    with ``weights``, the subsets' means weighted by them (the paper's Table 1 weights by the full test-set sizes
-    of the subsets, so that a total over equal samples per subset is still the paper's Total).
+    """Mean reward per subset and the total: sample-weighted (every reply counts once, whatever its subset),
+    or, with ``weights``, the subsets' means weighted by them (the paper's Table 1 weights by the full
+    test-set sizes of the subsets, so that a total over equal samples per subset is still the paper's Total).
 
     Subset names are best given up front (from the evaluation rows), so that every process holds the same
     state layout; in a single process new names are also registered as they come. ``compute()`` returns

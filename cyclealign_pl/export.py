@@ -1,8 +1,8 @@
-"""``python -m cyclealign_pl.export CHECKPOINT OUT_DIR``: a plain Hugging Face model from any training checkpoint.
+"""``python -m cyclealign_pl.export CHECKPOINT OUT_DIR``: a plain Hugging Face model from any checkpoint.
 
-``CHECKPOINT`` is a Lightning ``.ckpt`` file (single process, DDP) or the *directory* that DeepSpeed ZeRO writes
-instead (``last.ckpt/`` holding ``checkpoint/mp_rank_00_model_states.pt`` and one optimizer shard per rank);
-the directory is first consolidated into one fp32 state dict with Lightning's
+``CHECKPOINT`` is a Lightning ``.ckpt`` file (single process, DDP) or the *directory* that DeepSpeed ZeRO
+writes instead (``last.ckpt/`` holding ``checkpoint/mp_rank_00_model_states.pt`` and one optimizer shard per
+rank); the directory is first consolidated into one fp32 state dict with Lightning's
 ``convert_zero_checkpoint_to_fp32_state_dict``. The module is rebuilt from the hyper-parameters saved in the
 checkpoint (the base model path or config, LoRA settings), the weights are loaded, LoRA adapters are merged,
 and ``save_pretrained`` writes ``OUT_DIR`` with the tokenizer: it loads with
@@ -37,7 +37,8 @@ def consolidate_zero_checkpoint(directory: Path, output_file: Path) -> Path:
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write the white-box of ``checkpoint`` (file or ZeRO directory) to ``out_dir`` with ``save_pretrained``."""
+    """Write the white-box of ``checkpoint`` (file or ZeRO directory) to ``out_dir`` with
+    ``save_pretrained``."""
     from cyclealign_pl.module import CycleAlignModule
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)

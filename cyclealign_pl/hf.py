@@ -1,4 +1,5 @@
-"""Loading Hugging Face models and tokenizers: from a path/hub name, or built from a config (tests, CPU default).
+"""Loading Hugging Face models and tokenizers: from a path/hub name, or built from a config
+(tests, CPU default).
 
 One place for the error messages users see when a path is wrong, so every caller fails the same clear way.
 """
@@ -51,7 +52,8 @@ def _explain(kind: str, name: str, error: Exception) -> ModelLoadError:
 
 
 def load_tokenizer(name: str):
-    """``"byt5"`` builds the file-free byte tokenizer; anything else goes to ``AutoTokenizer.from_pretrained``."""
+    """``"byt5"`` builds the file-free byte tokenizer; anything else goes to
+    ``AutoTokenizer.from_pretrained``."""
     if name == OFFLINE_TOKENIZER:
         from transformers import ByT5Tokenizer
 
@@ -64,7 +66,8 @@ def load_tokenizer(name: str):
 
 
 def build_config(config: dict[str, Any], **overrides: Any):
-    """A transformers config from a plain dict with a ``model_type`` key (e.g. ``{"model_type": "llama", ...}``)."""
+    """A transformers config from a plain dict with a ``model_type`` key
+    (e.g. ``{"model_type": "llama", ...}``)."""
     settings = dict(config)
     model_type = settings.pop("model_type", None)
     if not model_type:
@@ -167,7 +170,8 @@ def apply_lora(model: PreTrainedModel, settings: dict[str, Any]):
 
 
 def plain_model(model: torch.nn.Module) -> PreTrainedModel:
-    """The model to ``save_pretrained`` for plain transformers: LoRA adapters merged into a copy, else as is."""
+    """The model to ``save_pretrained`` for plain transformers: LoRA adapters merged into a copy, else as
+    is."""
     if hasattr(
         model, "merge_and_unload"
     ):  # a peft model: merge a copy, so the trained adapters stay in place

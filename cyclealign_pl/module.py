@@ -52,7 +52,8 @@ def _default_optimizer(params) -> torch.optim.Optimizer:
 
 
 class RunStopped(RuntimeError):
-    """The run stopped on purpose (judge budget spent, judge failure policy 'stop', signal); a checkpoint was saved."""
+    """The run stopped on purpose (judge budget spent, judge failure policy 'stop', signal); a checkpoint was
+    saved."""
 
 
 class CycleAlignModule(LightningModule):
@@ -67,11 +68,13 @@ class CycleAlignModule(LightningModule):
         reward_model: the reference ranker (ranking accuracy during fit) and the evaluator (``validate``).
         cycle: the method's settings (l, N, objective, lambda, demonstration source).
         sampling: how candidates are sampled.
-        demonstration_scope: ``"prompt"`` (paper: each prompt starts from the static demonstration) or ``"run"``
-            (a finished prompt's dynamic demonstrations are kept for later prompts, ``max_demonstrations`` newest).
+        demonstration_scope: ``"prompt"`` (paper: each prompt starts from the static demonstration) or
+            ``"run"`` (a finished prompt's dynamic demonstrations are kept for later prompts,
+            ``max_demonstrations`` newest).
         ablation: the paper's Table 3 settings, applied on top of ``cycle``: ``no_d2`` (no dynamic
-            demonstrations), ``no_icl`` (no demonstrations), ``no_wrd`` (dynamic ones from black-box rankings only),
-            ``no_brd`` (from white-box rankings only), ``no_cycle`` (one sample-rank-update per prompt).
+            demonstrations), ``no_icl`` (no demonstrations), ``no_wrd`` (dynamic ones from black-box rankings
+            only), ``no_brd`` (from white-box rankings only), ``no_cycle`` (one sample-rank-update per
+            prompt).
         max_length: prompt + response token budget (paper: 512).
         optimizer: optimizer factory (paper: AdamW-style, lr 5e-5).
         gradient_clip_val: clip the gradient norm (None: no clipping).
@@ -84,8 +87,8 @@ class CycleAlignModule(LightningModule):
             (``peft.LoraConfig`` arguments; needs the ``lora`` extra). Exports merge the adapters.
         logit_chunk_elements: score replies a chunk of tokens at a time, each chunk at most this many logits
             (recomputed in backward), so scoring memory does not grow with the vocabulary; null: all at once.
-        collapse_max_empty_share, collapse_min_distinct_2: evaluation warns that the replies collapsed when more
-            than this share of them is empty, or when their distinct-2 falls below this floor.
+        collapse_max_empty_share, collapse_min_distinct_2: evaluation warns that the replies collapsed when
+            more than this share of them is empty, or when their distinct-2 falls below this floor.
     """
 
     def __init__(
@@ -177,7 +180,8 @@ class CycleAlignModule(LightningModule):
             "cut_better_replies": 0,  # judge replies cut to fit max_length (trained on without EOS)
             "interrupted_steps": 0,  # steps ended early by a stop request (signal)
         }
-        # ids of the prompts trained (this process's batches), in order: checkpointed, so a resumed run shows each once
+        # ids of the prompts trained (this process's batches), in order: checkpointed, so a resumed run shows
+        # each once
         self.trained_ids: list[str] = []
         self._stop_request = StopRequest()
         self._pending_rng: dict[str, Any] | None = None
@@ -227,9 +231,10 @@ class CycleAlignModule(LightningModule):
             raise error
 
     def _configure_deepspeed(self) -> None:
-        """Hand ``gradient_clip_val`` to DeepSpeed, which clips inside its engine (the module's own clipping is
-        bypassed there, and Lightning takes DeepSpeed's value from the Trainer, which manual optimization leaves
-        unset). A different value already in the DeepSpeed config is a conflict, not something to ignore."""
+        """Hand ``gradient_clip_val`` to DeepSpeed, which clips inside its engine (the module's own clipping
+        is bypassed there, and Lightning takes DeepSpeed's value from the Trainer, which manual optimization
+        leaves unset). A different value already in the DeepSpeed config is a conflict, not something to
+        ignore."""
         if not self._is_deepspeed():
             return
         config = self.trainer.strategy.config
@@ -311,9 +316,9 @@ class CycleAlignModule(LightningModule):
         """One optimizer step; skips (and counts) a missing or non-finite loss or gradient.
 
         With several processes the decision is collective: when no process has a usable loss, every one skips
-        (a step on zero gradients would still move the weights through AdamW's momentum and weight decay); when
-        some have one, the others backpropagate a zero connected to all parameters, so that every rank takes
-        part in the gradient all-reduce and applies the same averaged step.
+        (a step on zero gradients would still move the weights through AdamW's momentum and weight decay);
+        when some have one, the others backpropagate a zero connected to all parameters, so that every rank
+        takes part in the gradient all-reduce and applies the same averaged step.
         """
         if loss is not None and not torch.isfinite(loss).item():
             self.counters["nonfinite_updates"] += 1
@@ -383,7 +388,7 @@ class CycleAlignModule(LightningModule):
             )
         self.counters["truncated_prompts"] += truncated
 
-    # -- the run: slots for the prompts in flight, the judge's spend ledger, the zero-shot evaluation ----------
+    # -- the run: slots for the prompts in flight, the judge's spend ledger, the zero-shot evaluation --------
     def on_train_start(self) -> None:
         self._stop_request.install()
         if self.cycle_state is None:
@@ -433,7 +438,8 @@ class CycleAlignModule(LightningModule):
         raise RunStopped(f"{reason}. A checkpoint was saved to {path}; resume with --ckpt_path {path}")
 
     def _stop_checkpoint_path(self) -> str:
-        """The checkpoint callback's ``last.ckpt`` (so ``--ckpt_path last`` resumes from here), else stopped.ckpt."""
+        """The checkpoint callback's ``last.ckpt`` (so ``--ckpt_path last`` resumes from here), else
+        stopped.ckpt."""
         callback = self.trainer.checkpoint_callback
         if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
             return os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
@@ -441,10 +447,10 @@ class CycleAlignModule(LightningModule):
 
     # -- evaluation: validate / test / predict (reward scoring) ----------------------------------------
     # Greedy replies to the evaluation prompts, scored by ``reward_model`` (the evaluator); see evaluation.py.
-    # Logged as ``<stage>/reward/<subset>`` and ``<stage>/reward/total`` with the collapse monitors beside them;
-    # table, generations and metadata go to ``<log_dir>/eval/<stage>_*``. Validation during fit runs the same
-    # code (skipped without evaluator). The zero-shot model is evaluated once per run, before its first step
-    # (kept in the checkpoints), and every later evaluation reports its gain over it, paired by prompt.
+    # Logged as ``<stage>/reward/<subset>`` and ``<stage>/reward/total`` with the collapse monitors beside
+    # them; table, generations and metadata go to ``<log_dir>/eval/<stage>_*``. Validation during fit runs the
+    # same code (skipped without evaluator). The zero-shot model is evaluated once per run, before its first
+    # step (kept in the checkpoints), and every later evaluation reports its gain over it, paired by prompt.
     def on_validation_epoch_start(self) -> None:
         self._evaluation = self._start_evaluation("val", self.trainer.val_dataloaders)
 
@@ -622,8 +628,8 @@ class CycleAlignModule(LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------------
     # Every process has its own prompts in flight, counters, demonstrations and random streams. A checkpoint
-    # is written by rank 0, so each process's state is gathered into it (``processes``, one entry per rank) and
-    # each process takes its own back on resume.
+    # is written by rank 0, so each process's state is gathered into it (``processes``, one entry per rank)
+    # and each process takes its own back on resume.
     def _process_state(self) -> dict[str, Any]:
         return {
             "counters": dict(self.counters),

@@ -126,9 +126,9 @@ class WhiteBox:
     """Wraps a causal LM and its tokenizer with what the cycle needs: sample, score, greedy.
 
     ``shared_prefix``: encode each prompt once and continue its candidates from the prompt's key/value cache,
-    both when sampling them (no gradients) and when scoring them (gradients flow through the cache), instead of
-    one full sequence per candidate; same results, less time and memory (docs/scaling.md). Scoring falls back
-    to full sequences under gradient checkpointing, which drops the cache in training.
+    both when sampling them (no gradients) and when scoring them (gradients flow through the cache), instead
+    of one full sequence per candidate; same results, less time and memory (docs/scaling.md). Scoring falls
+    back to full sequences under gradient checkpointing, which drops the cache in training.
     """
 
     def __init__(
@@ -191,13 +191,15 @@ class WhiteBox:
         return prefix + ids[-keep:]
 
     def prompt_overflow(self, prompt: str, reply_room: int | None = None) -> int:
-        """How many of the prompt's first tokens :meth:`prompt_ids` drops to leave room for the reply (0: none)."""
+        """How many of the prompt's first tokens :meth:`prompt_ids` drops to leave room for the reply
+        (0: none)."""
         keep = max(self.prompt_budget(reply_room) - (self.bos_id is not None), 1)
         return max(len(self._tokens(prompt)) - keep, 0)
 
     def reply_token_ids(self, prompt: str, text: str) -> list[int]:
-        """The token ids of ``text`` as the reply to ``prompt``: joined as ``prompt + " " + text`` (the dialogue
-        format) and tokenised together, so the boundary tokens are the ones the model would have produced."""
+        """The token ids of ``text`` as the reply to ``prompt``: joined as ``prompt + " " + text`` (the
+        dialogue format) and tokenised together, so the boundary tokens are the ones the model would have
+        produced."""
         text = text.strip()
         context = prompt[
             -64:
@@ -259,7 +261,8 @@ class WhiteBox:
 
     def _prefill(self, input_ids: Tensor, attention_mask: Tensor, copies: int) -> tuple[Tensor, Tensor, Any]:
         """Encode each prompt once (all but its last token) and repeat the cache ``copies`` times, so that
-        ``generate`` samples every copy without encoding the prompt again: the inputs repeated, and the cache."""
+        ``generate`` samples every copy without encoding the prompt again: the inputs repeated, and the
+        cache."""
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         prefix = self.model(
             input_ids=input_ids[:, :-1],
@@ -272,7 +275,8 @@ class WhiteBox:
         return input_ids[rows], attention_mask[rows], _cache_rows(prefix.cache, rows)
 
     def _reply_from_generated(self, generated: list[int], markers: Sequence[str] = TURN_MARKERS) -> Reply:
-        """The reply in one generated sequence: up to and including its EOS, or up to the next dialogue turn."""
+        """The reply in one generated sequence: up to and including its EOS, or up to the next dialogue
+        turn."""
         if self.eos_id in generated:
             ids = generated[: generated.index(self.eos_id) + 1]
             body, finished = ids[:-1], True
@@ -355,7 +359,8 @@ class WhiteBox:
         return self.max_length - scored.prompt_lengths[row]
 
     def _checkpointing(self) -> bool:
-        """Gradient checkpointing drops the key/value cache in training, so the shared prefix cannot be used."""
+        """Gradient checkpointing drops the key/value cache in training, so the shared prefix cannot be
+        used."""
         return self.model.training and any(
             getattr(m, "gradient_checkpointing", False) for m in self.model.modules()
         )
@@ -382,7 +387,8 @@ class WhiteBox:
         self, encoding: PromptEncoding, rows: Tensor, replies: Sequence[Sequence[int]]
     ) -> tuple[Tensor, Tensor]:
         """Replies right-padded [K, R] on top of the prompts' cache rows ``rows`` (explicit positions, so the
-        prompts' left padding shifts nothing); the first reply token is predicted by the prompt's last state."""
+        prompts' left padding shifts nothing); the first reply token is predicted by the prompt's last
+        state."""
         ids, reply_mask = self._right_padded(replies)
         prompt_mask = encoding.mask[rows]
         positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(ids.shape[1], device=self.device)
@@ -454,8 +460,8 @@ class WhiteBox:
 def _tokens_before(ids: Sequence[int], cut: str, decode: Callable[[Sequence[int]], str]) -> int:
     """How many of ``ids`` make up the text ``cut`` (a reply cut where the next turn starts).
 
-    The longest prefix that decodes to ``cut`` plus at most whitespace (``"Sure.\\n\\n"`` before ``"Human:"``),
-    or to a part of ``cut`` when the cut falls inside a token.
+    The longest prefix that decodes to ``cut`` plus at most whitespace (``"Sure.\\n\\n"`` before
+    ``"Human:"``), or to a part of ``cut`` when the cut falls inside a token.
     """
     within = 0
     for count in range(1, len(ids) + 1):
@@ -468,8 +474,9 @@ def _tokens_before(ids: Sequence[int], cut: str, decode: Callable[[Sequence[int]
 
 
 def _cache_rows(cache: Any, rows: Tensor) -> Any:
-    """A new key/value cache holding ``cache``'s batch rows ``rows`` (repeats allowed); ``cache`` is unchanged,
-    and the new one's tensors stay in the autograd graph (indexing, not copies of the data without history)."""
+    """A new key/value cache holding ``cache``'s batch rows ``rows`` (repeats allowed); ``cache`` is
+    unchanged, and the new one's tensors stay in the autograd graph (indexing, not copies of the data without
+    history)."""
     view = copy.copy(cache)
     view.layers = [copy.copy(layer) for layer in cache.layers]
     view.batch_select_indices(rows)

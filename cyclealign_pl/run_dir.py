@@ -40,7 +40,8 @@ def root_dir(config: Any) -> Path:
 
 
 def place_run_files(config: Any) -> None:
-    """Put the logger, the checkpoints and a relative judge cache under the root (settings left unset only)."""
+    """Put the logger, the checkpoints and a relative judge cache under the root (settings left unset
+    only)."""
     root = root_dir(config)
     for logger in _specs(_get(config, "trainer", "logger")):
         init_args = logger.get("init_args")

@@ -146,8 +146,9 @@ def _evaluation_lines(summary: FitSummary) -> list[str]:
     prompts = f"{_fmt(e.get('prompts', 0))} prompts"
     if e.get("reward_gain") is not None:
         lines.append(
-            f"  evaluation on {prompts}: reward {e['zero_shot_reward']:.4g} (zero-shot) -> {e['reward']:.4g}, "
-            f"gain {e['reward_gain']:+.4g} +- {e['reward_gain_se']:.2g} (paired standard error; "
+            f"  evaluation on {prompts}: reward {e['zero_shot_reward']:.4g} (zero-shot) "
+            f"-> {e['reward']:.4g}, gain {e['reward_gain']:+.4g} +- {e['reward_gain_se']:.2g} "
+            f"(paired standard error; "
             f"{e['reward_gain_z']:+.1f} SE over {_fmt(e['paired_prompts'])} prompts)"
         )
     elif e.get("reward") is not None:

@@ -1,5 +1,5 @@
-"""Shared fixtures: small HH-RLHF directories, a local OpenAI-compatible server and judges on it (plain helpers
-are in ``tests/helpers.py``)."""
+"""Shared fixtures: small HH-RLHF directories, a local OpenAI-compatible server and judges on it (plain
+helpers are in ``tests/helpers.py``)."""
 
 from __future__ import annotations
 
@@ -99,8 +99,8 @@ def make_client(server):
 
 @dataclass
 class DefaultRun:
-    """The README's first command (``fit --config configs/tiny.yaml``, exactly as shipped), started from another
-    working directory: its CLI object, run directory, that working directory and what it printed."""
+    """The README's first command (``fit --config configs/tiny.yaml``, exactly as shipped), started from
+    another working directory: its CLI object, run directory, that working directory and what it printed."""
 
     cli: Any
     root: Path

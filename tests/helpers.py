@@ -1,4 +1,5 @@
-"""What many tests share: tiny models built from configs, real judges with simple rules, trainers and HH files.
+"""What many tests share: tiny models built from configs, real judges with simple rules, trainers and
+HH files.
 
 Fixtures live in ``conftest.py``; this module holds plain functions and classes that tests import.
 """
@@ -45,7 +46,8 @@ def hh_prompt(question: str) -> str:
 
 
 def write_hh_split(root: Path, subset: str, split: str, pairs: Sequence[tuple[str, str]]) -> Path:
-    """Write ``<root>/<subset>/<split>.jsonl.gz`` in the upstream HH-RLHF layout from (chosen, rejected) pairs."""
+    """Write ``<root>/<subset>/<split>.jsonl.gz`` in the upstream HH-RLHF layout from (chosen, rejected)
+    pairs."""
     path = root / subset / f"{split}.jsonl.gz"
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "wt", encoding="utf-8") as f:

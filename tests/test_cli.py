@@ -68,8 +68,8 @@ def test_fit_ends_with_its_paths_and_numbers(default_run):
     counters = cli.model.counters
     report = out[out.index("cyclealign_pl: fit done") :]
     assert (
-        f"{counters['steps']} steps, {counters['prompts']} prompts, {counters['optimizer_steps']} optimizer steps"
-        in report
+        f"{counters['steps']} steps, {counters['prompts']} prompts, "
+        f"{counters['optimizer_steps']} optimizer steps" in report
     )
     assert f"{counters['iterations'] / counters['prompts']:.2f} iterations per prompt" in report
     judged = counters["iterations"] - counters["degenerate_sets"]
@@ -219,7 +219,7 @@ def test_the_progress_bar_shows_a_few_key_metrics_under_short_labels():
     assert len(KEY_METRICS) == 4
 
 
-# -- the end-of-fit verdict ------------------------------------------------------------------------------------
+# -- the end-of-fit verdict ----------------------------------------------------------------------------------
 
 
 def test_a_fit_without_any_optimizer_step_fails_and_says_why():
@@ -297,8 +297,8 @@ def test_the_report_prints_whatever_the_module_and_judge_provide():
         == "  judge: 12 requests, 3 cache hits, 1 failed requests, $0.0123, 1 failed judgments of 10 (10.0%)"
     )
     for line in [
-        "  evaluation on 16 prompts: reward -0.25 (zero-shot) -> 0.5, gain +0.75 +- 0.12 (paired standard error; "
-        "+6.0 SE over 16 prompts)",
+        "  evaluation on 16 prompts: reward -0.25 (zero-shot) -> 0.5, gain +0.75 +- 0.12 "
+        "(paired standard error; +6.0 SE over 16 prompts)",
         "  replies the evaluator prefers: 25% -> 75%; empty 6%, 12.5 words on average, distinct-2 0.500",
         "  warning: the replies collapsed: distinct-2 is 0.010",
         "  checkpoint: /x/last.ckpt",
@@ -436,7 +436,8 @@ HEAVY = ("cyclealign_pl.module", "transformers.modeling_utils", "datasets", "dee
 
 def test_top_level_help_is_specific_and_imports_no_models_data_or_judges():
     probe = (
-        "import sys\nfrom cyclealign_pl.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
+        "import sys\nfrom cyclealign_pl.cli import main\ntry:\n    main(['--help'])\n"
+        "except SystemExit as e:\n"
         f"    code = e.code\nprint('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], code)"
     )
     done = subprocess.run(
@@ -483,7 +484,8 @@ def test_fit_help_names_the_program_and_the_subcommand(fit_help):
 
 
 def test_fit_help_describes_every_method_setting(fit_help):
-    """Every ``model.cycle.*`` and ``model.sampling.*`` option has a description (the dataclasses' field docs).
+    """Every ``model.cycle.*`` and ``model.sampling.*`` option has a description (the dataclasses' field
+    docs).
 
     Needs ``Attributes:`` sections in the docstrings of ``CycleConfig`` (cycle.py) and ``SamplingConfig``
     (policy.py).
@@ -510,7 +512,7 @@ def test_hf_refuses_a_path_and_a_config_together():
         load_reward_model("some/rm", {"model_type": "llama"})
 
 
-# -- the paper's GPU configs parse (and build what needs no GPU) -----------------------------------------------
+# -- the paper's GPU configs parse (and build what needs no GPU) ---------------------------------------------
 
 
 @pytest.mark.parametrize("name, objective", [("llama_rrhf.yaml", "rrhf"), ("alpaca_pro.yaml", "pro")])

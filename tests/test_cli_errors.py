@@ -75,7 +75,8 @@ def run_cli(tmp_path: Path, capsys, *args: str, subcommand: str = "fit") -> str:
         ),
         (
             ["--trainer.callbacks.init_args.every_n_batch", "3"],
-            "trainer.callbacks: CycleCheckpoint has no argument 'every_n_batch' (did you mean every_n_batches?)",
+            "trainer.callbacks: CycleCheckpoint has no argument 'every_n_batch' "
+            "(did you mean every_n_batches?)",
         ),
         (
             ["--trainer.logger.init_args.nme", "x"],
@@ -91,7 +92,8 @@ def test_a_bad_setting_is_one_line_naming_it(override, expected, tmp_path, capsy
 
 
 def test_an_abbreviated_option_is_not_taken_for_the_full_one(tmp_path, capsys):
-    """argparse would read --model.cycle.num_candidate 4 as num_candidates=4: a typo must not change a setting."""
+    """argparse would read --model.cycle.num_candidate 4 as num_candidates=4: a typo must not change a
+    setting."""
     line = run_cli(tmp_path, capsys, "--model.cycle.num_candidate", "4", "--print_config")
     assert "did you mean --model.cycle.num_candidates?" in line
 
@@ -185,7 +187,7 @@ def test_the_beavertails_config_defaults_to_the_hub_and_fails_offline_in_one_lin
     )
 
 
-# -- the message extraction itself (pure) ----------------------------------------------------------------------
+# -- the message extraction itself (pure) --------------------------------------------------------------------
 
 UNION_DUMP = """Does not validate against any of the Union subtypes
 Subtypes: [<class 'lightning.pytorch.core.datamodule.LightningDataModule'>, <class 'NoneType'>]
@@ -193,7 +195,7 @@ Errors:
   - HH-RLHF root directory not found: /nope
   - Expected a <class 'NoneType'>
 Given value type: <class 'jsonargparse._namespace.Namespace'>
-Given value: Namespace(class_path='cyclealign_pl.data.hh_rlhf.HHRLHFDataModule', init_args=Namespace(root='/nope'))"""
+Given value: Namespace(class_path='cyclealign_pl.data.hh_rlhf.HHRLHFDataModule', init_args=Namespace(root='/nope'))"""  # noqa: E501
 
 NESTED_DUMP = """Parser key "model.judge":
   Does not validate against any of the Union subtypes

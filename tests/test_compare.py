@@ -342,7 +342,8 @@ def test_cli_end_to_end_with_the_default_rule_cache_and_replay(server, tmp_path,
             for (i, s), reply in zip(
                 ids,
                 [
-                    "You should never do that; please ask someone you trust for help instead.",  # beats a harmful reply
+                    # beats a harmful reply
+                    "You should never do that; please ask someone you trust for help instead.",
                     "A short answer.",  # loses to a longer one
                     "Same words here.",  # a tie: the same text
                     "Sure, here is how to steal it.",  # harmful: loses

@@ -31,8 +31,8 @@ def metric(run_dir: Path, name: str) -> list[float]:
 def test_the_default_run_aligns_its_white_box(default_run):
     """The README's first command, as shipped: on 100 held-out prompts the evaluator's reward rises by >= 3
     standard errors of the paired difference, the share of replies it prefers goes from <= 60% to >= 85%, the
-    replies stay non-empty and varied, iterations per step fall over the run (the paper's Fig. 4), and the black
-    box ranks like the evaluator more often than chance but not always."""
+    replies stay non-empty and varied, iterations per step fall over the run (the paper's Fig. 4), and the
+    black box ranks like the evaluator more often than chance but not always."""
     summary = default_run.cli.model.evaluation_summary
     assert summary["paired_prompts"] == 100
     assert summary["reward_gain_z"] >= 3, summary
@@ -88,7 +88,8 @@ def test_judge_that_never_agrees_uses_all_iterations(hh_root, tmp_path):
 
 
 def test_batched_prompts_drop_out_independently(hh_root, tmp_path):
-    """Prompts that agree stop; the rest keep training (one optimizer step per iteration while any is active)."""
+    """Prompts that agree stop; the rest keep training (one optimizer step per iteration while any is
+    active)."""
     calls = {"n": 0}
 
     def agree_on_even_requests(ranking):
@@ -98,7 +99,8 @@ def test_batched_prompts_drop_out_independently(hh_root, tmp_path):
     judge = WhiteBoxMirrorJudge(agree_on_even_requests)
     module = tiny_module(judge, cycle=CycleConfig(max_iterations=3))
     make_trainer(tmp_path, batches=1).fit(module, make_data(hh_root(QUESTIONS[:8]), batch_size=2))
-    # iteration 1: request 1 agrees, request 2 does not; iteration 2: request 3 agrees -> done after 2 iterations
+    # iteration 1: request 1 agrees, request 2 does not; iteration 2: request 3 agrees -> done after 2
+    # iterations
     assert module.counters["iterations"] == 3
     assert module.counters["optimizer_steps"] == 2
     assert module.counters["agreed_prompts"] == 2
@@ -172,5 +174,6 @@ def test_resume_restores_pool_and_counters(hh_root, tmp_path):
     )
     make_trainer(tmp_path, batches=3, max_epochs=2).fit(third, make_data(root), ckpt_path=ckpt)
     assert third.counters["steps"] == 6 and third.counters["prompts"] == 6
-    # the restored pool is what the first resumed request sees (capped at max_demonstrations, after the static one)
+    # the restored pool is what the first resumed request sees (capped at max_demonstrations, after the static
+    # one)
     assert third_judge.requests[0].demonstrations[1:] == tuple(first.pool.shared[-5:])

@@ -1,5 +1,5 @@
-"""Several processes: DDP on the CPU (2 processes, gloo) end to end, DeepSpeed ZeRO-2 as far as it builds without
-a GPU, and the export of any checkpoint to a plain Hugging Face model."""
+"""Several processes: DDP on the CPU (2 processes, gloo) end to end, DeepSpeed ZeRO-2 as far as it builds
+without a GPU, and the export of any checkpoint to a plain Hugging Face model."""
 
 from __future__ import annotations
 
@@ -157,7 +157,8 @@ def test_ddp_two_processes_fit_reduce_metrics_share_the_judge_cache_and_resume(t
         server.enqueue(*[Behaviour.reply("They all look fine to me.")] * 8)
         ranks, rows = ddp_fit(tmp_path, server)
         assert [r["world_size"] for r in ranks] == [2, 2]
-        # ... so no process steps: a step on zero gradients would still move the weights (AdamW's decay, momentum)
+        # ... so no process steps: a step on zero gradients would still move the weights (AdamW's decay,
+        # momentum)
         for r in ranks:
             first = r["after_first_step"]
             assert first["counters"]["iterations"] == 4 and first["counters"]["optimizer_steps"] == 0
@@ -178,7 +179,8 @@ def test_ddp_two_processes_fit_reduce_metrics_share_the_judge_cache_and_resume(t
             for r in rows
             if r.get("time/judge_wait_s")
         )
-        # one judge cache file and one spend ledger for both processes: every request sent by either is in both
+        # one judge cache file and one spend ledger for both processes: every request sent by either is in
+        # both
         sent = max(r["judge"]["requests_sent"] for r in ranks)  # each process reports the run's ledger
         assert sent == len(server.requests) > 0
         cache = JudgeCache(tmp_path / "judge_cache.sqlite")
@@ -193,7 +195,8 @@ def test_ddp_two_processes_fit_reduce_metrics_share_the_judge_cache_and_resume(t
         assert [p["counters"]["prompts"] for p in processes] == [r["end"]["prompts"] for r in ranks]
         saved = {name: sum(p["counters"][name] for p in processes) for name in ("prompts", "iterations")}
 
-        # resume under DDP: both processes restore their own state, train two more batches each, totals continue
+        # resume under DDP: both processes restore their own state, train two more batches each, totals
+        # continue
         resumed, rows = ddp_fit(
             tmp_path,
             server,
@@ -300,7 +303,7 @@ def test_deepspeed_on_the_cpu_fails_with_a_clear_message(tmp_path, capsys):
     assert not (tmp_path / "checkpoints").exists()
 
 
-# -- export: any checkpoint to a plain Hugging Face model -----------------------------------------------------
+# -- export: any checkpoint to a plain Hugging Face model ----------------------------------------------------
 
 
 def test_export_writes_a_plain_hf_model_from_a_checkpoint(hh_root, tmp_path):

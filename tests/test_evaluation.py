@@ -123,8 +123,8 @@ def test_subset_means_and_sample_weighted_total() -> None:
 
 
 def test_the_total_can_weight_subsets_by_their_full_test_set_sizes_as_the_paper_does() -> None:
-    """Equal samples of two subsets: the sample-weighted total is the plain mean; the paper weights each subset
-    by the size of its full test split instead."""
+    """Equal samples of two subsets: the sample-weighted total is the plain mean; the paper weights each
+    subset by the size of its full test split instead."""
     rewards = {"harmless-base": [40.0, 42.0], "helpful-online": [60.0, 62.0]}
     sizes = {"harmless-base": 2312.0, "helpful-online": 1137.0}
     by_prompt, by_size = SubsetMeanReward(list(rewards)), SubsetMeanReward(list(rewards), weights=sizes)
@@ -337,8 +337,9 @@ def test_fit_without_an_evaluator_skips_validation_with_a_warning(
 
 @pytest.mark.slow
 def test_validate_with_and_without_a_checkpoint_shows_the_gain(default_run, validated_run) -> None:
-    """``validate`` without a checkpoint is the zero-shot row; with the run's checkpoint it reports the trained
-    reward and its gain over the zero-shot evaluation the checkpoint carries (paired by prompt, with its SE)."""
+    """``validate`` without a checkpoint is the zero-shot row; with the run's checkpoint it reports the
+    trained reward and its gain over the zero-shot evaluation the checkpoint carries (paired by prompt, with
+    its SE)."""
     fit = default_run.cli.model.evaluation_summary
     zero_shot = validated_run.zero_shot.model.evaluation_summary
     trained = validated_run.trained.model.evaluation_summary
@@ -364,7 +365,8 @@ def test_validate_with_and_without_a_checkpoint_shows_the_gain(default_run, vali
 
 
 def test_collapsed_replies_are_flagged_in_the_logs_the_table_and_the_summary(tmp_path, caplog) -> None:
-    """A white box that only says EOS: validate warns that the replies collapsed and shows it beside the reward."""
+    """A white box that only says EOS: validate warns that the replies collapsed and shows it beside the
+    reward."""
     from lightning.pytorch import Trainer
 
     from tests.helpers import make_data, tiny_module, write_hh_split

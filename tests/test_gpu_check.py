@@ -1,5 +1,5 @@
-"""benchmarks/gpu_check.sh, the GPU check of issue 14, end to end on the CPU: the same steps with a tiny white box
-and no DeepSpeed (CPU=1), so the script a GPU session runs once is known to work before it gets there."""
+"""benchmarks/gpu_check.sh, the GPU check of issue 14, end to end on the CPU: the same steps with a tiny white
+box and no DeepSpeed (CPU=1), so the script a GPU session runs once is known to work before it gets there."""
 
 from __future__ import annotations
 

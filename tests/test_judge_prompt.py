@@ -210,7 +210,8 @@ def test_a_missing_template_file_is_a_clear_error(tmp_path):
             None,
         ),
         (
-            "The desired ranking is: [1, 3, 2, 0]\nA better response: Here is my ranking of ways.\nSave first.",
+            "The desired ranking is: [1, 3, 2, 0]\n"
+            "A better response: Here is my ranking of ways.\nSave first.",
             (1, 3, 2, 0),
             "Here is my ranking of ways.\nSave first.",
         ),

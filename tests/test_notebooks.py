@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_run(validated_run) -> Path:
-    """The session's default run with the evaluations the tables notebook reads (``conftest.validated_run``)."""
+    """The session's default run with the evaluations the tables notebook reads
+    (``conftest.validated_run``)."""
     return validated_run.root
 
 
@@ -103,7 +104,8 @@ def test_reload_and_compare_notebook_says_when_replies_collapsed(tiny_run, tmp_p
 
 
 def _rewards(run_dir: Path, with_checkpoint: bool) -> dict[str, float]:
-    """Prompt id -> reward of the HH-RLHF ``validate`` with (or without) a checkpoint, from its generations file."""
+    """Prompt id -> reward of the HH-RLHF ``validate`` with (or without) a checkpoint, from its generations
+    file."""
     for meta_path in run_dir.glob("logs/version_*/eval/val_meta.json"):
         meta = json.loads(meta_path.read_text())
         if (meta["trainer_fn"], meta["data"], bool(meta["checkpoint"])) == (
@@ -117,7 +119,8 @@ def _rewards(run_dir: Path, with_checkpoint: bool) -> dict[str, float]:
 
 
 def _paired_gain(run_dir: Path) -> tuple[float, float, int]:
-    """The checkpoint's total gain over the base model and its standard error, computed here from the files."""
+    """The checkpoint's total gain over the base model and its standard error, computed here from the
+    files."""
     aligned, base = _rewards(run_dir, True), _rewards(run_dir, False)
     diffs = [aligned[i] - base[i] for i in base if i in aligned]
     mean = sum(diffs) / len(diffs)

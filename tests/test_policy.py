@@ -1,5 +1,6 @@
 """The white box's token plumbing: what is sampled is what is scored, texts join their prompts as the dialogue
-format does, the judge's better reply gets the room the sequence allows, evaluation cuts replies as PRO does."""
+format does, the judge's better reply gets the room the sequence allows, evaluation cuts replies as PRO
+does."""
 
 from __future__ import annotations
 

@@ -192,7 +192,8 @@ BATCH = 3  # continuous batching: prompts are in flight across steps, and so acr
 
 
 class FitProcess:
-    """``python -m cyclealign_pl fit`` in a subprocess; its output goes to a log file inside the run directory."""
+    """``python -m cyclealign_pl fit`` in a subprocess; its output goes to a log file inside the run
+    directory."""
 
     def __init__(
         self, run_dir: Path, data_root: Path, server: LocalOpenAIServer, name: str, *extra: str
@@ -249,7 +250,8 @@ class FitProcess:
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
     def wait_for(self, condition: Callable[[], bool], what: str, limit_s: float = 600) -> None:
-        """Poll until ``condition()``; fail with the log if the process ends first (``limit_s``: a safety net)."""
+        """Poll until ``condition()``; fail with the log if the process ends first (``limit_s``: a safety
+        net)."""
         deadline = time.monotonic() + limit_s
         while not condition():
             if self.proc.poll() is not None:
@@ -325,7 +327,9 @@ def interrupted_run(tmp_path_factory):
         for name, signum in (("2-sigterm", signal.SIGTERM), ("3-sigint", signal.SIGINT)):
             stopped = FitProcess(run_dir, data, server, name, "--ckpt_path", "last")
             seen = len(server.requests)
-            stopped.wait_for(lambda: len(server.requests) >= seen + 2, "new requests after resuming")
+            stopped.wait_for(
+                lambda seen=seen: len(server.requests) >= seen + 2, "new requests after resuming"
+            )
             stopped.proc.send_signal(signum)
             result[name] = (stopped.finish(), stopped.output())
 
@@ -338,7 +342,7 @@ def interrupted_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_kill_9_and_resume_does_every_step_exactly_once(interrupted_run):
-    code, steps_at_checkpoint, requests_at_kill = interrupted_run["killed"]
+    code, steps_at_checkpoint, _requests_at_kill = interrupted_run["killed"]
     assert code == -signal.SIGKILL
     assert steps_at_checkpoint >= 3
     finished_code, output = interrupted_run["finished"]
@@ -379,7 +383,8 @@ def test_the_api_key_is_used_but_never_written_to_any_file(interrupted_run):
     run_dir: Path = interrupted_run["run_dir"]
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     kinds = {p.suffix for p in files} | {p.name for p in files}
-    # what is searched: checkpoints, hparams + config dumps, metrics, logs, the cache (with WAL), exported model
+    # what is searched: checkpoints, hparams + config dumps, metrics, logs, the cache (with WAL), exported
+    # model
     assert {".ckpt", ".yaml", ".csv", ".log", ".sqlite", ".safetensors"} <= kinds
     key = FAKE_KEY.encode()
     leaks = [str(p) for p in files if key in p.read_bytes() or key.hex().encode() in p.read_bytes()]
@@ -465,7 +470,8 @@ def test_a_non_finite_update_is_skipped_counted_and_logged(poison, tmp_path, cap
 
 def test_empty_generations_and_degenerate_candidate_sets_are_counted_not_judged(tmp_path):
     """A white-box that can only say EOS: every candidate is empty, every set has one distinct reply. Such a
-    set is not sent to the judge and ends the prompt (nothing to rank: the white box is sure); it is counted."""
+    set is not sent to the judge and ends the prompt (nothing to rank: the white box is sure); it is
+    counted."""
     data = write_hh(tmp_path / "hh", questions("empty", 3))
     judge = LongestFirstJudge()
     module = tiny_module(judge)

@@ -135,7 +135,8 @@ def test_one_slot_reproduces_the_paper_serial_loop(overlap, hh_root, tmp_path):
 
 
 def prompts_agreeing_at(*iterations: int, spread: int = 3) -> list[str]:
-    """Distinct HH prompts that :class:`AgreesAtIterationJudge` (``spread``) agrees with at these iterations."""
+    """Distinct HH prompts that :class:`AgreesAtIterationJudge` (``spread``) agrees with at these
+    iterations."""
     pool = [hh_prompt(f"question {i}?") for i in range(200)]
     by_iteration = {
         it: [p for p in pool if 1 + zlib.crc32(p.encode()) % spread == it] for it in set(iterations)

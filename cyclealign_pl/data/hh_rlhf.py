@@ -340,9 +340,9 @@ class HHRLHFDataModule(LightningDataModule):
     the rest (seeded partition); in every case no training prompt text is an evaluation prompt.
 
     ``total_weighting`` says how the evaluation's ``total`` row averages the subsets: ``"prompts"`` (each
-    evaluated prompt counts once) or ``"subset_size"`` (each subset's mean weighted by the number of rows of its
-    full evaluation split, as the paper's Table 1 Total is: 2,312 / 2,354 / 1,137 / 2,749 test rows), so that a
-    sample of equally many prompts per subset still estimates the paper's Total.
+    evaluated prompt counts once) or ``"subset_size"`` (each subset's mean weighted by the number of rows of
+    its full evaluation split, as the paper's Table 1 Total is: 2,312 / 2,354 / 1,137 / 2,749 test rows), so
+    that a sample of equally many prompts per subset still estimates the paper's Total.
     """
 
     def __init__(

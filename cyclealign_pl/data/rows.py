@@ -2,8 +2,8 @@
 
 A row is one contextualised question: the dialogue so far rendered in the HH-RLHF format and ending with
 ``"\\n\\nAssistant:"`` (the white-box continues after it), plus the dataset's own chosen/rejected replies
-where it has them. Batches are dicts of lists of strings; tokenisation is the model's job, so the same
-rows serve any tokenizer and any judge. How rows are batched and served is in :mod:`cyclealign_pl.data.loaders`.
+where it has them. Batches are dicts of lists of strings; tokenisation is the model's job, so the same rows
+serve any tokenizer and any judge. How rows are batched and served is in :mod:`cyclealign_pl.data.loaders`.
 """
 
 from __future__ import annotations

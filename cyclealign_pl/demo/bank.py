@@ -28,7 +28,8 @@ TOPICS: tuple[str, ...] = ("violence", "theft", "drugs", "groups", "insults", "p
 
 # A request's topic: the first of these whose keywords occur in its human turns ("general" when none does).
 _TOPIC_KEYWORDS: dict[str, str] = {
-    "violence": r"kill|hurt|punch|fight|weapon|gun|bomb|attack|beat|murder|stab|poison|violen|shoot|knife|harm",
+    "violence": r"kill|hurt|punch|fight|weapon|gun|bomb|attack|beat|murder|stab|poison|violen|shoot|knife"
+    r"|harm",
     "theft": r"steal|stole|rob|shoplift|money|cash|bank|scam|fraud|cheat|lie|lying|credit card|tax|pay",
     "drugs": r"drug|weed|marijuana|cocaine|meth|heroin|alcohol|drunk|beer|pill|high|smoke|vape",
     "groups": r"race\b|racis|racial|culture|cultural|black|white|women|woman|men\b|african|asian|mexican"

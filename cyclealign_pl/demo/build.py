@@ -281,7 +281,8 @@ def _first_sentence(text: str) -> str:
 
 
 def _encode_for_evaluator(tokenizer, prompts: Sequence[str], replies: Sequence[str], max_length: int):
-    """The evaluator's input exactly as ``RewardModelJudge.score`` builds it (plain format, left truncation)."""
+    """The evaluator's input exactly as ``RewardModelJudge.score`` builds it (plain format, left
+    truncation)."""
     texts = [format_for_reward_model(p, r, "plain") for p, r in zip(prompts, replies)]
     return tokenizer(
         texts,
@@ -407,7 +408,8 @@ def _dir_size(path: Path) -> int:
 
 
 def build(out: str | Path, config: BuildConfig = BuildConfig()) -> dict[str, Any]:
-    """Build every asset into ``out`` (``whitebox/``, ``evaluator/``, ``build_info.json``); return the info."""
+    """Build every asset into ``out`` (``whitebox/``, ``evaluator/``, ``build_info.json``); return the
+    info."""
     started = time.perf_counter()
     out = Path(out)
     torch.manual_seed(config.seed)

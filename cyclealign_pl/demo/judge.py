@@ -153,7 +153,8 @@ class LexiconJudge(Judge):
         return self._fresh().submit(requests)
 
     def _fresh(self) -> OpenAIJudge:
-        """The client, the server's records cleared: they keep the latest batch only, so a run does not grow them."""
+        """The client, the server's records cleared: they keep the latest batch only, so a run does not grow
+        them."""
         client = self._running()
         if self._server is not None:
             self._server.clear()
@@ -175,7 +176,8 @@ class LexiconJudge(Judge):
         self._running().preflight()
 
     def bind_run(self, run_id: str, run_dir: str) -> None:
-        """The client keeps its books (a spend ledger) for run ``run_id``; a restarted client keeps them too."""
+        """The client keeps its books (a spend ledger) for run ``run_id``; a restarted client keeps them
+        too."""
         self._run = (run_id, run_dir)
         self._running().bind_run(run_id, run_dir)
 

@@ -79,7 +79,8 @@ def read_generations(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def reply_stats(records: Sequence[dict[str, Any]], threshold: float = PREFERRED_THRESHOLD) -> ReplyStats:
-    """Rewards, the preferred share and the collapse monitors (``evaluation.reply_stats``) of one evaluation."""
+    """Rewards, the preferred share and the collapse monitors (``evaluation.reply_stats``) of one
+    evaluation."""
     text = evaluation.reply_stats([str(r["reply"]) for r in records])
     rewards = [float(r["reward"]) for r in records]
     n = len(records)
@@ -176,7 +177,10 @@ def format_figures(f: Figures) -> str:
     table = "\n".join(f"{a:<18}{b:>12}{c:>12}" for a, b, c in rows)
     lines = [
         table,
-        f"paired reward gain: {f.reward_gain:+.2f} +- {f.reward_gain_se:.2f} (SE, {f.paired_prompts} prompts)",
+        (
+            f"paired reward gain: {f.reward_gain:+.2f} +- {f.reward_gain_se:.2f} "
+            f"(SE, {f.paired_prompts} prompts)"
+        ),
         (
             f"iterations per step: first third {_num(f.iterations_first_third)}, "
             f"last third {_num(f.iterations_last_third)}"

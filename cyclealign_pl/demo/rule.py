@@ -124,7 +124,8 @@ def preference_key(instruction: str, reply: str, seed: int = 0) -> tuple[int, in
 
 
 def rank_candidates(instruction: str, candidates: Sequence[str], seed: int = 0) -> tuple[int, ...]:
-    """The rule's ranking of ``candidates`` for the request ``instruction``, best first (ties: lower index)."""
+    """The rule's ranking of ``candidates`` for the request ``instruction``, best first (ties: lower
+    index)."""
     keys = [preference_key(instruction, c, seed) for c in candidates]
     return tuple(sorted(range(len(candidates)), key=lambda i: (*keys[i], i)))
 

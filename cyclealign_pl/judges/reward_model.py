@@ -46,8 +46,8 @@ class RewardModelJudge(Judge):
         config: a transformers config as a dict with ``model_type`` (random init, seeded by ``seed``).
         tokenizer: tokenizer name; defaults to ``model``; ``"byt5"`` is the file-free offline tokenizer.
         input_format: ``"plain"`` or ``"oasst"`` (see module docstring).
-        sigmoid, scale: reported reward = scale * (sigmoid(logit) if sigmoid else logit); the paper's Table 1 uses
-            sigmoid and scale 100. Rankings do not depend on either.
+        sigmoid, scale: reported reward = scale * (sigmoid(logit) if sigmoid else logit); the paper's Table 1
+            uses sigmoid and scale 100. Rankings do not depend on either.
     """
 
     def __init__(
