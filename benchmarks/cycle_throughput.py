@@ -30,7 +30,7 @@ import argparse
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -139,6 +139,26 @@ def make_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip: 
     return update
 
 
+def training_steps(
+    state: CycleState,
+    whitebox: WhiteBox,
+    judge,
+    pool: DemonstrationPool,
+    rows: Sequence[dict],
+    cycle: CycleConfig,
+    update: Callable,
+) -> Iterator[StepOutcome]:
+    """The training steps of ``CycleAlignModule`` over ``rows``: batches of ``state.capacity`` prompts taken
+    in order, the last one drained; yields each step's outcome."""
+    size = state.capacity
+    for first in range(0, len(rows), size):
+        batch = rows[first : first + size]
+        prompts, ids = [r["prompt"] for r in batch], [r["id"] for r in batch]
+        yield run_cycle(
+            state, whitebox, judge, pool, prompts, ids, cycle, update, drain=first + size >= len(rows)
+        )
+
+
 def run(
     prompts: Sequence[dict], batch_size: int, overlap: bool, judge: OpenAIJudge, args: argparse.Namespace
 ) -> Result:
@@ -170,22 +190,7 @@ def run(
     result = Result(seconds=0.0, prompts=len(prompts))
     with PeakMemory() as memory:
         start = time.perf_counter()
-        for first in range(0, len(prompts), batch_size):
-            batch = prompts[first : first + batch_size]
-            last = first + batch_size >= len(prompts)
-            result.outcomes.append(
-                run_cycle(
-                    state,
-                    whitebox,
-                    judge,
-                    pool,
-                    [r["prompt"] for r in batch],
-                    [r["id"] for r in batch],
-                    cycle,
-                    update,
-                    drain=last,
-                )
-            )
+        result.outcomes.extend(training_steps(state, whitebox, judge, pool, prompts, cycle, update))
         result.seconds = time.perf_counter() - start
     result.memory = memory
     return result

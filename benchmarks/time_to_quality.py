@@ -32,9 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cycle_throughput import make_update
+from cycle_throughput import make_update, training_steps
 
-from cyclealign_pl.cycle import CycleConfig, CycleState, run_cycle
+from cyclealign_pl.cycle import CycleConfig, CycleState
 from cyclealign_pl.data.hh_rlhf import HHRLHFDataModule
 from cyclealign_pl.demo.judge import LexiconJudge
 from cyclealign_pl.demonstrations import DemonstrationPool
@@ -73,26 +73,17 @@ def train(
     curve = [(0.0, 0, mean_reward(whitebox, evaluator, eval_rows))]
     seconds, done = 0.0, 0
     passes = 1 if target is None else args.max_passes
-    rows = train_rows * passes
+    rows = [{**r, "id": f"{r['id']}#{k // len(train_rows)}"} for k, r in enumerate(train_rows * passes)]
+    steps = training_steps(state, whitebox, judge, pool, rows, cycle, update)
     try:
-        for first in range(0, len(rows), batch_size):
-            batch = rows[first : first + batch_size]
-            last = first + batch_size >= len(rows)
+        while True:
             started = time.perf_counter()
-            outcome = run_cycle(
-                state,
-                whitebox,
-                judge,
-                pool,
-                [r["prompt"] for r in batch],
-                [r["id"] for r in batch],
-                cycle,
-                update,
-                drain=last,
-            )
+            outcome = next(steps, None)
             seconds += time.perf_counter() - started
+            if outcome is None:
+                break
             done += len(outcome.finished)
-            if batch_size > 1 or last:  # the clock is stopped while the evaluator scores
+            if batch_size > 1 or done == len(rows):  # the clock is stopped while the evaluator scores
                 curve.append((seconds, done, mean_reward(whitebox, evaluator, eval_rows)))
                 if target is not None and curve[-1][2] >= target:
                     break

@@ -213,6 +213,18 @@ def tiny_module(judge: Judge | None, **kwargs) -> CycleAlignModule:
     return module
 
 
+def only_says_eos(module: CycleAlignModule) -> CycleAlignModule:
+    """The module with an output head that puts all weight on EOS: every reply it writes is empty."""
+    head = module.model.lm_head
+    eos_only = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        eos_only.weight.zero_()
+        eos_only.bias.zero_()
+        eos_only.bias[module.tokenizer.eos_token_id] = 100.0
+    module.model.lm_head = eos_only
+    return module
+
+
 def update_recorder(model: torch.nn.Module, lr: float = 1e-2):
     """A plain optimizer step that records, per call, whether it ran and whether it changed the parameters."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)

@@ -369,7 +369,7 @@ def test_collapsed_replies_are_flagged_in_the_logs_the_table_and_the_summary(tmp
     reward."""
     from lightning.pytorch import Trainer
 
-    from tests.helpers import make_data, tiny_module, write_hh_split
+    from tests.helpers import make_data, only_says_eos, tiny_module, write_hh_split
 
     questions = [f"question {i}?" for i in range(6)]
     write_hh_split(
@@ -378,14 +378,9 @@ def test_collapsed_replies_are_flagged_in_the_logs_the_table_and_the_summary(tmp
         "test",
         [(f"\n\nHuman: {q}\n\nAssistant: Sure.", f"\n\nHuman: {q}\n\nAssistant: No.") for q in questions],
     )
-    module = tiny_module(None, reward_model=RewardModelJudge(config=TINY_REWARD_MODEL, tokenizer="byt5"))
-    head = module.model.lm_head
-    eos_only = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        eos_only.weight.zero_()
-        eos_only.bias.zero_()
-        eos_only.bias[module.tokenizer.eos_token_id] = 100.0
-    module.model.lm_head = eos_only
+    module = only_says_eos(
+        tiny_module(None, reward_model=RewardModelJudge(config=TINY_REWARD_MODEL, tokenizer="byt5"))
+    )
     trainer = Trainer(
         accelerator="cpu",
         logger=False,

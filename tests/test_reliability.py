@@ -25,14 +25,13 @@ from lightning.pytorch import Trainer
 from cyclealign_pl.callbacks import CycleCheckpoint, CycleMetrics
 from cyclealign_pl.cli import EXIT_BAD_INPUT, EXIT_STOPPED, main
 from cyclealign_pl.cycle import CycleConfig
-from cyclealign_pl.data.hh_rlhf import HHRLHFDataModule
 from cyclealign_pl.judges.base import Judge, RankRequest
 from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.module import CycleAlignModule, RunStopped
 from cyclealign_pl.policy import SamplingConfig, WhiteBox
 from cyclealign_pl.signals import StopRequest
 from cyclealign_pl.testing.openai_server import Behaviour, LocalOpenAIServer, failure_mix
-from tests.helpers import LongestFirstJudge, write_hh_split
+from tests.helpers import LongestFirstJudge, make_data, make_trainer, only_says_eos, write_hh_split
 from tests.helpers import tiny_module as helpers_tiny_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,29 +79,8 @@ def fit(
     ckpt_path: str | None = None,
     **trainer_kwargs,
 ) -> Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        limit_train_batches=batches,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(run_dir),
-    )
-    options.update(trainer_kwargs)
-    trainer = Trainer(**options)
-    data = HHRLHFDataModule(
-        root=str(data_root),
-        train_split="train",
-        eval_split="test",
-        num_train_prompts=None,
-        eval_prompts_per_subset=2,
-        batch_size=1,
-    )
+    trainer = make_trainer(run_dir, batches, **trainer_kwargs)
+    data = make_data(data_root, train_split="train", eval_split="test")
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer
 
@@ -474,14 +452,7 @@ def test_empty_generations_and_degenerate_candidate_sets_are_counted_not_judged(
     counted."""
     data = write_hh(tmp_path / "hh", questions("empty", 3))
     judge = LongestFirstJudge()
-    module = tiny_module(judge)
-    head = module.model.lm_head
-    eos_only = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        eos_only.weight.zero_()
-        eos_only.bias.zero_()
-        eos_only.bias[module.tokenizer.eos_token_id] = 100.0
-    module.model.lm_head = eos_only
+    module = only_says_eos(tiny_module(judge))
     trainer = fit(module, data, tmp_path / "run", batches=3)
     c = module.counters
     assert c["steps"] == 3 and c["iterations"] == 3  # one each: a degenerate set ends the prompt
