@@ -16,7 +16,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric, SumMetric
 
-from cyclealign_pl.cycle import PromptRecord, StepOutcome
+from cyclealign_pl.cycle import PromptRecord, StepOutcome, hidden_fraction
 from cyclealign_pl.evaluation import reply_stats
 from cyclealign_pl.hf import plain_model
 from cyclealign_pl.judges.base import RankRequest
@@ -129,12 +129,11 @@ class CycleMetrics(Callback):
         pl_module.log("time/judge_latency_s", outcome.judge_latency_s, on_step=True, on_epoch=False)
         self.judge_time["wait_s"].update(outcome.times["judge_wait_s"])
         self.judge_time["latency_s"].update(outcome.judge_latency_s)
-        wait, latency = (
-            self.judge_time["wait_s"].compute(),
-            self.judge_time["latency_s"].compute(),
-        )  # over all ranks
-        if latency > 0:
-            hidden = (1 - wait / latency).clamp(min=0)
+        # over the run and all ranks
+        hidden = hidden_fraction(
+            self.judge_time["wait_s"].compute().item(), self.judge_time["latency_s"].compute().item()
+        )
+        if hidden is not None:
             pl_module.log("cycle/judge_hidden_fraction_mean", hidden, on_step=True, on_epoch=False)
 
     def _reference_metrics(self, reference, finished: list[PromptRecord]) -> dict[str, float]:

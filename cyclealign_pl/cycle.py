@@ -154,10 +154,12 @@ class StepOutcome:
 
     @property
     def judge_hidden_fraction(self) -> float | None:
-        """The share of the judge's latency during which the white box worked instead of waiting."""
-        if self.judge_latency_s <= 0:
-            return None
-        return max(0.0, 1.0 - self.times["judge_wait_s"] / self.judge_latency_s)
+        return hidden_fraction(self.times["judge_wait_s"], self.judge_latency_s)
+
+
+def hidden_fraction(wait_s: float, latency_s: float) -> float | None:
+    """The share of the judge's latency during which the white box worked instead of waiting (None: none)."""
+    return max(0.0, 1.0 - wait_s / latency_s) if latency_s > 0 else None
 
 
 class CycleState:
