@@ -262,6 +262,11 @@ def main() -> None:
                     results[batch_size, delay] = run(share, batch_size, batch_size > 1, judge, args)
                 finally:
                     judge.close()
+            print(
+                f"  done: B={batch_size}, judge latency {delay:g} s: "
+                f"{results[batch_size, delay].prompts_per_s:.2f} prompts/s",
+                flush=True,
+            )
     for delay in args.delays:
         serial = results.get((1, delay))
         print(f"\njudge latency {delay:.2f} s")
