@@ -99,10 +99,6 @@ def ddp_fit(
         "cpu",
         "--trainer.default_root_dir",
         str(run_dir),
-        "--trainer.logger.init_args.save_dir",
-        str(run_dir),
-        "--trainer.callbacks.dirpath",
-        str(run_dir / "checkpoints"),
         "--trainer.callbacks+="
         + json.dumps(
             {"class_path": "tests.test_distributed.RankReport", "init_args": {"path": str(reports)}}

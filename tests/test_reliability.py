@@ -31,7 +31,7 @@ from cyclealign_pl.module import CycleAlignModule, RunStopped
 from cyclealign_pl.policy import SamplingConfig, WhiteBox
 from cyclealign_pl.signals import StopRequest
 from cyclealign_pl.testing.openai_server import Behaviour, LocalOpenAIServer, failure_mix
-from tests.helpers import LongestFirstJudge, make_data, make_trainer, only_says_eos, write_hh_split
+from tests.helpers import LongestFirstJudge, cli_args, make_data, make_trainer, only_says_eos, write_hh_split
 from tests.helpers import tiny_module as helpers_tiny_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,10 +187,6 @@ class FitProcess:
             str(TINY_OPENAI),
             "--trainer.default_root_dir",
             str(run_dir),
-            "--trainer.logger.init_args.save_dir",
-            str(run_dir),
-            "--trainer.callbacks.dirpath",
-            str(run_dir / "checkpoints"),
             "--trainer.callbacks.every_n_batches",
             "3",
             "--trainer.enable_progress_bar",
@@ -517,23 +513,6 @@ def test_each_kind_of_judge_failure_is_absorbed_and_counted(kind, tmp_path):
 # -- 3. bad input: a clear message naming what is wrong, before any work or as a clean exit -----------------
 
 
-def cli_args(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        str(TINY),
-        "--trainer.default_root_dir",
-        str(tmp_path / "run"),
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path / "run"),
-        "--trainer.callbacks.dirpath",
-        str(tmp_path / "run" / "checkpoints"),
-        "--trainer.enable_progress_bar",
-        "false",
-        *extra,
-    ]
-
-
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -564,7 +543,7 @@ def cli_args(tmp_path: Path, *extra: str) -> list[str]:
 )
 def test_bad_configuration_is_refused_before_any_work(override, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(cli_args(tmp_path, *override))
+        main(["fit", *cli_args(tmp_path / "run", *override)])
     assert exit_info.value.code == EXIT_BAD_INPUT  # argparse's usage-error status, like bad data
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -607,7 +586,7 @@ def test_bad_data_ends_the_run_with_a_message_naming_file_and_line(kind, message
     elif kind != "missing_file":
         (subset / "test.jsonl").write_text(bad_rows(kind))
     with pytest.raises(SystemExit) as exit_info:
-        main(cli_args(tmp_path, "--data.init_args.root", str(tmp_path / "hh")))
+        main(["fit", *cli_args(tmp_path / "run", "--data.init_args.root", str(tmp_path / "hh"))])
     assert exit_info.value.code == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "cyclealign_pl: bad input: " in err and str(subset) in err and message in err

@@ -207,23 +207,35 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sc
 # ------------------------------------------------------------------------------------------- white box
 
 
+def _llama_config(tokenizer, hidden: int, intermediate: int, layers: int, heads: int, **extra) -> LlamaConfig:
+    """A small Llama over ``tokenizer`` (no BOS: the dialogue format starts every text)."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **extra,
+    )
+
+
 def train_whitebox(prompts: Sequence[str], tokenizer, config: BuildConfig) -> LlamaForCausalLM:
     """Pretrain the white box on ``prompt + " " + reply + EOS`` (the reply's tokens carry the loss)."""
     torch.manual_seed(config.seed)
     rng = random.Random(f"{config.seed}:whitebox")
     model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.lm_hidden,
-            intermediate_size=config.lm_intermediate,
-            num_hidden_layers=config.lm_layers,
-            num_attention_heads=config.lm_heads,
-            num_key_value_heads=config.lm_heads,
-            max_position_embeddings=512,
+        _llama_config(
+            tokenizer,
+            config.lm_hidden,
+            config.lm_intermediate,
+            config.lm_layers,
+            config.lm_heads,
             tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=None,
         )
     )
     prompt_ids = {p: _ids(tokenizer, p)[-config.prompt_tokens :] for p in prompts}
@@ -300,18 +312,13 @@ def train_evaluator(prompts: Sequence[str], tokenizer, config: BuildConfig) -> L
     rng = random.Random(f"{config.seed}:evaluator")
     tokenizer.truncation_side = "left"  # as RewardModelJudge reads: the reply is at the end
     model = LlamaForSequenceClassification(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.rm_hidden,
-            intermediate_size=config.rm_intermediate,
-            num_hidden_layers=config.rm_layers,
-            num_attention_heads=config.rm_heads,
-            num_key_value_heads=config.rm_heads,
-            max_position_embeddings=512,
+        _llama_config(
+            tokenizer,
+            config.rm_hidden,
+            config.rm_intermediate,
+            config.rm_layers,
+            config.rm_heads,
             num_labels=1,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=None,
         )
     )
     examples = evaluator_examples(prompts, rng)
