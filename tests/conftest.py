@@ -22,14 +22,22 @@ from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.testing.openai_server import LocalOpenAIServer
 from tests.helpers import Capture, cli_args, write_hh_split
 
-SHARED_RUNS = ("default_run", "validated_run")
+# expensive runs shared by several tests -> the xdist group whose one worker makes them once
+SHARED_RUNS = {
+    "default_run": "default_run",
+    "validated_run": "default_run",
+    "interrupted_run": "interrupted_run",
+}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests that read the session's default run share one xdist worker, so the run is made once."""
+    """The tests that read one shared run (the session's default run, a module's interrupted run) share an
+    xdist worker, so the run is made once."""
     for item in items:
-        if any(name in getattr(item, "fixturenames", ()) for name in SHARED_RUNS):
-            item.add_marker(pytest.mark.xdist_group("default_run"))
+        group = next((SHARED_RUNS[n] for n in getattr(item, "fixturenames", ()) if n in SHARED_RUNS), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture

@@ -35,6 +35,14 @@ def files_under(path: Path) -> dict[str, float]:
 STEPS = 48  # configs/tiny.yaml: limit_train_batches (batch size 1)
 
 
+def test_the_tests_reading_the_default_run_share_one_worker(request, default_run):
+    """Under ``--dist loadgroup`` (pyproject.toml) the default run is made once, on the worker of its group;
+    a pytest whose node ids pytest-xdist cannot tag (9.2 with xdist 3.8) would make it once per worker."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not run by pytest-xdist with --dist loadgroup")
+    assert request.node.nodeid.endswith("@default_run")
+
+
 @pytest.mark.slow
 def test_every_output_of_a_fit_goes_under_default_root_dir(default_run):
     cli, run_dir, workdir = default_run.cli, default_run.root, default_run.workdir
