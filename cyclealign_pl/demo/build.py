@@ -207,6 +207,15 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sc
 # ------------------------------------------------------------------------------------------- white box
 
 
+def _step(model: torch.nn.Module, loss: torch.Tensor, optimizer, scheduler) -> None:
+    """One clipped optimizer step and one scheduler step."""
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+
+
 def _llama_config(tokenizer, hidden: int, intermediate: int, layers: int, heads: int, **extra) -> LlamaConfig:
     """A small Llama over ``tokenizer`` (no BOS: the dialogue format starts every text)."""
     return LlamaConfig(
@@ -250,11 +259,7 @@ def train_whitebox(prompts: Sequence[str], tokenizer, config: BuildConfig) -> Ll
         pairs = [(prompt_ids[p], reply_ids[pretraining_reply(visible[p], rng, config).text]) for p in batch]
         ids, mask, labels = _batches(pairs, tokenizer.pad_token_id)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+        _step(model, loss, optimizer, scheduler)
         if step % 100 == 0 or step == config.lm_steps - 1:
             log.info("white box step %d/%d: loss %.3f", step + 1, config.lm_steps, loss.item())
     return model.eval()
@@ -334,11 +339,7 @@ def train_evaluator(prompts: Sequence[str], tokenizer, config: BuildConfig) -> L
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
             logits, torch.tensor([b[2] for b in batch])
         )
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+        _step(model, loss, optimizer, scheduler)
         if step % 100 == 0 or step == config.rm_steps - 1:
             log.info("evaluator step %d/%d: loss %.3f", step + 1, config.rm_steps, loss.item())
     return model.eval()

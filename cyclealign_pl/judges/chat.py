@@ -242,7 +242,7 @@ class ChatClient:
 
     def __repr__(self) -> str:
         s = self.settings
-        headers = "{" + ", ".join(f"{k!r}: '***'" for k in s.extra_headers or {}) + "}"
+        headers = s.describe()["extra_headers"]  # names only: values may be secrets
         return (
             f"ChatClient({self.name!r}, model={s.model!r}, base_url={s.base_url!r}, "
             f"api_key_env={s.api_key_env!r}, cache_path={s.cache_path!r}, replay={s.replay}, "

@@ -196,7 +196,7 @@ class OpenAIJudge(Judge):
 
     def __repr__(self) -> str:
         s = self.settings
-        headers = "{" + ", ".join(f"{k!r}: '***'" for k in s.extra_headers or {}) + "}"
+        headers = s.describe()["extra_headers"]  # names only: values may be secrets
         return (
             f"{type(self).__name__}(model={s.model!r}, base_url={s.base_url!r}, "
             f"api_key_env={s.api_key_env!r}, max_concurrency={s.max_concurrency}, "
