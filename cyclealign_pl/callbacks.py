@@ -205,9 +205,7 @@ class ExportPretrained(Callback):
 
     @rank_zero_only
     def _export(self, pl_module: LightningModule, path: str) -> None:
-        plain_model(pl_module.model).save_pretrained(
-            path
-        )  # LoRA adapters merged: loads in plain transformers
+        plain_model(pl_module.model).save_pretrained(path)  # LoRA adapters merged: plain transformers
         pl_module.tokenizer.save_pretrained(path)
         log.info("exported the aligned white-box to %s", path)
 

@@ -114,9 +114,8 @@ def one_line(message: str, options: Iterable[str] = (), key: str | None = None) 
         key, text = found["key"], found["rest"].strip()
     if text.startswith("Does not validate against any of the Union subtypes"):
         errors = [e for e in _union_errors(text) if not e.startswith(_NONE_ALTERNATIVE)]
-        specific = [
-            e for e in errors if not e.startswith("Expected a")
-        ]  # not "Expected a bool" beside a class
+        # not "Expected a bool" beside a class
+        specific = [e for e in errors if not e.startswith("Expected a")]
         lines = list(dict.fromkeys(one_line(e, options, key) for e in specific or errors))
         lines = [
             line for line in lines if "(did you mean" in line

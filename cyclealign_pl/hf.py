@@ -172,9 +172,7 @@ def apply_lora(model: PreTrainedModel, settings: dict[str, Any]):
 def plain_model(model: torch.nn.Module) -> PreTrainedModel:
     """The model to ``save_pretrained`` for plain transformers: LoRA adapters merged into a copy, else as
     is."""
-    if hasattr(
-        model, "merge_and_unload"
-    ):  # a peft model: merge a copy, so the trained adapters stay in place
+    if hasattr(model, "merge_and_unload"):  # peft: merge a copy, so the trained adapters stay in place
         import copy
 
         return copy.deepcopy(model).merge_and_unload()

@@ -142,9 +142,8 @@ class CycleAlignModule(LightningModule):
             self.model.gradient_checkpointing_enable()
         if lora is not None:
             self.model = apply_lora(self.model, lora)
-            if (
-                gradient_checkpointing
-            ):  # the frozen embeddings give checkpointed blocks no input that needs grad
+            if gradient_checkpointing:
+                # the frozen embeddings give checkpointed blocks no input that needs grad
                 self.model.enable_input_require_grads()
         self.whitebox = WhiteBox(
             self.model,
@@ -185,22 +184,19 @@ class CycleAlignModule(LightningModule):
         self.trained_ids: list[str] = []
         self._stop_request = StopRequest()
         self._pending_rng: dict[str, Any] | None = None
-        self.cycle_state: CycleState | None = (
-            None  # the prompts in flight (slots sized by the data's batch size)
-        )
+        # the prompts in flight (slots sized by the data's batch size)
+        self.cycle_state: CycleState | None = None
         self._pending_cycle_state: dict[str, Any] | None = None
         self.run_id: str | None = None  # names this run in the judge's spend ledger; kept across resumes
         self.zero_shot: dict[str, Any] | None = None  # the untrained white box's evaluation, once per run
         self.evaluation_summary: dict[str, Any] | None = None  # the last validation's headline figures
-        self.totals: dict[str, int] | None = (
-            None  # the counters over all processes, set at the end of training
-        )
+        # the counters over all processes, set at the end of training
+        self.totals: dict[str, int] | None = None
 
     # -- setup --------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        return self.optimizer_factory(
-            [p for p in self.model.parameters() if p.requires_grad]
-        )  # LoRA: adapters
+        # with LoRA: the adapters only
+        return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
 
     def setup(self, stage: str) -> None:
         for judge in (self.judge, self.reward_model):
@@ -255,9 +251,7 @@ class CycleAlignModule(LightningModule):
 
     # -- training: the cycle --------------------------------------------------------------------------
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> dict[str, Any]:
-        last = (
-            batch_idx + 1 >= self.trainer.num_training_batches
-        )  # the epoch's last batch: finish every prompt
+        last = batch_idx + 1 >= self.trainer.num_training_batches  # the epoch's last: finish every prompt
         outcome = self._run_cycle(batch["prompt"], batch["id"], drain=last)
         self._count_truncated(batch["prompt"])
         return {"outcome": outcome}
@@ -397,13 +391,10 @@ class CycleAlignModule(LightningModule):
         if self._pending_cycle_state is not None:
             self.cycle_state.load_state_dict(self._pending_cycle_state)
             self._pending_cycle_state = None
-        if (
-            self.run_id is None
-        ):  # a new run (a resumed one has its id from the checkpoint); one id for all ranks
+        if self.run_id is None:
+            # a new run (a resumed one has its id from the checkpoint); one id for all ranks
             self.run_id = self.trainer.strategy.broadcast(uuid.uuid4().hex)
-        self.judge.bind_run(
-            self.run_id, self.trainer.default_root_dir
-        )  # spend recorded durably under this run
+        self.judge.bind_run(self.run_id, self.trainer.default_root_dir)  # spend recorded durably under it
         if self.zero_shot is None and self.trainer.global_step == 0 and not self.trained_ids:
             self.zero_shot = self._zero_shot_evaluation()
 

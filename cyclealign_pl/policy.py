@@ -201,9 +201,8 @@ class WhiteBox:
         dialogue format) and tokenised together, so the boundary tokens are the ones the model would have
         produced."""
         text = text.strip()
-        context = prompt[
-            -64:
-        ]  # the join only depends on the last characters; skip tokenising the whole dialogue
+        # the join only depends on the last characters: skip tokenising the whole dialogue
+        context = prompt[-64:]
         head = self.tokenizer(context, add_special_tokens=False)["input_ids"]
         joined = self.tokenizer(f"{context} {text}", add_special_tokens=False)["input_ids"]
         if joined[: len(head)] == head:
@@ -287,9 +286,7 @@ class WhiteBox:
         if len(cut) == len(text):
             return Reply(text=text.strip(), ids=tuple(ids), finished=finished)
         keep = _tokens_before(body, cut, self._decode)  # the turn ended the reply: that is a finished reply
-        if (
-            keep == 0
-        ):  # the first token starts the next turn: it is the decision to end an empty reply, as EOS is
+        if keep == 0:  # the first token starts the next turn: the decision to end an empty reply, as EOS is
             return Reply(text="", ids=tuple(body[:1]), finished=True)
         return Reply(text=self._decode(body[:keep]).strip(), ids=tuple(body[:keep]), finished=True)
 
@@ -400,9 +397,8 @@ class WhiteBox:
             cache=_cache_rows(encoding.cache, rows),
             use_cache=True,
         ).last_hidden_state
-        predictors = torch.cat(
-            [encoding.last_hidden[rows], hidden[:, :-1]], dim=1
-        )  # state t-1 predicts token t
+        # state t-1 predicts token t
+        predictors = torch.cat([encoding.last_hidden[rows], hidden[:, :-1]], dim=1)
         return self._mean_logprob(predictors, ids, reply_mask), reply_mask.sum(-1)
 
     def _score_full(

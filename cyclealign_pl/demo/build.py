@@ -79,9 +79,8 @@ class BuildConfig:
     good_otherwise: float = 0.1  # P(good reply) otherwise
     fitting_share: float = 0.7  # P(the good reply that fits the request best | a good reply)
     general_share: float = 0.2  # P(a general reply) for a request with a topic (else one of its topic's)
-    prompt_tokens: int = (
-        95  # the last prompt tokens kept: configs/tiny.yaml's max_length - max_new_tokens - 1
-    )
+    # the last prompt tokens kept: configs/tiny.yaml's max_length - max_new_tokens - 1
+    prompt_tokens: int = 95
     lm_hidden: int = 96
     lm_layers: int = 2
     lm_heads: int = 4

@@ -29,9 +29,8 @@ def format_for_reward_model(
     if input_format == "oasst":
         from cyclealign_pl.data.hh_rlhf import parse_dialogue
 
-        turns = [
-            turn for turn in parse_dialogue(prompt).turns if turn.text
-        ]  # drops the open "Assistant:" turn
+        # without the open "Assistant:" turn
+        turns = [turn for turn in parse_dialogue(prompt).turns if turn.text]
         tags = {"Human": "<|prompter|>", "Assistant": "<|assistant|>"}
         text = "".join(f"{tags[turn.speaker]}{turn.text}{eos_token}" for turn in turns)
         return f"{text}<|assistant|>{response.strip()}{eos_token}"
