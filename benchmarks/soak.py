@@ -90,10 +90,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args, overrides = parser.parse_known_args()
 
-    from lightning.pytorch import LightningDataModule
-
-    from cyclealign_pl.cli import CycleAlignCLI
-    from cyclealign_pl.module import CycleAlignModule
+    from cyclealign_pl.cli import main as cli_main
 
     prompts = min(args.prompts, args.steps)
     epochs = math.ceil(args.steps / prompts)
@@ -104,14 +101,8 @@ def main() -> None:
     server.start()
     url = conn.recv()
     with tempfile.TemporaryDirectory() as run_dir:
-        cli = CycleAlignCLI(
-            CycleAlignModule,
-            LightningDataModule,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            run=False,
-            args=[
+        cli = cli_main(
+            [
                 "--config",
                 str(ROOT / "configs" / "tiny.yaml"),
                 "--config",
@@ -144,6 +135,7 @@ def main() -> None:
                 "0.5",
                 *overrides,
             ],
+            run=False,
         )
         probe = MemoryProbe()
         cli.trainer.callbacks.append(probe)
@@ -177,7 +169,8 @@ def main() -> None:
     print(
         f"failures absorbed: {int(judge['retries'])} retried, {int(judge['failures'])} prompts masked out "
         f"of the loss {lost}; run counter judge_failures={c['judge_failures']} "
-        f"(incl. {c['degenerate_sets']} degenerate candidate sets), skipped updates={c['skipped_updates']}, "
+        f"(besides {c['degenerate_sets']} degenerate candidate sets, never judged), "
+        f"skipped updates={c['skipped_updates']}, "
         f"non-finite={c['nonfinite_updates']}"
     )
     print(

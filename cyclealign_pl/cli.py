@@ -229,7 +229,9 @@ def _wants_top_level_help(argv: list[str]) -> bool:
     return any(a in HELP_FLAGS for a in argv) and not any(a in SUBCOMMANDS for a in argv)
 
 
-def main(args: list[str] | None = None) -> CycleAlignCLI | None:
+def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | None:
+    """The command line: ``args`` start with a subcommand; ``run=False`` (no subcommand) builds the trainer,
+    model and data only, for a caller that adds to them before fitting (benchmarks/soak.py)."""
     argv = sys.argv[1:] if args is None else list(args)
     if _wants_top_level_help(argv):
         top_level_parser().print_help()
@@ -265,13 +267,12 @@ def main(args: list[str] | None = None) -> CycleAlignCLI | None:
             parser_class=CycleAlignParser,
             parser_kwargs=_parser_kwargs(),
             args=args,
+            run=run,
         )
     except RunStopped as stopped:
         print(f"cyclealign_pl: {stopped}", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
-    except (
-        JudgeStop
-    ) as stop:  # not wrapped in RunStopped: before any training step (preflight), no checkpoint
+    except JudgeStop as stop:  # before any training step (preflight): no checkpoint, not a RunStopped
         print(f"cyclealign_pl: the judge cannot be used: {stop}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except SIGTERMException:  # SIGTERM outside a training step (e.g. validation): Lightning's own exit
