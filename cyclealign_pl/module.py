@@ -219,9 +219,7 @@ class CycleAlignModule(LightningModule):
             self.judge.preflight()
         except JudgeStop as failed:
             error = failed
-        if self.trainer.world_size > 1 and self.trainer.strategy.reduce_boolean_decision(
-            error is not None, all=False
-        ):
+        if self._any_rank(error is not None):
             error = error or JudgeUnavailable("the judge preflight failed on another process")
         if error is not None:
             raise error
@@ -405,9 +403,7 @@ class CycleAlignModule(LightningModule):
     def _stop_reason(self) -> str | None:
         """Why the run should stop now (SIGTERM: Lightning's flag; SIGINT: ours), agreed by all ranks."""
         reason = "received SIGTERM" if self.trainer.received_sigterm else self._stop_request.reason
-        if self.trainer.world_size > 1 and self.trainer.strategy.reduce_boolean_decision(
-            reason is not None, all=False
-        ):
+        if self._any_rank(reason is not None):
             reason = reason or "another process received a stop signal"
         return reason
 
@@ -562,12 +558,8 @@ class CycleAlignModule(LightningModule):
         evaluation = RewardEvaluation(subsets_of(loaders), self.device, self._subset_weights())
         limit, rank, world = self.trainer.limit_val_batches, self.trainer.global_rank, self.trainer.world_size
         for loader in loaders:
-            count = len(loader) if isinstance(limit, float) and limit >= 1.0 else None
-            batches = (
-                count
-                if count is not None
-                else (int(limit) if isinstance(limit, int) else max(1, int(len(loader) * limit)))
-            )
+            # limit_val_batches as Lightning reads it: a count, or a fraction of the loader's batches
+            batches = limit if isinstance(limit, int) else max(1, int(len(loader) * limit))
             for index, batch in enumerate(loader):
                 if index >= batches:
                     break

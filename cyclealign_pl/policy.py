@@ -106,11 +106,6 @@ class PromptEncoding:
     mask: Tensor  # [B, P], left padded
     last_hidden: Tensor  # [B, 1, H]: it predicts a reply's first token
 
-    @property
-    def lengths(self) -> Tensor:
-        """The prompts' token counts [B] (without padding)."""
-        return self.mask.sum(-1)
-
 
 @dataclass
 class ScoredCandidates:
