@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -14,7 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
-from torchmetrics import MeanMetric, SumMetric
+from torchmetrics import MeanMetric, Metric, SumMetric
 
 from cyclealign_pl.cycle import PromptRecord, StepOutcome, hidden_fraction
 from cyclealign_pl.evaluation import reply_stats
@@ -55,15 +56,18 @@ class CycleMetrics(Callback):
         )
         self.accuracy = RankingAccuracy()
         self.judge_time = torch.nn.ModuleDict({"wait_s": SumMetric(), "latency_s": SumMetric()})
-        for metric in self._all():
+        for _, metric in self._named():
             metric.persistent(True)
 
-    def _all(self):
-        return [*self.running.values(), self.accuracy, *self.judge_time.values()]
+    def _named(self) -> Iterator[tuple[str, Metric]]:
+        """Every metric of the callback with its name in checkpoints."""
+        yield from (("running/" + k, m) for k, m in self.running.items())
+        yield "accuracy", self.accuracy
+        yield from (("judge_time/" + k, m) for k, m in self.judge_time.items())
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._rank = trainer.global_rank  # setup runs before a checkpoint is restored
-        for metric in self._all():
+        for _, metric in self._named():
             metric.to(pl_module.device)
 
     def on_train_batch_end(
@@ -176,11 +180,6 @@ class CycleMetrics(Callback):
                 else:
                     metric.reset()
                 metric._update_count = 1  # restored running means count as updated (on every rank alike)
-
-    def _named(self):
-        yield from (("running/" + k, m) for k, m in self.running.items())
-        yield "accuracy", self.accuracy
-        yield from (("judge_time/" + k, m) for k, m in self.judge_time.items())
 
 
 class ExportPretrained(Callback):
