@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EXIT_NO_UPDATE = 4  # fit had prompts but took no optimizer step: the model is unchanged
+SIGNIFICANT_SE = 2.0  # a reward gain beyond this many standard errors is reported as a change
 
 VALIDATION_REWARD = "val/reward/total"
 
@@ -109,7 +110,10 @@ def render(summary: FitSummary) -> list[str]:
         run.append(f"{summary.mean_iterations:.2f} iterations per prompt")
     nothing_ranked = c.get("skipped_updates", 0) - c.get("nonfinite_updates", 0)
     if nothing_ranked:
-        run.append(f"{_fmt(nothing_ranked)} rounds with nothing to learn from (no ranking)")
+        run.append(
+            f"{_fmt(nothing_ranked)} rounds without a ranking to learn from (identical candidates "
+            "or failed judgments)"
+        )
     if c.get("nonfinite_updates"):
         run.append(f"{_fmt(c['nonfinite_updates'])} non-finite updates skipped")
     lines.append("fit done: " + ", ".join(run))
@@ -151,6 +155,7 @@ def _evaluation_lines(summary: FitSummary) -> list[str]:
             f"(paired standard error; "
             f"{e['reward_gain_z']:+.1f} SE over {_fmt(e['paired_prompts'])} prompts)"
         )
+        lines.append("  result: " + _result(e["reward_gain_z"]))
     elif e.get("reward") is not None:
         lines.append(f"  evaluation on {prompts}: reward {e['reward']:.4g}")
     shares = []
@@ -171,6 +176,15 @@ def _evaluation_lines(summary: FitSummary) -> list[str]:
     if e.get("collapse_warning"):
         lines.append(f"  warning: the replies collapsed: {e['collapse_warning']}")
     return lines
+
+
+def _result(z: float) -> str:
+    """What the paired gain says, in words."""
+    if z >= SIGNIFICANT_SE:
+        return f"aligned: the evaluator's reward rose by more than {SIGNIFICANT_SE:g} standard errors"
+    if z <= -SIGNIFICANT_SE:
+        return f"worse: the evaluator's reward fell by more than {SIGNIFICANT_SE:g} standard errors"
+    return f"no significant change from the zero-shot white box (within {SIGNIFICANT_SE:g} standard errors)"
 
 
 def verdict(summary: FitSummary, judge_failure_warning: float) -> tuple[int, list[str]]:

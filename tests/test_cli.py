@@ -87,6 +87,7 @@ def test_fit_ends_with_its_paths_and_numbers(default_run):
     assert f"reward {summary['zero_shot_reward']:.4g} (zero-shot) -> {reward:.4g}, gain" in report
     assert f"{summary['reward_gain_z']:+.1f} SE over {summary['paired_prompts']} prompts" in report
     assert f"replies the evaluator prefers: {summary['zero_shot_preferred_share']:.0%} -> " in report
+    assert "  result: aligned: the evaluator's reward rose" in report  # the default run aligns its white box
     for what, path in [
         ("checkpoint", run_dir / "checkpoints" / "last.ckpt"),
         ("logs", run_dir / "logs" / "version_0"),
@@ -308,10 +309,14 @@ def test_the_report_prints_whatever_the_module_and_judge_provide():
         "  evaluation on 16 prompts: reward -0.25 (zero-shot) -> 0.5, gain +0.75 +- 0.12 "
         "(paired standard error; +6.0 SE over 16 prompts)",
         "  replies the evaluator prefers: 25% -> 75%; empty 6%, 12.5 words on average, distinct-2 0.500",
+        "  result: aligned: the evaluator's reward rose by more than 2 standard errors",
         "  warning: the replies collapsed: distinct-2 is 0.010",
         "  checkpoint: /x/last.ckpt",
     ]:
         assert line in lines
+    for z, result in [(0.5, "no significant change"), (-1.9, "no significant change"), (-3.0, "worse")]:
+        module.evaluation_summary["reward_gain_z"] = z
+        assert any(line.startswith(f"  result: {result}") for line in render(collect(module, {}, {})))
     without_evaluation = render(collect(SimpleNamespace(counters={}), {"val/reward/total": 0.5}, {}))
     assert "  validation reward (val/reward/total): 0.5" in without_evaluation
     assert not any(line.startswith("  logs") for line in lines)  # no logger: no line
