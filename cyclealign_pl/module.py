@@ -85,8 +85,9 @@ class CycleAlignModule(LightningModule):
             gradient checkpointing (which drops the cache): then full sequences are used.
         lora: train LoRA adapters instead of all weights, e.g. ``{r: 16, lora_alpha: 32, lora_dropout: 0.05}``
             (``peft.LoraConfig`` arguments; needs the ``lora`` extra). Exports merge the adapters.
-        logit_chunk_elements: score replies a chunk of tokens at a time, each chunk at most this many logits
-            (recomputed in backward), so scoring memory does not grow with the vocabulary; null: all at once.
+        logit_chunk_elements: score replies a chunk of (reply, token) positions at a time, each chunk at most
+            this many logits (recomputed in backward), so scoring memory grows neither with the vocabulary nor
+            with the number of replies; null: all at once.
         collapse_max_empty_share, collapse_min_distinct_2: evaluation warns that the replies collapsed when
             more than this share of them is empty, or when their distinct-2 falls below this floor.
     """

@@ -55,38 +55,41 @@ def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
 
 
 def target_logprobs(
-    hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, chunk_tokens: int | None = None
+    hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, chunk_positions: int | None = None
 ) -> Tensor:
     """log p(targets[k, t] | hidden[k, t]) for every position, where ``head(hidden)`` gives the logits.
 
     ``hidden`` [K, T, H] holds the hidden state that *predicts* each target (the position before it), so only
-    the positions that are scored go through the output head. With ``chunk_tokens`` the head runs on that many
-    positions at a time and each chunk's logits are recomputed in backward (activation checkpointing), so peak
-    memory holds one chunk's logits [K, chunk, V] instead of all of them: it stops growing with the sequence,
-    which is what lets large vocabularies (32k-128k) score many candidates. The result is float32 (or float64)
-    whatever the model's dtype: low-precision logsumexp loses too much.
+    the positions that are scored go through the output head. With ``chunk_positions`` the head runs on that
+    many (row, token) positions at a time, taken across rows as well as tokens, and each chunk's logits are
+    recomputed in backward (activation checkpointing): peak memory holds one chunk's logits
+    [chunk_positions, V] whatever the number of rows K and the length T, which is what lets large
+    vocabularies (32k-128k) score many candidates. The result is float32 (or float64) whatever the model's
+    dtype: low-precision logsumexp loses too much.
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(
             f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: expected "
             "hidden of shape targets.shape + (hidden_size,)"
         )
-    steps = targets.shape[-1]
-    if chunk_tokens is None or chunk_tokens >= steps:
+    if chunk_positions is not None and chunk_positions < 1:
+        raise ValueError(f"chunk_positions must be >= 1, got {chunk_positions}")
+    positions = targets.numel()
+    if chunk_positions is None or chunk_positions >= positions:
         return _chunk_logprobs(hidden, targets, head)
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    flat_hidden = hidden.reshape(positions, hidden.shape[-1])
+    flat_targets = targets.reshape(positions)
     parts = [
         checkpoint(
             _chunk_logprobs,
-            hidden[:, start : start + chunk_tokens],
-            targets[:, start : start + chunk_tokens],
+            flat_hidden[start : start + chunk_positions],
+            flat_targets[start : start + chunk_positions],
             head,
             use_reentrant=False,
         )
-        for start in range(0, steps, chunk_tokens)
+        for start in range(0, positions, chunk_positions)
     ]
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts).reshape(targets.shape)
 
 
 def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:

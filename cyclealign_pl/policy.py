@@ -16,8 +16,8 @@ Conventions:
 * Prompts longer than their budget keep their *last* tokens (the most recent turns). The white box owns the
   budget: ``max_length`` minus the room its replies need.
 * Scores never materialise the logits of every position: the decoder's hidden states of the reply positions
-  go through the output head a chunk of tokens at a time (``objective.target_logprobs``), so memory does not
-  grow with the vocabulary times the sequence.
+  go through the output head a chunk of (reply, token) positions at a time (``objective.target_logprobs``),
+  so memory grows neither with the vocabulary times the sequence nor with the number of replies.
 """
 
 from __future__ import annotations
@@ -418,7 +418,7 @@ class WhiteBox:
         vocab = self.model.get_output_embeddings().weight.shape[0]
         chunk = None
         if self.logit_chunk_elements:
-            chunk = max(1, self.logit_chunk_elements // max(1, targets.shape[0] * vocab))
+            chunk = max(1, self.logit_chunk_elements // vocab)  # (reply, token) positions of V logits each
         return mean_response_logprob(target_logprobs(predictors, self._head(), targets, chunk), mask)
 
     def _decoder(self) -> torch.nn.Module:

@@ -81,7 +81,7 @@ def test_target_logprobs_in_chunks_equals_log_softmax_in_value_and_gradient(chun
     head = linear_head(11, 6, seed=1)
     hidden = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 11, (3, 7))
-    out = target_logprobs(hidden, head, targets, chunk_tokens=chunk)
+    out = target_logprobs(hidden, head, targets, chunk_positions=chunk)
     reference = torch.log_softmax(head(hidden), -1).gather(-1, targets[..., None]).squeeze(-1)
     torch.testing.assert_close(out, reference, rtol=0, atol=1e-12)
     weights = torch.randn(3, 7, dtype=torch.float64)
@@ -91,11 +91,32 @@ def test_target_logprobs_in_chunks_equals_log_softmax_in_value_and_gradient(chun
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+def test_target_logprobs_chunks_across_rows_so_the_logits_stay_bounded_for_any_number_of_rows() -> None:
+    """A chunk takes (row, token) positions across rows: with 64 rows and a chunk of 3 positions, no call of
+    the head (forward or its recomputation in backward) holds more than 3 x V logits."""
+    head = linear_head(11, 6, seed=4)
+    sizes: list[int] = []
+
+    def measured(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden)
+        sizes.append(logits.numel())
+        return logits
+
+    hidden = torch.randn(64, 5, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (64, 5))
+    out = target_logprobs(hidden, measured, targets, chunk_positions=3)
+    out.sum().backward()
+    reference = torch.log_softmax(head(hidden), -1).gather(-1, targets[..., None]).squeeze(-1)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-12)
+    assert len(sizes) == 2 * -(-64 * 5 // 3)  # every chunk, and again in backward
+    assert max(sizes) == 3 * 11
+
+
 def test_target_logprobs_upcasts_bf16() -> None:
     head = linear_head(9, 4, seed=2, dtype=torch.bfloat16)
     hidden = (torch.randn(2, 4, 4) * 5).to(torch.bfloat16).requires_grad_()
     targets = torch.randint(0, 9, (2, 4))
-    out = target_logprobs(hidden, head, targets, chunk_tokens=2)
+    out = target_logprobs(hidden, head, targets, chunk_positions=2)
     assert out.dtype == torch.float32  # upcast, not bf16 arithmetic
     reference = (
         torch.log_softmax(head(hidden.detach()).float(), -1).gather(-1, targets[..., None]).squeeze(-1)
@@ -110,8 +131,8 @@ def test_target_logprobs_refuses_mismatched_shapes_and_chunks() -> None:
     head = linear_head(7, 4, seed=3, dtype=torch.float32)
     with pytest.raises(ValueError, match="targets"):
         target_logprobs(torch.randn(2, 5, 4), head, torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="chunk_tokens"):
-        target_logprobs(torch.randn(2, 5, 4), head, torch.zeros(2, 5, dtype=torch.long), chunk_tokens=0)
+    with pytest.raises(ValueError, match="chunk_positions"):
+        target_logprobs(torch.randn(2, 5, 4), head, torch.zeros(2, 5, dtype=torch.long), chunk_positions=0)
 
 
 # --- mean_response_logprob -----------------------------------------------------------------------

@@ -350,3 +350,29 @@ def test_scoring_in_chunks_of_tokens_equals_scoring_all_logits_at_once(shared):
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
     for a, b in zip(whole_grads, chunked_grads):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "full-sequences"])
+def test_chunks_bound_the_logits_whatever_the_number_of_replies(shared):
+    """``logit_chunk_elements`` bounds the logits the head holds at once for any number of replies: here 2 x V
+    with 6 replies (a chunk of whole tokens of every reply would hold 6 x V), in forward and in backward."""
+    module = tiny_module(None)
+    module.model.train()
+    vocab = module.model.config.vocab_size
+    whitebox = WhiteBox(
+        module.model,
+        module.tokenizer,
+        96,
+        SamplingConfig(max_new_tokens=16),
+        shared_prefix=shared,
+        logit_chunk_elements=2 * vocab,
+    )
+    replies = replies_of(whitebox)
+    sizes: list[int] = []
+    hook = module.model.lm_head.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel()))
+    try:
+        scored = whitebox.score(SCORING_PROMPTS, replies)
+        scored.scores.sum().backward()
+    finally:
+        hook.remove()
+    assert sizes and max(sizes) <= 2 * vocab
