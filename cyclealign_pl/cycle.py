@@ -21,6 +21,12 @@ started and a slot is free again (the last batch of an epoch runs until every sl
 in flight continue in the next step, and their state is checkpointed (:class:`CycleState`). With one slot
 this is exactly the paper's loop, one prompt at a time.
 
+**Stops.** Rounds also end when the run's optimizer steps are spent (``trainer.max_steps``), and after any
+round in which a stop was requested (a signal, or the judge stopping the run on any process); the prompts in
+flight then stay in ``state``. Under data parallelism every process runs the same rounds and asks the same
+collective questions in the same order (another round? stop?), whatever its own prompts: a process without
+prompts still joins each round's update, and a judge that stops on one process ends the round on all.
+
 A prompt whose judgment failed (API error, unparseable reply) is masked out of the loss for that iteration and
 counted; nothing is guessed. The white-box plumbing (tokens, generate) is in ``policy.py``; the losses are in
 ``objective.py``; the LCS is in ``ranking.py``.
@@ -39,7 +45,7 @@ import torch
 from torch import Tensor
 
 from cyclealign_pl.demonstrations import Demonstration, DemonstrationPool
-from cyclealign_pl.judges.base import Judge, Judgment, RankRequest
+from cyclealign_pl.judges.base import Judge, JudgeStop, Judgment, RankRequest
 from cyclealign_pl.objective import cycle_loss, default_sft_weight, pad_rankings
 from cyclealign_pl.policy import Reply, ScoredCandidates, WhiteBox
 from cyclealign_pl.ranking import Ranking, agreement, rank_by_scores
@@ -144,6 +150,8 @@ class StepOutcome:
     skipped_updates: int = 0
     cut_better_replies: int = 0  # judge replies too long for max_length: cut and trained without EOS
     interrupted: bool = False  # a stop was requested: the step ended before its rounds were done
+    out_of_steps: bool = False  # the optimizer steps (max_steps) were spent before the rounds were done
+    judge_stop: JudgeStop | None = None  # this process's judge stopped the run (its last round not recorded)
     judge_latency_s: float = 0.0  # seconds from submitting the judge requests to their answers, summed
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMES, 0.0))
 
@@ -217,13 +225,17 @@ def run_cycle(
     update: Update,
     drain: bool = False,
     any_rank: Callable[[bool], bool] = lambda local: local,
-    should_stop: Callable[[], bool] = lambda: False,
+    should_stop: Callable[[JudgeStop | None], bool] = lambda judge_stop: judge_stop is not None,
+    steps_left: Callable[[], bool] = lambda: True,
 ) -> StepOutcome:
     """One training step: ``prompts`` join the waiting line, then rounds run until all of them have started
     and a slot is free (``drain``: until every slot is empty). ``update(loss)`` takes one optimizer step (or,
     for ``None``, none - on every process alike) and returns whether it was applied. ``any_rank`` makes the
-    decision to run another round collective under data parallelism; ``should_stop()`` is asked between
-    rounds (a signal): True ends the step, the prompts in flight stay in ``state``."""
+    decision to run another round collective under data parallelism. ``should_stop(judge_stop)`` is asked
+    after every round, with the ``JudgeStop`` of this process's judge if it stopped the run, and answers for
+    all processes (a signal, a judge): True ends the step. ``steps_left()`` (the same on every process: the
+    optimizer steps taken) False ends it before its next round. Either way the prompts in flight stay in
+    ``state``."""
     outcome = StepOutcome(capacity=state.capacity)
     state.waiting.extend(zip(prompt_ids, prompts))
     while True:
@@ -231,8 +243,8 @@ def run_cycle(
         wants_round = state.full() or (drain and bool(state.active()))
         if not any_rank(wants_round):
             break
-        if outcome.rounds and should_stop():  # collective under DDP: every rank asks at the same point
-            outcome.interrupted = True
+        if not steps_left():
+            outcome.out_of_steps = True
             break
         _run_round(state, whitebox, judge, pool, config, update, outcome)
         for slot, record in enumerate(state.slots):
@@ -240,6 +252,9 @@ def run_cycle(
                 outcome.finished.append(record)
                 pool.finish(record.prompt_id)
                 state.slots[slot] = None
+        if should_stop(outcome.judge_stop):  # collective: every process asks here
+            outcome.interrupted = True
+            break
     return outcome
 
 
@@ -295,6 +310,9 @@ def _run_round(
 
     if config.overlap_judge:
         answers = _await(pending, submitted, answered, outcome)
+    if answers is None:  # the judge stopped the run: nothing recorded (redone on resume); join the update
+        _timed(outcome, "update_s", update, None)
+        return
     judgments = _merge(answers, judged)
 
     # 4. agreement -> a dynamic demonstration for this prompt's next iterations
@@ -328,10 +346,17 @@ def _answer_clock(pending: Future) -> list[float]:
     return answered
 
 
-def _await(pending: Future, submitted: float, answered: list[float], outcome: StepOutcome) -> list[Judgment]:
-    """The judge's answers; adds the judge's latency and the time spent blocked on it to ``outcome``."""
+def _await(
+    pending: Future, submitted: float, answered: list[float], outcome: StepOutcome
+) -> list[Judgment] | None:
+    """The judge's answers (None when it stopped the run: ``outcome.judge_stop``); adds the judge's latency
+    and the time spent blocked on it to ``outcome``."""
     start = time.perf_counter()
-    answers = pending.result()
+    try:
+        answers = pending.result()
+    except JudgeStop as stop:
+        outcome.judge_stop = stop
+        answers = None
     end = time.perf_counter()
     done = min(answered[0], end) if answered else end  # the callback may run just after result() returns
     outcome.times["judge_wait_s"] += end - start

@@ -2,7 +2,13 @@
 
 Manual optimization: one training step (one batch of prompts) takes up to ``max_iterations`` optimizer
 steps, so ``trainer.global_step`` counts optimizer steps, not batches. Use ``max_epochs`` and
-``limit_train_batches`` (or the data module's ``num_train_prompts``) to size a run.
+``limit_train_batches`` (or the data module's ``num_train_prompts``) to size a run; ``max_steps`` stops the
+run at exactly that many optimizer steps, its prompts in flight kept in the checkpoint.
+
+A stop inside a training step (a signal, the judge) saves a checkpoint there and is resumed by redoing that
+step, as Lightning redoes an unfinished batch: the data position does not count the step's batch, and the
+redone step adds none of its prompts again (they are in flight, or done). So a stop in an epoch's last step
+loses nothing: the resumed run finishes the prompts in flight in that step, before the epoch ends.
 """
 
 from __future__ import annotations
@@ -184,6 +190,10 @@ class CycleAlignModule(LightningModule):
         # each once
         self.trained_ids: list[str] = []
         self._stop_request = StopRequest()
+        self._stopping: str | None = None  # why the current step was asked to stop (all ranks agreed)
+        # the batch ids of a step that a stop interrupted: saved, and the resumed run redoes that step
+        self._interrupted_ids: list[str] | None = None
+        self._redo_ids: list[str] | None = None
         self._pending_rng: dict[str, Any] | None = None
         # the prompts in flight (slots sized by the data's batch size)
         self.cycle_state: CycleState | None = None
@@ -251,20 +261,23 @@ class CycleAlignModule(LightningModule):
     # -- training: the cycle --------------------------------------------------------------------------
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> dict[str, Any]:
         last = batch_idx + 1 >= self.trainer.num_training_batches  # the epoch's last: finish every prompt
-        outcome = self._run_cycle(batch["prompt"], batch["id"], drain=last)
-        self._count_truncated(batch["prompt"])
+        prompts, ids = list(batch["prompt"]), list(batch["id"])
+        if self._redo_ids is not None:  # the step a stop interrupted, redone after the resume
+            if ids == self._redo_ids:
+                prompts, ids = [], []  # its prompts are in flight or done already
+            else:
+                log.warning(
+                    "the resumed data does not start with the batch of the interrupted step (is the "
+                    "train dataloader resumable?): its prompts in flight finish along with the next ones"
+                )
+            self._redo_ids = None
+        self._count_truncated(prompts)
+        outcome = self._run_cycle(prompts, ids, drain=last, batch_ids=list(batch["id"]))
         return {"outcome": outcome}
 
-    def on_train_epoch_end(self) -> None:
-        """Prompts still in flight at the end of an epoch (a run resumed after a stop in its last step) finish
-        here, before the epoch's checkpoint (the checkpoint callback runs after this hook)."""
-        if self.cycle_state is not None and (self.cycle_state.active() or self.cycle_state.waiting):
-            outcome = self._run_cycle([], [], drain=True)
-            for callback in self.trainer.callbacks:
-                if hasattr(callback, "record_outcome"):
-                    callback.record_outcome(self.trainer, self, outcome)
-
-    def _run_cycle(self, prompts: list[str], ids: list[str], drain: bool) -> StepOutcome:
+    def _run_cycle(
+        self, prompts: list[str], ids: list[str], drain: bool, batch_ids: list[str]
+    ) -> StepOutcome:
         try:
             outcome = run_cycle(
                 self.cycle_state,
@@ -277,14 +290,30 @@ class CycleAlignModule(LightningModule):
                 update=self._update,
                 drain=drain,
                 any_rank=self._any_rank,
-                should_stop=lambda: self._stop_reason() is not None,
+                should_stop=self._should_stop,
+                steps_left=self._steps_left,
             )
-        except JudgeStop as stop:
-            self._stop(f"the judge stopped the run: {stop}")
+        except JudgeStop as stop:  # raised outside the judge's answers (a judge's own submit): one process
+            self._stop(f"the judge stopped the run: {stop}", interrupted=batch_ids)
         self._count(outcome)
         self.trained_ids.extend(record.prompt_id for record in outcome.finished)
         self._log_step(outcome)
+        if outcome.interrupted:  # stop here; the resumed run redoes this step
+            for callback in self.trainer.callbacks:  # what on_train_batch_end would have recorded
+                if hasattr(callback, "record_outcome"):
+                    callback.record_outcome(self.trainer, self, outcome)
+            self._stop(self._stopping or "stop requested", interrupted=batch_ids)
         return outcome
+
+    def _should_stop(self, judge_stop: JudgeStop | None) -> bool:
+        """Whether any process was asked to stop (a signal, or its judge stopped the run): collective."""
+        self._stopping = self._stop_reason(judge_stop)
+        return self._stopping is not None
+
+    def _steps_left(self) -> bool:
+        """False once ``trainer.max_steps`` optimizer steps are taken (the same count on every process)."""
+        max_steps = self.trainer.max_steps
+        return max_steps is None or max_steps < 0 or self.trainer.global_step < max_steps
 
     def _log_step(self, outcome: StepOutcome) -> None:
         size = max(len(outcome.finished), 1)
@@ -359,7 +388,7 @@ class CycleAlignModule(LightningModule):
     def _count(self, outcome: StepOutcome) -> None:
         c = self.counters
         iterations = [it for record in outcome.finished for it in record.iterations]
-        c["steps"] += 1
+        c["steps"] += int(not outcome.interrupted)  # an interrupted step is redone (and counted) on resume
         c["rounds"] += outcome.rounds
         c["prompts"] += len(outcome.finished)
         c["iterations"] += len(iterations)
@@ -400,12 +429,29 @@ class CycleAlignModule(LightningModule):
     def on_train_end(self) -> None:
         self._stop_request.uninstall()
         self.totals = self.run_totals()  # for the end-of-fit summary, which only rank 0 prints
+        if self.totals["in_flight"] and self.trainer.is_global_zero:
+            why = (
+                "the data ended"
+                if self._steps_left()
+                else f"trainer.max_steps={self.trainer.max_steps} reached"
+            )
+            log.warning(
+                "training ended with %d prompts in flight (%s): they are in the checkpoint",
+                self.totals["in_flight"],
+                why,
+            )
 
-    def _stop_reason(self) -> str | None:
-        """Why the run should stop now (SIGTERM: Lightning's flag; SIGINT: ours), agreed by all ranks."""
-        reason = "received SIGTERM" if self.trainer.received_sigterm else self._stop_request.reason
+    def _stop_reason(self, judge_stop: JudgeStop | None = None) -> str | None:
+        """Why the run should stop now (SIGTERM: Lightning's flag; SIGINT: ours; this process's judge stopped
+        the run), agreed by all ranks."""
+        if judge_stop is not None:
+            reason: str | None = f"the judge stopped the run: {judge_stop}"
+        elif self.trainer.received_sigterm:
+            reason = "received SIGTERM"
+        else:
+            reason = self._stop_request.reason
         if self._any_rank(reason is not None):
-            reason = reason or "another process received a stop signal"
+            reason = reason or "another process received a stop signal or its judge stopped the run"
         return reason
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -419,9 +465,11 @@ class CycleAlignModule(LightningModule):
         if reason is not None:
             self._stop(reason)
 
-    def _stop(self, reason: str) -> None:
-        """Save a checkpoint of the progress so far and end the run with a clear message."""
+    def _stop(self, reason: str, interrupted: list[str] | None = None) -> None:
+        """Save a checkpoint of the progress so far and end the run with a clear message. ``interrupted``:
+        the batch ids of the training step this stop interrupts, which the resumed run redoes."""
         path = self._stop_checkpoint_path()
+        self._interrupted_ids = interrupted
         self.trainer.save_checkpoint(path)
         raise RunStopped(f"{reason}. A checkpoint was saved to {path}; resume with --ckpt_path {path}")
 
@@ -569,14 +617,13 @@ class CycleAlignModule(LightningModule):
         rows = evaluation.metric.table()
         records = gather_records(evaluation.records)
         rows = with_reply_stats(rows, records, getattr(self.reward_model, "preferred_threshold", None))
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # collective: all ranks ask
         if self.trainer.is_global_zero:
             meta = {
                 **self._evaluation_meta("zero_shot", len(records)),
                 "summary": reply_stats([r["reply"] for r in records])._asdict(),
             }
-            write_eval_outputs(
-                self.trainer.log_dir or self.trainer.default_root_dir, "zero_shot", rows, records, meta
-            )
+            write_eval_outputs(log_dir, "zero_shot", rows, records, meta)
         total = rows[-1] if rows else None
         log.info(
             "zero-shot evaluation: %d prompts, mean reward %s",
@@ -624,6 +671,7 @@ class CycleAlignModule(LightningModule):
             else self._pending_cycle_state,
             "judge": self.judge.state_dict() if self.judge is not None else {},
             "rng": capture_rng_state(),
+            "redo": self._interrupted_ids,
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -641,6 +689,8 @@ class CycleAlignModule(LightningModule):
             "trained_ids": [i for p in processes for i in p["trained_ids"]],
             "judge": processes[0]["judge"],
         }
+        if self._interrupted_ids is not None:
+            _uncount_current_batch(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("cyclealign")
@@ -659,6 +709,7 @@ class CycleAlignModule(LightningModule):
         self.trained_ids = list(mine.get("trained_ids", []))
         self._pending_rng = mine.get("rng")
         self._pending_cycle_state = mine.get("cycle")
+        self._redo_ids = mine.get("redo")
         self.pool.load_state_dict(mine["pool"])
         if self.judge is not None:
             self.judge.load_state_dict(mine.get("judge", {}))
@@ -684,17 +735,35 @@ class CycleAlignModule(LightningModule):
             "cycle": None,
             "judge": processes[0].get("judge", {}) if first else {},
             "rng": processes[0].get("rng") if first else None,
+            "redo": None,
         }
 
     def run_totals(self) -> dict[str, int]:
-        """The counters summed over all processes (a collective call under data parallelism)."""
+        """The counters, and the prompts still in flight (``in_flight``), summed over all processes (a
+        collective call under data parallelism)."""
+        local = {**self.counters, "in_flight": self.prompts_in_flight()}
         if self._trainer is None or self.trainer.world_size == 1:
-            return dict(self.counters)
-        values = torch.tensor(
-            [float(v) for v in self.counters.values()], device=self.device, dtype=torch.float64
-        )
+            return local
+        values = torch.tensor([float(v) for v in local.values()], device=self.device, dtype=torch.float64)
         totals = self.trainer.strategy.reduce(values, reduce_op="sum")
-        return {name: int(v) for name, v in zip(self.counters, totals.tolist())}
+        return {name: int(v) for name, v in zip(local, totals.tolist())}
+
+    def prompts_in_flight(self) -> int:
+        """This process's prompts taken from the data and not finished (in a slot or waiting for one)."""
+        if self.cycle_state is not None:
+            return len(self.cycle_state.active()) + len(self.cycle_state.waiting)
+        saved = self._pending_cycle_state or {}
+        return sum(slot is not None for slot in saved.get("slots", [])) + len(saved.get("waiting", []))
+
+
+def _uncount_current_batch(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint saved inside a training step: Lightning records that step's batch as not processed and
+    fetches it again on resume, so the data position (``ResumableDataLoader``'s batches handed out) must not
+    count it either."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+    for state in loop.get("combined_loader", []):
+        if isinstance(state, dict) and state.get("batches", 0) > 0:
+            state["batches"] -= 1
 
 
 def _apply_ablation(cycle: CycleConfig, ablation: str) -> tuple[CycleConfig, dict[str, bool]]:

@@ -117,6 +117,11 @@ def render(summary: FitSummary) -> list[str]:
     if c.get("nonfinite_updates"):
         run.append(f"{_fmt(c['nonfinite_updates'])} non-finite updates skipped")
     lines.append("fit done: " + ", ".join(run))
+    if c.get("in_flight"):
+        lines.append(
+            f"  {_fmt(c['in_flight'])} prompts still in flight at the end of training: saved in the "
+            "checkpoint, not counted above"
+        )
     j = summary.judge
     judged = []
     if "requests_sent" in j:

@@ -207,7 +207,7 @@ def test_prompts_in_flight_survive_a_checkpoint_of_the_cycle_state():
         ["z"],
         CycleConfig(max_iterations=3),
         update,
-        should_stop=lambda: True,
+        should_stop=lambda judge_stop: True,
     )  # a signal after round 1
     assert outcome.interrupted and outcome.rounds == 1 and not outcome.finished
     saved = json.loads(json.dumps(state.state_dict()))  # checkpoints must be able to hold it as plain data
