@@ -22,9 +22,9 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import ActionConfigFile, LightningCLI
 
 from cyclealign_pl.cli_parser import EXIT_BAD_INPUT, CycleAlignParser
+from cyclealign_pl.signals import EXIT_STOPPED
 from cyclealign_pl.summary import EXIT_NO_UPDATE
 
-EXIT_STOPPED = 3
 __all__ = ["EXIT_BAD_INPUT", "EXIT_NO_UPDATE", "EXIT_STOPPED", "CycleAlignCLI", "main"]
 
 PROG = "python -m cyclealign_pl"

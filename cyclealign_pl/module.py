@@ -43,7 +43,7 @@ from cyclealign_pl.hf import apply_lora, load_causal_lm, load_tokenizer
 from cyclealign_pl.judges.base import Judge, JudgeStop, JudgeUnavailable
 from cyclealign_pl.policy import DEFAULT_LOGIT_CHUNK_ELEMENTS, SamplingConfig, WhiteBox
 from cyclealign_pl.rng import capture_rng_state, restore_rng_state
-from cyclealign_pl.signals import StopRequest
+from cyclealign_pl.signals import EXIT_STOPPED, StopDeadline, StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ class CycleAlignModule(LightningModule):
             with the number of replies; null: all at once.
         collapse_max_empty_share, collapse_min_distinct_2: evaluation warns that the replies collapsed when
             more than this share of them is empty, or when their distinct-2 falls below this floor.
+        stop_grace_s: after SIGTERM or Ctrl-C, the seconds a fit may take to finish its iteration and save;
+            past them the process exits (status 3) with the checkpoints it has, e.g. when it is blocked in a
+            collective with a process that hung or died. null: wait however long it takes.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class CycleAlignModule(LightningModule):
         logit_chunk_elements: int | None = DEFAULT_LOGIT_CHUNK_ELEMENTS,
         collapse_max_empty_share: float = 0.5,
         collapse_min_distinct_2: float = 0.02,
+        stop_grace_s: float | None = 120.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["judge", "reward_model", "optimizer"])
@@ -132,6 +136,8 @@ class CycleAlignModule(LightningModule):
                 raise ValueError(
                     f"max_length={max_length} leaves no room for a prompt: it must exceed {name}={new_tokens}"
                 )
+        if stop_grace_s is not None and not stop_grace_s > 0:
+            raise ValueError(f"stop_grace_s must be > 0 or null, got {stop_grace_s}")
         if logit_chunk_elements is not None and logit_chunk_elements < 1:
             raise ValueError(f"logit_chunk_elements must be >= 1 or null, got {logit_chunk_elements}")
         self.cycle_config, pool_switches = _apply_ablation(cycle, ablation)
@@ -190,6 +196,18 @@ class CycleAlignModule(LightningModule):
         # each once
         self.trained_ids: list[str] = []
         self._stop_request = StopRequest()
+        self._stop_deadline = (
+            StopDeadline(
+                stop_grace_s,
+                EXIT_STOPPED,
+                "cyclealign_pl: a stop signal came {grace_s:g} s ago and the run has not stopped (blocked, "
+                "e.g. in a collective with a process that hung or died; or slower than "
+                "model.stop_grace_s): exiting without a new checkpoint; resume from the last one with "
+                "--ckpt_path last",
+            )
+            if stop_grace_s is not None
+            else None
+        )
         self._stopping: str | None = None  # why the current step was asked to stop (all ranks agreed)
         # the batch ids of a step that a stop interrupted: saved, and the resumed run redoes that step
         self._interrupted_ids: list[str] | None = None
@@ -254,6 +272,8 @@ class CycleAlignModule(LightningModule):
 
     def teardown(self, stage: str) -> None:
         self._stop_request.uninstall()  # also after RunStopped, which skips on_train_end
+        if self._stop_deadline is not None:
+            self._stop_deadline.disarm()
         for judge in (self.judge, self.reward_model):
             if judge is not None:
                 judge.close()
@@ -413,6 +433,8 @@ class CycleAlignModule(LightningModule):
     # -- the run: slots for the prompts in flight, the judge's spend ledger, the zero-shot evaluation --------
     def on_train_start(self) -> None:
         self._stop_request.install()
+        if self._stop_deadline is not None:
+            self._stop_deadline.arm()
         if self.cycle_state is None:
             loader = self.trainer.train_dataloader
             self.cycle_state = CycleState(getattr(loader, "batch_size", None) or 1)

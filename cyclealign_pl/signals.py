@@ -1,20 +1,32 @@
-"""Ctrl-C as a request to stop cleanly, next to Lightning's own SIGTERM flag.
+"""Ctrl-C as a request to stop cleanly, next to Lightning's own SIGTERM flag, and a deadline for acting on
+either.
 
 Lightning's trainer already turns SIGTERM into a flag (``trainer.received_sigterm``); SIGINT it leaves to
 Python, whose ``KeyboardInterrupt`` can land anywhere (inside a judge call, half-way through an optimizer
 step). :class:`StopRequest` makes the first Ctrl-C a flag as well: the cycle finishes its current iteration,
 the module writes a checkpoint and raises ``RunStopped``. A second Ctrl-C raises ``KeyboardInterrupt``.
+
+A flag only works if the process gets back to where it is read. Python runs signal handlers between
+bytecodes of the main thread, so a process blocked in a collective whose peer hung or died never even sets
+it. :class:`StopDeadline` watches for the signals from a thread of its own and ends the process when the
+run has not stopped within its grace period.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 from types import FrameType
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+EXIT_STOPPED = (
+    3  # the process's status after a deliberate stop (signal, judge budget): what could be saved was
+)
 
 
 class StopRequest:
@@ -48,4 +60,76 @@ class StopRequest:
         log.warning("SIGINT: stopping after the current iteration with a checkpoint; Ctrl-C again aborts")
 
 
-__all__ = ["StopRequest"]
+class StopDeadline:
+    """Ends the process (status ``exit_status``) when a run has not stopped ``grace_s`` seconds after a
+    SIGTERM or SIGINT, keeping the checkpoints already saved.
+
+    The C-level part of Python's signal handling writes each signal's number to the wakeup fd even while the
+    main thread is blocked (in a collective, a C call); a watcher thread reads it there and starts the clock.
+    :meth:`disarm` (the run ended, stopped or not) stops the watch and restores the previous wakeup fd, to
+    which every byte read is passed on meanwhile. Main thread only (elsewhere it does nothing).
+    """
+
+    WATCHED = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, grace_s: float, exit_status: int, message: str) -> None:
+        self.grace_s = grace_s
+        self.exit_status = exit_status
+        self.message = message
+        self._fds: tuple[int, int] | None = None
+        self._previous_fd = -1
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def arm(self) -> None:
+        if self._fds is not None or threading.current_thread() is not threading.main_thread():
+            return
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        try:
+            self._previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except ValueError:  # not the main interpreter
+            os.close(read_fd)
+            os.close(write_fd)
+            return
+        self._fds = (read_fd, write_fd)
+        threading.Thread(target=self._watch, args=(read_fd,), name="StopDeadline", daemon=True).start()
+
+    def disarm(self) -> None:
+        if self._fds is None or threading.current_thread() is not threading.main_thread():
+            return
+        write_fd = self._fds[1]
+        self._fds = None
+        signal.set_wakeup_fd(self._previous_fd)
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        os.close(write_fd)  # the watcher's read returns b"": it closes the read end
+
+    def _watch(self, read_fd: int) -> None:
+        previous = self._previous_fd
+        while data := os.read(read_fd, 64):
+            if previous >= 0:
+                try:
+                    os.write(previous, data)
+                except OSError:
+                    previous = -1
+            if any(signum in data for signum in self.WATCHED):
+                self._start_clock()
+        os.close(read_fd)
+
+    def _start_clock(self) -> None:
+        with self._lock:
+            if self._timer is None and self._fds is not None:
+                self._timer = threading.Timer(self.grace_s, self._expire)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _expire(self) -> None:
+        print(self.message.format(grace_s=self.grace_s), file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(self.exit_status)
+
+
+__all__ = ["StopDeadline", "StopRequest"]

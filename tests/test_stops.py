@@ -3,7 +3,14 @@ prompts in flight, and ``trainer.max_steps`` is exact (issue 19, items 6 and 7).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +19,7 @@ from cyclealign_pl.callbacks import CycleCheckpoint
 from cyclealign_pl.cycle import CycleConfig
 from cyclealign_pl.judges.base import Judgment, RankRequest
 from cyclealign_pl.module import RunStopped
+from cyclealign_pl.signals import EXIT_STOPPED, StopDeadline
 from tests.helpers import QUESTIONS, WhiteBoxMirrorJudge, make_data, make_trainer, swap_top_two, tiny_module
 
 NEVER_DONE_EARLY = CycleConfig(max_iterations=3)  # the judge below never agrees: every prompt takes 3 rounds
@@ -89,3 +97,57 @@ def test_max_steps_stops_at_exactly_that_many_optimizer_steps_and_keeps_the_prom
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["cyclealign"]
     assert saved["counters"]["optimizer_steps"] == 3
     assert [len(slot["iterations"]) for slot in saved["processes"][0]["cycle"]["slots"]] == [3, 3]
+
+
+def test_a_process_that_does_not_act_on_a_stop_signal_exits_after_the_grace_period():
+    """The SIGTERM handler only sets a flag that nothing reads (as in a process blocked in a collective): the
+    deadline's own thread ends the process, with the stop status and a message, once the grace period is
+    over."""
+    script = textwrap.dedent(
+        """
+        import signal, threading
+        from cyclealign_pl.signals import StopDeadline
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        StopDeadline(1.0, 3, "gave up after {grace_s:g} s").arm()
+        print("ready", flush=True)
+        threading.Event().wait()
+        """
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED == 3
+    assert "gave up after 1 s" in err
+    assert time.monotonic() - signalled >= 1.0
+
+
+def test_a_deadline_passes_signals_on_to_the_previous_wakeup_fd_and_gives_it_back():
+    """Whoever watched the wakeup fd before (an asyncio loop, a notebook kernel) still sees every signal while
+    the deadline is armed, and has the fd back after ``disarm``; a signal it does not watch starts no
+    clock."""
+    import select
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    handler = signal.signal(signal.SIGUSR1, lambda *_: None)
+    previous = signal.set_wakeup_fd(write_fd)
+    try:
+        deadline = StopDeadline(0.1, EXIT_STOPPED, "")
+        deadline.arm()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert select.select([read_fd], [], [], 10)[0], "the signal was not passed on"
+        assert os.read(read_fd, 16) == bytes([signal.SIGUSR1])
+        deadline.disarm()
+        assert signal.set_wakeup_fd(-1) == write_fd
+        time.sleep(0.3)  # past the grace period: nothing ends the process
+    finally:
+        signal.set_wakeup_fd(previous)
+        signal.signal(signal.SIGUSR1, handler)
+        os.close(read_fd)
+        os.close(write_fd)
