@@ -30,7 +30,7 @@ from cyclealign_pl.demo.bank import (
     topic_of,
 )
 from cyclealign_pl.demo.judge import NO_RESPONSES, LexiconJudge, lexicon_reply
-from cyclealign_pl.demo.report import check_figures, compute_figures, thirds
+from cyclealign_pl.demo.report import by_third, check_figures, compute_figures, format_figures, thirds
 from cyclealign_pl.demonstrations import STATIC_DEMONSTRATION
 from cyclealign_pl.evaluation import reply_stats
 from cyclealign_pl.hf import ModelLoadError, load_causal_lm, load_reward_model, load_tokenizer
@@ -387,9 +387,9 @@ def test_figures_pair_rewards_by_prompt_and_check_the_targets(tmp_path):
     diffs = [a - b for a, b in zip(rewards_after, rewards_before)]
     metrics = tmp_path / "metrics.csv"
     metrics.write_text(
-        "step,cycle/iterations,cycle/ranking_pairwise_accuracy_mean\n"
-        + "".join(f"{i},{5 - i // 3},{0.7}\n" for i in range(9))
-        + "9,,0.75\n"
+        "step,cycle/iterations,cycle/ranking_pairwise_accuracy_mean,cycle/agreement,cycle/identical_samples\n"
+        + "".join(f"{i},{5 - i // 3},{0.7},{i % 2},{int(i > 5)}\n" for i in range(9))
+        + "9,,0.75,,\n"
     )
     figures = compute_figures(before, after, metrics)
     assert figures.paired_prompts == n and figures.reward_gain == pytest.approx(sum(diffs) / n)
@@ -398,6 +398,12 @@ def test_figures_pair_rewards_by_prompt_and_check_the_targets(tmp_path):
     assert figures.trained.empty_share == pytest.approx(0.05)
     assert (figures.iterations_first_third, figures.iterations_last_third) == (5.0, 3.0)
     assert figures.judge_pairwise_accuracy == 0.75
+    assert figures.iterations_by_third == (5.0, 4.0, 3.0)
+    assert figures.agreement_by_third == pytest.approx((1 / 3, 2 / 3, 1 / 3))
+    assert figures.identical_samples_by_third == (0.0, 0.0, 1.0)
+    assert "prompts ended on identical samples, first / middle / last third: 0% / 0% / 100%" in (
+        format_figures(figures)
+    )
     assert all(ok for _, ok in check_figures(figures))
     flat = compute_figures(before, before, metrics)
     assert not {text.split(" ")[0]: ok for text, ok in check_figures(flat)}["reward"]
@@ -406,6 +412,7 @@ def test_figures_pair_rewards_by_prompt_and_check_the_targets(tmp_path):
 def test_figure_helpers_and_bad_files(tmp_path):
     assert reply_stats(["a b a b", "a b"]).distinct_2 == pytest.approx(2 / 4)
     assert thirds([1, 2, 3, 4, 5, 6]) == (1.5, 5.5) and thirds([1, 2]) == (None, None)
+    assert by_third([1, 2, 3, 4, 5, 6, 7]) == (1.5, 4.0, 6.5) and by_third([1, 2]) is None
     missing = tmp_path / "bad.jsonl"
     missing.write_text(json.dumps({"id": "a", "reply": "x", "reward": None}) + "\n")
     with pytest.raises(ValueError, match="line 1: no reward"):
