@@ -440,3 +440,20 @@ def test_pairwise_prompt_gets_the_rule_verdict():
     for reply_a, reply_b, verdict in ((rude, own, "B"), (own, rude, "A"), (own, own, "TIE")):
         answer = lexicon_reply({"messages": build_pairwise_messages(STEAL, reply_a, reply_b)})
         assert parse_verdict(answer).verdict == verdict
+
+
+@pytest.mark.slow
+def test_default_judge_answers_redone_steps_from_its_cache_under_the_run_dir(tmp_path):
+    """configs/tiny.yaml: the judge's cache is under the run's root, so work redone after a crash (here: a
+    run killed before its first checkpoint, started again) sends no request twice."""
+    from cyclealign_pl.cli import main
+    from tests.helpers import cli_args
+
+    root = tmp_path / "run"
+    args = ["fit", *cli_args(root, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0")]
+    first = main(args).model.judge.metrics()
+    assert (root / "judge_cache.sqlite").is_file() and first["requests_sent"] > 0 == first["cache_hits"]
+    for checkpoint in (root / "checkpoints").iterdir():
+        checkpoint.unlink()  # as if it had died before its first checkpoint
+    again = main(args).model.judge.metrics()
+    assert again["requests_sent"] == 0 and again["cache_hits"] == first["requests_sent"]
