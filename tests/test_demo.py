@@ -457,3 +457,19 @@ def test_default_judge_answers_redone_steps_from_its_cache_under_the_run_dir(tmp
         checkpoint.unlink()  # as if it had died before its first checkpoint
     again = main(args).model.judge.metrics()
     assert again["requests_sent"] == 0 and again["cache_hits"] == first["requests_sent"]
+
+
+def test_the_readme_trial_runs_in_a_root_of_its_own_right_after_the_default():
+    """README: `fit --config configs/tiny.yaml --config configs/tiny_openai.yaml` right after the default fit
+    would be refused if both wrote into runs/tiny (a directory holds one run)."""
+    from jsonargparse import Namespace
+
+    from cyclealign_pl.run_dir import root_dir
+
+    roots = [
+        root_dir(
+            Namespace(trainer=Namespace(**yaml.safe_load((ROOT / "configs" / name).read_text())["trainer"]))
+        )
+        for name in ("tiny.yaml", "tiny_openai.yaml")
+    ]
+    assert roots[0] != roots[1] and not roots[1].is_relative_to(roots[0])
