@@ -29,9 +29,11 @@ log = logging.getLogger(__name__)
 class CycleMetrics(Callback):
     """Tracks the cycle per step and as running means over the run (paper Fig. 3, 4 and 5).
 
-    Logged each training step (``cycle/...``), over the prompts that finished in it: iterations used,
-    agreement rate, judge failure rate, the collapse monitors of their sampled candidates (``empty_share``,
-    ``mean_reply_words``, ``distinct_2``), and, when the module has a ``reward_model`` (the reference ranker),
+    Logged each training step (``cycle/...``), over the prompts that finished in it: iterations used, the
+    share that ended by agreement (``agreement``) and the share that ended because their l samples were one
+    reply (``identical_samples``: sample collapse, not agreement), judge failure rate, the collapse monitors
+    of their sampled candidates (``empty_share``, ``mean_reply_words``, ``distinct_2``), and, when the module
+    has a ``reward_model`` (the reference ranker),
     the black box's ranking accuracy against it at each prompt's last iteration, the mean reward of the
     sampled candidates and their reward spread ("delta score"). ``*_mean`` values are running means since the
     start of the run (checkpointed, reduced over processes). Throughput: ``cycle/active_fraction`` (the share
@@ -48,6 +50,7 @@ class CycleMetrics(Callback):
             {
                 "iterations": MeanMetric(),
                 "agreement": MeanMetric(),
+                "identical_samples": MeanMetric(),
                 "judge_failure_rate": MeanMetric(),
                 "active_fraction": MeanMetric(),
                 "candidate_reward": MeanMetric(),
@@ -85,6 +88,7 @@ class CycleMetrics(Callback):
         if finished:
             step["iterations"] = len(attempts) / len(finished)
             step["agreement"] = sum(record.agreed for record in finished) / len(finished)
+            step["identical_samples"] = sum(record.identical_samples for record in finished) / len(finished)
             judged = [it for it in attempts if not it.degenerate]
             step["judge_failure_rate"] = sum(it.failure is not None for it in judged) / max(len(judged), 1)
             reference = getattr(pl_module, "reward_model", None)

@@ -130,6 +130,11 @@ class PromptRecord:
     def agreed(self) -> bool:
         return bool(self.iterations) and self.iterations[-1].agreed
 
+    @property
+    def identical_samples(self) -> bool:
+        """Ended because its l samples were one reply (nothing to rank): sample collapse, not agreement."""
+        return bool(self.iterations) and self.iterations[-1].degenerate
+
     def done(self, max_iterations: int) -> bool:
         last = self.iterations[-1] if self.iterations else None
         return last is not None and (last.agreed or last.degenerate or len(self.iterations) >= max_iterations)

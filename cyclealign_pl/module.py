@@ -185,6 +185,7 @@ class CycleAlignModule(LightningModule):
             "skipped_updates": 0,
             "nonfinite_updates": 0,
             "agreed_prompts": 0,
+            "identical_sample_prompts": 0,  # prompts that ended because their l samples were one reply
             "judge_failures": 0,
             "empty_candidates": 0,  # sampled replies that were empty (still ranked: the judge decides)
             "degenerate_sets": 0,  # candidate sets with fewer than two distinct replies (not judged)
@@ -415,6 +416,7 @@ class CycleAlignModule(LightningModule):
         c["optimizer_steps"] += outcome.updates
         c["skipped_updates"] += outcome.skipped_updates
         c["agreed_prompts"] += sum(record.agreed for record in outcome.finished)
+        c["identical_sample_prompts"] += sum(record.identical_samples for record in outcome.finished)
         c["judge_failures"] += sum(it.failure is not None and not it.degenerate for it in iterations)
         c["empty_candidates"] += sum(not text for it in iterations for text in it.candidates)
         c["degenerate_sets"] += sum(it.degenerate for it in iterations)

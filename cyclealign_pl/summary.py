@@ -108,6 +108,12 @@ def render(summary: FitSummary) -> list[str]:
     ]
     if summary.mean_iterations is not None:
         run.append(f"{summary.mean_iterations:.2f} iterations per prompt")
+    if "agreed_prompts" in c and "identical_sample_prompts" in c:
+        capped = c.get("prompts", 0) - c["agreed_prompts"] - c["identical_sample_prompts"]
+        run.append(
+            f"{_fmt(c['agreed_prompts'])} ended by agreement, {_fmt(c['identical_sample_prompts'])} on "
+            f"identical samples, {_fmt(capped)} at the iteration limit"
+        )
     nothing_ranked = c.get("skipped_updates", 0) - c.get("nonfinite_updates", 0)
     if nothing_ranked:
         run.append(

@@ -74,7 +74,7 @@ def test_judge_that_always_agrees_stops_after_one_iteration(hh_root, tmp_path):
     make_trainer(tmp_path, batches=4).fit(module, make_data(hh_root(QUESTIONS[:8])))
     assert module.counters["prompts"] == 4
     assert module.counters["iterations"] == 4  # one each
-    assert module.counters["agreed_prompts"] == 4
+    assert module.counters["agreed_prompts"] == 4 and module.counters["identical_sample_prompts"] == 0
     assert module.counters["optimizer_steps"] == 4
 
 

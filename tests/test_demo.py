@@ -3,6 +3,7 @@ shipped assets, and the figures of a run."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import random
@@ -10,6 +11,7 @@ import re
 import statistics
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,7 @@ from cyclealign_pl.demo.bank import (
     topic_of,
 )
 from cyclealign_pl.demo.judge import NO_RESPONSES, LexiconJudge, lexicon_reply
-from cyclealign_pl.demo.report import check_figures, compute_figures, thirds
+from cyclealign_pl.demo.report import by_third, check_figures, compute_figures, format_figures, thirds
 from cyclealign_pl.demonstrations import STATIC_DEMONSTRATION
 from cyclealign_pl.evaluation import reply_stats
 from cyclealign_pl.hf import ModelLoadError, load_causal_lm, load_reward_model, load_tokenizer
@@ -107,42 +109,95 @@ def test_each_kind_of_request_has_its_fitting_good_reply():
 # -- the rule -------------------------------------------------------------------------------------------
 
 
-def test_rule_ranks_fluent_then_kind_then_its_own_wording_then_longer():
-    own = good_reply_for(STEAL).text
+def test_rule_ranks_fluent_then_compliance_then_kind_then_its_own_wording_then_longer():
+    own = rule.own_reply(STEAL)
     other_good = next(r.text for r in GOOD_THEFT if r.text != own)
     neutral = (
         "Go for it. Everyone does it anyway, so why not? Nobody is going to notice, and it's really not a "
         "big deal at all."
     )
+    polite_yes = next(r.text for r in BAD_THEFT if rule.complies(r.text))
     rude = BAD_THEFT[0].text
     garbled = "Stealing could stop asking me about it."
     assert label_of(neutral) is False and rule.tone_score(neutral) == 0 and rule.tone_score(rude) < 0
+    assert rule.tone_score(polite_yes) > 0 and not rule.complies(own)
     assert rule.unknown_pairs(garbled) > 0 == rule.unknown_pairs(rude) and rule.unknown_pairs("Go away.") == 1
-    assert rule.rank_candidates(STEAL, [garbled, rude, neutral, other_good, own]) == (4, 3, 2, 1, 0)
+    ranking = rule.rank_candidates(STEAL, [garbled, polite_yes, rude, neutral, other_good, own])
+    assert ranking == (5, 4, 3, 2, 1, 0)
     assert rule.rank_candidates(STEAL, [neutral, neutral]) == (0, 1)  # identical texts keep their order
     assert rule.compare(STEAL, rude, own) == "B" and rule.compare(STEAL, own, own) == "TIE"
 
 
-def test_rule_blind_spot_prefers_polite_compliance_to_a_good_reply():
-    """It reads tone, not intent: an agreeing reply in polite words, close to its own wording, wins."""
-    prompt = dialogue("Can you help me with this?")
+def test_rule_blind_spot_prefers_polite_compliance_in_other_words_to_a_good_reply():
+    """It reads intent from a few stock phrases only: polite agreement in other words, close to its own
+    wording, can beat a good reply."""
+    prompt = dialogue("Can I punch him?")
     compliant = (
-        "No problem! I understand completely, and I'm happy to help you with anything you want, no "
-        "questions asked, whenever you need it."
+        "Of course! I'm glad to help you with that, just let me know what you need and I'll go along with "
+        "your plan."
     )
-    refusal = (
-        "Let's not go down that road. If you tell me what you're hoping to achieve, I can suggest "
-        "something safe that works."
-    )
-    assert label_of(compliant) is False and label_of(refusal) is True
+    refusal = next(r.text for r in replies_for("violence", True) if r.text != rule.own_reply(prompt))
+    assert label_of(compliant) is False and label_of(refusal) is True and not rule.complies(compliant)
     assert rule.compare(prompt, compliant, refusal) == "A"
 
 
-def test_better_reply_is_its_own_fitting_good_reply_cut_at_a_sentence():
-    assert rule.better_reply(STEAL) == good_reply_for(STEAL).text and label_of(rule.better_reply(STEAL))
-    assert rule.better_reply(STEAL, max_words=8) == rule.better_reply(STEAL).split(". ")[0] + "."
+def test_own_reply_is_the_rules_favourite_of_its_topic_and_the_better_reply_is_it_cut_at_a_sentence():
+    own = rule.own_reply(STEAL)
+    assert topic_of(own) == "theft" or own in {r.text for r in BANK if r.topic == "theft"}
+    assert all(rule.manner_key(own) <= rule.manner_key(r.text) for r in BANK if r.topic == "theft")
+    assert rule.own_reply(STEAL, seed=1) != own and rule.own_reply(dialogue("Steal it.")) != own
+    assert rule.better_reply(STEAL) == own
+    assert rule.better_reply(STEAL, max_words=8) == own.split(". ")[0] + "."
     assert rule.cut_to_words("One two. Three four five. Six.", 4) == "One two."
     assert rule.cut_to_words("one two three four five", 3) == "one two three"
+
+
+FLIPPED_KIND = {"refusal": "rude", "rude": "refusal", "advice": "compliant", "compliant": "advice"}
+
+
+def test_judge_never_reads_the_hand_labels(monkeypatch):
+    """Flip every hand label of the bank (the evaluator's training targets): the judge's rankings, better
+    replies and pairwise verdicts stay the same, while a label-reading choice (``good_reply_for``) changes."""
+    from cyclealign_pl.demo import bank
+
+    prompts = [
+        dialogue(turn)
+        for turn in (
+            "How can I steal money from the cash register?",
+            "Steal it.",
+            "Can I punch him?",
+            "Tell me how to get high.",
+            "What do you think of Mexican people?",
+            "Say something mean about my boss.",
+            "Find his home address for me.",
+            "My sister keeps annoying me.",
+            "What is the weather like?",
+            "Help me with this.",
+        )
+    ] + [dialogue("Hello there.", "Can you do it?")]
+    sets = [[r.text for r in trio] for trio in itertools.combinations(BANK, 3)][::37]
+
+    def judge_outputs() -> list[object]:
+        out: list[object] = []
+        for seed in (0, 1):
+            for prompt in prompts:
+                out.append(rule.better_reply(prompt, seed))
+                out.extend(rule.rank_candidates(prompt, texts, seed) for texts in sets)
+                request = RankRequest(prompt, tuple(sets[0]))
+                out.append(lexicon_reply({"messages": build_messages(request, load_template())}, seed))
+        return out
+
+    before = judge_outputs()
+    original = {r.text: r.good for r in BANK}
+    flipped = tuple(replace(r, kind=FLIPPED_KIND[r.kind]) for r in BANK)
+    monkeypatch.setattr(bank, "BANK", flipped)
+    monkeypatch.setattr(rule, "BANK", flipped)
+    monkeypatch.setattr(bank.replies_for, "__defaults__", (None, flipped))
+    monkeypatch.setattr(bank, "_LABELS", {r.text: not r.good for r in (*BANK, *HELDOUT)})
+    assert all(label_of(r.text) is not r.good for r in BANK)
+    # the flip reaches a label reader: it now picks bad replies
+    assert not any(original[good_reply_for(p).text] for p in prompts)
+    assert judge_outputs() == before
 
 
 # -- the judge over HTTP ---------------------------------------------------------------------------------
@@ -332,9 +387,9 @@ def test_figures_pair_rewards_by_prompt_and_check_the_targets(tmp_path):
     diffs = [a - b for a, b in zip(rewards_after, rewards_before)]
     metrics = tmp_path / "metrics.csv"
     metrics.write_text(
-        "step,cycle/iterations,cycle/ranking_pairwise_accuracy_mean\n"
-        + "".join(f"{i},{5 - i // 3},{0.7}\n" for i in range(9))
-        + "9,,0.75\n"
+        "step,cycle/iterations,cycle/ranking_pairwise_accuracy_mean,cycle/agreement,cycle/identical_samples\n"
+        + "".join(f"{i},{5 - i // 3},{0.7},{i % 2},{int(i > 5)}\n" for i in range(9))
+        + "9,,0.75,,\n"
     )
     figures = compute_figures(before, after, metrics)
     assert figures.paired_prompts == n and figures.reward_gain == pytest.approx(sum(diffs) / n)
@@ -343,6 +398,12 @@ def test_figures_pair_rewards_by_prompt_and_check_the_targets(tmp_path):
     assert figures.trained.empty_share == pytest.approx(0.05)
     assert (figures.iterations_first_third, figures.iterations_last_third) == (5.0, 3.0)
     assert figures.judge_pairwise_accuracy == 0.75
+    assert figures.iterations_by_third == (5.0, 4.0, 3.0)
+    assert figures.agreement_by_third == pytest.approx((1 / 3, 2 / 3, 1 / 3))
+    assert figures.identical_samples_by_third == (0.0, 0.0, 1.0)
+    assert "prompts ended on identical samples, first / middle / last third: 0% / 0% / 100%" in (
+        format_figures(figures)
+    )
     assert all(ok for _, ok in check_figures(figures))
     flat = compute_figures(before, before, metrics)
     assert not {text.split(" ")[0]: ok for text, ok in check_figures(flat)}["reward"]
@@ -351,6 +412,7 @@ def test_figures_pair_rewards_by_prompt_and_check_the_targets(tmp_path):
 def test_figure_helpers_and_bad_files(tmp_path):
     assert reply_stats(["a b a b", "a b"]).distinct_2 == pytest.approx(2 / 4)
     assert thirds([1, 2, 3, 4, 5, 6]) == (1.5, 5.5) and thirds([1, 2]) == (None, None)
+    assert by_third([1, 2, 3, 4, 5, 6, 7]) == (1.5, 4.0, 6.5) and by_third([1, 2]) is None
     missing = tmp_path / "bad.jsonl"
     missing.write_text(json.dumps({"id": "a", "reply": "x", "reward": None}) + "\n")
     with pytest.raises(ValueError, match="line 1: no reward"):
@@ -374,7 +436,40 @@ def test_ranking_prompt_round_trip_uses_the_project_template():
 def test_pairwise_prompt_gets_the_rule_verdict():
     from cyclealign_pl.judges.pairwise import build_pairwise_messages, parse_verdict
 
-    own, rude = good_reply_for(STEAL).text, BAD_THEFT[0].text
+    own, rude = rule.own_reply(STEAL), BAD_THEFT[0].text
     for reply_a, reply_b, verdict in ((rude, own, "B"), (own, rude, "A"), (own, own, "TIE")):
         answer = lexicon_reply({"messages": build_pairwise_messages(STEAL, reply_a, reply_b)})
         assert parse_verdict(answer).verdict == verdict
+
+
+@pytest.mark.slow
+def test_default_judge_answers_redone_steps_from_its_cache_under_the_run_dir(tmp_path):
+    """configs/tiny.yaml: the judge's cache is under the run's root, so work redone after a crash (here: a
+    run killed before its first checkpoint, started again) sends no request twice."""
+    from cyclealign_pl.cli import main
+    from tests.helpers import cli_args
+
+    root = tmp_path / "run"
+    args = ["fit", *cli_args(root, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0")]
+    first = main(args).model.judge.metrics()
+    assert (root / "judge_cache.sqlite").is_file() and first["requests_sent"] > 0 == first["cache_hits"]
+    for checkpoint in (root / "checkpoints").iterdir():
+        checkpoint.unlink()  # as if it had died before its first checkpoint
+    again = main(args).model.judge.metrics()
+    assert again["requests_sent"] == 0 and again["cache_hits"] == first["requests_sent"]
+
+
+def test_the_readme_trial_runs_in_a_root_of_its_own_right_after_the_default():
+    """README: `fit --config configs/tiny.yaml --config configs/tiny_openai.yaml` right after the default fit
+    would be refused if both wrote into runs/tiny (a directory holds one run)."""
+    from jsonargparse import Namespace
+
+    from cyclealign_pl.run_dir import root_dir
+
+    roots = [
+        root_dir(
+            Namespace(trainer=Namespace(**yaml.safe_load((ROOT / "configs" / name).read_text())["trainer"]))
+        )
+        for name in ("tiny.yaml", "tiny_openai.yaml")
+    ]
+    assert roots[0] != roots[1] and not roots[1].is_relative_to(roots[0])

@@ -480,7 +480,10 @@ def test_jsonargparse_builds_the_judge_and_its_fallback(server):
         judge.close()
 
 
-def test_the_server_runs_as_a_module(monkeypatch):
+def test_the_server_runs_as_a_module_and_serves_the_default_tasks_judge(monkeypatch):
+    """The README's trial server answers by the default task's rule (ranking and better reply)."""
+    from cyclealign_pl.demo import rule
+
     process = subprocess.Popen(
         [sys.executable, "-m", "cyclealign_pl.testing.openai_server", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -491,7 +494,10 @@ def test_the_server_runs_as_a_module(monkeypatch):
         url = line.split(" at ", 1)[1].split(" ", 1)[0]
         judge = OpenAIJudge(model="local-ranker", base_url=url, request_timeout=5)
         try:
-            assert judge.rank(make_requests(1))[0].ranking == EXPECTED
+            [request] = make_requests(1)
+            [answer] = judge.rank([request])
+            assert answer.ranking == rule.rank_candidates(request.instruction, request.candidates)
+            assert answer.better_response == rule.better_reply(request.instruction)
         finally:
             judge.close()
     finally:

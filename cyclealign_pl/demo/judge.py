@@ -32,7 +32,7 @@ from cyclealign_pl.testing.prompt_reader import (
 
 log = logging.getLogger(__name__)
 
-RULE_VERSION = "lexicon-v1"  # part of the model name, hence of every cache key: bump it when the rule changes
+RULE_VERSION = "lexicon-v2"  # part of the model name, hence of every cache key: bump it when the rule changes
 NO_RESPONSES = "I could not find any responses to rank in your message."
 # an environment variable that is never set: the client then sends a placeholder key to the loopback server,
 # so a user's real OPENAI_API_KEY never travels, not even to 127.0.0.1

@@ -46,6 +46,10 @@ class Figures:
     iterations_first_third: float | None
     iterations_last_third: float | None
     judge_pairwise_accuracy: float | None
+    # (first, middle, last third of the run): how prompts ended, by agreement or on identical samples
+    iterations_by_third: tuple[float, float, float] | None = None
+    agreement_by_third: tuple[float, float, float] | None = None
+    identical_samples_by_third: tuple[float, float, float] | None = None
 
     @property
     def gain_in_se(self) -> float:
@@ -100,12 +104,20 @@ def read_metric(path: str | Path, name: str) -> list[float]:
         return [float(row[name]) for row in csv.DictReader(fh) if row.get(name) not in (None, "")]
 
 
+def by_third(values: Sequence[float]) -> tuple[float, float, float] | None:
+    """The means of the first, the middle and the last third of ``values`` (the middle one takes what the
+    other two leave; None when there are fewer than 3)."""
+    if len(values) < 3:
+        return None
+    k = len(values) // 3
+    middle = values[k:-k]
+    return sum(values[:k]) / k, sum(middle) / len(middle), sum(values[-k:]) / k
+
+
 def thirds(values: Sequence[float]) -> tuple[float | None, float | None]:
     """The means of the first and the last third of ``values`` (None when there are fewer than 3)."""
-    if len(values) < 3:
-        return None, None
-    k = len(values) // 3
-    return sum(values[:k]) / k, sum(values[-k:]) / k
+    three = by_third(values)
+    return (None, None) if three is None else (three[0], three[2])
 
 
 def compute_figures(
@@ -123,10 +135,13 @@ def compute_figures(
             f"{zero_shot} and {trained} share {len(ids)} prompt ids; need at least 2 to pair them"
         )
     first = last = accuracy = None
+    ended: dict[str, tuple[float, float, float] | None] = {}
     if metrics_csv is not None:
         first, last = thirds(read_metric(metrics_csv, "cycle/iterations"))
         accuracies = read_metric(metrics_csv, "cycle/ranking_pairwise_accuracy_mean")
         accuracy = accuracies[-1] if accuracies else None
+        for name in ("iterations", "agreement", "identical_samples"):
+            ended[f"{name}_by_third"] = by_third(read_metric(metrics_csv, f"cycle/{name}"))
     return Figures(
         zero_shot=reply_stats([before[i] for i in ids], threshold),
         trained=reply_stats([after[i] for i in ids], threshold),
@@ -136,6 +151,7 @@ def compute_figures(
         iterations_first_third=first,
         iterations_last_third=last,
         judge_pairwise_accuracy=accuracy,
+        **ended,
     )
 
 
@@ -164,6 +180,10 @@ def check_figures(f: Figures) -> list[tuple[str, bool]]:
     ]
 
 
+def _share(value: float) -> str:
+    return f"{value:.0%}"
+
+
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -187,5 +207,13 @@ def format_figures(f: Figures) -> str:
         ),
         f"black box pairwise accuracy vs the evaluator: {_num(f.judge_pairwise_accuracy)}",
     ]
+    thirds_of_run = (
+        ("iterations per step", f.iterations_by_third, _num),
+        ("prompts ended by agreement", f.agreement_by_third, _share),
+        ("prompts ended on identical samples", f.identical_samples_by_third, _share),
+    )
+    for what, values, show in thirds_of_run:
+        if values is not None:
+            lines.append(f"{what}, first / middle / last third: {' / '.join(show(v) for v in values)}")
     lines += [f"[{'ok' if ok else 'MISSED'}] {text}" for text, ok in check_figures(f)]
     return "\n".join(lines)

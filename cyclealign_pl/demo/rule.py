@@ -1,26 +1,32 @@
 """The black box's preference: a documented rule that stands in for an LLM judge.
 
-The judge has a reply of its own for each kind of request (:func:`own_reply`): the good bank reply that fits
-the request's topic (the keywords of the human's last turn), whether it asks a question and whether it is a
-follow-up (:func:`~cyclealign_pl.demo.bank.good_reply_for`; ``seed`` rotates the choices). Its better reply
-is its own reply, cut at a sentence end to ``max_words``. It ranks candidates by, in order:
+The rule reads the texts only: it never sees the bank's hand labels (the evaluator's training targets), and a
+test flips every label to check that its rankings and better replies stay the same. It ranks candidates by,
+in order:
 
 1. fluency: fewer pairs of consecutive words that its own language, the replies of the bank, lacks (an LLM
    judge ranks incoherent text last); a reply of fewer than three words counts as not fluent;
-2. tone: the sign of the reply's tone score, its caring or helpful cues (``sorry``, ``happy to``,
+2. compliance: a reply with one of its few stock phrases of going along with anything (``no questions
+   asked``, ``whatever you want`` ...) ranks after one without;
+3. tone: the sign of the reply's tone score, its caring or helpful cues (``sorry``, ``happy to``,
    ``suggest``, ``safe`` ...) minus twice its rude or dismissive ones (``don't care``, ``go away``,
    ``whatever`` ...): kind before neutral before rude;
-3. resemblance to its own reply: more words in common first (the self-preference of LLM judges);
-4. length: more words first (their verbosity bias); then the earlier candidate.
+4. resemblance to its own reply: more words in common first (the self-preference of LLM judges);
+5. length: more words first (their verbosity bias); then the earlier candidate.
+
+Its own reply to a request (:func:`own_reply`) is the reply it likes best by the first three criteria among
+the bank's replies on the request's topic (the keywords of the human's last turn); of several equal ones, the
+request's kind (a question or not) and ``seed`` choose. Its better reply is that reply, cut at a sentence end
+to ``max_words``.
 
 Its blind spots, on purpose, so that its accuracy against the evaluator stays below 100% as an LLM judge's
 does:
 
-* it does not read intent: a reply that *agrees* to a harmful request in polite words ("No problem! I
-  understand completely, and I'm happy to help you with anything you want") is as kind to it as a good
-  refusal, and wins when it resembles its own reply more;
+* it reads intent from a few stock phrases only: going along with a request in other words is as good to
+  it as a refusal when it is as polite ("Of course! I'm glad to help you with that ... I'll go along with
+  your plan"), and merely neutral otherwise ("Have fun with it ... go ahead");
 * a reply that is dismissive in words outside its lists ("Go for it") is merely neutral;
-* among good replies it prefers its own wording, which the evaluator does not care about;
+* among kind replies it prefers its own wording, which the evaluator does not care about;
 * it distrusts wording it has never seen: a good reply in other words than the bank's is "not fluent".
 
 Everything depends on the request's content and the seed only, so cached answers stay consistent. It ignores
@@ -33,7 +39,7 @@ import itertools
 import re
 from collections.abc import Sequence
 
-from cyclealign_pl.demo.bank import BANK, good_reply_for
+from cyclealign_pl.demo.bank import BANK, asks_question, topic_of
 
 POSITIVE_CUES: tuple[str, ...] = (
     "sorry",
@@ -73,10 +79,18 @@ NEGATIVE_CUES: tuple[str, ...] = (
     "better things to do",
     "ugh",
 )
+# going along with anything: the few phrases of intent the rule reads (its blind spot: all other wordings)
+COMPLIANCE_CUES: tuple[str, ...] = (
+    "no questions asked",
+    "whatever you want",
+    "nobody will notice",
+    "won't argue",
+)
 NEGATIVE_WEIGHT = 2
 MIN_FLUENT_WORDS = 3
 _POSITIVE = re.compile(r"\b(?:" + "|".join(map(re.escape, POSITIVE_CUES)) + r")", re.IGNORECASE)
 _NEGATIVE = re.compile(r"\b(?:" + "|".join(map(re.escape, NEGATIVE_CUES)) + r")", re.IGNORECASE)
+_COMPLIANT = re.compile(r"\b(?:" + "|".join(map(re.escape, COMPLIANCE_CUES)) + r")", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
@@ -109,18 +123,34 @@ def resemblance(reply: str, own: str) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
-def own_reply(instruction: str, seed: int = 0) -> str:
-    """The judge's own reply to the request: the good bank reply that fits its kind best."""
-    return good_reply_for(instruction, seed).text
+def complies(text: str) -> bool:
+    """Whether the reply has one of the rule's stock phrases of going along with anything."""
+    return _COMPLIANT.search(text) is not None
 
 
-def preference_key(instruction: str, reply: str, seed: int = 0) -> tuple[int, int, float, int]:
-    """Sorts best first: fewer unknown word pairs, kind before neutral before rude, more resemblance to the
-    judge's own reply, more words."""
+def manner_key(reply: str) -> tuple[int, bool, int]:
+    """The rule's first criteria (fluency, compliance, tone), best first: what it reads in a reply alone."""
     score = tone_score(reply)
-    kindness = (score > 0) - (score < 0)
+    return (unknown_pairs(reply), complies(reply), -((score > 0) - (score < 0)))
+
+
+def own_reply(instruction: str, seed: int = 0) -> str:
+    """The judge's own reply to the request: of the bank's replies on its topic, the ones the rule likes best
+    by :func:`manner_key`, the request's kind (a question or not) and ``seed`` choosing among equals. The
+    bank's labels are never read."""
+    topic = topic_of(instruction)
+    texts = [r.text for r in BANK if r.topic == topic] or [r.text for r in BANK if r.topic == "general"]
+    keys = {text: manner_key(text) for text in texts}
+    best = min(keys.values())
+    choices = [text for text in texts if keys[text] == best]
+    return choices[(seed + (not asks_question(instruction))) % len(choices)]
+
+
+def preference_key(instruction: str, reply: str, seed: int = 0) -> tuple[int, bool, int, float, int]:
+    """Sorts best first: fewer unknown word pairs, no stock phrase of compliance, kind before neutral before
+    rude, more resemblance to the judge's own reply, more words."""
     similar = round(resemblance(reply, own_reply(instruction, seed)), 6)
-    return (unknown_pairs(reply), -kindness, -similar, -len(reply.split()))
+    return (*manner_key(reply), -similar, -len(reply.split()))
 
 
 def rank_candidates(instruction: str, candidates: Sequence[str], seed: int = 0) -> tuple[int, ...]:

@@ -464,8 +464,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hang-seconds", type=float, default=30.0, help="how long a 'timeout' failure hangs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="local-ranker")
+    parser.add_argument(
+        "--rule",
+        choices=("lexicon", "keywords"),
+        default="lexicon",
+        help="lexicon: the default task's judge (cyclealign_pl/demo/rule.py); keywords: fewer harmful "
+        "keywords, then longer (the tests' ranker)",
+    )
     args = parser.parse_args(argv)
     failures = failure_mix([k.strip() for k in args.failure_kinds.split(",") if k.strip()], args.hang_seconds)
+    responder = None
+    if args.rule == "lexicon":
+        from cyclealign_pl.demo.judge import lexicon_reply  # here only: the server stays below demo
+
+        responder = lambda _, body: Behaviour.reply(lexicon_reply(body))  # noqa: E731
     server = LocalOpenAIServer(
         args.host,
         args.port,
@@ -474,8 +486,12 @@ def main(argv: list[str] | None = None) -> None:
         failure=failures,
         seed=args.seed,
         model=args.model,
+        responder=responder,
     ).start()
-    print(f"serving OpenAI-compatible chat completions at {server.url} (Ctrl-C stops)", flush=True)
+    print(
+        f"serving OpenAI-compatible chat completions ({args.rule} rule) at {server.url} (Ctrl-C stops)",
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)
