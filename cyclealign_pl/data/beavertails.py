@@ -16,10 +16,9 @@ from pathlib import Path
 
 import datasets
 from datasets.exceptions import DatasetGenerationError
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 
-from cyclealign_pl.data.loaders import rows_dataloader, sample_indices
+from cyclealign_pl.data.base import PromptDataModuleBase
+from cyclealign_pl.data.loaders import sample_indices
 from cyclealign_pl.data.rows import (
     CleaningStats,
     DataFileError,
@@ -115,7 +114,7 @@ def load_beavertails(
     return clean_rows(raw, source)
 
 
-class BeaverTailsDataModule(LightningDataModule):
+class BeaverTailsDataModule(PromptDataModuleBase):
     """BeaverTails-Evaluation prompts for ``validate``/``test``/``predict``, grouped by harm category.
 
     Evaluation only (there is no training split): use it with ``trainer.validate`` and the same
@@ -134,33 +133,20 @@ class BeaverTailsDataModule(LightningDataModule):
         cache_dir: str | None = None,
         hub_split: str = "test",
     ) -> None:
-        super().__init__()
+        super().__init__(
+            eval_batch_size=eval_batch_size, seed=seed, num_workers=num_workers, cache_dir=cache_dir
+        )
         if path is not None and not Path(path).is_file():
             raise ValueError(f"BeaverTails CSV not found: {path}; {WHERE_TO_GET}")
         if prompts_per_category is not None and prompts_per_category < 1:
             raise ValueError(f"prompts_per_category must be >= 1 or None (all), got {prompts_per_category}")
-        if eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if categories is not None and not categories:
             raise ValueError("categories must be None (all) or name at least one category")
         self.save_hyperparameters()
         self.path = path
         self.categories = list(categories) if categories is not None else None
         self.prompts_per_category = prompts_per_category
-        self.eval_batch_size = eval_batch_size
-        self.seed = seed
-        self.num_workers = num_workers
-        self.cache_dir = cache_dir
         self.hub_split = hub_split
-        self._stats: dict[str, CleaningStats] = {}
-        self.eval_rows: list[PromptRow] | None = None
-
-    @property
-    def cleaning_stats(self) -> dict[str, CleaningStats]:
-        """Rows read, kept and dropped per reason (filled by setup)."""
-        return dict(self._stats)
 
     def prepare_data(self) -> None:
         if self.path is None:
@@ -190,19 +176,3 @@ class BeaverTailsDataModule(LightningDataModule):
             selected.extend(group[i] for i in picks)
         self.eval_rows = selected
         log.info("BeaverTails prompts: %d evaluation over %d categories", len(selected), len(by_category))
-
-    def _eval_dataloader(self) -> DataLoader:
-        if self.eval_rows is None:
-            raise RuntimeError("evaluation prompts are not loaded: call setup() first (Lightning does)")
-        return rows_dataloader(
-            self.eval_rows, self.eval_batch_size, shuffle=False, seed=self.seed, num_workers=self.num_workers
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_dataloader()
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_dataloader()
