@@ -117,6 +117,9 @@ class CycleAlignCLI(LightningCLI):
             self._error(conflict)
         if self.subcommand is not None:
             self._resolve_checkpoint(config, run_dir)
+            from cyclealign_pl import console
+
+            console.attach(run_dir.root_dir(config))  # what the screen does not show goes to <root>/run.log
 
     def _check_strategy(self, trainer) -> None:
         """DeepSpeed runs on CUDA GPUs only: say so before any model is built (Lightning fails deep in
@@ -176,8 +179,9 @@ class CycleAlignCLI(LightningCLI):
             self._error(f"invalid configuration: {error}")
 
     def instantiate_trainer(self, **kwargs: Any):
-        """The trainer, with the one-line progress bar unless the config chose a bar or none."""
-        from lightning.pytorch.callbacks import ProgressBar
+        """The trainer, with the one-line progress bar unless the config chose a bar or none, and the model
+        summary in the run's log file rather than on the screen."""
+        from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
         from cyclealign_pl.progress import CycleProgressBar
 
@@ -187,7 +191,12 @@ class CycleAlignCLI(LightningCLI):
         if trainer_config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
-            trainer_config["callbacks"] = [*callbacks, CycleProgressBar()]
+            callbacks = [*callbacks, CycleProgressBar()]
+        if trainer_config.get("enable_model_summary") is not False and not any(
+            isinstance(c, ModelSummary) for c in callbacks
+        ):
+            callbacks = [*callbacks, ModelSummary()]  # logs at INFO: run.log (Lightning's default prints)
+        trainer_config["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
@@ -218,10 +227,14 @@ class CycleAlignCLI(LightningCLI):
         checkpoint = trainer.checkpoint_callback
         saved = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
         exported = next((c.exported_to for c in trainer.callbacks if getattr(c, "exported_to", None)), None)
+        from cyclealign_pl import console
+
+        run_log = console.current().log_file if console.current() is not None else None
         return {
             "checkpoint": saved or None,
             "logs": trainer.log_dir if trainer.logger is not None else None,
             "exported model": exported,
+            "run log": str(run_log) if run_log is not None else None,
         }
 
 
@@ -240,7 +253,9 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
         top_level_parser().error("choose a subcommand: fit, validate, test or predict")
 
     import logging
+    import os
 
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split" bars
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -256,7 +271,10 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     from transformers.utils import logging as transformers_logging
 
+    from cyclealign_pl import console
+
     transformers_logging.disable_progress_bar()
+    console.install()  # the screen shows the user's warnings; the rest goes to <root>/run.log
     try:
         return CycleAlignCLI(
             CycleAlignModule,
