@@ -261,6 +261,7 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
 
     from cyclealign_pl.data.rows import DataFileError
     from cyclealign_pl.hf import ModelLoadError
+    from cyclealign_pl.hub import HubUnreachable
     from cyclealign_pl.judges.base import JudgeStop
     from cyclealign_pl.module import CycleAlignModule, RunStopped
 
@@ -302,6 +303,9 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
         sys.exit(EXIT_STOPPED)
     except input_errors as error:
         print(f"cyclealign_pl: bad input: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except HubUnreachable as error:  # says what was wanted and what to do
+        print(f"cyclealign_pl: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except ConnectionError as error:  # a hub dataset or model offline (the judge's own errors are counted)
         print(

@@ -26,11 +26,13 @@ from cyclealign_pl.data.rows import (
     Turn,
     render_prompt,
 )
+from cyclealign_pl.hub import require_hub
 
 log = logging.getLogger(__name__)
 
 HUB_NAME = "PKU-Alignment/BeaverTails-Evaluation"
 REQUIRED_COLUMNS: tuple[str, ...] = ("prompt", "category")
+LOCAL_COPY = "--data.init_args.path <BeaverTails-Evaluation.csv, downloaded once>"
 WHERE_TO_GET = (
     f"get BeaverTails-Evaluation.csv from the hub dataset {HUB_NAME} (CC BY-NC 4.0, not shipped "
     "here), or set data.init_args.path null to load it from the hub"
@@ -58,6 +60,7 @@ def load_raw(
 ) -> tuple[datasets.Dataset, str]:
     """The raw rows from a local CSV (checked first) or, when ``path`` is None, from the hub."""
     if path is None:
+        require_hub(HUB_NAME, "dataset", LOCAL_COPY)
         raw = datasets.load_dataset(HUB_NAME, split=hub_split, cache_dir=cache_dir)
         source = f"{HUB_NAME}/{hub_split}"
     else:
@@ -150,6 +153,7 @@ class BeaverTailsDataModule(PromptDataModuleBase):
 
     def prepare_data(self) -> None:
         if self.path is None:
+            require_hub(HUB_NAME, "dataset", LOCAL_COPY)
             datasets.load_dataset(HUB_NAME, split=self.hub_split, cache_dir=self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:

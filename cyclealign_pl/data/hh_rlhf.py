@@ -39,11 +39,13 @@ from cyclealign_pl.data.rows import (
     Turn,
     render_prompt,
 )
+from cyclealign_pl.hub import require_hub
 
 log = logging.getLogger(__name__)
 
 SUBSETS: tuple[str, ...] = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 HUB_NAME = "Anthropic/hh-rlhf"
+LOCAL_COPY = "--data.init_args.root <a directory in the upstream layout>"
 # The shipped sample: the first 300 rows of harmless-base/test, upstream layout (see samples/README.md).
 SAMPLE_ROOT = Path(__file__).resolve().parent / "samples" / "hh-rlhf"
 
@@ -215,6 +217,7 @@ def load_raw(
     follows is one code path.
     """
     if root is None:
+        require_hub(HUB_NAME, "dataset", LOCAL_COPY)
         raw = datasets.load_dataset(HUB_NAME, data_dir=subset, split=split, cache_dir=cache_dir)
         return raw, list(range(1, len(raw) + 1)), f"{HUB_NAME}/{subset}/{split}"
     path = split_file(root, subset, split)
@@ -394,6 +397,7 @@ class HHRLHFDataModule(PromptDataModuleBase):
     def prepare_data(self) -> None:
         """Download the hub files once per node (local roots need nothing)."""
         if self.root is None:
+            require_hub(HUB_NAME, "dataset", LOCAL_COPY)
             for subset in self.subsets:
                 for split in {self.train_split, self.eval_split}:
                     datasets.load_dataset(HUB_NAME, data_dir=subset, split=split, cache_dir=self.cache_dir)

@@ -26,6 +26,7 @@ from datasets.exceptions import DatasetGenerationError
 from cyclealign_pl.data.base import PromptDataModuleBase
 from cyclealign_pl.data.hh_rlhf import merge_turns, parse_dialogue, select_prompts
 from cyclealign_pl.data.rows import CleaningStats, DataFileError, PromptRow, Turn, render_prompt
+from cyclealign_pl.hub import require_hub
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ BUILDERS: dict[str, str] = {
     ".pq": "parquet",
 }
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+LOCAL_COPY = "--data.init_args.path <a local .jsonl, .csv or .parquet file>"
 ROLES: dict[str, str] = {  # chat roles (OpenAI, ShareGPT) -> HH-RLHF speakers; "system" is handled apart
     "user": "Human",
     "human": "Human",
@@ -97,6 +99,8 @@ def load_source(
                 builder, data_files={"train": str(path)}, split="train", cache_dir=cache_dir
             )
             return raw, str(path)
+        if not path.exists():
+            require_hub(source, "dataset", LOCAL_COPY)
         raw = datasets.load_dataset(str(source), hub_config, split=split, cache_dir=cache_dir)
     except DatasetGenerationError as err:  # pandas/pyarrow's message says what is wrong
         raise DataFileError(source, f"cannot read: {err.__cause__ or err}".strip()) from err
@@ -335,6 +339,7 @@ class PromptDataModule(PromptDataModuleBase):
         """Download hub datasets once per node (local files need nothing)."""
         for source, split in {(self.path, self.split), self._eval_source()}:
             if not is_local(source):
+                require_hub(source, "dataset", LOCAL_COPY)
                 datasets.load_dataset(source, self.hub_config, split=split, cache_dir=self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
