@@ -222,6 +222,38 @@ class CycleAlignCLI(LightningCLI):
         if status:
             sys.exit(status)
 
+    def after_validate(self) -> None:
+        self._report_evaluation("validate", "val")
+
+    def after_test(self) -> None:
+        self._report_evaluation("test", "test")
+
+    def _report_evaluation(self, command: str, stage: str) -> None:
+        """What the evaluation scored out of what, its figures and where its files went (in place of
+        Lightning's metric table: the metrics are in metrics.csv and eval/)."""
+        from cyclealign_pl import console, summary
+        from cyclealign_pl.evaluation import eval_paths
+
+        trainer = self.trainer
+        evaluation = getattr(self.model, "evaluation_summary", None)
+        if not trainer.is_global_zero or trainer.state.status.value != "finished" or not evaluation:
+            return
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        run_log = console.current().log_file if console.current() is not None else None
+        paths = {
+            "checkpoint": trainer.ckpt_path,
+            "eval files": str(eval_paths(log_dir, stage)["rewards"].parent),
+            "run log": str(run_log) if run_log is not None else None,
+        }
+        lines = summary.render_evaluation(command, evaluation, paths)
+        print("\n".join(f"cyclealign_pl: {line}" if i == 0 else line for i, line in enumerate(lines)))
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):  # the report above replaces Lightning's table of metrics
+            parser.set_defaults(verbose=False)
+        return parser
+
     def _output_paths(self) -> dict[str, str | None]:
         trainer = self.trainer
         checkpoint = trainer.checkpoint_callback

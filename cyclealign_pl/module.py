@@ -26,6 +26,7 @@ from cyclealign_pl.evaluation import (
     RewardEvaluation,
     RewardRow,
     collapse_warning,
+    coverage,
     gather_records,
     paired_gain,
     reply_stats,
@@ -522,6 +523,7 @@ class CycleAlignModule(LightningModule):
         with its standard error) and the collapse monitors; warns when the replies collapsed."""
         stats = reply_stats([r["reply"] for r in records])
         summary: dict[str, Any] = {"prompts": len(records), **stats._asdict()}
+        summary["coverage"] = self._coverage(stage, records)
         if rows:
             total = rows[-1]
             summary.update(reward=total.mean_reward, preferred_share=total.preferred_share)
@@ -544,6 +546,28 @@ class CycleAlignModule(LightningModule):
         if stage == "val" or self.trainer.state.fn == "validate":
             self.evaluation_summary = summary
         return summary
+
+    def _coverage(self, stage: str, records: list[GenerationRecord]) -> dict[str, Any]:
+        """What this evaluation scored out of its data; a warning when it left prompts or subsets out."""
+        loaders = getattr(self.trainer, f"{stage}_dataloaders", None)
+        covered = coverage(loaders, records)
+        group = getattr(self.trainer.datamodule, "group_name", "subset")
+        if not covered.complete and records and not self.trainer.sanity_checking:
+            limit = getattr(self.trainer, f"limit_{stage}_batches", None)
+            hint = (
+                f"; trainer.limit_{stage}_batches={limit:g} stopped it early: set "
+                f"--trainer.limit_{stage}_batches null to score them all"
+                if isinstance(limit, int) or (isinstance(limit, float) and limit < 1.0)  # 1 batch vs all
+                else ""
+            )
+            log.warning(
+                "%s scored only %s%s%s",
+                stage,
+                covered.describe(group),
+                f"; not scored: {covered.missing_text()}" if covered.missing else "",
+                hint,
+            )
+        return {**covered._asdict(), "group": group, "missing": covered.missing, "complete": covered.complete}
 
     def _zero_shot_evaluation(self) -> dict[str, Any] | None:
         """Evaluate the untrained white box on the validation prompts once, before the first step; the result

@@ -21,6 +21,8 @@ class PromptDataModuleBase(LightningDataModule):
     fill :attr:`train_rows` / :attr:`eval_rows` (and :attr:`_stats`) in ``setup``.
     """
 
+    group_name = "subset"  # what the evaluation's groups of prompts are called in reports
+
     def __init__(
         self,
         batch_size: int = 1,

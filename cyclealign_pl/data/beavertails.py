@@ -125,6 +125,8 @@ class BeaverTailsDataModule(PromptDataModuleBase):
     ``categories`` keeps only those categories; ``prompts_per_category`` draws a seeded sample of each.
     """
 
+    group_name = "category"
+
     def __init__(
         self,
         path: str | None = None,
