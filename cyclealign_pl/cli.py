@@ -46,6 +46,28 @@ SUBCOMMANDS = {
     ),
 }
 HELP_FLAGS = ("-h", "--help")
+_LAST = (
+    "'last': the newest checkpoints/last*.ckpt under --trainer.default_root_dir (this run's own: one run "
+    "per directory)"
+)
+CKPT_PATH_HELP = {
+    "fit": (
+        f"Resume a run: {_LAST}, or none there yet: start the run; or a checkpoint file. Without it, a "
+        "directory that already holds a run is refused. A finished run says so and exits 0."
+    ),
+    **{
+        name: (
+            f"The weights to {verb}: {_LAST}; or a checkpoint file; none: the untrained white box (the "
+            "zero-shot row)."
+        )
+        for name, verb in (("validate", "evaluate"), ("test", "evaluate"), ("predict", "reply with"))
+    },
+}
+DATA_HELP = (
+    "The prompts (a LightningDataModule): HHRLHFDataModule (training and per-subset evaluation), "
+    "BeaverTailsDataModule (evaluation per harm category), PromptDataModule (your own prompts: a JSONL, CSV "
+    "or Parquet file or a hub dataset); --data.help CLASS lists a module's settings"
+)
 
 
 def _parser_kwargs() -> dict[str, Any]:
@@ -249,9 +271,17 @@ class CycleAlignCLI(LightningCLI):
         print("\n".join(f"cyclealign_pl: {line}" if i == 0 else line for i, line in enumerate(lines)))
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        """The subcommand's parser, with this project's meaning of ``--ckpt_path`` and ``--data`` in its
+        help (Lightning's describe its generic Trainer and DataModule)."""
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand in ("validate", "test"):  # the report above replaces Lightning's table of metrics
             parser.set_defaults(verbose=False)
+        for action in parser._actions:
+            if action.dest == "ckpt_path":
+                action.help = CKPT_PATH_HELP[subcommand]
+        for group in parser._action_groups:
+            if any(action.dest == "data" for action in group._group_actions):
+                group.title, group.description = DATA_HELP, None
         return parser
 
     def _output_paths(self) -> dict[str, str | None]:

@@ -72,6 +72,8 @@ class CycleAlignModule(LightningModule):
         demonstration_scope: ``"prompt"`` (paper: each prompt starts from the static demonstration) or
             ``"run"`` (a finished prompt's dynamic demonstrations are kept for later prompts,
             ``max_demonstrations`` newest).
+        max_demonstrations: the most dynamic demonstrations shown to the black box per request, newest kept
+            (null: all of the prompt's, or of the run's with ``demonstration_scope: run``).
         ablation: the paper's Table 3 settings, applied on top of ``cycle``: ``no_d2`` (no dynamic
             demonstrations), ``no_icl`` (no demonstrations), ``no_wrd`` (dynamic ones from black-box rankings
             only), ``no_brd`` (from white-box rankings only), ``no_cycle`` (one sample-rank-update per
@@ -101,7 +103,7 @@ class CycleAlignModule(LightningModule):
         reward_model: Judge | None = None,
         cycle: CycleConfig = CycleConfig(),
         sampling: SamplingConfig = SamplingConfig(),
-        demonstration_scope: Literal["prompt", "step", "run"] = "prompt",
+        demonstration_scope: Literal["prompt", "run"] = "prompt",
         max_demonstrations: int | None = None,
         ablation: Ablation = "none",
         max_length: int = 512,

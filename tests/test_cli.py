@@ -575,6 +575,19 @@ def test_fit_help_describes_every_method_setting(fit_help):
     assert not undocumented, f"options without a description: {undocumented}"
 
 
+def test_fit_help_says_what_this_project_means(fit_help):
+    options = _option_help(fit_help)
+    ckpt = options["--ckpt_path"]
+    assert "'last': the newest checkpoints/last*.ckpt under --trainer.default_root_dir" in ckpt
+    assert "registry" not in ckpt and "hpc" not in ckpt  # Lightning's generic keywords are not this CLI's
+    for option in ("--export.dirpath", "--export.enabled", "--metrics.log_judge_metrics"):
+        assert options[option], f"{option} has no description"
+    assert "<log_dir>/hf_model" in options["--export.dirpath"]
+    assert "The main advantage is" not in fit_help  # no cut-off sentence from LightningDataModule's docstring
+    assert "PromptDataModule (your own prompts" in fit_help
+    assert "--model.demonstration_scope {prompt,run}" in fit_help  # the README's values, no alias
+
+
 def test_hf_refuses_a_path_and_a_config_together():
     from cyclealign_pl.hf import ModelLoadError, load_causal_lm, load_reward_model
 
