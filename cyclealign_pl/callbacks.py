@@ -42,6 +42,9 @@ class CycleMetrics(Callback):
     judge's latency spent on white-box work instead of waiting, over the run and all processes). Judge
     counters (requests, cache hits, tokens, cost, ...) are logged as ``judge/...``; the module's counters as
     ``counters/...``.
+
+    Args:
+        log_judge_metrics: also log the judge's counters (``judge/...``) each step.
     """
 
     def __init__(self, log_judge_metrics: bool = True) -> None:
@@ -190,7 +193,10 @@ class ExportPretrained(Callback):
     """At the end of ``fit``, write the aligned white-box with ``save_pretrained`` (+ tokenizer).
 
     The directory loads in plain transformers (``AutoModelForCausalLM.from_pretrained``) or vLLM.
-    Default: ``<log_dir>/hf_model``.
+
+    Args:
+        dirpath: where to write it; null: ``<log_dir>/hf_model`` (under ``trainer.default_root_dir``).
+        enabled: false: no export (the checkpoints hold the weights: ``python -m cyclealign_pl.export``).
     """
 
     def __init__(self, dirpath: str | None = None, enabled: bool = True) -> None:

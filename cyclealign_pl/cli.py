@@ -46,6 +46,28 @@ SUBCOMMANDS = {
     ),
 }
 HELP_FLAGS = ("-h", "--help")
+_LAST = (
+    "'last': the newest checkpoints/last*.ckpt under --trainer.default_root_dir (this run's own: one run "
+    "per directory)"
+)
+CKPT_PATH_HELP = {
+    "fit": (
+        f"Resume a run: {_LAST}, or none there yet: start the run; or a checkpoint file. Without it, a "
+        "directory that already holds a run is refused. A finished run says so and exits 0."
+    ),
+    **{
+        name: (
+            f"The weights to {verb}: {_LAST}; or a checkpoint file; none: the untrained white box (the "
+            "zero-shot row)."
+        )
+        for name, verb in (("validate", "evaluate"), ("test", "evaluate"), ("predict", "reply with"))
+    },
+}
+DATA_HELP = (
+    "The prompts (a LightningDataModule): HHRLHFDataModule (training and per-subset evaluation), "
+    "BeaverTailsDataModule (evaluation per harm category), PromptDataModule (your own prompts: a JSONL, CSV "
+    "or Parquet file or a hub dataset); --data.help CLASS lists a module's settings"
+)
 
 
 def _parser_kwargs() -> dict[str, Any]:
@@ -117,6 +139,9 @@ class CycleAlignCLI(LightningCLI):
             self._error(conflict)
         if self.subcommand is not None:
             self._resolve_checkpoint(config, run_dir)
+            from cyclealign_pl import console
+
+            console.attach(run_dir.root_dir(config))  # what the screen does not show goes to <root>/run.log
 
     def _check_strategy(self, trainer) -> None:
         """DeepSpeed runs on CUDA GPUs only: say so before any model is built (Lightning fails deep in
@@ -176,8 +201,9 @@ class CycleAlignCLI(LightningCLI):
             self._error(f"invalid configuration: {error}")
 
     def instantiate_trainer(self, **kwargs: Any):
-        """The trainer, with the one-line progress bar unless the config chose a bar or none."""
-        from lightning.pytorch.callbacks import ProgressBar
+        """The trainer, with the one-line progress bar unless the config chose a bar or none, and the model
+        summary in the run's log file rather than on the screen."""
+        from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
         from cyclealign_pl.progress import CycleProgressBar
 
@@ -187,7 +213,12 @@ class CycleAlignCLI(LightningCLI):
         if trainer_config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
-            trainer_config["callbacks"] = [*callbacks, CycleProgressBar()]
+            callbacks = [*callbacks, CycleProgressBar()]
+        if trainer_config.get("enable_model_summary") is not False and not any(
+            isinstance(c, ModelSummary) for c in callbacks
+        ):
+            callbacks = [*callbacks, ModelSummary()]  # logs at INFO: run.log (Lightning's default prints)
+        trainer_config["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
@@ -213,15 +244,59 @@ class CycleAlignCLI(LightningCLI):
         if status:
             sys.exit(status)
 
+    def after_validate(self) -> None:
+        self._report_evaluation("validate", "val")
+
+    def after_test(self) -> None:
+        self._report_evaluation("test", "test")
+
+    def _report_evaluation(self, command: str, stage: str) -> None:
+        """What the evaluation scored out of what, its figures and where its files went (in place of
+        Lightning's metric table: the metrics are in metrics.csv and eval/)."""
+        from cyclealign_pl import console, summary
+        from cyclealign_pl.evaluation import eval_paths
+
+        trainer = self.trainer
+        evaluation = getattr(self.model, "evaluation_summary", None)
+        if not trainer.is_global_zero or trainer.state.status.value != "finished" or not evaluation:
+            return
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        run_log = console.current().log_file if console.current() is not None else None
+        paths = {
+            "checkpoint": trainer.ckpt_path,
+            "eval files": str(eval_paths(log_dir, stage)["rewards"].parent),
+            "run log": str(run_log) if run_log is not None else None,
+        }
+        lines = summary.render_evaluation(command, evaluation, paths)
+        print("\n".join(f"cyclealign_pl: {line}" if i == 0 else line for i, line in enumerate(lines)))
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        """The subcommand's parser, with this project's meaning of ``--ckpt_path`` and ``--data`` in its
+        help (Lightning's describe its generic Trainer and DataModule)."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):  # the report above replaces Lightning's table of metrics
+            parser.set_defaults(verbose=False)
+        for action in parser._actions:
+            if action.dest == "ckpt_path":
+                action.help = CKPT_PATH_HELP[subcommand]
+        for group in parser._action_groups:
+            if any(action.dest == "data" for action in group._group_actions):
+                group.title, group.description = DATA_HELP, None
+        return parser
+
     def _output_paths(self) -> dict[str, str | None]:
         trainer = self.trainer
         checkpoint = trainer.checkpoint_callback
         saved = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
         exported = next((c.exported_to for c in trainer.callbacks if getattr(c, "exported_to", None)), None)
+        from cyclealign_pl import console
+
+        run_log = console.current().log_file if console.current() is not None else None
         return {
             "checkpoint": saved or None,
             "logs": trainer.log_dir if trainer.logger is not None else None,
             "exported model": exported,
+            "run log": str(run_log) if run_log is not None else None,
         }
 
 
@@ -240,12 +315,15 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
         top_level_parser().error("choose a subcommand: fit, validate, test or predict")
 
     import logging
+    import os
 
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split" bars
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from cyclealign_pl.data.rows import DataFileError
     from cyclealign_pl.hf import ModelLoadError
+    from cyclealign_pl.hub import HubUnreachable
     from cyclealign_pl.judges.base import JudgeStop
     from cyclealign_pl.module import CycleAlignModule, RunStopped
 
@@ -256,7 +334,10 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     from transformers.utils import logging as transformers_logging
 
+    from cyclealign_pl import console
+
     transformers_logging.disable_progress_bar()
+    console.install()  # the screen shows the user's warnings; the rest goes to <root>/run.log
     try:
         return CycleAlignCLI(
             CycleAlignModule,
@@ -284,6 +365,9 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
         sys.exit(EXIT_STOPPED)
     except input_errors as error:
         print(f"cyclealign_pl: bad input: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except HubUnreachable as error:  # says what was wanted and what to do
+        print(f"cyclealign_pl: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except ConnectionError as error:  # a hub dataset or model offline (the judge's own errors are counted)
         print(

@@ -15,6 +15,7 @@ import inspect
 import re
 import sys
 from collections.abc import Iterable
+from contextvars import ContextVar
 from typing import Any, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
@@ -170,6 +171,19 @@ def _option_strings(parser: Any) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+_CONFIG_FILE: ContextVar[str | None] = ContextVar("config_file", default=None)  # the file being read
+_YAML_MARK = re.compile(r'\s*in "<(?:unicode )?string>",\s*line')
+
+
+def name_config_file(message: str, path: str | None) -> str:
+    """A YAML error names the config file, not ``"<unicode string>"`` (PyYAML reads the file's text)."""
+    if path is None or not _YAML_MARK.search(message):
+        return message
+    text = _YAML_MARK.sub(" at line", message.strip())
+    text = re.sub(r"^Problems parsing config:\s*", "", text)
+    return f"config file {path} is not valid YAML: {text}"
+
+
 class CycleAlignParser(LightningArgumentParser):
     """LightningCLI's parser with one-line errors and without abbreviated options."""
 
@@ -177,7 +191,15 @@ class CycleAlignParser(LightningArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def parse_path(self, path: Any, *args: Any, **kwargs: Any) -> Any:
+        token = _CONFIG_FILE.set(str(path))
+        try:
+            return super().parse_path(path, *args, **kwargs)
+        finally:
+            _CONFIG_FILE.reset(token)
+
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        message = name_config_file(message, _CONFIG_FILE.get())
         if not self.exit_on_error:  # jsonargparse's own nested parsing: it handles the exception
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self

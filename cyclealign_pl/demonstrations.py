@@ -87,8 +87,7 @@ class DemonstrationPool:
         use_static: show the static demonstration (off for the paper's "w/o ICL" ablation).
         use_dynamic: add dynamic demonstrations (off for "w/o D2" and "w/o ICL").
         scope: ``"prompt"`` (paper) forgets a prompt's dynamic demonstrations when it finishes; ``"run"``
-            keeps them for the prompts that start later. (``"step"``, the name of ``"prompt"`` before prompts
-            could start and finish within a training step, is accepted.)
+            keeps them for the prompts that start later.
         max_dynamic: cap on dynamic demonstrations shown per request (newest kept); None = no cap.
     """
 
@@ -96,16 +95,16 @@ class DemonstrationPool:
         self,
         use_static: bool = True,
         use_dynamic: bool = True,
-        scope: Literal["prompt", "step", "run"] = "prompt",
+        scope: Literal["prompt", "run"] = "prompt",
         max_dynamic: int | None = None,
     ) -> None:
-        if scope not in ("prompt", "step", "run"):
+        if scope not in ("prompt", "run"):
             raise ValueError(f"demonstration scope must be 'prompt' or 'run', got {scope!r}")
         if max_dynamic is not None and max_dynamic < 0:
             raise ValueError(f"max_dynamic must be >= 0 or None, got {max_dynamic}")
         self.use_static = use_static
         self.use_dynamic = use_dynamic
-        self.scope = "prompt" if scope == "step" else scope
+        self.scope = scope
         self.max_dynamic = max_dynamic
         self.static: list[Demonstration] = [STATIC_DEMONSTRATION]
         self.shared: list[Demonstration] = []  # kept across prompts when scope == "run"

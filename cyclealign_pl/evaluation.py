@@ -320,6 +320,54 @@ def subsets_of(dataloaders: Any) -> list[str]:
     return list(names)
 
 
+class Coverage(NamedTuple):
+    """What an evaluation scored out of what its data holds: prompts, and subsets (or categories)."""
+
+    prompts: int
+    of_prompts: int
+    subsets: list[str]
+    of_subsets: list[str]
+
+    @property
+    def missing(self) -> list[str]:
+        scored = set(self.subsets)
+        return [s for s in self.of_subsets if s not in scored]
+
+    @property
+    def complete(self) -> bool:
+        return self.prompts >= self.of_prompts and not self.missing
+
+    def describe(self, group: str = "subset") -> str:
+        """``"100 of 100 prompts, 1 of 1 subset (harmless-base)"``."""
+        groups = f"{len(self.subsets)} of {len(self.of_subsets)} {plural(group, len(self.of_subsets))}"
+        listed = f" ({'; '.join(self.subsets)})" if 0 < len(self.subsets) <= 4 else ""
+        return f"{self.prompts} of {self.of_prompts} prompts, {groups}{listed}"
+
+    def missing_text(self, at_most: int = 6) -> str:
+        """The groups not scored (names may hold commas: joined by semicolons), the first ``at_most``."""
+        missing = self.missing
+        more = f" and {len(missing) - at_most} more" if len(missing) > at_most else ""
+        return "; ".join(missing[:at_most]) + more
+
+
+def plural(word: str, n: int) -> str:
+    if n == 1:
+        return word
+    return word[:-1] + "ies" if word.endswith("y") else word + "s"
+
+
+def coverage(dataloaders: Any, records: Sequence[GenerationRecord]) -> Coverage:
+    """The prompts and subsets scored (``records``) against those of the evaluation data (``dataloaders``)."""
+    loaders = dataloaders if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+    available = sum(
+        len(d) for d in (getattr(lo, "dataset", None) for lo in loaders) if isinstance(d, Sequence)
+    )
+    scored = list(dict.fromkeys(r["subset"] for r in records))
+    return Coverage(
+        len({r["id"] for r in records}), max(available, len(records)), scored, subsets_of(loaders)
+    )
+
+
 def gather_records(records: list[GenerationRecord]) -> list[GenerationRecord]:
     """All processes' records (a collective call), each id once; the records as given in one process."""
     if not _distributed():
@@ -364,7 +412,7 @@ def write_eval_outputs(
         with paths["rewards"].open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(RewardRow._fields)
-            writer.writerows([r.subset, r.n, *("" if v is None else repr(v) for v in r[2:])] for r in rows)
+            writer.writerows([r.subset, r.n, *(_rounded(v) for v in r[2:])] for r in rows)
         written["rewards"] = paths["rewards"]
     with paths["generations"].open("w", encoding="utf-8") as fh:
         for record in records:
@@ -373,6 +421,13 @@ def write_eval_outputs(
     paths["meta"].write_text(json.dumps(dict(meta), indent=2, default=str) + "\n", encoding="utf-8")
     written["meta"] = paths["meta"]
     return written
+
+
+def _rounded(value: float | None) -> str:
+    """A table cell: 4 decimals (rewards, shares, distinct-2; the generations file keeps full precision)."""
+    if value is None:
+        return ""
+    return f"{value:.4f}" if math.isfinite(value) else str(value)
 
 
 def read_rewards_csv(path: str | Path) -> list[RewardRow]:

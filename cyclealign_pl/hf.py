@@ -18,6 +18,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from cyclealign_pl.hub import require_hub
+
 OFFLINE_TOKENIZER = "byt5"  # ByT5's byte tokenizer needs no files: the offline default for tiny models
 
 
@@ -26,6 +28,7 @@ class ModelLoadError(ValueError):
 
 
 BUILTIN_PREFIX = "builtin:"  # "builtin:whitebox": a model shipped in the package (cyclealign_pl/demo/assets)
+LOCAL_COPY = "its directory's path in place of the name"
 
 
 def resolve_builtin(name: str) -> str:
@@ -59,6 +62,7 @@ def load_tokenizer(name: str):
 
         return ByT5Tokenizer()
     name = resolve_builtin(name)
+    require_hub(name, "tokenizer", LOCAL_COPY)
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
@@ -119,6 +123,7 @@ def load_causal_lm(
             "no white-box model given: set model.model (a path or hub name) or model.model_config"
         )
     path = resolve_builtin(path)
+    require_hub(path, "causal LM", LOCAL_COPY)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     except (OSError, ValueError) as error:
@@ -141,6 +146,7 @@ def load_reward_model(
     if not path:
         raise ModelLoadError("no reward model given: set its model (a path or hub name) or its config")
     path = resolve_builtin(path)
+    require_hub(path, "reward model", LOCAL_COPY)
     try:
         return AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype or "auto")
     except (OSError, ValueError) as error:

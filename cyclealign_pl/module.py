@@ -32,6 +32,7 @@ from cyclealign_pl.evaluation import (
     RewardEvaluation,
     RewardRow,
     collapse_warning,
+    coverage,
     gather_records,
     paired_gain,
     reply_stats,
@@ -77,6 +78,8 @@ class CycleAlignModule(LightningModule):
         demonstration_scope: ``"prompt"`` (paper: each prompt starts from the static demonstration) or
             ``"run"`` (a finished prompt's dynamic demonstrations are kept for later prompts,
             ``max_demonstrations`` newest).
+        max_demonstrations: the most dynamic demonstrations shown to the black box per request, newest kept
+            (null: all of the prompt's, or of the run's with ``demonstration_scope: run``).
         ablation: the paper's Table 3 settings, applied on top of ``cycle``: ``no_d2`` (no dynamic
             demonstrations), ``no_icl`` (no demonstrations), ``no_wrd`` (dynamic ones from black-box rankings
             only), ``no_brd`` (from white-box rankings only), ``no_cycle`` (one sample-rank-update per
@@ -110,7 +113,7 @@ class CycleAlignModule(LightningModule):
         reward_model: Judge | None = None,
         cycle: CycleConfig = CycleConfig(),
         sampling: SamplingConfig = SamplingConfig(),
-        demonstration_scope: Literal["prompt", "step", "run"] = "prompt",
+        demonstration_scope: Literal["prompt", "run"] = "prompt",
         max_demonstrations: int | None = None,
         ablation: Ablation = "none",
         max_length: int = 512,
@@ -595,6 +598,7 @@ class CycleAlignModule(LightningModule):
         with its standard error) and the collapse monitors; warns when the replies collapsed."""
         stats = reply_stats([r["reply"] for r in records])
         summary: dict[str, Any] = {"prompts": len(records), **stats._asdict()}
+        summary["coverage"] = self._coverage(stage, records)
         if rows:
             total = rows[-1]
             summary.update(reward=total.mean_reward, preferred_share=total.preferred_share)
@@ -617,6 +621,28 @@ class CycleAlignModule(LightningModule):
         if stage == "val" or self.trainer.state.fn == "validate":
             self.evaluation_summary = summary
         return summary
+
+    def _coverage(self, stage: str, records: list[GenerationRecord]) -> dict[str, Any]:
+        """What this evaluation scored out of its data; a warning when it left prompts or subsets out."""
+        loaders = getattr(self.trainer, f"{stage}_dataloaders", None)
+        covered = coverage(loaders, records)
+        group = getattr(self.trainer.datamodule, "group_name", "subset")
+        if not covered.complete and records and not self.trainer.sanity_checking:
+            limit = getattr(self.trainer, f"limit_{stage}_batches", None)
+            hint = (
+                f"; trainer.limit_{stage}_batches={limit:g} stopped it early: set "
+                f"--trainer.limit_{stage}_batches null to score them all"
+                if isinstance(limit, int) or (isinstance(limit, float) and limit < 1.0)  # 1 batch vs all
+                else ""
+            )
+            log.warning(
+                "%s scored only %s%s%s",
+                stage,
+                covered.describe(group),
+                f"; not scored: {covered.missing_text()}" if covered.missing else "",
+                hint,
+            )
+        return {**covered._asdict(), "group": group, "missing": covered.missing, "complete": covered.complete}
 
     def _zero_shot_evaluation(self) -> dict[str, Any] | None:
         """Evaluate the untrained white box on the validation prompts once, before the first step; the result

@@ -150,6 +150,28 @@ def render(summary: FitSummary) -> list[str]:
     return lines
 
 
+def render_evaluation(
+    command: str, evaluation: Mapping[str, Any], paths: Mapping[str, str | None]
+) -> list[str]:
+    """The report of ``validate``/``test``: what it scored out of what, the reward (and the gain over the
+    zero-shot model, with a checkpoint of a run), the collapse monitors and where the files went."""
+    head = f"{command} done"
+    fields = evaluation.get("coverage") or {}
+    if fields:
+        from cyclealign_pl.evaluation import Coverage
+
+        covered = Coverage(*(fields[name] for name in Coverage._fields))
+        head += f": scored {covered.describe(fields.get('group', 'subset'))}"
+        if covered.missing:
+            head += f"; not scored: {covered.missing_text()}"
+    lines = [head]
+    lines.extend(_evaluation_lines(FitSummary({}, {}, None, dict(evaluation))))
+    for what, path in paths.items():
+        if path:
+            lines.append(f"  {what}: {_relative(path)}")
+    return lines
+
+
 def _evaluation_lines(summary: FitSummary) -> list[str]:
     """The validation's headline: the reward against the zero-shot white box, and the collapse monitors."""
     e = summary.evaluation

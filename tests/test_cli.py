@@ -6,6 +6,7 @@ Configuration errors (one line, "did you mean", no abbreviations) are in ``test_
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import socket
@@ -51,7 +52,7 @@ def test_every_output_of_a_fit_goes_under_default_root_dir(default_run):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     log_dir = run_dir / "logs" / "version_0"
     assert Path(cli.trainer.log_dir) == log_dir
-    assert {p.name for p in run_dir.iterdir()} == {"checkpoints", "logs", "judge_ledger.sqlite"}
+    assert {p.name for p in run_dir.iterdir()} == {"checkpoints", "logs", "judge_ledger.sqlite", "run.log"}
 
     rows = list(csv.DictReader((log_dir / "metrics.csv").read_text().splitlines()))
     iterations = [float(r["cycle/iterations"]) for r in rows if r.get("cycle/iterations")]
@@ -94,6 +95,65 @@ def test_fit_ends_with_its_paths_and_numbers(default_run):
         ("exported model", run_dir / "logs" / "version_0" / "hf_model"),
     ]:
         assert f"  {what}: {path}" in report
+
+
+LIBRARY_NOISE = (
+    "GPU available",
+    "TPU available",
+    "litlogger",
+    "LeafSpec",
+    "Total FLOPs",
+    "Trainable params",  # the model summary
+    "Setting accelerator to CPU",
+    "exists and is not empty",
+    "weights_only",
+    "Generating train split",
+    "`Trainer.fit` stopped",
+)
+
+
+@pytest.mark.slow
+def test_a_default_fit_shows_its_summary_and_keeps_library_noise_in_the_run_log(default_run):
+    out = default_run.output
+    shown = [noise for noise in LIBRARY_NOISE if noise in out]
+    assert not shown, f"on the screen: {shown}\n{out[-3000:]}"
+    assert "cyclealign_pl: fit done" in out and "result: aligned" in out
+    run_log = default_run.root / "run.log"
+    assert f"  run log: {run_log}" in out
+    kept = run_log.read_text(encoding="utf-8")
+    for line in ("GPU available: False", "Trainable params", "zero-shot evaluation: 100 prompts"):
+        assert line in kept  # not lost: in the run's log file
+    # the user's own warnings (here: about their data) stay on the screen
+    assert "300 rows, kept 292, dropped 8" in out
+
+
+def test_the_screen_shows_the_users_warnings_and_errors_not_library_chatter(tmp_path):
+    import logging
+
+    from cyclealign_pl import console
+
+    stream = io.StringIO()
+    screen = console.RunConsole(stream).install()
+    try:
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False, used: False")
+        logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU ...")
+        logging.getLogger("some.library").error("a real failure")
+        logging.getLogger("cyclealign_pl.data").warning("your file: 3 rows dropped")
+        screen._warning(FutureWarning("old API"), FutureWarning, "/x/site-packages/lib/mod.py", 3)
+        not_empty = UserWarning("Checkpoint directory x exists and is not empty.")
+        screen._warning(not_empty, UserWarning, "/a.py", 1)
+        screen._warning(UserWarning("check your prompts"), UserWarning, str(tmp_path / "train.py"), 7)
+        path = screen.attach(tmp_path / "run")
+        logging.getLogger("lightning.pytorch").info("after attach")
+    finally:
+        screen.uninstall()
+    shown = stream.getvalue()
+    assert "a real failure" in shown and "3 rows dropped" in shown and "check your prompts" in shown
+    for noise in ("GPU available", "Setting accelerator", "old API", "not empty", "after attach"):
+        assert noise not in shown
+    kept = path.read_text()
+    for line in ("GPU available", "Setting accelerator", "old API", "not empty", "after attach", "3 rows"):
+        assert line in kept
 
 
 @pytest.mark.slow
@@ -147,6 +207,7 @@ def test_validate_with_ckpt_path_last_reads_the_roots_checkpoint(default_run, tm
     assert meta["trained_steps"] == STEPS and Path(cli.trainer.log_dir).parent == run_dir / "logs"
 
     # in a root without a run, "last" is an error (validating the untrained model instead would mislead)
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(["validate", *cli_args(tmp_path / "empty", "--ckpt_path", "last")])
     assert exit_info.value.code == EXIT_BAD_INPUT
@@ -512,6 +573,19 @@ def test_fit_help_describes_every_method_setting(fit_help):
     assert len(method) >= 10, sorted(options)[:20]
     undocumented = sorted(k for k, text in method.items() if not text)
     assert not undocumented, f"options without a description: {undocumented}"
+
+
+def test_fit_help_says_what_this_project_means(fit_help):
+    options = _option_help(fit_help)
+    ckpt = options["--ckpt_path"]
+    assert "'last': the newest checkpoints/last*.ckpt under --trainer.default_root_dir" in ckpt
+    assert "registry" not in ckpt and "hpc" not in ckpt  # Lightning's generic keywords are not this CLI's
+    for option in ("--export.dirpath", "--export.enabled", "--metrics.log_judge_metrics"):
+        assert options[option], f"{option} has no description"
+    assert "<log_dir>/hf_model" in options["--export.dirpath"]
+    assert "The main advantage is" not in fit_help  # no cut-off sentence from LightningDataModule's docstring
+    assert "PromptDataModule (your own prompts" in fit_help
+    assert "--model.demonstration_scope {prompt,run}" in fit_help  # the README's values, no alias
 
 
 def test_hf_refuses_a_path_and_a_config_together():

@@ -105,6 +105,14 @@ def test_an_unknown_key_in_a_config_file_gets_a_suggestion(tmp_path, capsys):
     assert "unknown key model.cycle.max_iteration (did you mean model.cycle.max_iterations?)" in line
 
 
+def test_a_yaml_mistake_names_the_config_file_and_line(tmp_path, capsys):
+    broken = tmp_path / "mine.yaml"
+    broken.write_text("model:\n  cycle:\n    num_candidates: [3\n  max_length: 64\n")
+    line = run_cli(tmp_path, capsys, "--config", str(broken))
+    assert line.startswith(f"python -m cyclealign_pl fit: error: config file {broken} is not valid YAML: ")
+    assert "at line 3, column" in line and "<unicode string>" not in line
+
+
 @pytest.mark.parametrize("first, second", [("model", "model_config"), ("model_config", "model")])
 def test_a_white_box_by_path_and_by_config_names_both_keys_before_any_model_is_built(
     first, second, tmp_path, capsys, monkeypatch

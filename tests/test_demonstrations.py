@@ -105,8 +105,9 @@ def test_prompt_scope_is_per_prompt_and_forgets_when_the_prompt_finishes() -> No
     assert pool.total_added == 1
 
 
-def test_step_is_the_old_name_of_the_prompt_scope() -> None:
-    assert DemonstrationPool(scope="step").scope == "prompt"
+def test_the_scopes_are_prompt_and_run_only() -> None:
+    with pytest.raises(ValueError, match="must be 'prompt' or 'run', got 'step'"):
+        DemonstrationPool(scope="step")
 
 
 def test_run_scope_keeps_finished_prompts_demonstrations_for_later_prompts() -> None:

@@ -221,7 +221,8 @@ def test_written_table_reads_back_and_generations_keep_every_field(tmp_path: Pat
     ]
     paths = write_eval_outputs(tmp_path, "test", rows, records, {"stage": "test", "checkpoint": None})
     assert paths == eval_paths(tmp_path, "test")
-    assert read_rewards_csv(paths["rewards"]) == rows  # floats round-trip exactly
+    assert "0.30000000000000004" not in paths["rewards"].read_text()  # a table for people: 4 decimals
+    assert read_rewards_csv(paths["rewards"]) == [row._replace(mean_reward=0.3) for row in rows]
     assert [
         json.loads(line) for line in paths["generations"].read_text(encoding="utf-8").splitlines()
     ] == records
@@ -246,10 +247,14 @@ def _validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> C
 
 
 def test_validate_tiny_base_model_logs_and_writes_per_subset_and_total(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     cli = _validate(tmp_path, monkeypatch)  # no --ckpt_path: the base model (a zero-shot row)
     trainer = cli.trainer
+    out = capsys.readouterr().out
+    assert "cyclealign_pl: validate done: scored 100 of 100 prompts, 1 of 1 subset (harmless-base)" in out
+    assert f"  eval files: {Path(trainer.log_dir) / 'eval'}" in out
+    assert "Validate metric" not in out  # the report replaces Lightning's table of metrics
     paths = eval_paths(trainer.log_dir, "val")
     assert Path(trainer.log_dir).resolve().is_relative_to(tmp_path.resolve() / "runs" / "tiny")
 
@@ -262,11 +267,11 @@ def test_validate_tiny_base_model_logs_and_writes_per_subset_and_total(
     assert all(set(r) == {"id", "subset", "prompt", "reply", "reward"} for r in records)
     assert all(r["prompt"].endswith("\n\nAssistant:") for r in records)
     assert not any("\n\nHuman:" in r["reply"] or "\n\nAssistant:" in r["reply"] for r in records)
-    assert rows[-1].mean_reward == pytest.approx(sum(r["reward"] for r in records) / 100)
+    assert rows[-1].mean_reward == pytest.approx(sum(r["reward"] for r in records) / 100, abs=1e-4)
 
     logged = trainer.callback_metrics
-    assert logged["val/reward/harmless-base"].item() == pytest.approx(rows[0].mean_reward, rel=1e-6)
-    assert logged["val/reward/total"].item() == pytest.approx(rows[-1].mean_reward, rel=1e-6)
+    assert logged["val/reward/harmless-base"].item() == pytest.approx(rows[0].mean_reward, abs=1e-4)
+    assert logged["val/reward/total"].item() == pytest.approx(rows[-1].mean_reward, abs=1e-4)
     with open(Path(trainer.log_dir) / "metrics.csv", newline="") as fh:
         header = next(csv.reader(fh))
     assert {"val/reward/harmless-base", "val/reward/total"} <= set(header)
@@ -303,12 +308,40 @@ def test_validate_on_beavertails_reports_every_category(
     assert "animal_abuse" in categories and "controversial_topics,politics" in categories
     assert all(r.n == 1 for r in rows[:-1]) and rows[-1][:2] == ("total", 14)
     assert all(r.empty_share is not None and r.distinct_2 is not None for r in rows)
-    assert rows[-1].mean_reward == pytest.approx(sum(r.mean_reward for r in rows[:-1]) / 14)
+    assert rows[-1].mean_reward == pytest.approx(sum(r.mean_reward for r in rows[:-1]) / 14, abs=1e-4)
     logged = cli.trainer.callback_metrics
     politics = next(r for r in rows if r.subset == "controversial_topics,politics")
     assert logged["val/reward/controversial_topics,politics"].item() == pytest.approx(
-        politics.mean_reward, abs=1e-6
+        politics.mean_reward, abs=1e-4
     )
+
+
+def test_an_evaluation_says_what_it_scored_out_of_what_and_warns_when_it_left_some_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The BeaverTails preset scores every category whatever tiny.yaml limits (2 batches); an explicit limit
+    that leaves categories out is a warning naming them and the setting."""
+    csv_path = tmp_path / "bt.csv"
+    rows = [(f"Question {c}{i}?", f"cat,{c}") for c in "abc" for i in range(4)]  # names with commas
+    with csv_path.open("w", newline="") as fh:
+        csv.writer(fh).writerows([("prompt", "category"), *rows])
+    preset = ("--config", str(BEAVERTAILS_PRESET), "--data.init_args.path", str(csv_path))
+    small = ("--data.init_args.eval_batch_size", "4", "--trainer.enable_progress_bar", "false")
+    _validate(tmp_path, monkeypatch, *preset, *small)
+    captured = capsys.readouterr()
+    assert "validate done: scored 12 of 12 prompts, 3 of 3 categories (cat,a; cat,b; cat,c)" in captured.out
+    assert "scored only" not in captured.err
+
+    _validate(tmp_path, monkeypatch, *preset, *small, "--trainer.limit_val_batches", "1")
+    captured = capsys.readouterr()
+    assert "validate done: scored 4 of 12 prompts, 1 of 3 categories (cat,a); not scored: cat,b; cat,c" in (
+        captured.out
+    )
+    warning = [line for line in captured.err.splitlines() if "scored only" in line]
+    assert warning == [
+        "val scored only 4 of 12 prompts, 1 of 3 categories (cat,a); not scored: cat,b; cat,c; "
+        "trainer.limit_val_batches=1 stopped it early: set --trainer.limit_val_batches null to score them all"
+    ]
 
 
 def test_validate_without_an_evaluator_says_what_to_set(

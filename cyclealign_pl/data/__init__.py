@@ -1,5 +1,7 @@
-"""Prompt data for CycleAlign: HH-RLHF (training and per-subset evaluation) and BeaverTails (evaluation)."""
+"""Prompt data for CycleAlign: HH-RLHF (training and per-subset evaluation), BeaverTails (evaluation) and
+users' own prompts (files or hub datasets)."""
 
+from cyclealign_pl.data.base import PromptDataModuleBase
 from cyclealign_pl.data.beavertails import BeaverTailsDataModule, load_beavertails
 from cyclealign_pl.data.hh_rlhf import (
     DROP_REASONS,
@@ -11,6 +13,7 @@ from cyclealign_pl.data.hh_rlhf import (
     parse_dialogue,
     select_prompts,
 )
+from cyclealign_pl.data.prompts import PromptDataModule
 from cyclealign_pl.data.rows import BATCH_KEYS, CleaningStats, DataFileError, PromptRow, Turn, render_prompt
 
 __all__ = [
@@ -22,6 +25,8 @@ __all__ = [
     "CleaningStats",
     "DataFileError",
     "HHRLHFDataModule",
+    "PromptDataModule",
+    "PromptDataModuleBase",
     "PromptRow",
     "Turn",
     "clean_pair",

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import datasets
 from datasets.exceptions import DatasetGenerationError
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 
-from cyclealign_pl.data.loaders import rows_dataloader, sample_indices
+from cyclealign_pl.data.base import PromptDataModuleBase
+from cyclealign_pl.data.loaders import sample_indices
 from cyclealign_pl.data.rows import (
     CleaningStats,
     DataFileError,
@@ -27,11 +26,13 @@ from cyclealign_pl.data.rows import (
     Turn,
     render_prompt,
 )
+from cyclealign_pl.hub import require_hub
 
 log = logging.getLogger(__name__)
 
 HUB_NAME = "PKU-Alignment/BeaverTails-Evaluation"
 REQUIRED_COLUMNS: tuple[str, ...] = ("prompt", "category")
+LOCAL_COPY = "--data.init_args.path <BeaverTails-Evaluation.csv, downloaded once>"
 WHERE_TO_GET = (
     f"get BeaverTails-Evaluation.csv from the hub dataset {HUB_NAME} (CC BY-NC 4.0, not shipped "
     "here), or set data.init_args.path null to load it from the hub"
@@ -59,6 +60,7 @@ def load_raw(
 ) -> tuple[datasets.Dataset, str]:
     """The raw rows from a local CSV (checked first) or, when ``path`` is None, from the hub."""
     if path is None:
+        require_hub(HUB_NAME, "dataset", LOCAL_COPY)
         raw = datasets.load_dataset(HUB_NAME, split=hub_split, cache_dir=cache_dir)
         source = f"{HUB_NAME}/{hub_split}"
     else:
@@ -115,13 +117,15 @@ def load_beavertails(
     return clean_rows(raw, source)
 
 
-class BeaverTailsDataModule(LightningDataModule):
+class BeaverTailsDataModule(PromptDataModuleBase):
     """BeaverTails-Evaluation prompts for ``validate``/``test``/``predict``, grouped by harm category.
 
     Evaluation only (there is no training split): use it with ``trainer.validate`` and the same
     LightningModule trained on HH-RLHF. ``path`` is the local CSV; ``None`` loads the hub dataset.
     ``categories`` keeps only those categories; ``prompts_per_category`` draws a seeded sample of each.
     """
+
+    group_name = "category"
 
     def __init__(
         self,
@@ -134,36 +138,24 @@ class BeaverTailsDataModule(LightningDataModule):
         cache_dir: str | None = None,
         hub_split: str = "test",
     ) -> None:
-        super().__init__()
+        super().__init__(
+            eval_batch_size=eval_batch_size, seed=seed, num_workers=num_workers, cache_dir=cache_dir
+        )
         if path is not None and not Path(path).is_file():
             raise ValueError(f"BeaverTails CSV not found: {path}; {WHERE_TO_GET}")
         if prompts_per_category is not None and prompts_per_category < 1:
             raise ValueError(f"prompts_per_category must be >= 1 or None (all), got {prompts_per_category}")
-        if eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if categories is not None and not categories:
             raise ValueError("categories must be None (all) or name at least one category")
         self.save_hyperparameters()
         self.path = path
         self.categories = list(categories) if categories is not None else None
         self.prompts_per_category = prompts_per_category
-        self.eval_batch_size = eval_batch_size
-        self.seed = seed
-        self.num_workers = num_workers
-        self.cache_dir = cache_dir
         self.hub_split = hub_split
-        self._stats: dict[str, CleaningStats] = {}
-        self.eval_rows: list[PromptRow] | None = None
-
-    @property
-    def cleaning_stats(self) -> dict[str, CleaningStats]:
-        """Rows read, kept and dropped per reason (filled by setup)."""
-        return dict(self._stats)
 
     def prepare_data(self) -> None:
         if self.path is None:
+            require_hub(HUB_NAME, "dataset", LOCAL_COPY)
             datasets.load_dataset(HUB_NAME, split=self.hub_split, cache_dir=self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
@@ -190,19 +182,3 @@ class BeaverTailsDataModule(LightningDataModule):
             selected.extend(group[i] for i in picks)
         self.eval_rows = selected
         log.info("BeaverTails prompts: %d evaluation over %d categories", len(selected), len(by_category))
-
-    def _eval_dataloader(self) -> DataLoader:
-        if self.eval_rows is None:
-            raise RuntimeError("evaluation prompts are not loaded: call setup() first (Lightning does)")
-        return rows_dataloader(
-            self.eval_rows, self.eval_batch_size, shuffle=False, seed=self.seed, num_workers=self.num_workers
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_dataloader()
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_dataloader()

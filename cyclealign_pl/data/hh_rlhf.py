@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import datasets
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 
-from cyclealign_pl.data.loaders import rows_dataloader, sample_indices
+from cyclealign_pl.data.base import PromptDataModuleBase
+from cyclealign_pl.data.loaders import sample_indices
 from cyclealign_pl.data.rows import (
     CleaningStats,
     DataFileError,
@@ -40,11 +39,13 @@ from cyclealign_pl.data.rows import (
     Turn,
     render_prompt,
 )
+from cyclealign_pl.hub import require_hub
 
 log = logging.getLogger(__name__)
 
 SUBSETS: tuple[str, ...] = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 HUB_NAME = "Anthropic/hh-rlhf"
+LOCAL_COPY = "--data.init_args.root <a directory in the upstream layout>"
 # The shipped sample: the first 300 rows of harmless-base/test, upstream layout (see samples/README.md).
 SAMPLE_ROOT = Path(__file__).resolve().parent / "samples" / "hh-rlhf"
 
@@ -216,6 +217,7 @@ def load_raw(
     follows is one code path.
     """
     if root is None:
+        require_hub(HUB_NAME, "dataset", LOCAL_COPY)
         raw = datasets.load_dataset(HUB_NAME, data_dir=subset, split=split, cache_dir=cache_dir)
         return raw, list(range(1, len(raw) + 1)), f"{HUB_NAME}/{subset}/{split}"
     path = split_file(root, subset, split)
@@ -328,7 +330,7 @@ def select_prompts(
 # ------------------------------------------------------------------------------------------- DataModule
 
 
-class HHRLHFDataModule(LightningDataModule):
+class HHRLHFDataModule(PromptDataModuleBase):
     """HH-RLHF prompts for CycleAlign: K seeded training prompts, per-subset evaluation prompts.
 
     Batches are ``{"id", "subset", "prompt", "chosen", "rejected"}``, each a list of strings. ``root`` is a
@@ -360,7 +362,7 @@ class HHRLHFDataModule(LightningDataModule):
         cache_dir: str | None = None,
         total_weighting: Literal["prompts", "subset_size"] = "prompts",
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, seed, num_workers, cache_dir)
         if total_weighting not in ("prompts", "subset_size"):
             raise ValueError(f"total_weighting must be 'prompts' or 'subset_size', got {total_weighting!r}")
         subsets = list(subsets)
@@ -368,7 +370,10 @@ class HHRLHFDataModule(LightningDataModule):
             raise ValueError("subsets must name at least one HH-RLHF subset")
         unknown = [s for s in subsets if s not in SUBSETS]
         if unknown:
-            raise ValueError(f"unknown HH-RLHF subset(s) {unknown}; expected some of {list(SUBSETS)}")
+            raise ValueError(
+                f"unknown HH-RLHF subset(s) {unknown}; expected some of {list(SUBSETS)} "
+                "(your own prompts: cyclealign_pl.data.prompts.PromptDataModule, configs/prompts.yaml)"
+            )
         if len(set(subsets)) != len(subsets):
             raise ValueError(f"subsets has duplicates: {subsets}")
         for name, value in (
@@ -377,11 +382,6 @@ class HHRLHFDataModule(LightningDataModule):
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None (all), got {value}")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if root is not None and not Path(root).is_dir():
             raise ValueError(f"HH-RLHF root directory not found: {root}")
         self.save_hyperparameters()
@@ -391,25 +391,13 @@ class HHRLHFDataModule(LightningDataModule):
         self.eval_split = eval_split
         self.num_train_prompts = num_train_prompts
         self.eval_prompts_per_subset = eval_prompts_per_subset
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.seed = seed
-        self.num_workers = num_workers
-        self.cache_dir = cache_dir
         self.total_weighting = total_weighting
         self._loaded: dict[tuple[str, str], list[PromptRow]] = {}
-        self._stats: dict[str, CleaningStats] = {}
-        self.train_rows: list[PromptRow] | None = None
-        self.eval_rows: list[PromptRow] | None = None
-
-    @property
-    def cleaning_stats(self) -> dict[str, CleaningStats]:
-        """Per ``"<subset>/<split>"``: rows read, kept, dropped per reason, merged turns (filled by setup)."""
-        return dict(self._stats)
 
     def prepare_data(self) -> None:
         """Download the hub files once per node (local roots need nothing)."""
         if self.root is None:
+            require_hub(HUB_NAME, "dataset", LOCAL_COPY)
             for subset in self.subsets:
                 for split in {self.train_split, self.eval_split}:
                     datasets.load_dataset(HUB_NAME, data_dir=subset, split=split, cache_dir=self.cache_dir)
@@ -460,29 +448,3 @@ class HHRLHFDataModule(LightningDataModule):
             return None
         self._split_rows(self.eval_split)
         return {subset: float(self._stats[f"{subset}/{self.eval_split}"].rows) for subset in self.subsets}
-
-    def _require(self, rows: list[PromptRow] | None, what: str) -> list[PromptRow]:
-        if rows is None:
-            raise RuntimeError(f"{what} prompts are not loaded: call setup() first (Lightning does)")
-        return rows
-
-    def train_dataloader(self) -> DataLoader:
-        rows = self._require(self.train_rows, "training")
-        return rows_dataloader(
-            rows, self.batch_size, shuffle=True, seed=self.seed, num_workers=self.num_workers
-        )
-
-    def _eval_dataloader(self) -> DataLoader:
-        rows = self._require(self.eval_rows, "evaluation")
-        return rows_dataloader(
-            rows, self.eval_batch_size, shuffle=False, seed=self.seed, num_workers=self.num_workers
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_dataloader()
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_dataloader()
