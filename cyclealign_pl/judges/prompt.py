@@ -226,6 +226,36 @@ def build_messages(request: RankRequest, template: RankingTemplate | None = None
     ]
 
 
+_MAX_ENUMERATED = 5  # up to 5! = 120 permutations, listed: only a valid ranking can be written
+
+
+def ranking_schema(num_candidates: int, max_better_chars: int | None = None) -> dict[str, object]:
+    """The JSON schema of a ranking reply, for structured output: ``{"ranking": [...], "better_response":
+    "..."}``, the ranking first (it is what the cycle needs; a reply cut short still has it).
+
+    Up to five candidates the ranking is one of the listed permutations, so a server that constrains decoding
+    by the schema (llama.cpp, vLLM) can only write a valid one; beyond, an array of the indices.
+    ``max_better_chars`` bounds the better response, so the reply ends within ``max_tokens``.
+    """
+    n = int(num_candidates)
+    ranking: dict[str, object]
+    if n <= _MAX_ENUMERATED:
+        ranking = {"enum": [list(p) for p in itertools.permutations(range(n))]}
+    else:
+        items = {"type": "integer", "enum": list(range(n))}
+        ranking = {"type": "array", "items": items, "minItems": n, "maxItems": n}
+    better: dict[str, object] = {"type": "string"}
+    if max_better_chars is not None:
+        better["maxLength"] = int(max_better_chars)
+    schema = {
+        "type": "object",
+        "properties": {"ranking": ranking, "better_response": better},
+        "required": ["ranking", "better_response"],
+        "additionalProperties": False,
+    }
+    return {"name": f"ranking_of_{n}", "strict": True, "schema": schema}
+
+
 # ---------------------------------------------------------------------------------------------- the reply
 
 
@@ -433,5 +463,6 @@ __all__ = [
     "load_template",
     "parse_reply",
     "parse_template",
+    "ranking_schema",
     "request_nonce",
 ]
