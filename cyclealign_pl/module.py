@@ -233,6 +233,7 @@ class CycleAlignModule(LightningModule):
                 judge.to(self.device)
         if stage != "fit":
             return
+        self.totals = None
         if self.judge is None:
             raise ValueError(
                 "fit needs a black-box judge: set model.judge (e.g. an OpenAIJudge or RewardModelJudge)"
@@ -462,6 +463,10 @@ class CycleAlignModule(LightningModule):
                 self.totals["in_flight"],
                 why,
             )
+
+    def on_fit_end(self) -> None:
+        if self.totals is None:  # no training ran (a resumed run with nothing left): the checkpoint's state
+            self.totals = self.run_totals()
 
     def _stop_reason(self, judge_stop: JudgeStop | None = None) -> str | None:
         """Why the run should stop now (SIGTERM: Lightning's flag; SIGINT: ours; this process's judge stopped

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cyclealign_pl import summary
 from cyclealign_pl.callbacks import CycleCheckpoint
 from cyclealign_pl.cycle import CycleConfig
 from cyclealign_pl.judges.base import Judgment, RankRequest
@@ -97,6 +98,8 @@ def test_max_steps_stops_at_exactly_that_many_optimizer_steps_and_keeps_the_prom
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["cyclealign"]
     assert saved["counters"]["optimizer_steps"] == 3
     assert [len(slot["iterations"]) for slot in saved["processes"][0]["cycle"]["slots"]] == [3, 3]
+    report = summary.render(summary.collect(module, trainer.callback_metrics, {}))
+    assert "2 prompts still in flight at the end of training: saved in the checkpoint" in "\n".join(report)
 
 
 def test_a_process_that_does_not_act_on_a_stop_signal_exits_after_the_grace_period():
