@@ -43,7 +43,7 @@ from cyclealign_pl.hf import apply_lora, load_causal_lm, load_tokenizer
 from cyclealign_pl.judges.base import Judge, JudgeStop, JudgeUnavailable
 from cyclealign_pl.policy import DEFAULT_LOGIT_CHUNK_ELEMENTS, SamplingConfig, WhiteBox
 from cyclealign_pl.rng import capture_rng_state, restore_rng_state
-from cyclealign_pl.signals import EXIT_STOPPED, StopDeadline, StopRequest
+from cyclealign_pl.signals import EXIT_STOPPED, StopDeadline, StopRequest, sigterm_as_a_flag_only
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +434,7 @@ class CycleAlignModule(LightningModule):
     # -- the run: slots for the prompts in flight, the judge's spend ledger, the zero-shot evaluation --------
     def on_train_start(self) -> None:
         self._stop_request.install()
+        sigterm_as_a_flag_only(self.trainer)  # no collective inside a signal handler (DDP)
         if self._stop_deadline is not None:
             self._stop_deadline.arm()
         if self.cycle_state is None:
