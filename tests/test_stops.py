@@ -20,7 +20,7 @@ from cyclealign_pl.callbacks import CycleCheckpoint
 from cyclealign_pl.cycle import CycleConfig
 from cyclealign_pl.judges.base import Judgment, RankRequest
 from cyclealign_pl.module import RunStopped
-from cyclealign_pl.signals import EXIT_STOPPED, StopDeadline
+from cyclealign_pl.signals import EXIT_STOPPED, StopDeadline, sigterm_as_a_flag_only
 from tests.helpers import QUESTIONS, WhiteBoxMirrorJudge, make_data, make_trainer, swap_top_two, tiny_module
 
 NEVER_DONE_EARLY = CycleConfig(max_iterations=3)  # the judge below never agrees: every prompt takes 3 rounds
@@ -154,3 +154,27 @@ def test_a_deadline_passes_signals_on_to_the_previous_wakeup_fd_and_gives_it_bac
         signal.signal(signal.SIGUSR1, handler)
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_under_ddp_sigterm_sets_the_flag_and_passes_the_signal_on_without_a_collective():
+    """Lightning's handler would broadcast from inside the handler (no process group here: it would fail);
+    this one sets the trainer's flag and passes SIGTERM on to the launched processes, once."""
+    from types import SimpleNamespace
+
+    passed_on: list[int] = []
+    connector = SimpleNamespace(received_sigterm=False)
+    launcher = SimpleNamespace(kill=passed_on.append)
+    trainer = SimpleNamespace(
+        world_size=2, _signal_connector=connector, strategy=SimpleNamespace(launcher=launcher)
+    )
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        sigterm_as_a_flag_only(trainer)
+        for _ in range(2):
+            signal.raise_signal(signal.SIGTERM)
+        assert connector.received_sigterm and passed_on == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    single = SimpleNamespace(world_size=1)
+    sigterm_as_a_flag_only(single)  # one process: Lightning's own handler stays
+    assert signal.getsignal(signal.SIGTERM) is previous
