@@ -147,7 +147,7 @@ def sigterm_as_a_flag_only(trainer: Any) -> None:
 
     def flag(signum: int, frame: FrameType | None) -> None:
         if not connector.received_sigterm:
-            log.info("received SIGTERM: stopping after the current round with a checkpoint")
+            log.warning("SIGTERM: stopping after the current round with a checkpoint")
             launcher = trainer.strategy.launcher
             if launcher is not None:
                 launcher.kill(signum)
