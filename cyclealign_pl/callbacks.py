@@ -107,8 +107,10 @@ class CycleMetrics(Callback):
             stats = reply_stats([text for it in attempts for text in it.candidates])
             for name, value in stats._asdict().items():
                 pl_module.log(f"cycle/{name}", value, on_step=True, on_epoch=False, batch_size=size)
-        for name, metric in self.running.items():
-            if metric.update_called:
+        # compute() reduces over the processes: every process computes the metrics that any of them updated
+        updated = self._updated_anywhere(trainer, [*self.running.values(), self.accuracy])
+        for (name, metric), any_updated in zip(self.running.items(), updated):
+            if any_updated:
                 value = metric.compute()
                 if torch.isfinite(value):
                     pl_module.log(
@@ -118,7 +120,7 @@ class CycleMetrics(Callback):
                         on_epoch=False,
                         prog_bar=name in ("iterations", "agreement"),
                     )
-        if self.accuracy.update_called:
+        if updated[-1]:
             for name, value in self.accuracy.compute().items():
                 pl_module.log(
                     f"cycle/ranking_{name}_mean",
@@ -132,6 +134,16 @@ class CycleMetrics(Callback):
         if self.log_judge_metrics and judge is not None:
             for name, value in judge.metrics().items():
                 pl_module.log(f"judge/{name}", float(value), on_step=True, on_epoch=False)
+
+    @staticmethod
+    def _updated_anywhere(trainer: Trainer, metrics: list[Metric]) -> list[bool]:
+        """Whether any process updated each metric (one collective under data parallelism): a process whose
+        prompts did not finish yet must still join the reductions of the others."""
+        local = [metric.update_called for metric in metrics]
+        if trainer.world_size == 1:
+            return local
+        flags = torch.tensor(local, dtype=torch.float32, device=trainer.strategy.root_device)
+        return (trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()
 
     def _log_time(self, pl_module: LightningModule, outcome: StepOutcome) -> None:
         """Where this step's time went, and how much of the black box's latency the cycle hid."""

@@ -44,7 +44,7 @@ from cyclealign_pl.hf import apply_lora, load_causal_lm, load_tokenizer
 from cyclealign_pl.judges.base import Judge, JudgeStop, JudgeUnavailable
 from cyclealign_pl.policy import DEFAULT_LOGIT_CHUNK_ELEMENTS, SamplingConfig, WhiteBox
 from cyclealign_pl.rng import capture_rng_state, restore_rng_state
-from cyclealign_pl.signals import EXIT_STOPPED, StopDeadline, StopRequest
+from cyclealign_pl.signals import EXIT_STOPPED, StopDeadline, StopRequest, sigterm_as_a_flag_only
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,7 @@ class CycleAlignModule(LightningModule):
                 judge.to(self.device)
         if stage != "fit":
             return
+        self.totals = None
         if self.judge is None:
             raise ValueError(
                 "fit needs a black-box judge: set model.judge (e.g. an OpenAIJudge or RewardModelJudge)"
@@ -439,6 +440,7 @@ class CycleAlignModule(LightningModule):
     # -- the run: slots for the prompts in flight, the judge's spend ledger, the zero-shot evaluation --------
     def on_train_start(self) -> None:
         self._stop_request.install()
+        sigterm_as_a_flag_only(self.trainer)  # no collective inside a signal handler (DDP)
         if self._stop_deadline is not None:
             self._stop_deadline.arm()
         if self.cycle_state is None:
@@ -468,6 +470,10 @@ class CycleAlignModule(LightningModule):
                 self.totals["in_flight"],
                 why,
             )
+
+    def on_fit_end(self) -> None:
+        if self.totals is None:  # no training ran (a resumed run with nothing left): the checkpoint's state
+            self.totals = self.run_totals()
 
     def _stop_reason(self, judge_stop: JudgeStop | None = None) -> str | None:
         """Why the run should stop now (SIGTERM: Lightning's flag; SIGINT: ours; this process's judge stopped

@@ -132,4 +132,28 @@ class StopDeadline:
         os._exit(self.exit_status)
 
 
-__all__ = ["StopDeadline", "StopRequest"]
+def sigterm_as_a_flag_only(trainer: Any) -> None:
+    """Under data parallelism, replace Lightning's SIGTERM handler (2.6) by one that only sets its flag.
+
+    Lightning's handler broadcasts the flag to the other processes from inside the handler, at whatever point
+    the main thread was: a collective that may pair with another process's round collectives and put them
+    out of step. The stop decision is reduced over the processes anyway (``CycleAlignModule._stop_reason``,
+    and Lightning's own broadcast at each batch start). Like Lightning's, the handler passes the signal on to
+    the processes its launcher started. Lightning restores the previous handlers at the end of ``fit``.
+    """
+    if trainer.world_size < 2 or threading.current_thread() is not threading.main_thread():
+        return
+    connector = trainer._signal_connector
+
+    def flag(signum: int, frame: FrameType | None) -> None:
+        if not connector.received_sigterm:
+            log.warning("SIGTERM: stopping after the current round with a checkpoint")
+            launcher = trainer.strategy.launcher
+            if launcher is not None:
+                launcher.kill(signum)
+        connector.received_sigterm = True
+
+    signal.signal(signal.SIGTERM, flag)
+
+
+__all__ = ["StopDeadline", "StopRequest", "sigterm_as_a_flag_only"]

@@ -21,7 +21,7 @@ from cyclealign_pl.cli import main
 from cyclealign_pl.judges.cache import JudgeCache
 from cyclealign_pl.testing import LocalOpenAIServer
 from cyclealign_pl.testing.openai_server import Behaviour
-from tests.helpers import TINY_LLAMA
+from tests.helpers import TINY_LLAMA, cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -208,6 +208,44 @@ def test_ddp_two_processes_fit_reduce_metrics_share_the_judge_cache_and_resume(t
         new = sum(r["end"][name] - r["start"][name] for r in resumed)
         assert last(rows, f"counters/{name}") == saved[name] + new, name
     assert last(rows, "counters/prompts") == 16
+
+
+@pytest.mark.slow
+def test_the_default_fit_with_its_evaluations_ends_under_ddp(tmp_path):
+    """The default fit under DDP on 2 CPU processes, both evaluations included: the zero-shot one (3 batches,
+    shared unevenly: 2 on one process, 1 on the other) and the final one. Each process asks its collectives
+    in the same order whatever its own work, so the fit ends (it used to hang in its first step) and reports
+    the gain over the zero-shot model."""
+    command = [
+        sys.executable,
+        "-m",
+        "cyclealign_pl",
+        "fit",
+        *cli_args(
+            tmp_path,
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.devices",
+            "2",
+            "--trainer.limit_train_batches",
+            "3",
+            "--trainer.limit_val_batches",
+            "3",
+            "--data.init_args.eval_batch_size",
+            "4",
+        ),
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "fit done: 6 steps, 6 prompts" in done.stdout  # 3 steps of 1 prompt on each process
+    assert "gain" in done.stdout and "zero-shot" in done.stdout
+    eval_dir = tmp_path / "logs" / "version_0" / "eval"
+    zero_shot = json.loads((eval_dir / "zero_shot_meta.json").read_text())
+    final = json.loads((eval_dir / "val_meta.json").read_text())
+    assert zero_shot["prompts"] == 3 * 4  # the 3 batches, over both processes
+    assert final["prompts"] == 2 * 3 * 4  # 3 batches on each process
+    assert final["summary"]["paired_prompts"] == 12
 
 
 # -- DeepSpeed ZeRO-2: what builds without a GPU ----------------------------------------------------------

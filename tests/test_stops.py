@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cyclealign_pl import summary
 from cyclealign_pl.callbacks import CycleCheckpoint
 from cyclealign_pl.cycle import CycleConfig
 from cyclealign_pl.judges.base import Judgment, RankRequest
 from cyclealign_pl.module import RunStopped
-from cyclealign_pl.signals import EXIT_STOPPED, StopDeadline
+from cyclealign_pl.signals import EXIT_STOPPED, StopDeadline, sigterm_as_a_flag_only
 from tests.helpers import QUESTIONS, WhiteBoxMirrorJudge, make_data, make_trainer, swap_top_two, tiny_module
 
 NEVER_DONE_EARLY = CycleConfig(max_iterations=3)  # the judge below never agrees: every prompt takes 3 rounds
@@ -97,6 +98,8 @@ def test_max_steps_stops_at_exactly_that_many_optimizer_steps_and_keeps_the_prom
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["cyclealign"]
     assert saved["counters"]["optimizer_steps"] == 3
     assert [len(slot["iterations"]) for slot in saved["processes"][0]["cycle"]["slots"]] == [3, 3]
+    report = summary.render(summary.collect(module, trainer.callback_metrics, {}))
+    assert "2 prompts still in flight at the end of training: saved in the checkpoint" in "\n".join(report)
 
 
 def test_a_process_that_does_not_act_on_a_stop_signal_exits_after_the_grace_period():
@@ -151,3 +154,27 @@ def test_a_deadline_passes_signals_on_to_the_previous_wakeup_fd_and_gives_it_bac
         signal.signal(signal.SIGUSR1, handler)
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_under_ddp_sigterm_sets_the_flag_and_passes_the_signal_on_without_a_collective():
+    """Lightning's handler would broadcast from inside the handler (no process group here: it would fail);
+    this one sets the trainer's flag and passes SIGTERM on to the launched processes, once."""
+    from types import SimpleNamespace
+
+    passed_on: list[int] = []
+    connector = SimpleNamespace(received_sigterm=False)
+    launcher = SimpleNamespace(kill=passed_on.append)
+    trainer = SimpleNamespace(
+        world_size=2, _signal_connector=connector, strategy=SimpleNamespace(launcher=launcher)
+    )
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        sigterm_as_a_flag_only(trainer)
+        for _ in range(2):
+            signal.raise_signal(signal.SIGTERM)
+        assert connector.received_sigterm and passed_on == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    single = SimpleNamespace(world_size=1)
+    sigterm_as_a_flag_only(single)  # one process: Lightning's own handler stays
+    assert signal.getsignal(signal.SIGTERM) is previous
