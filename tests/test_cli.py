@@ -336,7 +336,7 @@ def test_the_judge_failure_threshold_is_a_checked_setting():
 @pytest.mark.slow
 def test_a_fit_whose_judge_never_ranks_exits_4_with_a_warning(tmp_path, monkeypatch, capsys):
     """Every judge reply is unparseable: no optimizer step, so the run must not exit 0."""
-    from cyclealign_pl.testing.openai_server import Behaviour, LocalOpenAIServer
+    from tests.openai_server import Behaviour, LocalOpenAIServer
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
     with (
@@ -375,7 +375,7 @@ def test_a_fit_whose_judge_never_ranks_exits_4_with_a_warning(tmp_path, monkeypa
 @pytest.mark.slow
 def test_tiny_fit_against_a_local_openai_compatible_server(tmp_path, monkeypatch):
     """configs/tiny.yaml + configs/tiny_openai.yaml: the black box is a real HTTP server on 127.0.0.1."""
-    from cyclealign_pl.testing.openai_server import LocalOpenAIServer
+    from tests.openai_server import LocalOpenAIServer
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
     with LocalOpenAIServer() as server:
