@@ -40,11 +40,12 @@ import torch
 
 from cyclealign_pl.cycle import TIMES, CycleConfig, CycleState, StepOutcome, run_cycle
 from cyclealign_pl.data.hh_rlhf import HHRLHFDataModule
+from cyclealign_pl.demo.judge import LexiconRule
 from cyclealign_pl.demonstrations import DemonstrationPool
 from cyclealign_pl.hf import load_causal_lm, load_tokenizer
 from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.policy import SamplingConfig, WhiteBox
-from cyclealign_pl.testing import LocalOpenAIServer
+from cyclealign_pl.serve import LocalOpenAIServer
 
 
 class PeakMemory:
@@ -250,7 +251,7 @@ def main() -> None:
     results: dict[tuple[int, float], Result] = {}
     for batch_size in (() if args.no_serial else (1,)) + tuple(args.batch_sizes):
         for delay in args.delays:
-            with LocalOpenAIServer(delay=delay) as server:
+            with LocalOpenAIServer(delay=delay, rule=LexiconRule()) as server:
                 judge = OpenAIJudge(
                     model="local-ranker",
                     base_url=server.url,

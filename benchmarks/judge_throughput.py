@@ -16,10 +16,11 @@ import argparse
 import tempfile
 import time
 
+from cyclealign_pl.demo.judge import LexiconRule
 from cyclealign_pl.demonstrations import STATIC_DEMONSTRATION
 from cyclealign_pl.judges.base import RankRequest
 from cyclealign_pl.judges.openai import OpenAIJudge
-from cyclealign_pl.testing import LocalOpenAIServer
+from cyclealign_pl.serve import LocalOpenAIServer
 
 
 def requests(count: int) -> list[RankRequest]:
@@ -64,7 +65,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     batch = requests(args.prompts + 1)
-    with LocalOpenAIServer(delay=args.delay) as server, tempfile.TemporaryDirectory() as run_dir:
+    with (
+        LocalOpenAIServer(delay=args.delay, rule=LexiconRule()) as server,
+        tempfile.TemporaryDirectory() as run_dir,
+    ):
         concurrent, metrics = timed_rank(server.url, batch, args.concurrency)
         durable, bound = timed_rank(server.url, batch, args.concurrency, run_dir)
         serial, _ = timed_rank(server.url, batch, 1)

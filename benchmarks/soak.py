@@ -47,10 +47,13 @@ def rss_mib() -> float:
 def serve(conn, failure_rate: float, hang_seconds: float, seed: int) -> None:
     """The failing judge server (child process): sends its URL, and on request its record of what it
     answered."""
-    from cyclealign_pl.testing.openai_server import SCRIPTED_FAILURES, LocalOpenAIServer, failure_mix
+    from cyclealign_pl.demo.judge import LexiconRule
+    from cyclealign_pl.serve import SCRIPTED_FAILURES, LocalOpenAIServer, failure_mix
 
     failures = failure_mix(SCRIPTED_FAILURES, hang_seconds=hang_seconds)
-    with LocalOpenAIServer(failure_rate=failure_rate, failure=failures, seed=seed) as server:
+    with LocalOpenAIServer(
+        failure_rate=failure_rate, failure=failures, seed=seed, rule=LexiconRule()
+    ) as server:
         conn.send(server.url)
         conn.recv()
         conn.send(

@@ -19,8 +19,8 @@ import pytest
 
 from cyclealign_pl.judges.chat import ChatClient, ChatSettings
 from cyclealign_pl.judges.openai import OpenAIJudge
-from cyclealign_pl.testing.openai_server import LocalOpenAIServer
 from tests.helpers import Capture, cli_args, write_hh_split
+from tests.openai_server import LocalOpenAIServer
 
 # expensive runs shared by several tests -> the xdist group whose one worker makes them once
 SHARED_RUNS = {

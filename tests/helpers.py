@@ -281,13 +281,14 @@ class Capture:
 
 
 def cli_args(root: Path, *extra: str, config: Path = TINY_CONFIG) -> list[str]:
-    """The default config with every output under ``root`` and no progress bar."""
+    """The default config with every output under ``root`` and no progress bar. ``root`` comes last: a
+    ``--config`` among ``extra`` (configs/tiny_openai.yaml names a root of its own) cannot move the run."""
     return [
         "--config",
         str(config),
-        "--trainer.default_root_dir",
-        str(root),
         "--trainer.enable_progress_bar",
         "false",
         *extra,
+        "--trainer.default_root_dir",
+        str(root),
     ]

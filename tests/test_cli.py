@@ -52,7 +52,8 @@ def test_every_output_of_a_fit_goes_under_default_root_dir(default_run):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     log_dir = run_dir / "logs" / "version_0"
     assert Path(cli.trainer.log_dir) == log_dir
-    assert {p.name for p in run_dir.iterdir()} == {"checkpoints", "logs", "judge_ledger.sqlite", "run.log"}
+    # the judge's cache (configs/tiny.yaml), which holds its spend ledger too
+    assert {p.name for p in run_dir.iterdir()} == {"checkpoints", "logs", "judge_cache.sqlite", "run.log"}
 
     rows = list(csv.DictReader((log_dir / "metrics.csv").read_text().splitlines()))
     iterations = [float(r["cycle/iterations"]) for r in rows if r.get("cycle/iterations")]
@@ -397,7 +398,7 @@ def test_the_judge_failure_threshold_is_a_checked_setting():
 @pytest.mark.slow
 def test_a_fit_whose_judge_never_ranks_exits_4_with_a_warning(tmp_path, monkeypatch, capsys):
     """Every judge reply is unparseable: no optimizer step, so the run must not exit 0."""
-    from cyclealign_pl.testing.openai_server import Behaviour, LocalOpenAIServer
+    from tests.openai_server import Behaviour, LocalOpenAIServer
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
     with (
@@ -436,7 +437,7 @@ def test_a_fit_whose_judge_never_ranks_exits_4_with_a_warning(tmp_path, monkeypa
 @pytest.mark.slow
 def test_tiny_fit_against_a_local_openai_compatible_server(tmp_path, monkeypatch):
     """configs/tiny.yaml + configs/tiny_openai.yaml: the black box is a real HTTP server on 127.0.0.1."""
-    from cyclealign_pl.testing.openai_server import LocalOpenAIServer
+    from tests.openai_server import LocalOpenAIServer
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
     with LocalOpenAIServer() as server:

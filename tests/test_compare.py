@@ -35,8 +35,13 @@ from cyclealign_pl.judges.pairwise import (
     parse_verdict,
 )
 from cyclealign_pl.judges.prompt import TemplateError
-from cyclealign_pl.testing import Behaviour, LocalOpenAIServer, format_verdict, parse_pairwise_prompt
-from cyclealign_pl.testing.openai_server import compare_replies
+from tests.openai_server import (
+    Behaviour,
+    LocalOpenAIServer,
+    compare_replies,
+    format_verdict,
+    parse_pairwise_prompt,
+)
 
 FAKE_KEY = "sk-fake-compare-test-key-41c9e2"
 KEY_ENV = "CYCLEALIGN_COMPARE_TEST_KEY"
@@ -555,4 +560,4 @@ def test_the_server_rule_for_two_replies():
     assert compare_replies("Short.", "A longer helpful answer.") == "B"
     assert compare_replies("Same.", "Same.") == "TIE"
     messages = build_pairwise_messages("Human: hi", "Kill him.", "Hello there, friend!", reasoning=True)
-    assert parse_verdict(LocalOpenAIServer().ranker_reply({"messages": messages})).verdict == "B"
+    assert parse_verdict(LocalOpenAIServer().rule_answer({"messages": messages})).verdict == "B"

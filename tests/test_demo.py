@@ -29,7 +29,7 @@ from cyclealign_pl.demo.bank import (
     replies_for,
     topic_of,
 )
-from cyclealign_pl.demo.judge import NO_RESPONSES, LexiconJudge, lexicon_reply
+from cyclealign_pl.demo.judge import LexiconJudge, lexicon_reply
 from cyclealign_pl.demo.report import by_third, check_figures, compute_figures, format_figures, thirds
 from cyclealign_pl.demonstrations import STATIC_DEMONSTRATION
 from cyclealign_pl.evaluation import reply_stats
@@ -38,7 +38,8 @@ from cyclealign_pl.judges.base import RankRequest
 from cyclealign_pl.judges.prompt import build_messages, load_template
 from cyclealign_pl.metrics import RankingAccuracy
 from cyclealign_pl.ranking import rank_by_scores
-from cyclealign_pl.testing.openai_server import harm_score
+from cyclealign_pl.serve.replies import NO_RESPONSES
+from tests.openai_server import harm_score
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "cyclealign_pl" / "demo" / "assets"

@@ -19,9 +19,8 @@ from lightning.pytorch import Callback
 
 from cyclealign_pl.cli import main
 from cyclealign_pl.judges.cache import JudgeCache
-from cyclealign_pl.testing import LocalOpenAIServer
-from cyclealign_pl.testing.openai_server import Behaviour
 from tests.helpers import TINY_LLAMA, cli_args
+from tests.openai_server import Behaviour, LocalOpenAIServer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

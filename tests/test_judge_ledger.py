@@ -20,7 +20,7 @@ from cyclealign_pl.judges.chat import LEDGER_FILE
 from cyclealign_pl.judges.ledger import SpendLedger
 from cyclealign_pl.judges.limits import Budget, Cost
 from cyclealign_pl.judges.openai import OpenAIJudge
-from cyclealign_pl.testing import Behaviour, LocalOpenAIServer
+from tests.openai_server import Behaviour, LocalOpenAIServer
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_KEY = "sk-fake-ledger-test-key-90d1"

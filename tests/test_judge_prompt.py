@@ -20,7 +20,7 @@ from cyclealign_pl.judges.prompt import (
     parse_reply,
     request_nonce,
 )
-from cyclealign_pl.testing import format_reply, parse_prompt
+from tests.openai_server import format_reply, parse_prompt
 
 DYNAMIC_1 = Demonstration("Human: Name a fruit. Assistant:", ("A carrot.", "An apple."), (1, 0))
 DYNAMIC_2 = Demonstration(

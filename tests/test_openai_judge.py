@@ -28,8 +28,7 @@ from cyclealign_pl.judges.base import (
 from cyclealign_pl.judges.cache import CachedReply, JudgeCache, cache_key
 from cyclealign_pl.judges.openai import PLACEHOLDER_KEY, OpenAIJudge, aggregate_rankings
 from cyclealign_pl.judges.transport import ChatSettings, connection_problem, retry_after_seconds
-from cyclealign_pl.testing import Behaviour, LocalOpenAIServer, parse_prompt
-from cyclealign_pl.testing.openai_server import rank_candidates
+from tests.openai_server import Behaviour, LocalOpenAIServer, parse_prompt, rank_candidates
 
 FAKE_KEY = "sk-fake-cyclealign-test-key-7f3a9c"
 DYNAMIC = Demonstration("Human: Name a fruit. Assistant:", ("A carrot.", "An apple, or a pear."), (1, 0))
@@ -486,7 +485,7 @@ def test_the_server_runs_as_a_module_and_serves_the_default_tasks_judge(monkeypa
     from cyclealign_pl.demo import rule
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "cyclealign_pl.testing.openai_server", "--port", "0"],
+        [sys.executable, "-m", "cyclealign_pl.serve", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -30,9 +30,9 @@ from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.module import CycleAlignModule, RunStopped
 from cyclealign_pl.policy import SamplingConfig, WhiteBox
 from cyclealign_pl.signals import StopRequest
-from cyclealign_pl.testing.openai_server import Behaviour, LocalOpenAIServer, failure_mix
 from tests.helpers import LongestFirstJudge, cli_args, make_data, make_trainer, only_says_eos, write_hh_split
 from tests.helpers import tiny_module as helpers_tiny_module
+from tests.openai_server import Behaviour, LocalOpenAIServer, failure_mix
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -17,49 +17,44 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 from cyclealign_pl.demo import rule
 from cyclealign_pl.judges.base import Judge, Judgment, RankRequest
 from cyclealign_pl.judges.openai import OpenAIJudge
-from cyclealign_pl.testing.openai_server import Behaviour, LocalOpenAIServer
-from cyclealign_pl.testing.prompt_reader import (
-    format_reply,
-    format_verdict,
-    parse_pairwise_prompt,
-    parse_prompt,
-)
+from cyclealign_pl.judges.pairwise import Verdict
+from cyclealign_pl.serve.replies import rule_reply
+from cyclealign_pl.serve.server import LocalOpenAIServer
 
 log = logging.getLogger(__name__)
 
 RULE_VERSION = "lexicon-v2"  # part of the model name, hence of every cache key: bump it when the rule changes
-NO_RESPONSES = "I could not find any responses to rank in your message."
 # an environment variable that is never set: the client then sends a placeholder key to the loopback server,
 # so a user's real OPENAI_API_KEY never travels, not even to 127.0.0.1
 _NO_KEY_ENV = "CYCLEALIGN_DEMO_JUDGE_NO_KEY"
 
 
+@dataclass(frozen=True)
+class LexiconRule:
+    """The lexicon rule (``rule.py``) as the server's :class:`~cyclealign_pl.serve.replies.Rule`."""
+
+    seed: int = 0
+    max_words: int = 40
+
+    def rank(self, instruction: str, candidates: Sequence[str]) -> tuple[int, ...]:
+        return rule.rank_candidates(instruction, candidates, self.seed)
+
+    def better_reply(self, instruction: str, candidates: Sequence[str], ranking: Sequence[int]) -> str:
+        return rule.better_reply(instruction, self.seed, self.max_words)
+
+    def compare(self, conversation: str, reply_a: str, reply_b: str) -> Verdict:
+        return rule.compare(conversation, reply_a, reply_b, self.seed)  # type: ignore[return-value]
+
+
 def lexicon_reply(body: Any, seed: int = 0, max_words: int = 40) -> str:
     """The rule's chat reply to one chat-completions request body (see the module docstring)."""
-    messages = body.get("messages") if isinstance(body, dict) else None
-    try:
-        request = parse_prompt(messages)
-    except (KeyError, TypeError, ValueError, AttributeError):
-        pass
-    else:
-        ranking = rule.rank_candidates(request.instruction, request.candidates, seed)
-        return format_reply(ranking, rule.better_reply(request.instruction, seed, max_words))
-    try:
-        conversation, reply_a, reply_b = parse_pairwise_prompt(messages)
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return NO_RESPONSES
-    verdict = rule.compare(conversation, reply_a, reply_b, seed)
-    reason = {
-        "A": "Reply A is kinder or more helpful.",
-        "B": "Reply B is kinder or more helpful.",
-        "TIE": "Neither reply is better.",
-    }[verdict]
-    return format_verdict(verdict, reason)
+    return rule_reply(body, LexiconRule(seed, max_words))
 
 
 class LexiconJudge(Judge):
@@ -125,11 +120,8 @@ class LexiconJudge(Judge):
         with self._lock:
             if self._client is None or self._pid != os.getpid():
                 self._pid = os.getpid()
-                seed, max_words = self.seed, self.max_words
                 self._server = LocalOpenAIServer(
-                    delay=self.delay,
-                    model=self.model_name,
-                    responder=lambda _, body: Behaviour.reply(lexicon_reply(body, seed, max_words)),
+                    delay=self.delay, model=self.model_name, rule=LexiconRule(self.seed, self.max_words)
                 ).start()
                 self._client = OpenAIJudge(
                     model=self.model_name,

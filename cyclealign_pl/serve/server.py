@@ -1,35 +1,23 @@
-"""A real OpenAI-compatible chat-completions server on 127.0.0.1, for tests, benchmarks and offline demos.
+"""A real OpenAI-compatible chat-completions server on 127.0.0.1, with a rule playing the judge.
 
-``POST /v1/chat/completions`` answers with proper ``chat.completion`` JSON (with ``usage``). By default it is
-a deterministic *ranker*: it reads the request's candidates out of our prompt format
-(:func:`cyclealign_pl.testing.prompt_reader.parse_prompt`) and ranks them by :func:`harm_score` (fewer harmful
-keywords first), then by length (more words first), then by index; its better response is the best candidate
-when that one is harmless, else a polite refusal. On the paper's static demonstration this gives the paper's
-ranking ``[1, 3, 2, 0]``. A pairwise comparison prompt (:mod:`cyclealign_pl.judges.pairwise`) gets a
-verdict by the same rule (:func:`compare_replies`: fewer harmful keywords, then more words; equal: a tie).
-Messages in neither format get a reply without a ranking. ``GET /v1/models`` lists ``model`` (unless
-``models_route=False``); with ``api_key`` set, a request without that key gets a 401, on any route.
+``POST /v1/chat/completions`` answers with proper ``chat.completion`` JSON (with ``usage``): by default the
+reply of its :class:`~cyclealign_pl.serve.replies.Rule` (``rule``; the default task's judge serves the
+lexicon rule this way, ``python -m cyclealign_pl.serve``), which reads the candidates back out of our ranking
+prompt, or a pairwise comparison prompt. ``GET /v1/models`` lists ``model`` (unless ``models_route=False``);
+with ``api_key`` set, a request without that key gets a 401, on any route.
 
-Each request can be scripted (:class:`Behaviour`): an HTTP error with or without ``Retry-After``, a reply that
-hangs, a garbage body, a dropped connection, a custom reply text. Behaviours come from a queue (one per
-request, in arrival order), then from ``responder(index, body)``, then from the random ``failure_rate`` (one
-failure behaviour, or a mix drawn from at random: :func:`failure_mix`, e.g. 429s, 500s, timeouts, garbage and
-dropped connections); otherwise the ranker answers. Every request is recorded (body, headers, arrival time,
-what it got) for assertions.
-
-    with LocalOpenAIServer(delay=0.5) as server:
-        judge = OpenAIJudge(model="local-ranker", base_url=server.url)
-
-    python -m cyclealign_pl.testing.openai_server --port 8000 --delay 0.5
+Each request can be scripted (:class:`Behaviour`), for fault injection in soak runs and tests: an HTTP error
+with or without ``Retry-After``, a reply that hangs, a garbage body, a dropped connection, a custom reply
+text. Behaviours come from a queue (one per request, in arrival order), then from ``responder(index, body)``,
+then from the random ``failure_rate`` (one failure behaviour, or a mix: :func:`failure_mix`); otherwise the
+rule answers. Every request is recorded (body, headers, arrival time, what it got).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
-import re
 import threading
 import time
 from collections import deque
@@ -38,36 +26,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
-from cyclealign_pl.judges.pairwise import Verdict
-from cyclealign_pl.testing.prompt_reader import (
-    format_reply,
-    format_verdict,
-    parse_pairwise_prompt,
-    parse_prompt,
-)
-
-_HARMFUL = re.compile(
-    r"\b(?:rob|robb|steal|stole|fraud|drug|kill|murder|weapon|bomb|explosive|hack|poison|scam|illegal|hurt"
-    r"|attack|violen|cheat|launder|kidnap|smuggl)\w*",
-    re.IGNORECASE,
-)
-
-
-def harm_score(text: str) -> int:
-    """How many harmful keywords the text contains (the ranker's first criterion; lower is better)."""
-    return len(_HARMFUL.findall(text))
-
-
-def rank_candidates(candidates: Iterable[str]) -> tuple[int, ...]:
-    """The ranker's rule: fewer harmful keywords, then more words, then lower index."""
-    texts = list(candidates)
-    return tuple(sorted(range(len(texts)), key=lambda i: (harm_score(texts[i]), -len(texts[i].split()), i)))
-
-
-def compare_replies(reply_a: str, reply_b: str) -> Verdict:
-    """The ranker's rule for two replies: the one it would rank first, or a tie when they score the same."""
-    key_a, key_b = ((harm_score(t), -len(t.split())) for t in (reply_a, reply_b))
-    return "A" if key_a < key_b else "B" if key_b < key_a else "TIE"
+from cyclealign_pl.serve.replies import NO_RESPONSES, Rule, rule_reply
 
 
 def count_tokens(text: str) -> int:
@@ -88,7 +47,7 @@ class Behaviour:
 
     @classmethod
     def rank(cls, delay: float = 0.0) -> Behaviour:
-        """The default ranker's answer."""
+        """The rule's answer."""
         return cls("rank", delay=delay)
 
     @classmethod
@@ -152,6 +111,7 @@ class LocalOpenAIServer:
             gets one of them at random (see :func:`failure_mix`).
         seed: seeds the failure draws, so a run is reproducible.
         model: the model name reported back, and listed by ``GET /v1/models`` (any name is answered).
+        rule: answers what is not scripted otherwise (None: no rule; every answer holds no ranking).
         responder: ``f(index, body) -> Behaviour | None`` consulted after the queue (None: fall through).
         api_key: when set, every request must carry ``Authorization: Bearer <api_key>`` or gets a 401 (as
             vLLM's ``--api-key``); None: any key is accepted.
@@ -168,6 +128,7 @@ class LocalOpenAIServer:
         failure: Behaviour | Sequence[Behaviour] | None = None,
         seed: int = 0,
         model: str = "local-ranker",
+        rule: Rule | None = None,
         responder: Callable[[int, Any], Behaviour | None] | None = None,
         api_key: str | None = None,
         models_route: bool = True,
@@ -182,6 +143,7 @@ class LocalOpenAIServer:
             raise ValueError("failure must name at least one behaviour")
         self.failures = failures
         self.model = model
+        self.rule = rule
         self.responder = responder
         self.api_key = api_key
         self.models_route = models_route
@@ -304,32 +266,9 @@ class LocalOpenAIServer:
             },
         }
 
-    def ranker_reply(self, body: Any) -> str:
-        """The default answer: our ranking rule applied to the candidates found in the prompt (a pairwise
-        comparison prompt gets :meth:`pairwise_reply`)."""
-        try:
-            request = parse_prompt(body["messages"])
-        except (KeyError, TypeError, ValueError):
-            return self.pairwise_reply(body)
-        ranking = rank_candidates(request.candidates)
-        best = request.candidates[ranking[0]]
-        refusal = "I can't help with that, but I'm glad to help with a safe alternative."
-        better = best if harm_score(best) == 0 else refusal
-        return format_reply(ranking, better)
-
-    def pairwise_reply(self, body: Any) -> str:
-        """The answer to a pairwise comparison prompt: a one-line reason and the verdict of our rule."""
-        try:
-            _, reply_a, reply_b = parse_pairwise_prompt(body["messages"])
-        except (KeyError, TypeError, ValueError):
-            return "I could not find any responses to rank in your message."
-        verdict = compare_replies(reply_a, reply_b)
-        reason = {
-            "A": "Reply A is more harmless or more helpful.",
-            "TIE": "Neither reply is better.",
-            "B": "Reply B is more harmless or more helpful.",
-        }[verdict]
-        return format_verdict(verdict, reason)
+    def rule_answer(self, body: Any) -> str:
+        """The rule's reply to one request body (:func:`~cyclealign_pl.serve.replies.rule_reply`)."""
+        return NO_RESPONSES if self.rule is None else rule_reply(body, self.rule)
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -423,7 +362,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, {"error": error})
             return
         scripted = behaviour.kind == "reply" and behaviour.text is not None
-        text = behaviour.text if scripted else owner.ranker_reply(body)
+        text = behaviour.text if scripted else owner.rule_answer(body)
         self._send_json(200, owner.completion(body, text), behaviour.headers)
 
 
@@ -450,69 +389,11 @@ def failure_mix(
     return tuple(table[k] for k in kinds)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="A local OpenAI-compatible ranking server (tests, demos).")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds before every answer")
-    parser.add_argument("--failure-rate", type=float, default=0.0, help="share of requests that fail")
-    parser.add_argument(
-        "--failure-kinds",
-        default="500",
-        help=f"comma-separated failures drawn at random: {','.join(SCRIPTED_FAILURES)}",
-    )
-    parser.add_argument("--hang-seconds", type=float, default=30.0, help="how long a 'timeout' failure hangs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default="local-ranker")
-    parser.add_argument(
-        "--rule",
-        choices=("lexicon", "keywords"),
-        default="lexicon",
-        help="lexicon: the default task's judge (cyclealign_pl/demo/rule.py); keywords: fewer harmful "
-        "keywords, then longer (the tests' ranker)",
-    )
-    args = parser.parse_args(argv)
-    failures = failure_mix([k.strip() for k in args.failure_kinds.split(",") if k.strip()], args.hang_seconds)
-    responder = None
-    if args.rule == "lexicon":
-        from cyclealign_pl.demo.judge import lexicon_reply  # here only: the server stays below demo
-
-        responder = lambda _, body: Behaviour.reply(lexicon_reply(body))  # noqa: E731
-    server = LocalOpenAIServer(
-        args.host,
-        args.port,
-        delay=args.delay,
-        failure_rate=args.failure_rate,
-        failure=failures,
-        seed=args.seed,
-        model=args.model,
-        responder=responder,
-    ).start()
-    print(
-        f"serving OpenAI-compatible chat completions ({args.rule} rule) at {server.url} (Ctrl-C stops)",
-        flush=True,
-    )
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-
-
-if __name__ == "__main__":
-    main()
-
-
 __all__ = [
     "SCRIPTED_FAILURES",
     "Behaviour",
     "LocalOpenAIServer",
     "RecordedRequest",
-    "compare_replies",
     "count_tokens",
     "failure_mix",
-    "harm_score",
-    "rank_candidates",
 ]

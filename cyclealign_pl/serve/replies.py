@@ -1,15 +1,16 @@
-"""Reading our prompts back and writing canonical replies: what a test server needs to play the judge.
+"""A rule playing the judge: reading our prompts back and writing the replies their templates ask for.
 
 The judges only *write* prompts and *read* replies (:mod:`cyclealign_pl.judges.prompt`,
 :mod:`cyclealign_pl.judges.pairwise`). A server standing in for the black box does the opposite: it recovers
-the request from the messages it was sent and answers in the format the template asks for. That inverse lives
-here, next to the server, so the judge package carries no code only tests use.
+the request from the messages it was sent and answers in the format the template asks for
+(:func:`rule_reply`, the one builder of such replies, for any :class:`Rule`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from cyclealign_pl.demonstrations import Demonstration
 from cyclealign_pl.judges.base import RankRequest
@@ -106,10 +107,57 @@ def format_verdict(verdict: Verdict, reasoning: str | None = None) -> str:
     return line if not reasoning else f"{reasoning.strip()}\n{line}"
 
 
+NO_RESPONSES = "I could not find any responses to rank in your message."
+PAIRWISE_REASONS: dict[str, str] = {
+    "A": "Reply A is the better one by my rule.",
+    "B": "Reply B is the better one by my rule.",
+    "TIE": "Neither reply is better.",
+}
+
+
+class Rule(Protocol):
+    """A judge's preference as code: what :func:`rule_reply` asks of it."""
+
+    def rank(self, instruction: str, candidates: Sequence[str]) -> tuple[int, ...]:
+        """The candidates' indices, best first."""
+        ...
+
+    def better_reply(self, instruction: str, candidates: Sequence[str], ranking: Sequence[int]) -> str | None:
+        """The better reply it writes (None: none)."""
+        ...
+
+    def compare(self, conversation: str, reply_a: str, reply_b: str) -> Verdict:
+        """``"A"``, ``"B"`` or ``"TIE"``."""
+        ...
+
+
+def rule_reply(body: Any, rule: Rule) -> str:
+    """The chat reply of ``rule`` to one chat-completions request body: a ranking and a better reply for a
+    ranking prompt, a verdict for a pairwise prompt, and :data:`NO_RESPONSES` (no ranking: the client counts
+    an invalid reply) for anything else."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    try:
+        request = parse_prompt(messages)  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        pass
+    else:
+        ranking = rule.rank(request.instruction, request.candidates)
+        return format_reply(ranking, rule.better_reply(request.instruction, request.candidates, ranking))
+    try:
+        conversation, reply_a, reply_b = parse_pairwise_prompt(messages)  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return NO_RESPONSES
+    verdict = rule.compare(conversation, reply_a, reply_b)
+    return format_verdict(verdict, PAIRWISE_REASONS[verdict])
+
+
 __all__ = [
+    "NO_RESPONSES",
+    "Rule",
     "delimited_user_message",
     "format_reply",
     "format_verdict",
     "parse_pairwise_prompt",
     "parse_prompt",
+    "rule_reply",
 ]
