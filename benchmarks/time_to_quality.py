@@ -175,7 +175,7 @@ def summarise(runs: Sequence[Run]) -> dict[str, list[float]]:
     }
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loops", nargs="+", default=["serial", "B8"], help="serial and/or B<slots>")
     parser.add_argument(
@@ -196,7 +196,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--curves", action="store_true", help="print every run's curve")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = HHRLHFDataModule(train_split="test", num_train_prompts=192, eval_prompts_per_subset=100)
     data.setup("fit")
@@ -225,7 +225,7 @@ def main() -> None:
                         f"reached {last[4]:.2f} after {last[0]:.1f} s, {last[1]} rounds, {last[2]} prompts"
                         if run.reached
                         else f"did not reach R: {max(c[4] for c in run.curve):.2f} at best, "
-                        f"{last[2]} prompts, {last[0]:.1f} s"
+                        f"{last[1]} rounds, {last[2]} prompts, {last[0]:.1f} s"
                     ),
                     flush=True,
                 )
