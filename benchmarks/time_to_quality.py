@@ -23,8 +23,13 @@ learning-rate warm-up over K optimizer steps to every loop (``model.lr_scheduler
 ``--no-judge-reply`` trains without the judge's better reply (``cycle.use_judge_response: false``): a harder
 task that learns from the rankings alone.
 
-    python benchmarks/time_to_quality.py [--loops serial B8] [--lrs 2e-4 4e-4 8e-4 1.6e-3 3.2e-3] \
-        [--target 92] [--repeats 3] [--delay 0.5] [--prompts 96]
+    python benchmarks/time_to_quality.py [--loops serial B8] [--lrs 4e-4 8e-4 1.6e-3 3.2e-3] \
+        [--target 92] [--repeats 3] [--delay 0.5] [--prompts 96] [--max-rounds 40]
+
+docs/scaling.md (section 1.2) ran the defaults (table A, the default task) and (table B, rankings only)
+
+    python benchmarks/time_to_quality.py --no-judge-reply --target 62 --lrs 1e-3 2e-3 3e-3 --repeats 3 \
+        --max-rounds 24 --prompts 192
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cycle_throughput import make_update
 
-from cyclealign_pl.cycle import CycleConfig, CycleState, StepOutcome, run_cycle
+from cyclealign_pl.cycle import TIMES, CycleConfig, CycleState, StepOutcome, run_cycle
 from cyclealign_pl.data.hh_rlhf import HHRLHFDataModule
 from cyclealign_pl.demo.judge import LexiconJudge
 from cyclealign_pl.demonstrations import DemonstrationPool
@@ -105,6 +110,12 @@ class Run:
     seed: int
     curve: list[tuple[float, int, int, int, float]] = field(default_factory=list)
     reached: tuple[float, int, int, int, float] | None = None
+    times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMES, 0.0))
+
+    def per_round(self) -> str:
+        """Where a round's time went (ms): generate, score, judge wait, update."""
+        rounds = max(self.curve[-1][1], 1)
+        return " / ".join(f"{self.times[name] * 1000 / rounds:.0f}" for name in TIMES)
 
 
 def train(loop: str, lr: float, seed: int, data, judge, evaluator: RewardModelJudge, args) -> Run:
@@ -144,6 +155,8 @@ def train(loop: str, lr: float, seed: int, data, judge, evaluator: RewardModelJu
             break
         rounds += 1
         requests += outcome.active_slots
+        for name in TIMES:
+            run.times[name] += outcome.times[name]
         finished += len(outcome.finished)
         if rounds % args.eval_every:
             continue
@@ -158,12 +171,12 @@ def train(loop: str, lr: float, seed: int, data, judge, evaluator: RewardModelJu
 
 
 def median_range(values: Sequence[float], fmt: str) -> str:
-    """``median [min-max]``; ``-`` for a run that did not reach R (infinite)."""
+    """``median [min..max]``; ``-`` for a run that did not reach R (infinite)."""
     text = [
         format(v, fmt) if v != float("inf") else "-"
         for v in (statistics.median(values), min(values), max(values))
     ]
-    return f"{text[0]} [{text[1]}-{text[2]}]" if len(values) > 1 else text[0]
+    return f"{text[0]} [{text[1]}..{text[2]}]" if len(values) > 1 else text[0]
 
 
 def summarise(runs: Sequence[Run]) -> dict[str, list[float]]:
@@ -179,13 +192,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loops", nargs="+", default=["serial", "B8"], help="serial and/or B<slots>")
     parser.add_argument(
-        "--lrs", nargs="+", type=float, default=[2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3], help="the one grid"
+        "--lrs", nargs="+", type=float, default=[4e-4, 8e-4, 1.6e-3, 3.2e-3], help="the one grid"
     )
     parser.add_argument("--target", type=float, default=92.0, help="R, the evaluator reward to reach")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per loop and rate (seeds 0, 1, ...)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per loop and rate")
+    parser.add_argument("--first-seed", type=int, default=0, help="the repeats use seeds from this one on")
     parser.add_argument("--delay", type=float, default=0.5, help="the judge's latency per request (s)")
     parser.add_argument("--prompts", type=int, default=96, help="training prompts at most (the task has 192)")
-    parser.add_argument("--max-rounds", type=int, default=60, help="judge round trips per run at most")
+    parser.add_argument("--max-rounds", type=int, default=40, help="judge round trips per run at most")
     parser.add_argument("--eval-every", type=int, default=1, help="evaluate after every this many rounds")
     parser.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts evaluated (<= 100)")
     parser.add_argument(
@@ -212,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     judge = LexiconJudge(delay=args.delay, seed=0)
     judge.preflight()  # the local server starts off the clock
     runs: list[Run] = []
-    for seed in range(args.repeats):
+    for seed in range(args.first_seed, args.first_seed + args.repeats):
         for lr in args.lrs:
             loops = args.loops if (seed + args.lrs.index(lr)) % 2 == 0 else args.loops[::-1]
             for loop in loops:
@@ -226,13 +240,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         if run.reached
                         else f"did not reach R: {max(c[4] for c in run.curve):.2f} at best, "
                         f"{last[1]} rounds, {last[2]} prompts, {last[0]:.1f} s"
-                    ),
+                    )
+                    + f"; per round (ms) generate / score / judge wait / update: {run.per_round()}",
                     flush=True,
                 )
                 if args.curves:
                     print("    " + "  ".join(f"{c[0]:.1f}s/{c[1]}r:{c[4]:.1f}" for c in run.curve))
 
-    print("\nthe sweep: time to R, median [min-max] over the repeats ('-': R not reached in a run)")
+    print("\nthe sweep: time to R, median [min..max] over the repeats ('-': R not reached in a run)")
     header = ("loop", "lr", "reached", "seconds", "rounds", "prompts", "judge requests")
     print(" ".join(f"{h:>{w}}" for h, w in zip(header, WIDTHS)))
     best: dict[str, tuple[float, float, dict]] = {}
