@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from cyclealign_pl.cycle import CycleConfig, CycleState, StepOutcome, run_cycle
@@ -86,6 +86,8 @@ class CycleAlignModule(LightningModule):
             prompt).
         max_length: prompt + response token budget (paper: 512).
         optimizer: optimizer factory (paper: AdamW-style, lr 5e-5).
+        lr_scheduler: learning-rate schedule factory, stepped once per optimizer step (e.g. a warm-up:
+            ``torch.optim.lr_scheduler.LinearLR``); null: a constant rate. Not ``ReduceLROnPlateau``.
         gradient_clip_val: clip the gradient norm (None: no clipping).
         gradient_checkpointing: trade compute for memory on large white-boxes.
         eval_max_new_tokens: greedy reply length for ``validate`` (paper setting: 128).
@@ -118,6 +120,7 @@ class CycleAlignModule(LightningModule):
         ablation: Ablation = "none",
         max_length: int = 512,
         optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
         gradient_clip_val: float | None = 1.0,
         gradient_checkpointing: bool = False,
         eval_max_new_tokens: int = 128,
@@ -129,7 +132,7 @@ class CycleAlignModule(LightningModule):
         stop_grace_s: float | None = 120.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["judge", "reward_model", "optimizer"])
+        self.save_hyperparameters(ignore=["judge", "reward_model", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         for name, new_tokens in (
             ("sampling.max_new_tokens", sampling.max_new_tokens),
@@ -175,6 +178,7 @@ class CycleAlignModule(LightningModule):
             scope=demonstration_scope, max_dynamic=max_demonstrations, **pool_switches
         )
         self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
         self.gradient_clip_val = gradient_clip_val
         self.eval_max_new_tokens = eval_max_new_tokens
         self.collapse_max_empty_share = collapse_max_empty_share
@@ -229,7 +233,17 @@ class CycleAlignModule(LightningModule):
     # -- setup --------------------------------------------------------------------------------------
     def configure_optimizers(self):
         # with LoRA: the adapters only
-        return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+        optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError(
+                "model.lr_scheduler: ReduceLROnPlateau needs a monitored metric, which the cycle does not "
+                "have; use a schedule by steps (e.g. LinearLR for a warm-up, CosineAnnealingLR)"
+            )
+        # manual optimization: Lightning keeps (and checkpoints) the schedule, _update steps it
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def setup(self, stage: str) -> None:
         for judge in (self.judge, self.reward_model):
@@ -359,6 +373,7 @@ class CycleAlignModule(LightningModule):
                 ("sft_loss", outcome.sft_losses),
             ):
                 self.log(f"train/{name}", sum(values) / len(values), batch_size=size)
+            self.log("train/lr", float(self.optimizers().param_groups[0]["lr"]), batch_size=size)
 
     def _update(self, loss: Tensor | None) -> bool:
         """One optimizer step; skips (and counts) a missing or non-finite loss or gradient.
@@ -400,6 +415,8 @@ class CycleAlignModule(LightningModule):
             self.counters["nonfinite_updates"] += 1
             log.warning("non-finite gradient: DeepSpeed skipped the update")
             return False
+        if (scheduler := self.lr_schedulers()) is not None:
+            scheduler.step()  # once per applied optimizer step
         return True
 
     def _any_rank(self, local: bool) -> bool:

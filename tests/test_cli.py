@@ -434,6 +434,51 @@ def test_a_fit_whose_judge_never_ranks_exits_4_with_a_warning(tmp_path, monkeypa
     ).is_file()  # the config's relative cache_path: under the root
 
 
+def test_a_learning_rate_warm_up_is_a_config_setting_stepped_once_per_optimizer_step(tmp_path):
+    """``model.lr_scheduler`` (here a linear warm-up over 4 optimizer steps) is stepped by the cycle's manual
+    optimization once per optimizer step, logged as ``train/lr`` and kept in the checkpoint."""
+    import torch
+
+    cli = main(
+        [
+            "fit",
+            *cli_args(
+                tmp_path,
+                "--trainer.limit_train_batches",
+                "3",
+                "--trainer.limit_val_batches",
+                "0",
+                "--model.lr_scheduler",
+                "torch.optim.lr_scheduler.LinearLR",
+                "--model.lr_scheduler.start_factor",
+                "0.25",
+                "--model.lr_scheduler.total_iters",
+                "4",
+            ),
+        ]
+    )
+    module = cli.model
+    steps = module.counters["optimizer_steps"]
+    assert steps >= 2
+    scheduler = module.lr_schedulers()
+    assert scheduler.last_epoch == steps
+    base = 1e-4  # configs/tiny.yaml
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(
+        base * (0.25 + 0.75 * min(steps, 4) / 4)
+    )
+    rows = list(csv.DictReader((Path(cli.trainer.log_dir) / "metrics.csv").read_text().splitlines()))
+    logged = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
+    assert logged and logged[0] < base and logged == sorted(logged)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["lr_schedulers"][0]["last_epoch"] == steps
+
+    plateau = type(module)(
+        model="builtin:whitebox", lr_scheduler=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    )
+    with pytest.raises(ValueError, match="ReduceLROnPlateau needs a monitored metric"):
+        plateau.configure_optimizers()
+
+
 @pytest.mark.slow
 def test_tiny_fit_against_a_local_openai_compatible_server(tmp_path, monkeypatch):
     """configs/tiny.yaml + configs/tiny_openai.yaml: the black box is a real HTTP server on 127.0.0.1."""

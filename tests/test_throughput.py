@@ -376,3 +376,35 @@ def test_chunks_bound_the_logits_whatever_the_number_of_replies(shared):
     finally:
         hook.remove()
     assert sizes and max(sizes) <= 2 * vocab
+
+
+def test_the_time_to_quality_benchmark_runs_its_sweep_and_counts_rounds_to_r(capsys, monkeypatch):
+    """benchmarks/time_to_quality.py with tiny settings: every loop at every rate of the one grid, each run
+    stopped at its first evaluation at or above R, the sweep printed with rounds and prompts to R."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "time_to_quality", raising=False)
+    benchmark = importlib.import_module("time_to_quality")
+    common = ["--loops", "serial", "B2", "--lrs", "1e-4", "1e-3", "--repeats", "1", "--delay", "0"]
+    common += ["--prompts", "4", "--eval-prompts", "2", "--warmup", "2"]
+    benchmark.main([*common, "--target", "0"])  # reached at the first evaluation, after one round
+    out = capsys.readouterr().out
+    rows = [r for r in map(str.split, out.splitlines()) if r[:1] in (["serial"], ["B2"]) and "/" in r[2]]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("serial", "0.0001", "1/1"),
+        ("serial", "0.001", "1/1"),
+        ("B2", "0.0001", "1/1"),
+        ("B2", "0.001", "1/1"),
+    ]
+    assert [r[4:7] for r in rows] == [["1", "1", "1"]] * 2 + [
+        ["1", "2", "2"]
+    ] * 2  # rounds, prompts, requests
+    assert "B2 vs serial:" in out and "1.0x in rounds" in out
+
+    benchmark.main([*common, "--lrs", "1e-3", "--target", "101", "--max-rounds", "3"])  # unreachable
+    out = capsys.readouterr().out
+    assert out.count("did not reach R") == 2 and out.count(", 3 rounds") == 2
+    assert "0/1" in out and "NOT met" in out
