@@ -136,10 +136,25 @@ class CycleAlignCLI(LightningCLI):
     def _resolve_checkpoint(self, config, run_dir) -> None:
         """``--ckpt_path last`` -> this root's newest ``last*.ckpt``; one run per root; nothing to do if
         done."""
+        from cyclealign_pl import storage
+
         dirs = run_dir.checkpoint_dirs(config)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last" and dirs:
-            last = run_dir.resolve_last(dirs)
+            for folder in dirs:  # what a writer killed mid-checkpoint left
+                storage.remove_temporaries(folder)
+            last, skipped = run_dir.resolve_resumable(dirs)
+            if skipped:
+                damaged = "; ".join(f"{p.name} ({why})" for p, why in skipped)
+                if last is None:
+                    self._error(
+                        f"--ckpt_path last: no checkpoint in {', '.join(map(str, dirs))} loads: {damaged}; "
+                        "start again in another --trainer.default_root_dir"
+                    )
+                print(
+                    f"cyclealign_pl: resuming from {last}: newer checkpoints do not load: {damaged}",
+                    file=sys.stderr,
+                )
             if last is None and self.subcommand != "fit":
                 self._error(
                     f"--ckpt_path last: no last*.ckpt in {', '.join(map(str, dirs))}; train with fit "
@@ -188,7 +203,24 @@ class CycleAlignCLI(LightningCLI):
             isinstance(c, ProgressBar) for c in callbacks
         ):
             trainer_config["callbacks"] = [*callbacks, CycleProgressBar()]
+        self._atomic_checkpoints(trainer_config)
         return super().instantiate_trainer(**kwargs)
+
+    @staticmethod
+    def _atomic_checkpoints(trainer_config: dict[str, Any]) -> None:
+        """Checkpoints written atomically in their own folder (``storage.AtomicCheckpointIO``), unless the
+        config chose a ``CheckpointIO`` or DeepSpeed (which writes its own checkpoint directories)."""
+        from lightning.fabric.plugins import CheckpointIO
+
+        from cyclealign_pl.storage import AtomicCheckpointIO
+
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        strategy = trainer_config.get("strategy")
+        name = strategy if isinstance(strategy, str) else type(strategy).__name__
+        if "deepspeed" in str(name).lower() or any(isinstance(p, CheckpointIO) for p in plugins):
+            return
+        trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
 
     def after_fit(self) -> None:
         """Where the outputs went, what the run did, and a non-zero status if it changed nothing."""
@@ -248,6 +280,7 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
     from cyclealign_pl.hf import ModelLoadError
     from cyclealign_pl.judges.base import JudgeStop
     from cyclealign_pl.module import CycleAlignModule, RunStopped
+    from cyclealign_pl.storage import StorageError, describe, is_environment_error
 
     # errors that name what is wrong with the user's input (file, line, field, path): the message is enough
     input_errors = (DataFileError, ModelLoadError, FileNotFoundError)
@@ -285,6 +318,18 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
     except input_errors as error:
         print(f"cyclealign_pl: bad input: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    except StorageError as error:  # a checkpoint or record that could not be written: nothing partial left
+        print(f"cyclealign_pl: {error}", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+    except OSError as error:  # a full disk, a read-only folder while writing logs, metrics, exports
+        if not is_environment_error(error):
+            raise
+        print(
+            f"cyclealign_pl: {describe(error)}; the files written before are kept: make room (or make it "
+            "writable) and resume with --ckpt_path last",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_STOPPED)
     except ConnectionError as error:  # a hub dataset or model offline (the judge's own errors are counted)
         print(
             f"cyclealign_pl: bad input: {error}; offline, download it and give its local path (e.g. "

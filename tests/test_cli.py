@@ -51,7 +51,7 @@ def test_every_output_of_a_fit_goes_under_default_root_dir(default_run):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     log_dir = run_dir / "logs" / "version_0"
     assert Path(cli.trainer.log_dir) == log_dir
-    assert {p.name for p in run_dir.iterdir()} == {"checkpoints", "logs", "judge_ledger.sqlite"}
+    assert {p.name for p in run_dir.iterdir()} == {"checkpoints", "logs", "judge_ledger.sqlite", "run.json"}
 
     rows = list(csv.DictReader((log_dir / "metrics.csv").read_text().splitlines()))
     iterations = [float(r["cycle/iterations"]) for r in rows if r.get("cycle/iterations")]

@@ -166,7 +166,7 @@ class OpenAIJudge(Judge):
             self.fallback.preflight()
 
     def bind_run(self, run_id: str, run_dir: str) -> None:
-        """Record spend in the ledger of run ``run_id`` (the cache database, else run_dir/judge_ledger.sqlite)
+        """Record spend in the ledger of run ``run_id`` (``run_dir/judge_ledger.sqlite``, not the cache)
         and enforce the budget against it; the fallback judge keeps its own books (``<run_id>/fallback``)."""
         self.client.bind_run(run_id, run_dir)
         if self.fallback is not None:

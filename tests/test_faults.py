@@ -1,0 +1,230 @@
+"""Crash and storage faults (issue 20): atomic checkpoints on a second filesystem, a run's identity and spend
+across a crash before its first checkpoint, a lost or corrupt cache, an interrupted end of fit, full and
+read-only disks, line numbers of bad data, unbounded sizes.
+
+Faults are injected where they happen in life: a write that dies halfway (the process's own ``open`` patched
+to stop mid-file), a tmpfs mounted as a second filesystem (root only; skipped with the reason elsewhere), a
+full tmpfs, a read-only mount, a killed subprocess, a damaged SQLite file.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from cyclealign_pl import storage
+from cyclealign_pl.cli import EXIT_BAD_INPUT, EXIT_STOPPED, main
+from tests.helpers import cli_args
+
+FAST = (  # the CPU default, shortened: 4 prompts, a checkpoint after each, no evaluation
+    "--trainer.limit_train_batches",
+    "4",
+    "--trainer.limit_val_batches",
+    "0",
+    "--model.reward_model",
+    "null",
+    "--trainer.callbacks.every_n_batches",
+    "1",
+    "--data.init_args.num_train_prompts",
+    "4",
+)
+
+
+class SimulatedKill(BaseException):
+    """The process dies here (a BaseException: no ``except Exception`` handler runs)."""
+
+
+@pytest.fixture
+def second_filesystem(tmp_path):
+    """``mount(size) -> folder``: a tmpfs of ``size`` mounted under tmp_path (another filesystem than the
+    temporary folder's), unmounted afterwards; skipped where this process may not mount."""
+    mounted: list[Path] = []
+
+    def mount(size: str = "64m") -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root; the fault is the same on any second filesystem")
+        point = tmp_path / f"fs-{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def die_halfway_through(monkeypatch, folder: Path, nth: int) -> list[str]:
+    """Patch ``open`` so that the ``nth`` file opened for writing inside ``folder`` gets half of its first
+    write (or nothing, for a copy by file descriptor) and then the process "dies". The paths opened."""
+    real_open = builtins.open
+    opened: list[str] = []
+
+    class Dying:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            self._f.write(bytes(data)[: max(1, len(data) // 2)])
+            self._f.flush()
+            raise SimulatedKill(f"killed while writing {self._f.name}")
+
+        def fileno(self):  # shutil.copyfile copies with sendfile: the target is already truncated here
+            raise SimulatedKill(f"killed while copying to {self._f.name}")
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    def patched(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax"):
+            path = Path(os.fspath(file)).resolve()
+            if path.parent == folder.resolve():
+                opened.append(path.name)
+                if len(opened) == nth:
+                    return Dying(f)
+        return f
+
+    monkeypatch.setattr(builtins, "open", patched)
+    return opened
+
+
+def steps_in(checkpoint: Path) -> int:
+    return torch.load(checkpoint, weights_only=True)["cyclealign"]["counters"]["steps"]
+
+
+# -- 1. atomic checkpoints ------------------------------------------------------------------------------
+
+
+def test_atomic_write_leaves_the_old_file_or_the_new_one_never_a_partial_one(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    storage.atomic_write(target, lambda f: f.write(b"old checkpoint"))
+    die_halfway_through(monkeypatch, tmp_path, nth=1)
+    with pytest.raises(SimulatedKill):
+        storage.atomic_write(target, lambda f: f.write(b"new checkpoint, longer than the old one"))
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the partial temporary file is gone
+    storage.atomic_write(target, lambda f: f.write(b"new"))
+    assert target.read_bytes() == b"new"
+
+
+@pytest.mark.slow
+def test_a_kill_halfway_through_writing_last_ckpt_on_a_second_filesystem_resumes(
+    second_filesystem, monkeypatch, capsys
+):
+    """The run directory on a tmpfs: Lightning's own writer copies a temporary file from /tmp over
+    ``last.ckpt``; a kill during the copy left it truncated and the resume crashed."""
+    root = second_filesystem("64m") / "run"
+    checkpoints = root / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    # per save: epoch=0-step=N.ckpt, then last.ckpt; the 6th file opened is the third save's last.ckpt
+    opened = die_halfway_through(monkeypatch, checkpoints, nth=6)
+    with pytest.raises(SimulatedKill):
+        main(["fit", *cli_args(root, *FAST)])
+    monkeypatch.undo()
+    assert len(opened) == 6
+    assert steps_in(checkpoints / "last.ckpt") == 2  # the second save's, intact
+    cli = main(["fit", *cli_args(root, *FAST, "--ckpt_path", "last")])
+    assert cli.model.counters["steps"] == 4
+    assert steps_in(checkpoints / "last.ckpt") == 4
+    assert all(storage.TEMP_MARK not in p.name for p in checkpoints.iterdir())
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_last_ckpt_that_does_not_load_falls_back_to_the_newest_that_does(tmp_path, capsys):
+    root = tmp_path / "run"
+    main(["fit", *cli_args(root, *FAST, "--trainer.limit_train_batches", "2")])
+    last = root / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # what a kill under Lightning's own writer left
+    capsys.readouterr()
+    resume = ("--trainer.limit_train_batches", "2", "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    cli = main(["fit", *cli_args(root, *FAST, *resume)])
+    err = capsys.readouterr().err
+    fallback = [line for line in err.splitlines() if "newer checkpoints do not load" in line]
+    assert len(fallback) == 1 and "epoch=0-step=" in fallback[0] and "last.ckpt (" in fallback[0]
+    assert cli.model.counters["steps"] == 4  # the second epoch after the first one's checkpoint
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_status_3_with_nothing_partial_left(second_filesystem, capsys):
+    root = second_filesystem("3m") / "run"
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", *cli_args(root, *FAST)])
+    assert stopped.value.code == EXIT_STOPPED
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("cyclealign_pl:")]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and str(root) in lines[0]
+    assert "Traceback" not in err
+    left = [p for p in (root / "checkpoints").iterdir()] if (root / "checkpoints").exists() else []
+    for p in left:  # whatever is there loads; nothing truncated, no temporary file
+        assert storage.TEMP_MARK not in p.name
+        torch.load(p, weights_only=True)
+
+
+# -- 3. a cache that existed and is now empty or corrupt ------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage_in_the_middle"])
+def test_an_empty_or_corrupt_cache_is_one_line_naming_it_and_how_to_go_on(damage, tmp_path, capsys):
+    from cyclealign_pl.judges.cache import CachedReply, JudgeCache
+
+    path = tmp_path / "judge_cache.sqlite"
+    cache = JudgeCache(path)
+    for i in range(300):
+        cache.put(f"key-{i}", CachedReply("reply " * 50 + str(i), 10, 20))
+    cache.close()
+    if damage == "empty":
+        path.write_bytes(b"")
+    else:
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 8192] = os.urandom(8192)
+        path.write_bytes(bytes(data))
+    args = cli_args(
+        tmp_path / "run",
+        *FAST,
+        "--model.judge",
+        "cyclealign_pl.judges.openai.OpenAIJudge",
+        "--model.judge.init_args.model",
+        "m",
+        "--model.judge.init_args.base_url",
+        "http://127.0.0.1:9/v1",
+        "--model.judge.init_args.cache_path",
+        str(path),
+    )
+    with pytest.raises(SystemExit) as refused:
+        main(["fit", *args])
+    assert refused.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "DatabaseError" not in err
+    lines = [line for line in err.splitlines() if line.startswith("cyclealign_pl:")]
+    assert len(lines) == 1 and str(path) in lines[0]
+    assert "--model.judge.init_args.cache_path" in lines[0] and "pay again" in lines[0]
+    assert ("empty" if damage == "empty" else "corrupt") in lines[0]
+
+
+def test_the_run_identity_is_fixed_in_the_run_directory_before_anything_is_spent(tmp_path):
+    first = storage.run_identity(tmp_path, uuid.uuid4().hex)
+    assert storage.run_identity(tmp_path, "another") == first  # a resume without a checkpoint keeps it
+    assert storage.run_record(tmp_path)["run_id"] == first
