@@ -228,3 +228,32 @@ def test_the_run_identity_is_fixed_in_the_run_directory_before_anything_is_spent
     first = storage.run_identity(tmp_path, uuid.uuid4().hex)
     assert storage.run_identity(tmp_path, "another") == first  # a resume without a checkpoint keeps it
     assert storage.run_record(tmp_path)["run_id"] == first
+
+
+# -- 2. the run's identity and budget across a crash before the first checkpoint ------------------------
+
+
+@pytest.mark.slow
+def test_a_budget_counts_every_request_of_the_run_across_a_kill_before_its_first_checkpoint(tmp_path):
+    import signal
+
+    from cyclealign_pl.testing.openai_server import LocalOpenAIServer
+    from tests.test_reliability import FitProcess, questions, write_hh
+
+    data = write_hh(tmp_path / "hh", questions("budget", 24))
+    run_dir = tmp_path / "run"
+    budget = ("--model.judge.init_args.budget_requests", "12", "--trainer.callbacks.every_n_batches", "100")
+    with LocalOpenAIServer() as server:
+        killed = FitProcess(run_dir, data, server, "1-killed", *budget)
+        killed.wait_for(lambda: len(server.requests) >= 8, "8 judge requests")
+        os.kill(killed.proc.pid, signal.SIGKILL)
+        assert killed.finish() == -signal.SIGKILL
+        assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").iterdir())
+        sent_before = len(server.requests)
+        resumed = FitProcess(run_dir, data, server, "2-resumed", *budget, "--ckpt_path", "last")
+        code = resumed.finish()
+        total = len(server.requests)
+    assert sent_before >= 8
+    assert code == EXIT_STOPPED and "is spent" in resumed.output()
+    assert total <= 12  # the budget of the run, not of each process
+    assert storage.run_record(run_dir)["run_id"]
