@@ -10,6 +10,8 @@ full tmpfs, a read-only mount, a killed subprocess, a damaged SQLite file.
 from __future__ import annotations
 
 import builtins
+import gzip
+import json
 import os
 import subprocess
 import uuid
@@ -257,3 +259,48 @@ def test_a_budget_counts_every_request_of_the_run_across_a_kill_before_its_first
     assert code == EXIT_STOPPED and "is spent" in resumed.output()
     assert total <= 12  # the budget of the run, not of each process
     assert storage.run_record(run_dir)["run_id"]
+
+
+# -- 5 (data) and 6. a bad data row: its real line, one line and status 2 ---------------------------------
+
+
+def hh_lines(count: int) -> list[bytes]:
+    row = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    return [json.dumps({**row, "chosen": row["chosen"] + f" {i}"}).encode() for i in range(count)]
+
+
+@pytest.mark.parametrize("bad_line", [7, 50, 300])
+def test_a_non_utf8_byte_is_reported_on_its_own_line(bad_line, tmp_path):
+    from cyclealign_pl.data.beavertails import load_raw as load_beavertails
+    from cyclealign_pl.data.hh_rlhf import scan_jsonl
+    from cyclealign_pl.data.rows import DataFileError
+
+    lines = hh_lines(400)
+    lines[bad_line - 1] = lines[bad_line - 1].replace(b"hello", b"hell\xff")
+    for name in ("test.jsonl", "test.jsonl.gz"):
+        path = tmp_path / name
+        content = b"\n".join(lines) + b"\n"
+        path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+        with pytest.raises(DataFileError, match=f"{name}, line {bad_line}: not UTF-8"):
+            scan_jsonl(path)
+    csv_rows = [b"prompt,category"] + [f'"question {i}",misc'.encode() for i in range(1, 400)]
+    csv_rows[bad_line - 1] = b'"question \xff",misc'
+    (tmp_path / "bt.csv").write_bytes(b"\n".join(csv_rows) + b"\n")
+    with pytest.raises(DataFileError, match=f"bt.csv, line {bad_line}: not UTF-8"):
+        load_beavertails(tmp_path / "bt.csv")
+
+
+@pytest.mark.slow
+def test_a_lone_surrogate_escape_in_a_data_row_names_its_line_and_exits_2(tmp_path, capsys):
+    subset = tmp_path / "hh" / "harmless-base"
+    subset.mkdir(parents=True)
+    lines = hh_lines(6)
+    lines[3] = lines[3].replace(b"hello", b"hel\\ud800lo")  # the JSON escape, valid JSON, not text
+    (subset / "test.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(SystemExit) as refused:
+        main(["fit", *cli_args(tmp_path / "run", *FAST, "--data.init_args.root", str(tmp_path / "hh"))])
+    assert refused.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines_out = [line for line in err.splitlines() if line.startswith("cyclealign_pl:")]
+    assert len(lines_out) == 1 and "test.jsonl, line 4: field 'chosen' holds a lone surrogate" in lines_out[0]
