@@ -178,9 +178,20 @@ class CycleAlignCLI(LightningCLI):
             return
         trainer = config["trainer"]
         done = run_dir.finished_message(progress, trainer.get("max_epochs"), trainer.get("max_steps"))
-        if done is not None:
+        if done is None:
+            return
+        if storage.run_record(run_dir.root_dir(config)).get("fit_complete") is True:
             print(f"cyclealign_pl: {ckpt_path}: {done}")
             sys.exit(0)
+        # the training is done, but the fit was stopped before its end (a kill during the final evaluation or
+        # the export): Lightning skips the finished training loop; the export, the evaluation and the
+        # summary are done again (after_fit)
+        print(
+            f"cyclealign_pl: {ckpt_path}: the training is finished but the fit did not reach its end: "
+            "finishing it (export, final evaluation, summary)",
+            file=sys.stderr,
+        )
+        self._finishing = True
 
     def instantiate_classes(self) -> None:
         from cyclealign_pl.hf import ModelLoadError
@@ -222,13 +233,22 @@ class CycleAlignCLI(LightningCLI):
             return
         trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
 
+    def before_fit(self) -> None:
+        """The run's record says this fit has not reached its end yet (until :meth:`after_fit` is done)."""
+        from cyclealign_pl import storage
+
+        if self.trainer.is_global_zero:
+            storage.update_run_record(self.trainer.default_root_dir, fit_complete=False)
+
     def after_fit(self) -> None:
         """Where the outputs went, what the run did, and a non-zero status if it changed nothing."""
-        from cyclealign_pl import summary
+        from cyclealign_pl import storage, summary
 
         trainer = self.trainer
         if trainer.interrupted or trainer.state.status.value != "finished":
             return
+        if getattr(self, "_finishing", False):
+            self._final_evaluation()
         report = self._get(self.config_init, "report")
         threshold = getattr(report, "judge_failure_warning", 0.2)
         result = summary.collect(self.model, trainer.callback_metrics, self._output_paths())
@@ -242,8 +262,17 @@ class CycleAlignCLI(LightningCLI):
             )
             for message in messages:
                 print(f"cyclealign_pl: {message}", file=sys.stderr)
+            storage.update_run_record(trainer.default_root_dir, fit_complete=True)
         if status:
             sys.exit(status)
+
+    def _final_evaluation(self) -> None:
+        """The validation a finished fit runs at its end, for a fit resumed after a kill during it (the
+        training loop, already done, is skipped, and with it the validation)."""
+        model, trainer = self.model, self.trainer
+        if getattr(model, "reward_model", None) is None or not trainer.limit_val_batches:
+            return
+        trainer.validate(model, datamodule=self.datamodule, verbose=False)
 
     def _output_paths(self) -> dict[str, str | None]:
         trainer = self.trainer

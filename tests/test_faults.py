@@ -24,18 +24,15 @@ from cyclealign_pl import storage
 from cyclealign_pl.cli import EXIT_BAD_INPUT, EXIT_STOPPED, main
 from tests.helpers import cli_args
 
-FAST = (  # the CPU default, shortened: 4 prompts, a checkpoint after each, no evaluation
+SHORT = (  # the CPU default, shortened: 4 prompts, a checkpoint after each
     "--trainer.limit_train_batches",
     "4",
-    "--trainer.limit_val_batches",
-    "0",
-    "--model.reward_model",
-    "null",
     "--trainer.callbacks.every_n_batches",
     "1",
     "--data.init_args.num_train_prompts",
     "4",
 )
+FAST = (*SHORT, "--trainer.limit_val_batches", "0", "--model.reward_model", "null")  # and no evaluation
 
 
 class SimulatedKill(BaseException):
@@ -304,3 +301,46 @@ def test_a_lone_surrogate_escape_in_a_data_row_names_its_line_and_exits_2(tmp_pa
     assert "Traceback" not in err
     lines_out = [line for line in err.splitlines() if line.startswith("cyclealign_pl:")]
     assert len(lines_out) == 1 and "test.jsonl, line 4: field 'chosen' holds a lone surrogate" in lines_out[0]
+
+
+# -- 4. a kill during the final evaluation or the export --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_kill_during_the_export_is_finished_by_the_resume_not_already_finished(
+    tmp_path, monkeypatch, capsys
+):
+    """A resumed fit that ended its training saves an end-of-epoch checkpoint; a kill in its export left
+    ``hf_model/`` with only ``config.json``, and the next resume said "already finished ... nothing to do"."""
+    from cyclealign_pl.callbacks import ExportPretrained
+
+    root = tmp_path / "run"
+    evaluate = ("--trainer.limit_val_batches", "1", "--data.init_args.eval_batch_size", "4")
+    args = cli_args(root, *FAST)
+
+    def killed_export(self, pl_module, path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "config.json").write_text("{}")
+        raise SimulatedKill("killed while exporting")
+
+    monkeypatch.setattr(ExportPretrained, "_export", killed_export)
+    with pytest.raises(SimulatedKill):
+        main(["fit", *args])
+    with pytest.raises(SimulatedKill):  # resumed: Lightning finishes the epoch, saves, exports: killed
+        main(["fit", *args, "--ckpt_path", "last"])
+    monkeypatch.undo()
+    capsys.readouterr()
+    resume = [*cli_args(root, *SHORT), *evaluate, "--ckpt_path", "last"]
+    main(["fit", *resume])
+    out, err = capsys.readouterr()
+    assert "nothing to do" not in out + err
+    assert "the training is finished but the fit did not reach its end: finishing it" in err
+    exported = [p for p in root.glob("logs/version_*/hf_model") if (p / "model.safetensors").exists()]
+    assert len(exported) == 1
+    assert "fit done: 4 steps" in out and "evaluation on 4 prompts" in out  # the summary, the evaluation
+    assert list(exported[0].parent.glob("eval/val_*"))
+    with pytest.raises(SystemExit) as finished:  # now it has reached its end
+        main(["fit", *resume])
+    assert finished.value.code == 0
+    out, err = capsys.readouterr()
+    assert "already finished" in out and "nothing to do" in out
