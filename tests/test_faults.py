@@ -195,6 +195,7 @@ def test_an_empty_or_corrupt_cache_is_one_line_naming_it_and_how_to_go_on(damage
     cache.close()
     if damage == "empty":
         path.write_bytes(b"")
+        os.utime(path, (1e9, 1e9))  # emptied long ago, not being created by another process right now
     else:
         data = bytearray(path.read_bytes())
         middle = len(data) // 2
@@ -344,3 +345,52 @@ def test_a_kill_during_the_export_is_finished_by_the_resume_not_already_finished
     assert finished.value.code == 0
     out, err = capsys.readouterr()
     assert "already finished" in out and "nothing to do" in out
+
+
+# -- 7. unbounded sizes ----------------------------------------------------------------------------------
+
+
+def test_a_huge_judge_reply_is_cut_off_counted_as_a_failure_and_not_cached(tmp_path):
+    from cyclealign_pl.judges.base import RankRequest
+    from cyclealign_pl.judges.cache import JudgeCache
+    from cyclealign_pl.judges.openai import OpenAIJudge
+    from cyclealign_pl.testing.openai_server import Behaviour, LocalOpenAIServer
+
+    huge = "### The desired ranking is: [0, 1, 2]. " + "x" * (5 << 20)  # 5 MB
+    cache = tmp_path / "cache.sqlite"
+    with LocalOpenAIServer() as server:
+        server.enqueue(Behaviour.reply(huge))
+        judge = OpenAIJudge(
+            model="local-ranker",
+            base_url=server.url,
+            max_retries=0,
+            cache_path=str(cache),
+            max_response_bytes=64 << 10,
+        )
+        judgment = judge.rank([RankRequest("\n\nHuman: hi\n\nAssistant:", ("a", "bb", "ccc"))])[0]
+        metrics = judge.metrics()
+        judge.close()
+    assert judgment.ranking is None and "max_response_bytes=65536" in judgment.failure
+    assert metrics["failures/too_large"] == 1
+    assert len(JudgeCache(cache)) == 0 and cache.stat().st_size < 1 << 20
+
+
+def test_the_judge_sees_a_long_prompt_as_trimmed_to_the_runs_budget(tmp_path):
+    from tests.helpers import LongestFirstJudge
+    from tests.test_reliability import fit, tiny_module, write_hh
+
+    long_question = "Tell me everything about gardens. " * 2000 + "What about roses?"  # ~ 6k words
+    data = write_hh(tmp_path / "hh", [long_question, "Short one?"])
+    judge = LongestFirstJudge()
+    module = tiny_module(judge)
+    fit(module, data, tmp_path / "run", batches=2)
+    assert module.counters["truncated_prompts"] == 1
+    long_seen = [r for r in judge.requests if "roses" in r.instruction]
+    assert long_seen and all(
+        r.instruction == module.whitebox.visible_prompt(r.instruction) for r in long_seen
+    )
+    budget_bytes = module.whitebox.max_length * 4  # byte tokenizer: a token is at most a few bytes
+    assert all(len(r.instruction.encode()) <= budget_bytes for r in long_seen)
+    assert all(r.instruction.endswith("What about roses?\n\nAssistant:") for r in long_seen)
+    demos = [d.instruction for r in judge.requests for d in r.demonstrations]
+    assert all(len(d.encode()) <= budget_bytes for d in demos)

@@ -25,6 +25,7 @@ from typing import Any
 from cyclealign_pl.judges.base import JudgeUnavailable
 
 SCHEMA_VERSION = 1
+_CREATING_S = 5.0  # an empty cache file younger than this is being created by another process
 NEW_CACHE_HINT = (
     "to go on, point --model.judge.init_args.cache_path to a new file, accepting to pay again for the "
     "replies it held (the spend so far is kept in the run's judge_ledger.sqlite)"
@@ -101,7 +102,7 @@ class JudgeCache:
         self._local = threading.local()
         self._all: list[tuple[int, sqlite3.Connection]] = []
         self._lock = threading.Lock()
-        if self.path.is_file() and self.path.stat().st_size == 0:  # SQLite would take it for a new database
+        if self._emptied():
             raise JudgeCacheError(f"judge cache {self.path} is empty (0 bytes) but existed: {NEW_CACHE_HINT}")
         conn = self._connection()  # fail now, with the file's name, if the file is unusable
         try:
@@ -111,6 +112,15 @@ class JudgeCache:
         if problem != "ok":
             self.close()
             raise JudgeCacheError(f"judge cache {self.path} is corrupt ({problem}): {NEW_CACHE_HINT}")
+
+    def _emptied(self) -> bool:
+        """An empty file that SQLite would take for a new database, and not one another process (a DDP
+        rank) is creating this moment: empty for longer than that takes."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return False
+        return st.st_size == 0 and time.time() - st.st_mtime > _CREATING_S
 
     def _connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

@@ -77,8 +77,8 @@ def aggregate_rankings(rankings: Sequence[Ranking], num_candidates: int) -> Rank
 class OpenAIJudge(Judge):
     """Ranks candidates with an LLM behind the chat-completions API (the paper: gpt-3.5-turbo-0613).
 
-    The arguments from ``model`` to ``price_per_million_output_tokens``, ``cache_path``, ``replay`` and
-    ``max_consecutive_failures`` are the chat client's settings
+    The arguments from ``model`` to ``price_per_million_output_tokens``, ``cache_path``, ``replay``,
+    ``max_consecutive_failures`` and ``max_response_bytes`` are the chat client's settings
     (:class:`~cyclealign_pl.judges.transport.ChatSettings`, described there and in ``--help``); the others
     are the ranking's own.
 
@@ -124,6 +124,7 @@ class OpenAIJudge(Judge):
         fallback: Judge | None = None,
         seed: int = 0,
         max_consecutive_failures: int | None = 8,
+        max_response_bytes: int = 1 << 20,
     ) -> None:
         arguments = locals()
         try:
