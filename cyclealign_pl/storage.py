@@ -46,9 +46,26 @@ def is_environment_error(err: BaseException) -> bool:
 
 
 def describe(err: OSError, what: str = "cannot write") -> str:
-    """``"cannot write <path>: No space left on device"`` for an OSError with a path."""
-    where = err.filename if err.filename is not None else "?"
-    return f"{what} {where}: {err.strerror or err}"
+    """``"cannot write <path>: No space left on device"`` for an OSError."""
+    return f"{what} {failed_path(err) or '(a file)'}: {err.strerror or err}"
+
+
+def failed_path(err: OSError) -> str | None:
+    """The file an OSError is about: its ``filename``, else (a failed ``write()`` carries none) the file
+    object being written in the innermost frame of its traceback that holds one."""
+    if err.filename is not None:
+        return str(err.filename)
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            name = getattr(value, "name", None)
+            if hasattr(value, "write") and isinstance(name, str) and os.sep in name:
+                return name
+    return None
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
@@ -191,6 +208,7 @@ __all__ = [
     "StorageError",
     "atomic_write",
     "describe",
+    "failed_path",
     "is_environment_error",
     "remove_temporaries",
     "run_identity",

@@ -394,3 +394,59 @@ def test_the_judge_sees_a_long_prompt_as_trimmed_to_the_runs_budget(tmp_path):
     assert all(r.instruction.endswith("What about roses?\n\nAssistant:") for r in long_seen)
     demos = [d.instruction for r in judge.requests for d in r.demonstrations]
     assert all(len(d.encode()) <= budget_bytes for d in demos)
+
+
+# -- 5. storage faults: a full disk under the logs, a read-only run directory or cache ----------------------
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_metrics_is_one_line_and_status_3_keeping_the_checkpoints(
+    second_filesystem, capsys
+):
+    root = second_filesystem("64m") / "run"
+    logs = root / "logs"
+    logs.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(logs)], check=True)
+    args = cli_args(
+        root, *FAST, "--trainer.limit_train_batches", "8", "--data.init_args.num_train_prompts", "8"
+    )
+    args += ["--export.enabled", "false"]
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main(["fit", *args, "--trainer.logger.init_args.flush_logs_every_n_steps", "1"])
+        err = capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", "-l", str(logs)], check=False)
+    assert stopped.value.code == EXIT_STOPPED
+    lines = [line for line in err.splitlines() if line.startswith("cyclealign_pl:")]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and str(logs) in lines[0], err[-2000:]
+    assert "Traceback" not in err
+    saved = list((root / "checkpoints").glob("*.ckpt"))
+    assert saved and all(steps_in(p) >= 1 for p in saved)  # the checkpoints written before are intact
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["run_dir", "cache"])
+def test_a_read_only_run_directory_or_cache_is_one_line_naming_it(where, second_filesystem, capsys):
+    folder = second_filesystem("16m")
+    cache = folder / "cache" / "judge_cache.sqlite"
+    cache.parent.mkdir()
+    if where == "cache":
+        from cyclealign_pl.judges.cache import JudgeCache
+
+        JudgeCache(cache).close()
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    root = folder / "run" if where == "run_dir" else folder.parent / "run"
+    args = cli_args(root, *FAST)
+    if where == "cache":
+        args += ["--model.judge", "cyclealign_pl.judges.openai.OpenAIJudge", "--model.judge.init_args.model"]
+        args += ["m", "--model.judge.init_args.base_url", "http://127.0.0.1:9/v1"]
+        args += ["--model.judge.init_args.cache_path", str(cache)]
+    with pytest.raises(SystemExit) as refused:
+        main(["fit", *args])
+    err = capsys.readouterr().err
+    assert refused.value.code in (EXIT_BAD_INPUT, EXIT_STOPPED)
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("cyclealign_pl:")]
+    named = str(root) if where == "run_dir" else str(cache)
+    assert len(lines) == 1 and named in lines[0] and "read-only" in lines[0].lower(), err[-2000:]

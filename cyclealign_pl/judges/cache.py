@@ -147,6 +147,13 @@ class JudgeCache:
                     f"{SCHEMA_VERSION}; use another cache_path"
                 )
         except sqlite3.DatabaseError as err:
+            if not os.access(self.path.parent, os.W_OK) or (
+                self.path.exists() and not os.access(self.path, os.W_OK)
+            ):
+                raise JudgeCacheError(
+                    f"judge cache {self.path} cannot be written (read-only file or folder: {err}): make it "
+                    "writable, or point --model.judge.init_args.cache_path to a writable file"
+                ) from err
             raise JudgeCacheError(
                 f"judge cache {self.path} is not a usable SQLite database ({err}): {NEW_CACHE_HINT}"
             ) from err
