@@ -22,6 +22,7 @@ from cyclealign_pl.evaluation import reply_stats
 from cyclealign_pl.hf import plain_model
 from cyclealign_pl.judges.base import RankRequest
 from cyclealign_pl.metrics import RankingAccuracy
+from cyclealign_pl.storage import StorageError, is_environment_error
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +227,18 @@ class ExportPretrained(Callback):
 
     @rank_zero_only
     def _export(self, pl_module: LightningModule, path: str) -> None:
-        plain_model(pl_module.model).save_pretrained(path)  # LoRA adapters merged: plain transformers
-        pl_module.tokenizer.save_pretrained(path)
+        try:
+            plain_model(pl_module.model).save_pretrained(path)  # LoRA adapters merged: plain transformers
+            pl_module.tokenizer.save_pretrained(path)
+        except Exception as err:  # safetensors reports a full disk as its own error, with the OS's words
+            if is_environment_error(err) or "os error" in str(err):
+                why = getattr(err, "strerror", None) or err
+                raise StorageError(
+                    f"cannot write the export {path}: {why}; the checkpoints are intact: make room, then "
+                    "resume with --ckpt_path last to export again",
+                    path,
+                ) from err
+            raise
         log.info("exported the aligned white-box to %s", path)
 
 

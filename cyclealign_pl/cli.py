@@ -161,10 +161,25 @@ class CycleAlignCLI(LightningCLI):
     def _resolve_checkpoint(self, config, run_dir) -> None:
         """``--ckpt_path last`` -> this root's newest ``last*.ckpt``; one run per root; nothing to do if
         done."""
+        from cyclealign_pl import storage
+
         dirs = run_dir.checkpoint_dirs(config)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last" and dirs:
-            last = run_dir.resolve_last(dirs)
+            for folder in dirs:  # what a writer killed mid-checkpoint left
+                storage.remove_temporaries(folder)
+            last, skipped = run_dir.resolve_resumable(dirs)
+            if skipped:
+                damaged = "; ".join(f"{p.name} ({why})" for p, why in skipped)
+                if last is None:
+                    self._error(
+                        f"--ckpt_path last: no checkpoint in {', '.join(map(str, dirs))} loads: {damaged}; "
+                        "start again in another --trainer.default_root_dir"
+                    )
+                print(
+                    f"cyclealign_pl: resuming from {last}: newer checkpoints do not load: {damaged}",
+                    file=sys.stderr,
+                )
             if last is None and self.subcommand != "fit":
                 self._error(
                     f"--ckpt_path last: no last*.ckpt in {', '.join(map(str, dirs))}; train with fit "
@@ -188,9 +203,20 @@ class CycleAlignCLI(LightningCLI):
             return
         trainer = config["trainer"]
         done = run_dir.finished_message(progress, trainer.get("max_epochs"), trainer.get("max_steps"))
-        if done is not None:
+        if done is None:
+            return
+        if storage.run_record(run_dir.root_dir(config)).get("fit_complete") is True:
             print(f"cyclealign_pl: {ckpt_path}: {done}")
             sys.exit(0)
+        # the training is done, but the fit was stopped before its end (a kill during the final evaluation or
+        # the export): Lightning skips the finished training loop; the export, the evaluation and the
+        # summary are done again (after_fit)
+        print(
+            f"cyclealign_pl: {ckpt_path}: the training is finished but the fit did not reach its end: "
+            "finishing it (export, final evaluation, summary)",
+            file=sys.stderr,
+        )
+        self._finishing = True
 
     def instantiate_classes(self) -> None:
         from cyclealign_pl.hf import ModelLoadError
@@ -219,15 +245,41 @@ class CycleAlignCLI(LightningCLI):
         ):
             callbacks = [*callbacks, ModelSummary()]  # logs at INFO: run.log (Lightning's default prints)
         trainer_config["callbacks"] = callbacks
+        self._atomic_checkpoints(trainer_config)
         return super().instantiate_trainer(**kwargs)
+
+    @staticmethod
+    def _atomic_checkpoints(trainer_config: dict[str, Any]) -> None:
+        """Checkpoints written atomically in their own folder (``storage.AtomicCheckpointIO``), unless the
+        config chose a ``CheckpointIO`` or DeepSpeed (which writes its own checkpoint directories)."""
+        from lightning.fabric.plugins import CheckpointIO
+
+        from cyclealign_pl.storage import AtomicCheckpointIO
+
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        strategy = trainer_config.get("strategy")
+        name = strategy if isinstance(strategy, str) else type(strategy).__name__
+        if "deepspeed" in str(name).lower() or any(isinstance(p, CheckpointIO) for p in plugins):
+            return
+        trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
+
+    def before_fit(self) -> None:
+        """The run's record says this fit has not reached its end yet (until :meth:`after_fit` is done)."""
+        from cyclealign_pl import storage
+
+        if self.trainer.is_global_zero:
+            storage.update_run_record(self.trainer.default_root_dir, fit_complete=False)
 
     def after_fit(self) -> None:
         """Where the outputs went, what the run did, and a non-zero status if it changed nothing."""
-        from cyclealign_pl import summary
+        from cyclealign_pl import storage, summary
 
         trainer = self.trainer
         if trainer.interrupted or trainer.state.status.value != "finished":
             return
+        if getattr(self, "_finishing", False):
+            self._final_evaluation()
         report = self._get(self.config_init, "report")
         threshold = getattr(report, "judge_failure_warning", 0.2)
         result = summary.collect(self.model, trainer.callback_metrics, self._output_paths())
@@ -241,6 +293,7 @@ class CycleAlignCLI(LightningCLI):
             )
             for message in messages:
                 print(f"cyclealign_pl: {message}", file=sys.stderr)
+            storage.update_run_record(trainer.default_root_dir, fit_complete=True)
         if status:
             sys.exit(status)
 
@@ -284,6 +337,14 @@ class CycleAlignCLI(LightningCLI):
                 group.title, group.description = DATA_HELP, None
         return parser
 
+    def _final_evaluation(self) -> None:
+        """The validation a finished fit runs at its end, for a fit resumed after a kill during it (the
+        training loop, already done, is skipped, and with it the validation)."""
+        model, trainer = self.model, self.trainer
+        if getattr(model, "reward_model", None) is None or not trainer.limit_val_batches:
+            return
+        trainer.validate(model, datamodule=self.datamodule, verbose=False)
+
     def _output_paths(self) -> dict[str, str | None]:
         trainer = self.trainer
         checkpoint = trainer.checkpoint_callback
@@ -326,6 +387,7 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
     from cyclealign_pl.hub import HubUnreachable
     from cyclealign_pl.judges.base import JudgeStop
     from cyclealign_pl.module import CycleAlignModule, RunStopped
+    from cyclealign_pl.storage import StorageError, describe, is_environment_error
 
     # errors that name what is wrong with the user's input (file, line, field, path): the message is enough
     input_errors = (DataFileError, ModelLoadError, FileNotFoundError)
@@ -369,6 +431,18 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
     except HubUnreachable as error:  # says what was wanted and what to do
         print(f"cyclealign_pl: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    except StorageError as error:  # a checkpoint or record that could not be written: nothing partial left
+        print(f"cyclealign_pl: {error}", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+    except OSError as error:  # a full disk, a read-only folder while writing logs, metrics, exports
+        if not is_environment_error(error):
+            raise
+        print(
+            f"cyclealign_pl: {describe(error)}; the files written before are kept: make room (or make it "
+            "writable) and resume with --ckpt_path last",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_STOPPED)
     except ConnectionError as error:  # a hub dataset or model offline (the judge's own errors are counted)
         print(
             f"cyclealign_pl: bad input: {error}; offline, download it and give its local path (e.g. "

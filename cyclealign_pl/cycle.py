@@ -298,9 +298,10 @@ def _run_round(
 
     # 2. the black box ranks in the background, with each prompt's current demonstrations ...
     judged = [len(set(group)) >= 2 for group in texts]  # fewer than two distinct replies: nothing to rank
+    shown = [whitebox.visible_prompt(record.prompt) for record in active]  # as trimmed to the budget
     requests = [
-        RankRequest(record.prompt, tuple(group), pool.for_prompt(record.prompt_id))
-        for record, group, ok in zip(active, texts, judged)
+        RankRequest(prompt, tuple(group), pool.for_prompt(record.prompt_id))
+        for record, prompt, group, ok in zip(active, shown, texts, judged)
         if ok
     ]
     submitted = time.perf_counter()
@@ -324,7 +325,7 @@ def _run_round(
     for slot, record in enumerate(active):
         iteration = _record(texts[slot], whitebox_rankings[slot], scored.scores[slot], judgments[slot])
         record.iterations.append(iteration)
-        pool.add(record.prompt_id, _demonstration(record.prompt, iteration, config.demonstration_source))
+        pool.add(record.prompt_id, _demonstration(shown[slot], iteration, config.demonstration_source))
 
     # 5. one optimizer step on the black-box rankings (+ the judge's better reply on top)
     started = time.perf_counter()

@@ -45,6 +45,7 @@ from cyclealign_pl.judges.base import Judge, JudgeStop, JudgeUnavailable
 from cyclealign_pl.policy import DEFAULT_LOGIT_CHUNK_ELEMENTS, SamplingConfig, WhiteBox
 from cyclealign_pl.rng import capture_rng_state, restore_rng_state
 from cyclealign_pl.signals import EXIT_STOPPED, StopDeadline, StopRequest, sigterm_as_a_flag_only
+from cyclealign_pl.storage import run_identity
 
 log = logging.getLogger(__name__)
 
@@ -466,9 +467,12 @@ class CycleAlignModule(LightningModule):
         if self._pending_cycle_state is not None:
             self.cycle_state.load_state_dict(self._pending_cycle_state)
             self._pending_cycle_state = None
-        if self.run_id is None:
-            # a new run (a resumed one has its id from the checkpoint); one id for all ranks
-            self.run_id = self.trainer.strategy.broadcast(uuid.uuid4().hex)
+        # the run's id is fixed in <default_root_dir>/run.json when it first starts, before anything is spent,
+        # so that a resume after a crash before the first checkpoint counts the spend; one id for all ranks
+        run_id = self.run_id or uuid.uuid4().hex
+        if self.trainer.is_global_zero:
+            run_id = run_identity(self.trainer.default_root_dir, run_id)
+        self.run_id = self.trainer.strategy.broadcast(run_id)
         self.judge.bind_run(self.run_id, self.trainer.default_root_dir)  # spend recorded durably under it
         if self.zero_shot is None and self.trainer.global_step == 0 and not self.trained_ids:
             self.zero_shot = self._zero_shot_evaluation()

@@ -191,6 +191,14 @@ class WhiteBox:
         keep = max(self.prompt_budget(reply_room) - (self.bos_id is not None), 1)
         return max(len(self._tokens(prompt)) - keep, 0)
 
+    def visible_prompt(self, prompt: str) -> str:
+        """The prompt as the white box sees it: whole, or the text of its last tokens when it is longer than
+        the budget. The judge is shown this too: a 20k-word prompt is not sent whole on every request."""
+        overflow = self.prompt_overflow(prompt)
+        if not overflow:
+            return prompt
+        return self.tokenizer.decode(self._tokens(prompt)[overflow:], skip_special_tokens=True)
+
     def reply_token_ids(self, prompt: str, text: str) -> list[int]:
         """The token ids of ``text`` as the reply to ``prompt``: joined as ``prompt + " " + text`` (the
         dialogue format) and tokenised together, so the boundary tokens are the ones the model would have

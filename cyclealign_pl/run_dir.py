@@ -78,6 +78,36 @@ def resolve_last(dirs: list[Path]) -> Path | None:
     return last[-1] if last else None
 
 
+def unreadable(checkpoint: Path) -> str | None:
+    """Why a checkpoint file does not load (truncated, corrupt), or None if it does. Memory-mapped, so a
+    large checkpoint costs little to check; DeepSpeed's checkpoint directories are taken as they are."""
+    if not checkpoint.is_file():
+        return None
+    import torch
+
+    try:
+        torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)  # the run's own file
+    except Exception as err:  # torch raises RuntimeError, EOFError, pickle errors... for a damaged file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"{type(err).__name__}: {first[:120]}"
+    return None
+
+
+def resolve_resumable(dirs: list[Path]) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of ``dirs`` that loads, ``last*.ckpt`` first, then the others (newest first);
+    and the newer ones passed over with the reason (a kill or a full disk under an older version)."""
+    saved = saved_checkpoints(dirs)
+    order = [p for p in reversed(saved) if p.name.startswith("last")]
+    order += [p for p in reversed(saved) if not p.name.startswith("last")]
+    skipped = []
+    for checkpoint in order:
+        why = unreadable(checkpoint)
+        if why is None:
+            return checkpoint, skipped
+        skipped.append((checkpoint, why))
+    return None, skipped
+
+
 def refuse_second_run(dirs: list[Path], ckpt_path: str | None) -> None:
     """A fresh ``fit`` (or one from another run's checkpoint) must not write into a root holding a run."""
     existing = saved_checkpoints(dirs)

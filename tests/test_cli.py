@@ -52,8 +52,15 @@ def test_every_output_of_a_fit_goes_under_default_root_dir(default_run):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     log_dir = run_dir / "logs" / "version_0"
     assert Path(cli.trainer.log_dir) == log_dir
-    # the judge's cache (configs/tiny.yaml), which holds its spend ledger too
-    assert {p.name for p in run_dir.iterdir()} == {"checkpoints", "logs", "judge_cache.sqlite", "run.log"}
+    # the judge's cache (configs/tiny.yaml), its spend ledger and the run's record
+    assert {p.name for p in run_dir.iterdir()} == {
+        "checkpoints",
+        "logs",
+        "judge_cache.sqlite",
+        "judge_ledger.sqlite",
+        "run.json",
+        "run.log",
+    }
 
     rows = list(csv.DictReader((log_dir / "metrics.csv").read_text().splitlines()))
     iterations = [float(r["cycle/iterations"]) for r in rows if r.get("cycle/iterations")]

@@ -112,20 +112,30 @@ def test_each_request_is_recorded_before_its_reply_comes(tmp_path):
             j.close()
 
 
-def test_the_ledger_lives_in_the_cache_database_when_there_is_one(tmp_path):
+def test_the_ledger_lives_in_its_own_file_beside_a_cache(tmp_path):
+    """Losing or replacing the cache never loses the spend (issue 20, item 3)."""
     cache = tmp_path / "cache" / "judge.sqlite"
     with LocalOpenAIServer() as server:
         judge = OpenAIJudge(model="local-ranker", base_url=server.url, cache_path=str(cache))
         judge.bind_run("run-c", str(tmp_path / "run"))
         judge.rank(requests("c", 2))
         judge.close()
-    assert not (tmp_path / "run" / LEDGER_FILE).exists()
     with sqlite3.connect(cache) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert {"replies", "spend_totals", "spend_in_flight"} <= tables
+        assert "replies" in tables and "spend_totals" not in tables
+    with sqlite3.connect(tmp_path / "run" / LEDGER_FILE) as conn:
         recorded = conn.execute("SELECT recorded_requests FROM spend_totals WHERE run_id = 'run-c'")
         assert recorded.fetchone() == (2,)
-    assert FAKE_KEY.encode() not in b"".join(p.read_bytes() for p in cache.parent.iterdir())
+    cache.unlink()  # the cache is lost: the spend is not
+    with LocalOpenAIServer() as server:
+        again = OpenAIJudge(
+            model="local-ranker", base_url=server.url, cache_path=str(tmp_path / "new.sqlite")
+        )
+        again.bind_run("run-c", str(tmp_path / "run"))
+        assert again.metrics()["requests_sent"] == 2
+        again.close()
+    files = [*cache.parent.iterdir(), *(tmp_path / "run").iterdir()]
+    assert FAKE_KEY.encode() not in b"".join(p.read_bytes() for p in files if p.is_file())
 
 
 def test_state_dict_agrees_with_the_ledger_and_the_ledger_wins(tmp_path):

@@ -43,11 +43,15 @@ def _check_csv_header(path: Path) -> None:
     """A missing file, an empty file or a missing column is an error naming the file (and the column)."""
     if not path.is_file():
         raise FileNotFoundError(f"BeaverTails file not found: {path}; {WHERE_TO_GET}")
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            header = next(csv.reader(fh), None)
-    except UnicodeDecodeError as err:
-        raise DataFileError(path, f"not UTF-8 ({err.reason})", 1) from err
+    with path.open("rb") as raw:  # decoded line by line, so that an error names its own line
+        for line_no, data in enumerate(raw, start=1):
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problem = f"not UTF-8 ({err.reason} at byte {err.start + 1})"
+                raise DataFileError(path, problem, line_no) from None
+    with path.open(newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), None)
     if not header:
         raise DataFileError(path, "no header row (the file is empty)")
     missing = [c for c in REQUIRED_COLUMNS if c not in header]

@@ -181,8 +181,14 @@ def scan_jsonl(path: str | Path) -> list[int]:
     lines: list[int] = []
     line_no = 0
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
+        with opener(path, "rb") as fh:  # bytes, decoded line by line: an error names its own line
+            for line_no, data in enumerate(fh, start=1):
+                try:
+                    line = data.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataFileError(
+                        path, f"not UTF-8 ({err.reason} at byte {err.start + 1})", line_no
+                    ) from None
                 if not line.strip():
                     continue
                 try:
@@ -197,14 +203,25 @@ def scan_jsonl(path: str | Path) -> list[int]:
                     if value is not None and not isinstance(value, str):
                         problem = f"field {key!r} must be a string, got {type(value).__name__}"
                         raise DataFileError(path, problem, line_no)
+                    if value and not _is_text(value):
+                        problem = f"field {key!r} holds a lone surrogate escape (e.g. \\ud800): not text"
+                        raise DataFileError(path, problem, line_no)
                 lines.append(line_no)
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; truncation an EOFError
         raise DataFileError(path, f"cannot read ({type(err).__name__}: {err})", line_no + 1) from err
-    except UnicodeDecodeError as err:
-        raise DataFileError(path, f"not UTF-8 ({err.reason})", line_no + 1) from err
     if not lines:
         raise DataFileError(path, "no rows (the file is empty)")
     return lines
+
+
+def _is_text(value: str) -> bool:
+    """False for a string with a lone UTF-16 surrogate (JSON's ``"\\ud800"``), which no tokenizer or file
+    can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_raw(

@@ -101,7 +101,7 @@ class Judge(abc.ABC):
         """Record spend durably for the run ``run_id`` (the same id on every rank and after a resume).
 
         API judges keep what they spend in a ledger that survives ``kill -9`` and enforce their budget against
-        it; ``run_dir`` is where the ledger goes when the judge has no database of its own. Local judges spend
+        it; the ledger is a file of its own in ``run_dir`` (never the cache). Local judges spend
         nothing.
         """
 

@@ -22,7 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cyclealign_pl.judges.base import JudgeUnavailable
+
 SCHEMA_VERSION = 1
+_CREATING_S = 5.0  # an empty cache file younger than this is being created by another process
+NEW_CACHE_HINT = (
+    "to go on, point --model.judge.init_args.cache_path to a new file, accepting to pay again for the "
+    "replies it held (the spend so far is kept in the run's judge_ledger.sqlite)"
+)
+
+
+class JudgeCacheError(JudgeUnavailable, ValueError):
+    """The cache file cannot be used (empty although it existed, corrupt, another schema): one line naming
+    the file and how to go on; never taken as a fresh cache, which would pay again in silence."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,25 @@ class JudgeCache:
         self._local = threading.local()
         self._all: list[tuple[int, sqlite3.Connection]] = []
         self._lock = threading.Lock()
-        self._connection()  # fail now, with the file's name, if the file is unusable
+        if self._emptied():
+            raise JudgeCacheError(f"judge cache {self.path} is empty (0 bytes) but existed: {NEW_CACHE_HINT}")
+        conn = self._connection()  # fail now, with the file's name, if the file is unusable
+        try:
+            problem = conn.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as err:
+            problem = str(err)
+        if problem != "ok":
+            self.close()
+            raise JudgeCacheError(f"judge cache {self.path} is corrupt ({problem}): {NEW_CACHE_HINT}")
+
+    def _emptied(self) -> bool:
+        """An empty file that SQLite would take for a new database, and not one another process (a DDP
+        rank) is creating this moment: empty for longer than that takes."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return False
+        return st.st_size == 0 and time.time() - st.st_mtime > _CREATING_S
 
     def _connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -117,23 +147,39 @@ class JudgeCache:
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 conn.close()
-                raise ValueError(
+                raise JudgeCacheError(
                     f"judge cache {self.path} has schema version {version}, this code reads "
                     f"{SCHEMA_VERSION}; use another cache_path"
                 )
         except sqlite3.DatabaseError as err:
-            raise ValueError(f"judge cache {self.path} is not a usable SQLite database: {err}") from err
+            if not os.access(self.path.parent, os.W_OK) or (
+                self.path.exists() and not os.access(self.path, os.W_OK)
+            ):
+                raise JudgeCacheError(
+                    f"judge cache {self.path} cannot be written (read-only file or folder: {err}): make it "
+                    "writable, or point --model.judge.init_args.cache_path to a writable file"
+                ) from err
+            raise JudgeCacheError(
+                f"judge cache {self.path} is not a usable SQLite database ({err}): {NEW_CACHE_HINT}"
+            ) from err
+        except OSError as err:  # a read-only folder, a full disk
+            raise JudgeCacheError(f"judge cache {self.path}: cannot create it ({err.strerror})") from err
         self._local.conn, self._local.pid = conn, os.getpid()
         with self._lock:
             self._all.append((os.getpid(), conn))
         return conn
 
     def get(self, key: str) -> CachedReply | None:
-        row = (
-            self._connection()
-            .execute("SELECT reply, prompt_tokens, completion_tokens FROM replies WHERE key = ?", (key,))
-            .fetchone()
-        )
+        try:
+            row = (
+                self._connection()
+                .execute("SELECT reply, prompt_tokens, completion_tokens FROM replies WHERE key = ?", (key,))
+                .fetchone()
+            )
+        except sqlite3.DatabaseError as err:  # damaged while the run went on
+            raise JudgeCacheError(
+                f"judge cache {self.path} cannot be read ({err}): {NEW_CACHE_HINT}"
+            ) from err
         return None if row is None else CachedReply(row[0], int(row[1]), int(row[2]))
 
     def put(self, key: str, reply: CachedReply) -> bool:
@@ -175,4 +221,4 @@ class JudgeCache:
         return f"JudgeCache({str(self.path)!r})"
 
 
-__all__ = ["CachedReply", "JudgeCache", "cache_key"]
+__all__ = ["CachedReply", "JudgeCache", "JudgeCacheError", "cache_key"]

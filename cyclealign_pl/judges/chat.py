@@ -38,7 +38,7 @@ from cyclealign_pl.judges.transport import ChatReply, ChatSettings, ChatTranspor
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-LEDGER_FILE = "judge_ledger.sqlite"  # in the run directory, when the client has no cache database
+LEDGER_FILE = "judge_ledger.sqlite"  # in the run directory, apart from the cache
 UNBOUND_RUN = "unbound"  # the run id of the private in-memory ledger, before bind_run
 SPEND = ("requests_sent", "prompt_tokens", "completion_tokens", "cost_usd")  # from the ledger
 CLIENT_COUNTERS = (
@@ -192,7 +192,8 @@ class ChatClient:
         self.wait(self.submit(self._preflight))
 
     def bind_run(self, run_id: str, run_dir: str | os.PathLike[str]) -> None:
-        """Keep the spend ledger of run ``run_id`` in the cache database, else in ``run_dir``.
+        """Keep the spend ledger of run ``run_id`` in its own file in ``run_dir`` (never in the cache: losing
+        or replacing the cache must not lose the spend).
 
         Spend recorded before (in the private ledger: a preflight request, say) moves into the run's ledger;
         spend loaded from a checkpoint is carried in where the ledger knows less. Raises ValueError for an
@@ -200,7 +201,7 @@ class ChatClient:
         """
         if not isinstance(run_id, str) or not run_id:
             raise ValueError(f"{self.name}: bind_run needs a non-empty run id, got {run_id!r}")
-        path = str(self.settings.cache_path or Path(run_dir) / LEDGER_FILE)
+        path = str(Path(run_dir) / LEDGER_FILE)
         with self._lock:
             old = self._ledger if self._ledger_pid == os.getpid() else None
             if self.run == (run_id, path) and old is not None:

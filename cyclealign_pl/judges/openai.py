@@ -89,8 +89,8 @@ def aggregate_rankings(rankings: Sequence[Ranking], num_candidates: int) -> Rank
 class OpenAIJudge(Judge):
     """Ranks candidates with an LLM behind the chat-completions API (the paper: gpt-3.5-turbo-0613).
 
-    The arguments from ``model`` to ``price_per_million_output_tokens``, ``cache_path``, ``replay`` and
-    ``max_consecutive_failures`` are the chat client's settings
+    The arguments from ``model`` to ``price_per_million_output_tokens``, ``cache_path``, ``replay``,
+    ``max_consecutive_failures`` and ``max_response_bytes`` are the chat client's settings
     (:class:`~cyclealign_pl.judges.transport.ChatSettings`, described there and in ``--help``); the others
     are the ranking's own.
 
@@ -148,6 +148,7 @@ class OpenAIJudge(Judge):
         max_consecutive_failures: int | None = 8,
         structured_output: Literal["auto", "json_schema", "json_object", "off"] = "auto",
         server: LlamaCppServer | None = None,
+        max_response_bytes: int = 1 << 20,
     ) -> None:
         arguments = locals()
         if structured_output not in ("auto", *STRUCTURED_OUTPUT_FORMS):
@@ -217,7 +218,7 @@ class OpenAIJudge(Judge):
             self.fallback.preflight()
 
     def bind_run(self, run_id: str, run_dir: str) -> None:
-        """Record spend in the ledger of run ``run_id`` (the cache database, else run_dir/judge_ledger.sqlite)
+        """Record spend in the ledger of run ``run_id`` (``run_dir/judge_ledger.sqlite``, not the cache)
         and enforce the budget against it; the fallback judge keeps its own books (``<run_id>/fallback``)."""
         self.client.bind_run(run_id, run_dir)
         if self.fallback is not None:

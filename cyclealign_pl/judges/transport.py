@@ -56,7 +56,15 @@ log = logging.getLogger(__name__)
 PLACEHOLDER_KEY = "sk-no-key-required"  # sent to loopback servers when api_key_env is unset
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # What a failed call can be (``ChatReply.kind``); the judge counts them as judge/failures/<kind>.
-CALL_FAILURE_KINDS = ("timeout", "connection", "rate_limit", "server_error", "http_error", "bad_response")
+CALL_FAILURE_KINDS = (
+    "timeout",
+    "connection",
+    "rate_limit",
+    "server_error",
+    "http_error",
+    "bad_response",
+    "too_large",
+)
 # Failures that say the server (not this one request) is in trouble: every request waits out the backoff.
 _PAUSE_ALL = frozenset({"rate_limit", "server_error", "connection"})
 # Failures that say nothing answered at all: counted by the circuit breaker.
@@ -145,6 +153,8 @@ class ChatSettings:
         replay: answer only from the cache, never send a request; a miss fails with reason ``"replay miss"``.
         max_consecutive_failures: stop (``JudgeUnavailable``) after this many transport failures in a row
             (connection refused, name not resolved, timeouts) with no success between; None: never.
+        max_response_bytes: the largest response body read from the server; a longer one is cut off while
+            it streams in (never held whole, never cached) and is a failure of kind ``too_large``.
     """
 
     model: str = "gpt-3.5-turbo-0613"
@@ -170,6 +180,7 @@ class ChatSettings:
     cache_path: str | None = None
     replay: bool = False
     max_consecutive_failures: int | None = 8
+    max_response_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -184,9 +195,10 @@ class ChatSettings:
             "budget_tokens",
             "budget_usd",
             "max_consecutive_failures",
+            "max_response_bytes",
         ):
             value = getattr(self, name)
-            required = name in ("request_timeout", "max_concurrency")
+            required = name in ("request_timeout", "max_concurrency", "max_response_bytes")
             if (value is not None or required) and not _number(value) > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
         for name in (
@@ -431,8 +443,14 @@ class ChatTransport:
                 default_headers=self._headers() or None,
                 http_client=openai.DefaultAsyncHttpxClient(
                     timeout=httpx2.Timeout(s.request_timeout, connect=s.preflight_timeout),
-                    limits=httpx2.Limits(
-                        max_connections=s.max_concurrency, max_keepalive_connections=s.max_concurrency
+                    transport=_capped_transport(
+                        httpx2.AsyncHTTPTransport(
+                            limits=httpx2.Limits(
+                                max_connections=s.max_concurrency,
+                                max_keepalive_connections=s.max_concurrency,
+                            )
+                        ),
+                        s.max_response_bytes,
                     ),
                 ),
             )
@@ -750,7 +768,12 @@ class ChatTransport:
         except (asyncio.TimeoutError, openai.APITimeoutError):
             reason = f"timeout: no reply from {url} within {timeout:g} s {tries}"
             return _Outcome(ChatReply(kind="timeout", reason=reason), retryable=True)
+        except ResponseTooLarge as err:
+            return _Outcome(ChatReply(kind="too_large", reason=f"too_large: {url}: {err}"))
         except openai.APIConnectionError as err:
+            too_large = _cause(err, ResponseTooLarge)
+            if too_large is not None:  # raised in the transport: the client calls it a connection error
+                return _Outcome(ChatReply(kind="too_large", reason=f"too_large: {url}: {too_large}"))
             reason = f"connection: cannot reach {url}: {connection_problem(err, url)} {tries}"
             return _Outcome(ChatReply(kind="connection", reason=reason), retryable=True)
         except openai.APIStatusError as err:
@@ -784,6 +807,59 @@ class ChatTransport:
         if usage is None:
             return text, None
         return text, (int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0))
+
+
+class ResponseTooLarge(Exception):
+    """The server's response is longer than ``max_response_bytes``."""
+
+
+def _cause(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """``err`` or the first of its causes / contexts that is a ``kind``."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _capped_transport(transport: Any, max_bytes: int) -> Any:
+    """``transport`` whose responses raise :class:`ResponseTooLarge` past ``max_bytes`` of body: refused
+    by their ``Content-Length`` before reading, or cut off while streaming, so a huge reply is never held."""
+    import httpx2
+
+    class CappedStream(httpx2.AsyncByteStream):
+        def __init__(self, stream: Any) -> None:
+            self._stream = stream
+
+        async def __aiter__(self) -> Any:
+            read = 0
+            async for chunk in self._stream:
+                read += len(chunk)
+                if read > max_bytes:
+                    raise ResponseTooLarge(f"the response is longer than max_response_bytes={max_bytes}")
+                yield chunk
+
+        async def aclose(self) -> None:
+            await self._stream.aclose()
+
+    class CappedTransport(httpx2.AsyncBaseTransport):
+        async def handle_async_request(self, request: Any) -> Any:
+            response = await transport.handle_async_request(request)
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > max_bytes:
+                await response.aclose()
+                raise ResponseTooLarge(
+                    f"the response has {int(length)} bytes, more than max_response_bytes={max_bytes}"
+                )
+            response.stream = CappedStream(response.stream)
+            return response
+
+        async def aclose(self) -> None:
+            await transport.aclose()
+
+    return CappedTransport()
 
 
 __all__ = [
