@@ -76,6 +76,7 @@ def _fit_generations(run_dir: Path) -> Path:
 def test_reload_and_compare_notebook(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     notebook = _execute("01_reload_and_compare", tiny_run, monkeypatch)
     assert _plot_cells_draw(notebook) == 2  # Fig. 4 (iterations, reward) and Fig. 3 (ranking accuracy)
+    assert len(set(_images(notebook))) == 2  # two different plots
     out = _stdout(notebook)
     assert "trained for 48 steps" in out
     assert "checkpoint: checkpoints/last.ckpt" in out and "training logs: logs/version_0" in out
@@ -88,6 +89,24 @@ def test_reload_and_compare_notebook(tiny_run: Path, monkeypatch: pytest.MonkeyP
         assert "COLLAPSED" in out and "gives the checkpoint's replies" not in out
     else:
         assert "COLLAPSED" not in out and "exported model gives the checkpoint's replies: True" in out
+
+    # held-out prompts where the two models differ, each reply with its reward
+    with open(tiny_run / "results" / "replies_base_vs_aligned.csv", newline="", encoding="utf-8") as fh:
+        differ = list(csv.DictReader(fh))
+    assert f"{len(differ)} of 100 held-out prompts get a different reply from the aligned model" in out
+    assert differ and all(row["base"] != row["aligned (checkpoint)"] for row in differ)
+    zero_shot = {
+        r["id"]: r
+        for r in map(json.loads, (_fit_generations(tiny_run).with_name("zero_shot_generations.jsonl")).open())
+    }
+    held_out = {r["id"] for r in records}
+    assert {row["id"] for row in differ} <= held_out == set(zero_shot)  # the run's evaluation prompts only
+    for row in differ:
+        base_reward, aligned_reward = float(row["base reward"]), float(row["aligned reward"])
+        assert 0 <= base_reward <= 100 and 0 <= aligned_reward <= 100
+        assert float(row["gain"]) == pytest.approx(aligned_reward - base_reward, abs=2e-4)
+        if row["base"] == zero_shot[row["id"]]["reply"]:  # the evaluator gives a reply the run's reward
+            assert base_reward == pytest.approx(zero_shot[row["id"]]["reward"], abs=0.01)
 
 
 def test_reload_and_compare_notebook_says_when_replies_collapsed(tiny_run, tmp_path, monkeypatch) -> None:
@@ -128,9 +147,22 @@ def _paired_gain(run_dir: Path) -> tuple[float, float, int]:
     return mean, se, len(diffs)
 
 
+def _images(notebook: nbformat.NotebookNode) -> list[str]:
+    return [
+        o["data"]["image/png"]
+        for c in notebook.cells
+        if "plot" in c.metadata.get("tags", [])
+        for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]
+
+
 def test_results_tables_notebook(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     notebook = _execute("02_results_tables", tiny_run, monkeypatch)
     assert _plot_cells_draw(notebook) == 2  # rewards per subset, gains with error bars
+    plots = [c.source for c in notebook.cells if "plot" in c.metadata.get("tags", [])]
+    assert len(set(plots)) == len(plots) and len(set(_images(notebook))) == len(_images(notebook)) == 2
+    assert "mean reward per subset" in plots[0] and "gain over the base model" in plots[1]
     with open(tiny_run / "results" / "table1_hh_rlhf.csv", newline="") as fh:
         table1 = list(csv.DictReader(fh))
     assert [row["evaluation"] for row in table1] == [

@@ -165,6 +165,8 @@ def test_bad_rows_are_counted_and_bad_files_named(tmp_path: Path, cache_dir: str
         PromptDataModule(str(tmp_path / "p.txt"))
     with pytest.raises(ValueError, match="held out of the training data, say how many"):
         PromptDataModule(str(path), eval_prompts_per_subset=None)
+    with pytest.raises(ValueError, match=r"eval_split='test': the file .*p\.jsonl has one split"):
+        PromptDataModule(str(path), eval_split="test")
 
 
 def test_the_data_modules_share_one_base_class() -> None:

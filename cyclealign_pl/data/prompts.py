@@ -288,6 +288,11 @@ class PromptDataModule(PromptDataModuleBase):
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{what} must be >= 1 or None (all), got {value}")
+        if eval_split is not None and eval_path is None and Path(path).expanduser().is_file():
+            raise ValueError(
+                f"eval_split={eval_split!r}: the file {path} has one split; give the evaluation prompts as "
+                "eval_path, or leave eval_split unset to hold some out of the training data"
+            )
         held_out = eval_path is None and eval_split is None
         if held_out and eval_prompts_per_subset is None:
             raise ValueError(
