@@ -237,7 +237,7 @@ def test_the_run_identity_is_fixed_in_the_run_directory_before_anything_is_spent
 def test_a_budget_counts_every_request_of_the_run_across_a_kill_before_its_first_checkpoint(tmp_path):
     import signal
 
-    from cyclealign_pl.testing.openai_server import LocalOpenAIServer
+    from tests.openai_server import LocalOpenAIServer
     from tests.test_reliability import FitProcess, questions, write_hh
 
     data = write_hh(tmp_path / "hh", questions("budget", 24))
@@ -354,7 +354,7 @@ def test_a_huge_judge_reply_is_cut_off_counted_as_a_failure_and_not_cached(tmp_p
     from cyclealign_pl.judges.base import RankRequest
     from cyclealign_pl.judges.cache import JudgeCache
     from cyclealign_pl.judges.openai import OpenAIJudge
-    from cyclealign_pl.testing.openai_server import Behaviour, LocalOpenAIServer
+    from tests.openai_server import Behaviour, LocalOpenAIServer
 
     huge = "### The desired ranking is: [0, 1, 2]. " + "x" * (5 << 20)  # 5 MB
     cache = tmp_path / "cache.sqlite"

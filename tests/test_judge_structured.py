@@ -12,8 +12,7 @@ import pytest
 
 from cyclealign_pl.judges.limits import ConcurrencyLimit
 from cyclealign_pl.judges.prompt import parse_reply, ranking_schema
-from cyclealign_pl.testing import Behaviour, parse_prompt
-from cyclealign_pl.testing.openai_server import rank_candidates
+from tests.openai_server import Behaviour, parse_prompt, rank_candidates
 from tests.test_openai_judge import EXPECTED, make_requests
 
 
