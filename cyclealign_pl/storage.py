@@ -45,8 +45,9 @@ def is_environment_error(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS
 
 
-def describe(err: OSError, what: str = "cannot write") -> str:
+def describe(err: OSError) -> str:
     """``"cannot write <path>: No space left on device"`` for an OSError."""
+    what = "cannot access" if err.errno in (errno.EACCES, errno.EPERM, errno.EIO) else "cannot write"
     return f"{what} {failed_path(err) or '(a file)'}: {err.strerror or err}"
 
 
