@@ -49,6 +49,7 @@ FIT=("$PYTHON" -m cyclealign_pl fit --config configs/tiny.yaml "${STRATEGY[@]}" 
 start=$(date +%s)
 timeout 150 "${FIT[@]}" --trainer.max_epochs 1
 timeout 150 "${FIT[@]}" --trainer.max_epochs 2 --ckpt_path last
+grep -h "Restored all states from the checkpoint" "$RUN/run.log"  # Lightning's resume line (kept in the run log)
 timeout 120 "$PYTHON" -m cyclealign_pl.export "$RUN/checkpoints/last.ckpt" "$OUT/exported"  # and reloads it
 echo "   ($(( $(date +%s) - start )) s)"
 echo "== done: files in $OUT"

@@ -434,6 +434,13 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
     except StorageError as error:  # a checkpoint or record that could not be written: nothing partial left
         print(f"cyclealign_pl: {error}", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
+    except ConnectionError as error:  # a hub dataset or model offline (the judge's own errors are counted)
+        print(
+            f"cyclealign_pl: bad input: {error}; offline, download it and give its local path (e.g. "
+            "--data.init_args.path for BeaverTails, --data.init_args.root for HH-RLHF)",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_BAD_INPUT)
     except OSError as error:  # a full disk, a read-only folder while writing logs, metrics, exports
         if not is_environment_error(error):
             raise
@@ -443,10 +450,3 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
             file=sys.stderr,
         )
         sys.exit(EXIT_STOPPED)
-    except ConnectionError as error:  # a hub dataset or model offline (the judge's own errors are counted)
-        print(
-            f"cyclealign_pl: bad input: {error}; offline, download it and give its local path (e.g. "
-            "--data.init_args.path for BeaverTails, --data.init_args.root for HH-RLHF)",
-            file=sys.stderr,
-        )
-        sys.exit(EXIT_BAD_INPUT)

@@ -7,13 +7,16 @@
   filesystem the commit is a copy over the old file, which a kill or ``ENOSPC`` truncates.)
 * :func:`run_record` / :func:`update_run_record` - ``<default_root_dir>/run.json``: the run's id, fixed the
   first time the run starts (before any request or checkpoint), and whether its last ``fit`` got to its end.
+* :class:`CSVLogger` - Lightning's, with ``metrics.csv`` rewritten atomically when a column appears.
 * :class:`StorageError` - a write the environment refused (full disk, read-only filesystem, no permission):
   one line naming the path, for the CLI's exit status 3.
 """
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import json
 import os
 import uuid
@@ -22,7 +25,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import loggers as lightning_loggers
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 TEMP_MARK = ".tmp-"  # temporary files: "<name>.tmp-<pid>-<hex>", never ending in ".ckpt"
 RUN_RECORD = "run.json"
@@ -45,8 +51,9 @@ def is_environment_error(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS
 
 
-def describe(err: OSError, what: str = "cannot write") -> str:
+def describe(err: OSError) -> str:
     """``"cannot write <path>: No space left on device"`` for an OSError."""
+    what = "cannot access" if err.errno in (errno.EACCES, errno.EPERM, errno.EIO) else "cannot write"
     return f"{what} {failed_path(err) or '(a file)'}: {err.strerror or err}"
 
 
@@ -172,6 +179,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(local, lambda f: torch.save(checkpoint, f))
 
 
+# -- metrics.csv -------------------------------------------------------------------------------------------
+
+
+class _MetricsWriter(ExperimentWriter):
+    """Lightning's CSV writer, but the rewrite of ``metrics.csv`` when a column appears is atomic (Lightning
+    truncates the file and writes it again: a full disk then loses every row written before)."""
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        if not _is_local(self.metrics_file_path):
+            super()._rewrite_with_new_header(fieldnames)
+            return
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        data = text.getvalue().encode("utf-8")
+        atomic_write(self.metrics_file_path, lambda f: f.write(data))
+
+
+class CSVLogger(lightning_loggers.CSVLogger):
+    """Lightning's ``CSVLogger`` whose ``metrics.csv`` keeps its rows through a full disk (the rewrite on a
+    new column is atomic; appended rows never touch the earlier ones)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _MetricsWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 # -- the run's record ---------------------------------------------------------------------------------------
 
 
@@ -205,6 +246,7 @@ def run_identity(root: str | os.PathLike[str], proposed: str | None = None) -> s
 
 __all__ = [
     "AtomicCheckpointIO",
+    "CSVLogger",
     "StorageError",
     "atomic_write",
     "describe",

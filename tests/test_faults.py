@@ -450,3 +450,21 @@ def test_a_read_only_run_directory_or_cache_is_one_line_naming_it(where, second_
     lines = [line for line in err.splitlines() if line.startswith("cyclealign_pl:")]
     named = str(root) if where == "run_dir" else str(cache)
     assert len(lines) == 1 and named in lines[0] and "read-only" in lines[0].lower(), err[-2000:]
+
+
+def test_metrics_csv_keeps_its_rows_when_a_rewrite_for_a_new_column_dies(tmp_path, monkeypatch):
+    """Lightning truncates ``metrics.csv`` and writes it again when a column appears; a full disk or a kill
+    at that moment lost every row before. The configs' logger rewrites it atomically."""
+    logger = storage.CSVLogger(save_dir=str(tmp_path), name="logs")
+    for step in range(3):
+        logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+        logger.save()
+    metrics = Path(logger.experiment.metrics_file_path)
+    before = metrics.read_bytes()
+    die_halfway_through(monkeypatch, metrics.parent, nth=1)
+    logger.log_metrics({"judge/requests_sent": 3.0}, step=3)  # a new column: the file is rewritten
+    with pytest.raises(SimulatedKill):
+        logger.save()
+    monkeypatch.undo()
+    assert metrics.read_bytes() == before
+    assert [p.name for p in metrics.parent.iterdir() if storage.TEMP_MARK in p.name] == []
