@@ -61,17 +61,20 @@ def test_the_packaged_gguf_becomes_a_plain_cached_hugging_face_chat_model(smollm
 
 
 def _fit_config(tmp_path: Path) -> Path:
-    """configs/smollm2.yaml as shipped, but for seconds: 2 prompts, 2 iterations, short replies, and a cheap
-    judge (the lexicon rule behind a loopback server) instead of the 135M LLM judge."""
+    """configs/smollm2.yaml as shipped, but for seconds: 2 prompts of 1 iteration, short replies, a
+    weights-only checkpoint, and a cheap judge (the lexicon rule behind a loopback server) instead of the
+    135M LLM judge."""
     config = yaml.safe_load(CONFIG.read_text())
     config["model"]["judge"] = {
         "class_path": "cyclealign_pl.demo.judge.LexiconJudge",
         "init_args": {"seed": 0},
     }
-    config["model"]["cycle"]["max_iterations"] = 2
-    config["model"]["sampling"]["max_new_tokens"] = 16
-    config["model"]["max_length"] = 192
+    config["model"]["cycle"]["max_iterations"] = 1
+    config["model"]["sampling"]["max_new_tokens"] = 12
+    config["model"]["max_length"] = 160
     config["trainer"]["limit_train_batches"] = 2
+    checkpoints = config["trainer"]["callbacks"][0]["init_args"]
+    checkpoints.update(every_n_batches=None, save_weights_only=True)  # one 0.5 GB file, not 1.6 GB twice
     path = tmp_path / "smollm2_quick.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
