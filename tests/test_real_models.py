@@ -107,9 +107,12 @@ def test_a_short_fit_of_smollm2_exports_a_gguf_that_llama_cpp_serves_with_the_sa
     prompts = [hh_prompt(q) for q in ("What is the capital of France?", "How do I bake bread?", "Say hi.")]
     expected = whitebox.greedy(prompts, max_new_tokens=16)
     served = Llama(model_path=str(out / GGUF_NAME), n_ctx=512, n_threads=2, verbose=False, seed=0)
-    for prompt, reply in zip(prompts, expected):
-        ids = whitebox.prompt_ids(prompt)
-        text = whitebox.tokenizer.decode(ids)
-        assert served.tokenize(text.encode(), add_bos=False, special=True) == ids  # the same tokenizer
-        completion = served.create_completion(ids, max_tokens=16, temperature=0.0, top_k=1)
-        assert completion["choices"][0]["text"].strip() == reply
+    try:
+        for prompt, reply in zip(prompts, expected):
+            ids = whitebox.prompt_ids(prompt)
+            text = whitebox.tokenizer.decode(ids)
+            assert served.tokenize(text.encode(), add_bos=False, special=True) == ids  # the same tokenizer
+            completion = served.create_completion(ids, max_tokens=16, temperature=0.0, top_k=1)
+            assert completion["choices"][0]["text"].strip() == reply
+    finally:
+        served.close()
