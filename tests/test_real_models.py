@@ -85,25 +85,22 @@ def test_a_short_fit_of_smollm2_exports_a_gguf_that_llama_cpp_serves_with_the_sa
     smollm2_dir, tmp_path
 ):
     from cyclealign_pl.cli import main
-    from cyclealign_pl.export import GGUF_NAME, check_export, export_checkpoint
-    from cyclealign_pl.hf import load_causal_lm, load_tokenizer
-    from cyclealign_pl.policy import WhiteBox
+    from cyclealign_pl.export import GGUF_NAME, export_checkpoint
 
     run_dir = tmp_path / "run"
     with Capture() as captured:
         cli = main(["fit", *cli_args(run_dir, config=_fit_config(tmp_path))])
     module = cli.model
     assert module.whitebox.chat and module.counters["optimizer_steps"] > 0, captured.err[-2000:]
-    exported = run_dir / "logs" / "version_0" / "hf_model"
-    assert "LlamaForCausalLM" in check_export(exported)  # the end-of-fit export of a GGUF-born white box
+    exported = run_dir / "logs" / "version_0" / "hf_model"  # the end-of-fit export of a GGUF-born white box
+    assert (exported / "model.safetensors").is_file() and json.loads((exported / "config.json").read_text())
+    assert "quantization_config" not in json.loads((exported / "config.json").read_text())
     out = export_checkpoint(run_dir / "checkpoints" / "last.ckpt", tmp_path / "out", gguf_type="f32")
-    trained = load_causal_lm(str(out))
-    assert torch.equal(trained.model.norm.weight, module.model.model.norm.weight)
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed: the GGUF was written but not served")
     from llama_cpp import Llama
 
-    whitebox = WhiteBox(trained, load_tokenizer(str(out)), max_length=256)
+    whitebox = module.whitebox  # the trained model in memory: the GGUF is written from its checkpoint
     prompts = [hh_prompt(q) for q in ("What is the capital of France?", "How do I bake bread?", "Say hi.")]
     expected = whitebox.greedy(prompts, max_new_tokens=16)
     served = Llama(model_path=str(out / GGUF_NAME), n_ctx=512, n_threads=2, verbose=False, seed=0)
