@@ -206,6 +206,10 @@ class ExportPretrained(Callback):
     """At the end of ``fit``, write the aligned white-box with ``save_pretrained`` (+ tokenizer).
 
     The directory loads in plain transformers (``AutoModelForCausalLM.from_pretrained``) or vLLM.
+    Default: ``<log_dir>/hf_model``. An export that fails is one logged line (``error``; ``fit`` then exits
+    with status 5): the run's checkpoints are kept and ``python -m cyclealign_pl.export`` writes the model
+    from them. A full disk or a read-only folder is a ``StorageError`` instead (status 3): the resumed fit
+    exports again.
 
     Args:
         dirpath: where to write it; null: ``<log_dir>/hf_model`` (under ``trainer.default_root_dir``).
@@ -216,17 +220,34 @@ class ExportPretrained(Callback):
         self.dirpath = dirpath
         self.enabled = enabled
         self.exported_to: str | None = None
+        self.error: str | None = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or trainer.interrupted:
             return
-        self.exported_to = self.dirpath or os.path.join(
-            trainer.log_dir or trainer.default_root_dir, "hf_model"
-        )
-        self._export(pl_module, self.exported_to)
+        path = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model")
+        try:
+            self._export(pl_module, path)
+        except StorageError:  # a full disk or read-only folder: status 3, and the resumed fit exports again
+            raise
+        except (
+            Exception
+        ) as error:  # after the whole run: one line, never a traceback that hides the checkpoints
+            reason = (str(error).strip().splitlines() or [""])[0]
+            self.error = (
+                f"the end-of-fit export to {path} failed ({type(error).__name__}: {reason}); the checkpoints "
+                "are kept: python -m cyclealign_pl.export <checkpoint> <out_dir> writes the model from one"
+            )
+            log.error(self.error)
+            return
+        self.exported_to = path
 
     @rank_zero_only
     def _export(self, pl_module: LightningModule, path: str) -> None:
+        if os.path.exists(path) and not os.path.isdir(
+            path
+        ):  # save_pretrained only logs this, writing nothing
+            raise NotADirectoryError(f"{path} exists and is not a directory")
         try:
             plain_model(pl_module.model).save_pretrained(path)  # LoRA adapters merged: plain transformers
             pl_module.tokenizer.save_pretrained(path)
@@ -239,6 +260,8 @@ class ExportPretrained(Callback):
                     path,
                 ) from err
             raise
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise OSError(f"save_pretrained wrote no config.json into {path}")
         log.info("exported the aligned white-box to %s", path)
 
 

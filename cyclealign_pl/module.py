@@ -42,7 +42,7 @@ from cyclealign_pl.evaluation import (
 )
 from cyclealign_pl.hf import apply_lora, load_causal_lm, load_tokenizer
 from cyclealign_pl.judges.base import Judge, JudgeStop, JudgeUnavailable
-from cyclealign_pl.policy import DEFAULT_LOGIT_CHUNK_ELEMENTS, SamplingConfig, WhiteBox
+from cyclealign_pl.policy import DEFAULT_LOGIT_CHUNK_ELEMENTS, PromptFormat, SamplingConfig, WhiteBox
 from cyclealign_pl.rng import capture_rng_state, restore_rng_state
 from cyclealign_pl.signals import EXIT_STOPPED, StopDeadline, StopRequest, sigterm_as_a_flag_only
 from cyclealign_pl.storage import run_identity
@@ -105,6 +105,9 @@ class CycleAlignModule(LightningModule):
         stop_grace_s: after SIGTERM or Ctrl-C, the seconds a fit may take to finish its iteration and save;
             past them the process exits (status 3) with the checkpoints it has, e.g. when it is blocked in a
             collective with a process that hung or died. null: wait however long it takes.
+        prompt_format: ``chat`` renders prompts with the tokenizer's chat template and ends replies at its
+            end-of-turn token (chat models); ``dialogue`` is the HH-RLHF ``Human:``/``Assistant:`` text (base
+            models, the paper's LLaMA); ``auto``: ``chat`` when the tokenizer has a chat template.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class CycleAlignModule(LightningModule):
         collapse_max_empty_share: float = 0.5,
         collapse_min_distinct_2: float = 0.02,
         stop_grace_s: float | None = 120.0,
+        prompt_format: PromptFormat = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["judge", "reward_model", "optimizer", "lr_scheduler"])
@@ -172,6 +176,7 @@ class CycleAlignModule(LightningModule):
             sampling,
             shared_prefix=shared_prefix,
             logit_chunk_elements=logit_chunk_elements,
+            prompt_format=prompt_format,
         )
         self.judge = judge
         self.reward_model = reward_model
