@@ -220,3 +220,18 @@ def test_a_managed_server_is_configured_in_yaml_and_checked_before_anything_star
         LlamaCppServer(gguf=str(tmp_path / "missing.gguf"))
     with pytest.raises(ValueError, match="n_ctx must be > 0"):
         LlamaCppServer(gguf=str(gguf), n_ctx=0)
+
+
+# ------------------------------------------------------------------------------------------ position bias
+
+
+def test_orders_that_cancel_out_are_a_counted_failure_not_a_tie_break(server, make_judge):
+    from cyclealign_pl.judges.base import RankRequest
+
+    server.responder = lambda index, body: Behaviour.reply('{"ranking": [0, 1], "better_response": "x"}')
+    pair = RankRequest("Human: Hi. Assistant:", ("Hello, how can I help?", "Go away."))  # first shown wins
+    biased = make_judge(num_permutations=2).rank([pair])[0]
+    assert biased.ranking is None and biased.failure.startswith("position bias: the 2 orders asked cancel")
+    assert make_judge(num_permutations=1).rank([pair])[0].ranking == (0, 1)  # one order cannot tell
+    server.responder = lambda index, body: json_answer(body)  # a judge that reads the content
+    assert make_judge(num_permutations=2).rank([pair])[0].ranking == (0, 1)
