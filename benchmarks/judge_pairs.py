@@ -82,6 +82,7 @@ def measure(judge, pairs: Sequence[tuple[str, str, str]]) -> dict[str, float]:
         "accuracy": correct / len(came) if came else float("nan"),
         "first_shown_first": first / len(came) if came else float("nan"),
         "requests": judge.metrics().get("requests_sent", 0.0) - before,
+        "prompt_tokens": judge.metrics().get("prompt_tokens", 0.0),
         "seconds": seconds,
         "better": [j.better_response for j in judgments if j.better_response][:3],
         "failures": sorted({(j.failure or "")[:90] for j in judgments if not j.ok})[:3],
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--structured_output", default="auto")
     parser.add_argument("--max_tokens", type=int, default=128)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument(
+        "--cache", default=None, help="a judge cache file shared by the settings (default: new)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
@@ -123,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
         f"structured_output={args.structured_output}, max_tokens={args.max_tokens}; "
         f"'the longer reply is better' scores {longer:.2f}"
     )
-    print(f"{'setting':<12} {'failed':>9} {'accuracy':>9} {'1st-shown':>9} {'requests':>9} {'s/request':>9}")
+    cache = args.cache or str(Path(tempfile.mkdtemp(prefix="judge-pairs-")) / "cache.sqlite")
+    header = ("setting", "failed", "accuracy", "1st-shown", "sent", "s/request", "tokens/req")
+    print(f"{header[0]:<12} " + " ".join(f"{h:>10}" for h in header[1:]))
     try:
         for name in args.settings:
             judge = OpenAIJudge(
@@ -134,16 +140,18 @@ def main(argv: list[str] | None = None) -> None:
                 structured_output=args.structured_output,
                 max_tokens=args.max_tokens,
                 request_timeout=300,
+                cache_path=cache,  # an order already asked by another setting is not asked again
                 **SETTINGS[name],
             )
             try:
                 r = measure(judge, pairs)
             finally:
                 judge.close()
-            per_request = r["seconds"] / max(1, r["requests"])
+            sent = max(1.0, r["requests"])
             print(
-                f"{name:<12} {r['failed']:>4}/{r['judgments']:<4} {r['accuracy']:>9.2f} "
-                f"{r['first_shown_first']:>9.2f} {r['requests']:>9.0f} {per_request:>9.2f}"
+                f"{name:<12} {r['failed']:>5}/{r['judgments']:<4} {r['accuracy']:>10.2f} "
+                f"{r['first_shown_first']:>10.2f} {r['requests']:>10.0f} {r['seconds'] / sent:>10.1f} "
+                f"{r['prompt_tokens'] / sent:>10.0f}"
             )
             for text in r["better"]:
                 print(f"    better response: {' '.join(text.split())[:150]!r}")

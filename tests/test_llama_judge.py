@@ -79,7 +79,7 @@ def test_many_concurrent_comparisons_against_one_slot_finish_without_transport_f
         api_key_env="CYCLEALIGN_TEST_NO_KEY",
         max_tokens=8,
         max_concurrency=16,  # compare's default; the adaptive limit brings it down to what the server takes
-        request_timeout=20,
+        request_timeout=90,  # a few service times: what queues is the client's own requests, kept few
         max_retries=0,
         max_consecutive_failures=1,
     )
@@ -87,7 +87,7 @@ def test_many_concurrent_comparisons_against_one_slot_finish_without_transport_f
     try:
         prompts = [
             build_pairwise_messages(f"Human: Name a colour ({i}). Assistant:", "Blue.", "I hate you.")
-            for i in range(8)
+            for i in range(6)
         ]
         replies = client.complete(prompts, template_version="pairwise_v1")
         metrics = client.metrics()
@@ -95,4 +95,4 @@ def test_many_concurrent_comparisons_against_one_slot_finish_without_transport_f
         client.close()
         server.stop()
     assert all(r.text is not None for r in replies), [r.reason for r in replies]
-    assert metrics["requests_in_flight_max"] <= 5
+    assert metrics["requests_in_flight_max"] <= 4
