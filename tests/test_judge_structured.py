@@ -235,3 +235,26 @@ def test_orders_that_cancel_out_are_a_counted_failure_not_a_tie_break(server, ma
     assert make_judge(num_permutations=1).rank([pair])[0].ranking == (0, 1)  # one order cannot tell
     server.responder = lambda index, body: json_answer(body)  # a judge that reads the content
     assert make_judge(num_permutations=2).rank([pair])[0].ranking == (0, 1)
+
+
+def test_a_managed_server_without_llama_cpp_installed_is_one_line_at_preflight(tmp_path, monkeypatch):
+    import importlib.util
+
+    from cyclealign_pl.judges.base import JudgeUnavailable
+    from cyclealign_pl.judges.llama_server import LlamaCppServer
+    from cyclealign_pl.judges.openai import OpenAIJudge
+
+    gguf = tmp_path / "judge.gguf"
+    gguf.write_bytes(b"GGUF")
+    judge = OpenAIJudge(server=LlamaCppServer(gguf=str(gguf)))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name)
+    )
+    try:
+        with pytest.raises(
+            JudgeUnavailable, match=r"llama-cpp-python is not installed: pip install -e '\.\[local\]'"
+        ):
+            judge.preflight()
+    finally:
+        judge.close()
