@@ -728,7 +728,7 @@ class ChatTransport:
             now = time.monotonic()
             self.last_reply_at = now
             self.limit.record(epoch, now - sent_at)
-        elif outcome.reply.kind in ("timeout", "rate_limit", "server_error"):
+        elif outcome.reply.kind in ("timeout", "rate_limit", "server_error") and not _schema_refused(outcome):
             self.limit.record(epoch, None, overloaded=True)
         self.counters.set("concurrency_limit", self.limit.current)
 
