@@ -276,7 +276,7 @@ class ParsedReply:
     failure: str | None
 
 
-_ECHOED_BLOCK = re.compile(r"<text-([0-9a-f]{8})>.*?</text-\1>", re.DOTALL)
+_ECHOED_BLOCK = re.compile(r"<text-([0-9a-f]{8,16})>.*?</text-\1>", re.DOTALL)
 _BETTER_MARKER = re.compile(
     r"^[ \t>#*_`]*(?:an?\s+|my\s+)?better\s+response(?:\s+would\s+be)?[ \t*_`]*:[ \t*_`]*",
     re.IGNORECASE | re.MULTILINE,
@@ -340,7 +340,7 @@ def _anywhere(text: str) -> list[tuple[int, ...]]:
 
 
 def _clean_better(text: str) -> str | None:
-    text = re.sub(r"</?text-[0-9a-f]{8}>", "", text).strip()
+    text = re.sub(r"</?text-[0-9a-f]{8,16}>", "", text).strip()
     if text.endswith("```"):  # the reply was wrapped in a code fence
         text = text[:-3].rstrip()
     if text.startswith("```"):
