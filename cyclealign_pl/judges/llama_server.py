@@ -4,7 +4,7 @@
 127.0.0.1 at first use, waits until it answers ``GET /v1/models``, and talks to it over HTTP like to any
 other server. Its log goes to ``judge_server.log`` in the run directory (``trainer.default_root_dir``). It is
 stopped when the judge closes (the end of the run, an error, a stop signal) and when this process exits; on
-Linux it also gets SIGTERM if this process dies without a word (``kill -9``). It runs in its own session, so
+Linux it is also killed if this process dies without a word (``kill -9``). It runs in its own session, so
 a Ctrl-C in the terminal stops the run first, and the run then stops it.
 
 A server that cannot start is one line (:class:`~cyclealign_pl.judges.base.JudgeUnavailable`) with the last
@@ -224,11 +224,12 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the server gets SIGTERM when the process that started it dies, even by SIGKILL."""
+    """Linux: the server is killed when the process that started it dies, even by SIGKILL (a graceful
+    SIGTERM would let it finish the request in hand, minutes on a busy CPU, with nobody to read it)."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 __all__ = ["LOG_FILE", "LlamaCppServer"]
