@@ -191,6 +191,12 @@ class CycleAlignCLI(LightningCLI):
         if done is not None:
             print(f"cyclealign_pl: {ckpt_path}: {done}")
             sys.exit(0)
+        steps = progress.counters.get("steps", progress.batches)
+        print(  # Lightning's "Restored all states" line is in the run log
+            f"cyclealign_pl: resuming from {ckpt_path} ({steps} steps, "
+            f"{progress.global_step} optimizer steps done)",
+            file=sys.stderr,
+        )
 
     def instantiate_classes(self) -> None:
         from cyclealign_pl.hf import ModelLoadError
