@@ -204,6 +204,12 @@ class CycleAlignCLI(LightningCLI):
         trainer = config["trainer"]
         done = run_dir.finished_message(progress, trainer.get("max_epochs"), trainer.get("max_steps"))
         if done is None:
+            steps = progress.counters.get("steps", progress.batches)
+            print(  # Lightning's "Restored all states" line is in the run log
+                f"cyclealign_pl: resuming from {ckpt_path} ({steps} steps, "
+                f"{progress.global_step} optimizer steps done)",
+                file=sys.stderr,
+            )
             return
         if storage.run_record(run_dir.root_dir(config)).get("fit_complete") is True:
             print(f"cyclealign_pl: {ckpt_path}: {done}")

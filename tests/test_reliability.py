@@ -348,7 +348,8 @@ def test_a_signal_stops_cleanly_with_a_checkpoint_and_status_3(interrupted_run, 
     assert f"cyclealign_pl: {reason}" in output
     assert f"A checkpoint was saved to {last}; resume with --ckpt_path {last}" in output
     assert "Traceback" not in output
-    # a resumed run's screen: no warnings about what the run handles itself (they are in run.log)
+    # a resumed run's screen: where it resumed, no warnings about what the run handles itself (in run.log)
+    assert f"cyclealign_pl: resuming from {last} (" in output
     for noise in ("weights_only", "exists and is not empty", "GPU available", "LeafSpec"):
         assert noise not in output, noise
 
