@@ -275,9 +275,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 continue
             ratio = serial_s / seconds if seconds < float("inf") else 0.0
             per_seed = [s / b for s, b in zip(serial["seconds"], figures["seconds"])]
-            spread = f"per seed {min(per_seed):.1f}-{max(per_seed):.1f}x" if len(per_seed) > 1 else ""
+            spread = f" (per seed {min(per_seed):.1f}-{max(per_seed):.1f}x)" if len(per_seed) > 1 else ""
             print(
-                f"  {loop} vs serial: {ratio:.1f}x in seconds ({spread}), "
+                f"  {loop} vs serial: {ratio:.1f}x in seconds{spread}, "
                 f"{serial_rounds / statistics.median(figures['rounds']):.1f}x in rounds "
                 f"(target >= 4x: {'met' if ratio >= 4 else 'NOT met'})"
             )

@@ -5,7 +5,8 @@
   its own demonstrations; every round but the last ones runs on a full batch; one optimizer step per round;
 * the black box answers while the white box scores (or, in the serial mode, before it scores);
 * scoring with a shared prompt prefix gives the scores and gradients of full sequences, and scoring in
-  chunks of tokens gives those of the whole logits.
+  chunks of tokens gives those of the whole logits;
+* benchmarks/time_to_quality.py runs its sweep with tiny settings and counts rounds and prompts to R.
 """
 
 from __future__ import annotations
