@@ -11,8 +11,9 @@ setting is the same judge with a different position-bias control:
   candidate shown first in the request).
 
 Printed per setting: judgments that failed (parse or transport), accuracy (chosen ranked first, over the
-judgments that came; 0.5 is chance), the share of judgments that put the first-shown reply first (position
-bias: 0.5 is none, 1.0 always the first, 0.0 always the second), requests, seconds; and the accuracy of
+judgments that came; 0.5 is chance), the share of judgments that put the request's first reply first (the
+one shown first, except under ``shuffle``; position bias: 0.5 is none, 1.0 always the first, 0.0 always the
+second), requests sent, seconds and prompt tokens per request sent; and the accuracy of
 "the longer reply is better" on the same pairs, for reference. A few better responses are shown.
 
     python benchmarks/judge_pairs.py --pairs 20                       # starts the packaged SmolLM2 judge
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         f"'the longer reply is better' scores {longer:.2f}"
     )
     cache = args.cache or str(Path(tempfile.mkdtemp(prefix="judge-pairs-")) / "cache.sqlite")
-    header = ("setting", "failed", "accuracy", "1st-shown", "sent", "s/request", "tokens/req")
+    header = ("setting", "failed", "accuracy", "1st-first", "sent", "s/request", "tokens/req")
     print(f"{header[0]:<12} " + " ".join(f"{h:>10}" for h in header[1:]))
     try:
         for name in args.settings:
