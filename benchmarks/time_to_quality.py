@@ -93,7 +93,7 @@ def one_round_at_a_time(
             cycle,
             update,
             drain=taken >= len(rows),
-            should_stop=lambda: True,  # asked after the first round: one round per call
+            should_stop=lambda _judge_stop: True,  # asked after the first round: one round per call
         )
         if not outcome.rounds:
             return

@@ -384,9 +384,7 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
         top_level_parser().error("choose a subcommand: fit, validate, test or predict")
 
     import logging
-    import os
 
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split" bars
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -402,11 +400,13 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
     # "Seed set to N" would come before a configuration error's one line; the seed is in config.yaml; and the
     # per-file "Loading weights" bars of from_pretrained say nothing a user needs
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    import datasets
     from transformers.utils import logging as transformers_logging
 
     from cyclealign_pl import console
 
     transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()  # "Generating train split" bars (also once datasets is imported)
     console.install()  # the screen shows the user's warnings; the rest goes to <root>/run.log
     try:
         return CycleAlignCLI(
