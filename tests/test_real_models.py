@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cyclealign_pl.local_models import SOURCE_FILE, LocalModelError, prepare_gguf, resolve_gguf
+from cyclealign_pl.local_models import SOURCE_FILE, LocalModelError, file_hash, prepare_gguf, resolve_gguf
 from tests.helpers import Capture, cli_args, hh_prompt
 
 SMOLLM2 = "local:smollm2-135m-instruct"
@@ -47,7 +47,9 @@ def test_the_packaged_gguf_becomes_a_plain_cached_hugging_face_chat_model(smollm
 
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
-    assert json.loads((smollm2_dir / SOURCE_FILE).read_text())["gguf"] == str(resolve_gguf(SMOLLM2))
+    source = json.loads((smollm2_dir / SOURCE_FILE).read_text())  # the same file, wherever it was installed
+    assert Path(source["gguf"]).name == resolve_gguf(SMOLLM2).name
+    assert source["sha256_16"] == file_hash(resolve_gguf(SMOLLM2))
     weights = smollm2_dir / "model.safetensors"
     written = weights.stat().st_mtime_ns
     model, tokenizer = load_causal_lm(SMOLLM2), load_tokenizer(SMOLLM2)
