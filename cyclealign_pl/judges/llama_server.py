@@ -9,7 +9,7 @@ a Ctrl-C in the terminal stops the run first, and the run then stops it.
 
 A server that cannot start is one line (:class:`~cyclealign_pl.judges.base.JudgeUnavailable`) with the last
 line of its log. To share one server between runs, start it yourself and give the judge its ``base_url``
-instead (docs/real_models_judge.md).
+instead (docs/real_models.md).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class LlamaCppServer:
         if importlib.util.find_spec("llama_cpp") is None:
             raise JudgeUnavailable(
                 "LlamaCppServer: llama-cpp-python is not installed: pip install -e '.[local]' "
-                "(docs/real_models_judge.md)"
+                "(docs/real_models.md)"
             )
         directory = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="cyclealign-"))
         directory.mkdir(parents=True, exist_ok=True)
