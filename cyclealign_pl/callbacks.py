@@ -186,26 +186,45 @@ class ExportPretrained(Callback):
     """At the end of ``fit``, write the aligned white-box with ``save_pretrained`` (+ tokenizer).
 
     The directory loads in plain transformers (``AutoModelForCausalLM.from_pretrained``) or vLLM.
-    Default: ``<log_dir>/hf_model``.
+    Default: ``<log_dir>/hf_model``. An export that fails is one logged line (``error``; ``fit`` then exits
+    with status 5): the run's checkpoints are kept and ``python -m cyclealign_pl.export`` writes the model
+    from them.
     """
 
     def __init__(self, dirpath: str | None = None, enabled: bool = True) -> None:
         self.dirpath = dirpath
         self.enabled = enabled
         self.exported_to: str | None = None
+        self.error: str | None = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or trainer.interrupted:
             return
-        self.exported_to = self.dirpath or os.path.join(
-            trainer.log_dir or trainer.default_root_dir, "hf_model"
-        )
-        self._export(pl_module, self.exported_to)
+        path = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model")
+        try:
+            self._export(pl_module, path)
+        except (
+            Exception
+        ) as error:  # after the whole run: one line, never a traceback that hides the checkpoints
+            reason = (str(error).strip().splitlines() or [""])[0]
+            self.error = (
+                f"the end-of-fit export to {path} failed ({type(error).__name__}: {reason}); the checkpoints "
+                "are kept: python -m cyclealign_pl.export <checkpoint> <out_dir> writes the model from one"
+            )
+            log.error(self.error)
+            return
+        self.exported_to = path
 
     @rank_zero_only
     def _export(self, pl_module: LightningModule, path: str) -> None:
+        if os.path.exists(path) and not os.path.isdir(
+            path
+        ):  # save_pretrained only logs this, writing nothing
+            raise NotADirectoryError(f"{path} exists and is not a directory")
         plain_model(pl_module.model).save_pretrained(path)  # LoRA adapters merged: plain transformers
         pl_module.tokenizer.save_pretrained(path)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise OSError(f"save_pretrained wrote no config.json into {path}")
         log.info("exported the aligned white-box to %s", path)
 
 

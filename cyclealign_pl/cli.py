@@ -201,6 +201,8 @@ class CycleAlignCLI(LightningCLI):
         threshold = getattr(report, "judge_failure_warning", 0.2)
         result = summary.collect(self.model, trainer.callback_metrics, self._output_paths())
         status, messages = summary.verdict(result, threshold)
+        if any(getattr(c, "error", None) for c in trainer.callbacks if hasattr(c, "exported_to")):
+            status = status or summary.EXIT_EXPORT_FAILED  # its one line was logged when it failed
         if trainer.is_global_zero:
             print(
                 "\n".join(

@@ -7,6 +7,9 @@ rank); the directory is first consolidated into one fp32 state dict with Lightni
 checkpoint (the base model path or config, LoRA settings), the weights are loaded, LoRA adapters are merged,
 and ``save_pretrained`` writes ``OUT_DIR`` with the tokenizer: it loads with
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` (or vLLM) without this package.
+
+``--gguf`` also writes ``OUT_DIR/model.gguf`` (``--gguf_type``: f16 by default), which llama.cpp,
+llama-cpp-python and Ollama serve (:mod:`cyclealign_pl.gguf_export`; the ``local`` extra).
 """
 
 from __future__ import annotations
@@ -36,9 +39,12 @@ def consolidate_zero_checkpoint(directory: Path, output_file: Path) -> Path:
     return output_file
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+GGUF_NAME = "model.gguf"
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, gguf_type: str | None = None) -> Path:
     """Write the white-box of ``checkpoint`` (file or ZeRO directory) to ``out_dir`` with
-    ``save_pretrained``."""
+    ``save_pretrained``, and as ``out_dir/model.gguf`` when ``gguf_type`` is given."""
     from cyclealign_pl.module import CycleAlignModule
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -52,10 +58,27 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
             module = CycleAlignModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
         except (KeyError, RuntimeError, EOFError) as error:
             raise ExportError(f"{checkpoint} is not a CycleAlign checkpoint: {error}") from error
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a directory")
     model = plain_model(module.model)
     model.save_pretrained(out_dir)
     module.tokenizer.save_pretrained(out_dir)
+    if gguf_type is not None:
+        write_gguf_of(model, module.hparams.get("model"), out_dir, gguf_type)
     return out_dir
+
+
+def write_gguf_of(model, source: str | None, out_dir: Path, gguf_type: str) -> Path:
+    """``out_dir/model.gguf`` of an exported white box; a model that came from a GGUF keeps its tokenizer
+    fields (``source``: the checkpoint's ``model`` setting)."""
+    from cyclealign_pl.gguf_export import GGUFExportError, write_gguf
+    from cyclealign_pl.local_models import LocalModelError, is_gguf_name, resolve_gguf
+
+    try:
+        original = resolve_gguf(source) if is_gguf_name(source) else None
+        return write_gguf(model, out_dir / GGUF_NAME, out_dir, gguf_type, source_gguf=original)
+    except (GGUFExportError, LocalModelError) as error:
+        raise ExportError(f"GGUF export: {error}") from error
 
 
 def check_export(out_dir: str | Path) -> str:
@@ -76,9 +99,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("checkpoint", help="a .ckpt file or a DeepSpeed ZeRO checkpoint directory")
     parser.add_argument("out_dir", help="where to write the Hugging Face model and tokenizer")
+    parser.add_argument(
+        "--gguf", action="store_true", help=f"also write OUT_DIR/{GGUF_NAME} for llama.cpp and Ollama"
+    )
+    parser.add_argument(
+        "--gguf_type",
+        default="f16",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        help="the GGUF's matrix type (norms stay f32); default f16",
+    )
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir)
+        out = export_checkpoint(args.checkpoint, args.out_dir, args.gguf_type if args.gguf else None)
         loaded = check_export(out)
     except ExportError as error:
         parser.exit(2, f"cyclealign_pl.export: {error}\n")
@@ -86,6 +118,12 @@ def main(argv: list[str] | None = None) -> None:
         f"exported {args.checkpoint} -> {out} ({loaded}; it loads with AutoModelForCausalLM.from_pretrained)",
         file=sys.stderr,
     )
+    if args.gguf:
+        print(
+            f"GGUF ({args.gguf_type}): {out / GGUF_NAME} (serve it with python -m llama_cpp.server --model "
+            f"{out / GGUF_NAME}; Ollama: a Modelfile with FROM {out / GGUF_NAME})",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

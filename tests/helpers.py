@@ -257,6 +257,22 @@ def bpe_tokenizer(texts: Sequence[str], vocab_size: int = 400):
     return PreTrainedTokenizerFast(tokenizer_object=trainer._tokenizer, eos_token="</s>", pad_token="<pad>")
 
 
+# ChatML (SmolLM2, Qwen): the template of a chat white box, for an offline tokenizer
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def chat_tokenizer(texts: Sequence[str], vocab_size: int = 400):
+    """:func:`bpe_tokenizer` with ChatML's turn tokens and chat template (a chat white box, offline)."""
+    tokenizer = bpe_tokenizer(texts, vocab_size)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 

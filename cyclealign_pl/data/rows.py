@@ -9,6 +9,7 @@ serve any tokenizer and any judge. How rows are batched and served is in :mod:`c
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -88,3 +89,32 @@ def render_prompt(context: Sequence[Turn]) -> str:
     """The canonical HH-RLHF text of ``context`` followed by the open assistant turn."""
     parts = [f"\n\n{t.speaker}: {t.text}" if t.text else f"\n\n{t.speaker}:" for t in context]
     return "".join(parts) + "\n\nAssistant:"
+
+
+_SPEAKER_TAG = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+_ROLES: dict[str, str] = {"Human": "user", "Assistant": "assistant"}
+
+
+def prompt_messages(prompt: str) -> list[dict[str, str]]:
+    """A prompt row's dialogue as chat messages (``Human`` -> user, ``Assistant`` -> assistant), without the
+    open assistant turn it ends with: what a chat template renders (``add_generation_prompt``). Text without
+    speaker tags is one user message; text before the first tag joins the first message."""
+    parts = _SPEAKER_TAG.split(prompt.strip("\n"))
+    preamble, tags, bodies = parts[0].strip(), parts[1::2], [b.strip() for b in parts[2::2]]
+    if not tags:
+        return [{"role": "user", "content": preamble}]
+    if tags[-1] == "Assistant" and not bodies[-1]:
+        tags, bodies = tags[:-1], bodies[:-1]
+    messages: list[dict[str, str]] = []
+    for tag, body in zip(tags, bodies):
+        role = _ROLES[tag]
+        if messages and messages[-1]["role"] == role:  # same-speaker runs join, as the data cleaning does
+            messages[-1]["content"] = "\n".join(t for t in (messages[-1]["content"], body) if t)
+        else:
+            messages.append({"role": role, "content": body})
+    if preamble:
+        if messages and messages[0]["role"] == "user":
+            messages[0]["content"] = f"{preamble}\n{messages[0]['content']}".strip()
+        else:
+            messages.insert(0, {"role": "user", "content": preamble})
+    return messages or [{"role": "user", "content": ""}]
