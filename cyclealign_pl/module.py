@@ -214,6 +214,7 @@ class CycleAlignModule(LightningModule):
                 "fit needs a black-box judge: set model.judge (e.g. an OpenAIJudge or RewardModelJudge)"
             )
         self._configure_deepspeed()
+        self.judge.use_run_dir(self.trainer.default_root_dir)
         self._preflight()
 
     def _preflight(self) -> None:

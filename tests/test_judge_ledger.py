@@ -95,7 +95,9 @@ def test_each_request_is_recorded_before_its_reply_comes(tmp_path):
         release.wait(20)
 
     with LocalOpenAIServer(responder=hold) as server:
-        judge = OpenAIJudge(model="local-ranker", base_url=server.url, request_timeout=30)
+        judge = OpenAIJudge(
+            model="local-ranker", base_url=server.url, request_timeout=30, adaptive_concurrency=False
+        )  # all three in flight at once
         judge.bind_run("run-a", str(tmp_path))
         future = judge.submit(requests("held", 3))
         assert all(arrived.acquire(timeout=20) for _ in range(3))

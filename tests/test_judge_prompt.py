@@ -332,3 +332,32 @@ def test_a_json_reply_keeps_its_ranking_and_its_better_response(reply, ranking, 
 def test_an_invalid_json_ranking_is_a_failure_with_its_reason(reply, reason):
     parsed = parse_reply(reply, 4)
     assert parsed.ranking is None and reason in parsed.failure
+
+
+# ------------------------------------------------------- conflicting or negative rankings (issue 19)
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        ('{"ranking": [0, 1, 2]}\nthe desired ranking is: [2, 1, 0]', "several different rankings"),
+        (
+            'The desired ranking is: [2, 1, 0]\n```json\n{"ranking": [0, 1, 2]}\n```',
+            "several different rankings",
+        ),
+        ('{"ranking": [0, 1, 2], "better_response": "x"} so: 2 > 1 > 0', "several different rankings"),
+        ("The desired ranking is: [0, 1, -2]", "index -2 is out of range"),
+        ('{"ranking": [0, 1, -2]}', "index -2 is out of range"),
+        ("0 > 1 > -2", "index -2 is out of range"),
+    ],
+)
+def test_conflicting_or_negative_rankings_are_refused(reply, reason):
+    parsed = parse_reply(reply, 3)
+    assert parsed.ranking is None
+    assert reason in parsed.failure
+
+
+def test_a_json_ranking_restated_the_same_in_prose_is_accepted():
+    reply = 'The desired ranking is: [2, 0, 1]\n{"ranking": [2, 0, 1], "better_response": "Knead [1, 0] it."}'
+    parsed = parse_reply(reply, 3)
+    assert parsed.ranking == (2, 0, 1) and parsed.better_response == "Knead [1, 0] it."

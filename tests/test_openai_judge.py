@@ -250,7 +250,8 @@ def test_an_unauthorised_key_stops_the_run(server, make_judge):
 
 
 def test_requests_per_minute_spaces_the_requests(server, make_judge):
-    judge = make_judge(requests_per_minute=120)  # 2 per second, bursts of 2
+    # 2 per second, bursts of 2; a fixed concurrency, so that all four wait for their turn at once
+    judge = make_judge(requests_per_minute=120, adaptive_concurrency=False)
     judge.rank(make_requests(4))
     times = sorted(r.time for r in server.requests)
     assert times[-1] - times[0] >= 0.9
@@ -769,6 +770,7 @@ def test_the_circuit_breaker_counts_timeouts_and_wakes_requests_in_backoff(serve
         backoff_max_s=20.0,
         max_consecutive_failures=4,
         max_concurrency=8,
+        adaptive_concurrency=False,  # six requests in flight at once, not a slow start from two
     )
     start = time.monotonic()
     with pytest.raises(JudgeUnavailable, match="stopped after 4 consecutive .* the last: timeout: no reply"):

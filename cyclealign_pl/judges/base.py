@@ -105,6 +105,10 @@ class Judge(abc.ABC):
         nothing.
         """
 
+    def use_run_dir(self, run_dir: str) -> None:
+        """Where the judge may keep files of its own (a server's log): ``trainer.default_root_dir``. Called
+        before :meth:`preflight`."""
+
     def to(self, device: Any) -> Judge:
         """Move local weights (if any) to ``device``; API judges ignore it."""
         return self

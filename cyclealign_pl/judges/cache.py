@@ -17,7 +17,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,17 +42,22 @@ def cache_key(
     temperature: float,
     max_tokens: int | None,
     permutation: Sequence[int],
+    schema: Mapping[str, Any] | None = None,
 ) -> str:
-    """A hash of everything that determines the reply (messages include demonstrations and candidates)."""
+    """A hash of everything that determines the reply (messages include demonstrations and candidates; the
+    JSON schema of structured output, when one is asked for)."""
+    fields: dict[str, Any] = {
+        "model": model,
+        "template_version": template_version,
+        "messages": list(messages),
+        "temperature": float(temperature),
+        "max_tokens": max_tokens,
+        "permutation": [int(i) for i in permutation],
+    }
+    if schema is not None:  # absent otherwise: keys of earlier caches stay valid
+        fields["schema"] = schema
     payload = json.dumps(
-        {
-            "model": model,
-            "template_version": template_version,
-            "messages": list(messages),
-            "temperature": float(temperature),
-            "max_tokens": max_tokens,
-            "permutation": [int(i) for i in permutation],
-        },
+        fields,
         sort_keys=True,
         ensure_ascii=False,
     )

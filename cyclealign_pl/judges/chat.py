@@ -41,16 +41,27 @@ T = TypeVar("T")
 LEDGER_FILE = "judge_ledger.sqlite"  # in the run directory, when the client has no cache database
 UNBOUND_RUN = "unbound"  # the run id of the private in-memory ledger, before bind_run
 SPEND = ("requests_sent", "prompt_tokens", "completion_tokens", "cost_usd")  # from the ledger
-CLIENT_COUNTERS = ("cache_hits", "retries", "requests_in_flight_max", "usage_estimated")
+CLIENT_COUNTERS = (
+    "cache_hits",
+    "retries",
+    "requests_in_flight_max",
+    "usage_estimated",
+    "structured_output_fallbacks",  # the server refused a form of structured output (transport docstring)
+    "timeouts_queued",  # timeouts while other requests got replies: the server's queue, not a dead server
+    "concurrency_limit",  # the adaptive limit of requests in flight, now
+)
 _LEDGER_SLACK_S = 60.0  # beyond request_timeout, before an unsettled request of another process is dead
 
 
 @dataclass(frozen=True)
 class ChatCall:
-    """One chat-completions call and its cache key (:meth:`ChatClient.key`)."""
+    """One chat-completions call and its cache key (:meth:`ChatClient.key`); ``schema``: ask for JSON that
+    follows it (structured output, in the form ``structured_output`` first; see the transport)."""
 
     messages: list[dict[str, str]]
     key: str
+    schema: dict[str, Any] | None = None
+    structured_output: str = "json_schema"
 
 
 class _Runtime:
@@ -103,7 +114,11 @@ class ChatClient:
     # -------------------------------------------------------------------------------------- public API
 
     def key(
-        self, messages: Sequence[dict[str, str]], template_version: str, permutation: Sequence[int] = ()
+        self,
+        messages: Sequence[dict[str, str]],
+        template_version: str,
+        permutation: Sequence[int] = (),
+        schema: Mapping[str, Any] | None = None,
     ) -> str:
         """The cache key of one call: its messages and everything else that shapes the reply."""
         s = self.settings
@@ -114,6 +129,7 @@ class ChatClient:
             temperature=s.temperature,
             max_tokens=s.max_tokens,
             permutation=permutation,
+            schema=schema,
         )
 
     def complete(self, messages: Sequence[list[dict[str, str]]], *, template_version: str) -> list[ChatReply]:
@@ -277,7 +293,7 @@ class ChatClient:
         """Send the calls concurrently, cache each reply as it comes; raise a JudgeStop after all ended."""
 
         async def one(call: ChatCall) -> ChatReply:
-            reply = await rt.transport.complete(call.messages)
+            reply = await rt.transport.complete(call.messages, call.schema, call.structured_output)
             if reply.text is not None and rt.cache is not None:
                 try:
                     rt.cache.put(call.key, CachedReply(reply.text, *reply.usage))

@@ -8,13 +8,20 @@ request can cost (prompt bytes + ``max_tokens``) in the judge's spend ledger, so
 processes sharing the ledger) can never jointly overshoot. When the budget cannot cover the next request even
 after the requests in flight settle, it raises :class:`~cyclealign_pl.judges.base.JudgeBudgetExceeded` and
 nothing is sent.
+
+A :class:`ConcurrencyLimit` keeps the requests in flight within what the server sustains: additive increase,
+multiplicative decrease on latency and overload, as adaptive concurrency limiters do (TCP Vegas, Netflix's
+concurrency-limits). A server that answers one request at a time (llama.cpp's Python server, Ollama) shows its
+queue as latency growing with the requests in flight; the limit then falls back towards one instead of piling
+requests up until they time out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import astuple, dataclass
 from typing import Protocol
 
@@ -56,6 +63,90 @@ class TokenBucket:
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
         state["_lock"] = None
+        return state
+
+
+class ConcurrencyLimit:
+    """At most ``limit`` requests in flight; with ``adaptive``, AIMD moves ``limit`` within [1, ``ceiling``].
+
+    The latency baseline is the fastest reply seen (drifting up slowly, so it follows prompts that grow). A
+    reply slower than ``tolerance`` times the baseline, a timeout or an overload (429, 5xx) halves the limit,
+    at most once per round trip: requests sent before a decrease carry no news about the new limit. Otherwise
+    the limit grows by one per reply until the first decrease (slow start), then by one per ``limit`` replies.
+    Without ``adaptive`` it is a plain semaphore of ``ceiling``.
+    """
+
+    def __init__(self, ceiling: int, adaptive: bool = True, tolerance: float = 2.0, initial: int = 2) -> None:
+        if ceiling < 1 or tolerance <= 1.0:
+            raise ValueError(f"need ceiling >= 1 and tolerance > 1, got {ceiling}, {tolerance}")
+        self.ceiling = int(ceiling)
+        self.adaptive = adaptive
+        self.tolerance = float(tolerance)
+        self.limit = float(min(self.ceiling, initial) if adaptive else self.ceiling)
+        self.in_flight = 0
+        self.decreases = 0  # also the epoch: a request sent before the latest decrease cannot cause another
+        self.baseline_s: float | None = None
+        self._slow_start = True
+        self._changed: asyncio.Condition | None = None  # made in the event loop that uses it
+
+    @property
+    def current(self) -> int:
+        return max(1, int(self.limit))
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Wait for a free slot and hold it."""
+        changed = self._condition()
+        async with changed:
+            await changed.wait_for(lambda: self.in_flight < self.current)
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            async with changed:
+                self.in_flight -= 1
+                changed.notify_all()
+
+    def record(self, epoch: int, latency_s: float | None, overloaded: bool = False) -> None:
+        """A reply after ``latency_s`` seconds (None: no reply), or an overload, of a request sent when
+        ``decreases`` was ``epoch``; adapts the limit."""
+        if not self.adaptive:
+            return
+        if latency_s is not None and not overloaded:
+            drifted = None if self.baseline_s is None else self.baseline_s * 1.02
+            self.baseline_s = latency_s if drifted is None else min(drifted, latency_s)
+            overloaded = latency_s > self.tolerance * self.baseline_s
+        if overloaded:
+            if epoch == self.decreases and self.limit > 1.0:
+                self.limit = max(1.0, self.limit / 2.0)
+                self.decreases += 1
+                self._slow_start = False
+        elif self._slow_start:
+            self.limit = min(float(self.ceiling), self.limit + 1.0)
+        else:
+            self.limit = min(float(self.ceiling), self.limit + 1.0 / self.limit)
+        if self._changed is not None:
+            self._wake()
+
+    def _wake(self) -> None:
+        changed = self._changed
+        assert changed is not None
+
+        async def notify() -> None:
+            async with changed:
+                changed.notify_all()
+
+        with contextlib.suppress(RuntimeError):  # no running loop: nobody waits
+            asyncio.get_running_loop().create_task(notify())
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        state["_changed"] = None
         return state
 
 

@@ -35,15 +35,23 @@ import random
 import textwrap
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from cyclealign_pl.judges.base import Judge, JudgeStop, JudgeUnavailable, Judgment, RankRequest
 from cyclealign_pl.judges.chat import ChatCall, ChatClient
-from cyclealign_pl.judges.prompt import RankingTemplate, build_messages, load_template, parse_reply
+from cyclealign_pl.judges.llama_server import LlamaCppServer
+from cyclealign_pl.judges.prompt import (
+    RankingTemplate,
+    build_messages,
+    load_template,
+    parse_reply,
+    ranking_schema,
+)
 from cyclealign_pl.judges.transport import (
     CALL_FAILURE_KINDS,
     PLACEHOLDER_KEY,
+    STRUCTURED_OUTPUT_FORMS,
     ChatReply,
     ChatSettings,
     Counters,
@@ -55,6 +63,10 @@ log = logging.getLogger(__name__)
 # Why a prompt got no ranking; each is counted as ``failures/<kind>`` (``judge/failures/<kind>`` in the logs).
 JUDGMENT_FAILURE_KINDS = (*CALL_FAILURE_KINDS, "invalid_reply", "replay_miss")
 _COUNTERS = ("prompts", "failures", "invalid_replies", "missing_better_responses", "fallbacks")
+DEFAULT_MODEL = "gpt-3.5-turbo-0613"  # the paper's black box
+# an environment variable that is never set: a managed local server gets a placeholder key, never a real one
+_NO_KEY_ENV = "CYCLEALIGN_LOCAL_SERVER_NO_KEY"
+_REPLY_OVERHEAD_TOKENS = 48  # '{"ranking": [...], "better_response": "' and the closing, in tokens at most
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,15 @@ class OpenAIJudge(Judge):
             ``"fallback"`` (ask ``fallback``), ``"stop"`` (raise :class:`JudgeStop`).
         fallback: the judge asked under ``on_failure="fallback"``.
         seed: seeds the candidate shuffles and the backoff jitter.
+        structured_output: ask for the reply as JSON following a schema (the ranking, then the better
+            response): ``"auto"`` tries OpenAI's ``json_schema`` form, then llama.cpp's ``json_object`` with a
+            schema, then none (the text parser), as the server refuses each (said once, counted as
+            ``judge/structured_output_fallbacks``); ``"json_schema"``/``"json_object"`` start there;
+            ``"off"`` never asks.
+        server: a llama.cpp server that the judge starts and stops itself
+            (:class:`~cyclealign_pl.judges.llama_server.LlamaCppServer`: any GGUF, e.g.
+            ``{gguf: local:smollm2-135m-instruct}``); then leave ``base_url`` unset. ``model`` left at its
+            default becomes the GGUF's name; requests go one at a time, as it serves them.
     """
 
     def __init__(
@@ -108,6 +129,7 @@ class OpenAIJudge(Judge):
         max_retry_after_s: float = 120.0,
         extra_headers: dict[str, str] | None = None,
         max_concurrency: int = 16,
+        adaptive_concurrency: bool = True,
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
         budget_requests: int | None = None,
@@ -124,12 +146,38 @@ class OpenAIJudge(Judge):
         fallback: Judge | None = None,
         seed: int = 0,
         max_consecutive_failures: int | None = 8,
+        structured_output: Literal["auto", "json_schema", "json_object", "off"] = "auto",
+        server: LlamaCppServer | None = None,
     ) -> None:
         arguments = locals()
+        if structured_output not in ("auto", *STRUCTURED_OUTPUT_FORMS):
+            raise ValueError(
+                "OpenAIJudge: structured_output must be 'auto', 'json_schema', 'json_object' or 'off', "
+                f"got {structured_output!r}"
+            )
+        if server is not None:
+            if base_url is not None:
+                raise ValueError(
+                    "OpenAIJudge: give base_url (a running server) or server (one to start), not both"
+                )
+            if api_key_env != "OPENAI_API_KEY":
+                raise ValueError(
+                    "OpenAIJudge: a server the judge starts takes no API key: leave api_key_env unset"
+                )
+            arguments.update(
+                model=server.model if model == DEFAULT_MODEL else model,
+                base_url="http://127.0.0.1:0/v1",  # the port is known once it runs
+                api_key_env=_NO_KEY_ENV,
+                max_concurrency=min(max_concurrency, server.parallel),
+                adaptive_concurrency=False,
+            )
         try:
             self.settings = ChatSettings(**{name: arguments[name] for name in ChatSettings.names()})
         except ValueError as err:
             raise ValueError(f"OpenAIJudge: {err}") from None
+        self.structured_output = structured_output
+        self.server = server
+        self._run_dir: str | None = None
         if type(num_permutations) is not int or num_permutations <= 0:
             raise ValueError(f"OpenAIJudge: num_permutations must be > 0, got {num_permutations!r}")
         if on_failure not in ("skip", "fallback", "stop"):
@@ -156,11 +204,14 @@ class OpenAIJudge(Judge):
 
     def submit(self, requests: Sequence[RankRequest]) -> Future[list[Judgment]]:
         """Start ranking in the client's event loop and return its future at once."""
+        self._start_server()
         return self.client.submit(self._rank_async, list(requests))
 
     def preflight(self) -> None:
         """Within seconds: the server answers, takes the key and serves the model (the fallback's too); else
-        :class:`JudgeUnavailable`, one line naming the URL. Sends nothing in replay mode."""
+        :class:`JudgeUnavailable`, one line naming the URL. Sends nothing in replay mode. A managed server
+        is started here (its log in the run directory)."""
+        self._start_server()
         self.client.preflight()
         if self.fallback is not None:
             self.fallback.preflight()
@@ -187,9 +238,18 @@ class OpenAIJudge(Judge):
         self._counters.load(counters)
         self.client.load_metrics(counters)
 
+    def use_run_dir(self, run_dir: str) -> None:
+        """A managed server writes its log here (``judge_server.log``)."""
+        self._run_dir = str(run_dir)
+        if self.fallback is not None:
+            self.fallback.use_run_dir(run_dir)
+
     def close(self) -> None:
-        """Stop the client (event-loop thread, HTTP client, cache and ledger) and the fallback."""
+        """Stop the client (event-loop thread, HTTP client, cache and ledger), the managed server and the
+        fallback."""
         self.client.close()
+        if self.server is not None:
+            self.server.stop()
         if self.fallback is not None:
             self.fallback.close()
         super().close()
@@ -204,10 +264,27 @@ class OpenAIJudge(Judge):
             f"cache_path={s.cache_path!r}, replay={s.replay}, "
             f"template={self.ranking_template.version!r}, "
             f"shuffle_candidates={self.shuffle_candidates}, num_permutations={self.num_permutations}, "
-            f"on_failure={self.on_failure!r}, extra_headers={headers})"
+            f"on_failure={self.on_failure!r}, structured_output={self.structured_output!r}, "
+            f"server={self.server!r}, extra_headers={headers})"
         )
 
     # ------------------------------------------------------------------------------------------ internals
+
+    def _start_server(self) -> None:
+        """Start the managed server if this process has none running, and point the client at it."""
+        if self.server is None or self.settings.replay or self.server.running:
+            return
+        url = self.server.start(self._run_dir)
+        self.settings = replace(self.settings, base_url=url)
+        self.client.close()  # nothing was sent through it: a new runtime talks to the new URL
+        self.client.settings = self.settings
+
+    def _schema(self, num_candidates: int) -> dict[str, Any] | None:
+        if self.structured_output == "off":
+            return None
+        max_tokens = self.settings.max_tokens
+        room = None if max_tokens is None else max(16, max_tokens - _REPLY_OVERHEAD_TOKENS)
+        return ranking_schema(num_candidates, room)
 
     def _permutations(self, request: RankRequest) -> list[tuple[int, ...]]:
         """The orders to show: rotations of the base order (shuffled when asked), then seeded random ones."""
@@ -238,8 +315,10 @@ class OpenAIJudge(Judge):
                     request.instruction, tuple(request.candidates[i] for i in perm), request.demonstrations
                 )
                 messages = build_messages(shown, self.ranking_template)
-                key = self.client.key(messages, self.ranking_template.version, perm)
-                calls.append(_Call(messages, key, request_index=index, permutation=perm))
+                schema = self._schema(len(perm))
+                key = self.client.key(messages, self.ranking_template.version, perm, schema)
+                first = "json_schema" if self.structured_output == "auto" else self.structured_output
+                calls.append(_Call(messages, key, schema, first, request_index=index, permutation=perm))
         return calls
 
     async def _rank_async(self, requests: list[RankRequest]) -> list[Judgment]:

@@ -226,6 +226,36 @@ def build_messages(request: RankRequest, template: RankingTemplate | None = None
     ]
 
 
+_MAX_ENUMERATED = 5  # up to 5! = 120 permutations, listed: only a valid ranking can be written
+
+
+def ranking_schema(num_candidates: int, max_better_chars: int | None = None) -> dict[str, object]:
+    """The JSON schema of a ranking reply, for structured output: ``{"ranking": [...], "better_response":
+    "..."}``, the ranking first (it is what the cycle needs; a reply cut short still has it).
+
+    Up to five candidates the ranking is one of the listed permutations, so a server that constrains decoding
+    by the schema (llama.cpp, vLLM) can only write a valid one; beyond, an array of the indices.
+    ``max_better_chars`` bounds the better response, so the reply ends within ``max_tokens``.
+    """
+    n = int(num_candidates)
+    ranking: dict[str, object]
+    if n <= _MAX_ENUMERATED:
+        ranking = {"enum": [list(p) for p in itertools.permutations(range(n))]}
+    else:
+        items = {"type": "integer", "enum": list(range(n))}
+        ranking = {"type": "array", "items": items, "minItems": n, "maxItems": n}
+    better: dict[str, object] = {"type": "string"}
+    if max_better_chars is not None:
+        better["maxLength"] = int(max_better_chars)
+    schema = {
+        "type": "object",
+        "properties": {"ranking": ranking, "better_response": better},
+        "required": ["ranking", "better_response"],
+        "additionalProperties": False,
+    }
+    return {"name": f"ranking_of_{n}", "strict": True, "schema": schema}
+
+
 # ---------------------------------------------------------------------------------------------- the reply
 
 
@@ -248,14 +278,14 @@ _PHRASE = re.compile(
     r"|^[ \t>#*_`-]*ranking\s*[:=])",
     re.IGNORECASE | re.MULTILINE,
 )
-_ITEM = r"(?:response[\s_-]*)?\d+"
+_ITEM = r"(?:response[\s_-]*)?-?\d+"  # a sign is read, so that "-2" is refused, never dropped
 _BRACKET = re.compile(r"\[([^\[\]\n]*)\]")
 _BRACKET_BODY = re.compile(rf"^\s*{_ITEM}(?:\s*[,;>]\s*{_ITEM})*\s*,?\s*$", re.IGNORECASE)
 _GT_CHAIN = re.compile(rf"{_ITEM}(?:\s*(?:>>?|->|→|≻)\s*{_ITEM})+", re.IGNORECASE)
 _COMMA_CHAIN = re.compile(rf"{_ITEM}(?:\s*[,;]\s*(?:and\s+)?{_ITEM})+", re.IGNORECASE)
 _RESPONSE_CHAIN = re.compile(r"response[\s_-]*\d+(?:\s*[,;]\s*(?:and\s+)?response[\s_-]*\d+)+", re.IGNORECASE)
 _RESPONSE_REF = re.compile(r"response[\s_-]*(\d+)", re.IGNORECASE)
-_NUMBER = re.compile(r"\d+")
+_NUMBER = re.compile(r"-?\d+")
 _MARKDOWN = re.compile(r"\*\*|__|`")
 _REFUSAL = re.compile(
     r"\b(?:i'?m sorry|i am sorry|i (?:cannot|can ?not|can't|won't|will not)"
@@ -317,13 +347,15 @@ _JSON_RANKING_KEYS = ("ranking", "desired_ranking", "the_desired_ranking", "fina
 _JSON_BETTER_KEYS = ("better_response", "a_better_response", "response", "better")
 
 
-def _json_reply(text: str) -> dict[str, object] | None:
+def _json_reply(text: str) -> tuple[dict[str, object], str] | None:
     """The reply as a JSON object with a ranking key (bare, in a code fence, or the one ``{...}`` in prose),
-    its keys normalised (``"Desired ranking"`` -> ``desired_ranking``); None when it is not one."""
+    its keys normalised (``"Desired ranking"`` -> ``desired_ranking``), and the text around it; None when it
+    is not one."""
     start, end = text.find("{"), text.rfind("}")
     if not 0 <= start < end:
         return None
-    for candidate in (*(m.group(1) for m in _JSON_FENCE.finditer(text)), text[start : end + 1]):
+    spans = [(m.group(1), m.start(), m.end()) for m in _JSON_FENCE.finditer(text)]
+    for candidate, left, right in (*spans, (text[start : end + 1], start, end + 1)):
         try:
             value = json.loads(candidate)
         except json.JSONDecodeError:
@@ -331,7 +363,7 @@ def _json_reply(text: str) -> dict[str, object] | None:
         if isinstance(value, dict):
             keys = {re.sub(r"[\s-]+", "_", str(k).strip().lower()): v for k, v in value.items()}
             if any(k in keys for k in _JSON_RANKING_KEYS):
-                return keys
+                return keys, text[:left] + "\n" + text[right:]
     return None
 
 
@@ -382,8 +414,9 @@ def parse_reply(text: str | None, num_candidates: int) -> ParsedReply:
     if text is None or not text.strip():
         return ParsedReply(None, None, "empty reply")
     visible = _ECHOED_BLOCK.sub(" ", text)
-    as_json = _json_reply(visible)
-    if as_json is not None:
+    found = _json_reply(visible)
+    if found is not None:
+        as_json, prose = found
         value = next(as_json[k] for k in _JSON_RANKING_KEYS if k in as_json)
         said = next((as_json[k] for k in _JSON_BETTER_KEYS if k in as_json), None)
         better = _clean_better(said) if isinstance(said, str) else None
@@ -391,7 +424,8 @@ def parse_reply(text: str | None, num_candidates: int) -> ParsedReply:
         if ranking is None:
             shown = json.dumps(value)[:80]
             return ParsedReply(None, better, f"no ranking in the JSON reply's ranking field: {shown}")
-        return _checked([ranking], better, visible, num_candidates)
+        # a ranking also stated in the prose around the JSON must be the same one, or the reply is ambiguous
+        return _checked([ranking, *_text_rankings(prose)], better, visible, num_candidates)
     better: str | None = None
     marker = _BETTER_MARKER.search(visible)
     ranking_text = visible
@@ -406,9 +440,14 @@ def parse_reply(text: str | None, num_candidates: int) -> ParsedReply:
         cut = after.rfind("\n", 0, nxt.start()) + 1 if nxt else len(after)
         better = _clean_better(after[:cut])
         ranking_text = visible[: marker.start()] + "\n" + after[cut:]
-    plain = _MARKDOWN.sub("", ranking_text)
+    return _checked(_text_rankings(ranking_text), better, visible, num_candidates)
+
+
+def _text_rankings(text: str) -> list[tuple[int, ...]]:
+    """The rankings a text states after a 'desired ranking' phrase, else any ranking expression in it."""
+    plain = _MARKDOWN.sub("", text)
     stated = [r for r in (_expression_after_phrase(plain[m.end() :]) for m in _PHRASE.finditer(plain)) if r]
-    return _checked(stated or _anywhere(plain), better, visible, num_candidates)
+    return stated or _anywhere(plain)
 
 
 __all__ = [
@@ -424,5 +463,6 @@ __all__ = [
     "load_template",
     "parse_reply",
     "parse_template",
+    "ranking_schema",
     "request_nonce",
 ]

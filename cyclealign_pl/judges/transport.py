@@ -14,6 +14,17 @@ retried), and ``max_consecutive_failures`` transport failures in a row (connecti
 timeouts: a dead server), the circuit breaker. :meth:`ChatTransport.preflight` finds the same problems within
 seconds before any work: ``GET /models`` (free), else one 1-token completion.
 
+How many requests are in flight adapts to what the server sustains (:class:`~.limits.ConcurrencyLimit`, up to
+``max_concurrency``): a server that answers one request at a time gets about one at a time, not 16 that queue
+until they time out. A request's timeout runs from when it is sent, never while it waits for a slot; and a
+timeout while another request of ours got its reply is the server's queue, not a dead server: the circuit
+breaker does not count it.
+
+Structured output: a call may carry a JSON schema. It is sent as ``response_format`` in OpenAI's form
+(``{"type": "json_schema", ...}``); a server that refuses it (HTTP 400/422) is asked again at once in
+llama.cpp's form (``{"type": "json_object", "schema": ...}``), then without it (the caller's parser reads the
+text). What the server accepts is remembered, logged once and counted (``structured_output_fallbacks``).
+
 Every await is bounded: an attempt by ``request_timeout`` (wall clock, not just between bytes), a backoff by
 ``backoff_max_s`` or ``max_retry_after_s``, a rate-limit wait by the rate, a budget wait by the requests in
 flight. Each attempt is recorded in the spend ledger before it is sent (:class:`~.limits.BudgetGate`).
@@ -38,7 +49,7 @@ from typing import Any, NamedTuple, NoReturn
 from urllib.parse import urlsplit
 
 from cyclealign_pl.judges.base import JudgeStop, JudgeUnavailable
-from cyclealign_pl.judges.limits import Budget, BudgetGate, Cost, TokenBucket
+from cyclealign_pl.judges.limits import Budget, BudgetGate, ConcurrencyLimit, Cost, TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,10 @@ _REFUSED = {
     403: "access is denied to the key in {env}",
     404: "model {model!r} or the URL was not found (check model and base_url)",
 }
+# How a JSON schema is asked for, strongest first: OpenAI's structured outputs, llama.cpp's JSON mode with a
+# schema (llama-cpp-python's server takes only this one), none (the reply's text is parsed).
+STRUCTURED_OUTPUT_FORMS = ("json_schema", "json_object", "off")
+_SCHEMA_REFUSED = (400, 422)
 
 
 class Counters:
@@ -67,6 +82,10 @@ class Counters:
     def bump(self, name: str, value: float = 1.0) -> None:
         with self._lock:
             self._values[name] += value
+
+    def set(self, name: str, value: float) -> None:
+        with self._lock:
+            self._values[name] = float(value)
 
     def maximum(self, name: str, value: float) -> None:
         with self._lock:
@@ -111,6 +130,9 @@ class ChatSettings:
             ``"env:NAME"`` is read from the environment variable NAME at first use, for secrets such as
             Azure's ``api-key`` header, which must not be written into a config file.
         max_concurrency: requests in flight at most.
+        adaptive_concurrency: adapt the requests in flight (1 to ``max_concurrency``) to what the server
+            sustains: additive increase, multiplicative decrease on latency, timeouts and overload. False:
+            always ``max_concurrency``.
         requests_per_minute: optional rate limit on requests (a token bucket).
         tokens_per_minute: optional rate limit on tokens (a token bucket).
         budget_requests: optional hard budget of HTTP attempts; when the next request might exceed a budget,
@@ -137,6 +159,7 @@ class ChatSettings:
     max_retry_after_s: float = 120.0
     extra_headers: dict[str, str] | None = field(default=None, repr=False)
     max_concurrency: int = 16
+    adaptive_concurrency: bool = True
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
     budget_requests: int | None = None
@@ -221,11 +244,21 @@ class ChatSettings:
         per_call = (self.max_retries + 1) * self.request_timeout + self.max_retries * max(
             self.backoff_max_s, self.max_retry_after_s
         )
-        waves = math.ceil(num_calls / self.max_concurrency)
+        waves = num_calls if self.adaptive_concurrency else math.ceil(num_calls / self.max_concurrency)
         limiter = num_calls * 60.0 / self.requests_per_minute if self.requests_per_minute else 0.0
         if self.tokens_per_minute:
             limiter += num_calls * 60.0 * (self.max_tokens or 4096) / self.tokens_per_minute
         return waves * per_call + limiter + 60.0
+
+
+def _response_format(schema: dict[str, Any] | None, form: int) -> dict[str, Any] | None:
+    """``response_format`` asking for JSON following ``schema`` in ``STRUCTURED_OUTPUT_FORMS[form]``."""
+    what = STRUCTURED_OUTPUT_FORMS[form]
+    if schema is None or what == "off":
+        return None
+    if what == "json_schema":
+        return {"type": "json_schema", "json_schema": schema}
+    return {"type": "json_object", "schema": schema["schema"]}
 
 
 def _number(value: object) -> float:
@@ -252,6 +285,7 @@ class _Outcome(NamedTuple):
     status: int | None = None
     retry_after: float | None = None
     retryable: bool = False
+    sent_at: float = 0.0  # time.monotonic() when the attempt was sent
 
 
 def is_loopback(url: str) -> bool:
@@ -343,11 +377,12 @@ class ChatTransport:
         self.counters = counters
         self.gate = gate
         self.name = name
-        self.semaphore = asyncio.Semaphore(settings.max_concurrency)
+        self.limit = ConcurrencyLimit(settings.max_concurrency, settings.adaptive_concurrency)
+        self.structured_floor = 0  # index into STRUCTURED_OUTPUT_FORMS: the strongest form the server takes
+        self.last_reply_at = -math.inf  # monotonic time of the latest reply: a live server
         self.rpm = TokenBucket(settings.requests_per_minute) if settings.requests_per_minute else None
         self.tpm = TokenBucket(settings.tokens_per_minute) if settings.tokens_per_minute else None
         self.cooldown_until = 0.0  # a 429 pauses every request until then
-        self.in_flight = 0
         self.consecutive_failures = 0  # transport failures since the last success: the circuit breaker
         self.fatal: JudgeStop | None = None
         self._stopped = asyncio.Event()  # set with ``fatal``: wakes every request sleeping in a backoff
@@ -413,10 +448,31 @@ class ChatTransport:
 
     # ------------------------------------------------------------------------------------------- calls
 
-    async def complete(self, messages: list[dict[str, str]]) -> ChatReply:
-        """One chat completion with retries. Raises only :class:`JudgeStop` (budget spent, judge unusable)."""
-        async with self.semaphore:
-            return await self._with_retries(messages)
+    async def complete(
+        self,
+        messages: list[dict[str, str]],
+        schema: dict[str, Any] | None = None,
+        structured_output: str = "json_schema",
+    ) -> ChatReply:
+        """One chat completion with retries. Raises only :class:`JudgeStop` (budget spent, judge unusable).
+
+        ``schema`` (``{"name": ..., "schema": {...}}``): ask for JSON following it, first in the form
+        ``structured_output`` (one of :data:`STRUCTURED_OUTPUT_FORMS`), weaker forms when refused.
+        """
+        first = (
+            STRUCTURED_OUTPUT_FORMS.index(structured_output)
+            if schema is not None
+            else len(STRUCTURED_OUTPUT_FORMS) - 1
+        )
+        self.url()  # the HTTP client exists before the first turn is taken
+        rate_tokens = sum(len(m["content"]) for m in messages) / 4 + (self.settings.max_tokens or 0)
+        await self._wait_for_turn(rate_tokens)  # a rate-limit wait holds no slot
+        async with self.limit.slot():
+            return await self._with_retries(messages, schema, first, rate_tokens)
+
+    @property
+    def in_flight(self) -> int:
+        return self.limit.in_flight
 
     async def preflight(self) -> None:
         """Raise :class:`JudgeUnavailable` (one line) unless the server answers and serves the model.
@@ -444,7 +500,7 @@ class ChatTransport:
         if served is not None and (s.model in served or f"{s.model}:latest" in served):
             return
         probe = [{"role": "user", "content": "Reply with OK."}]
-        async with self.semaphore:
+        async with self.limit.slot():
             outcome = await self._attempt(probe, url, "(preflight)", max_tokens=1, timeout=timeout)
         reply = outcome.reply
         listed = (
@@ -501,11 +557,12 @@ class ChatTransport:
                 pass
         self._check()
 
-    async def _wait_for_turn(self, rate_tokens: float) -> None:
+    async def _wait_for_turn(self, rate_tokens: float, rates: bool = True) -> None:
+        """Wait out a pause of all requests (a 429) and, with ``rates``, take a turn of the rate limits."""
         await self._sleep(self.cooldown_until - time.monotonic())
-        if self.tpm is not None:
+        if rates and self.tpm is not None:
             await self.tpm.acquire(rate_tokens)
-        if self.rpm is not None:
+        if rates and self.rpm is not None:
             await self.rpm.acquire(1.0)
         self._check()
 
@@ -513,20 +570,41 @@ class ChatTransport:
         s = self.settings
         return min(s.backoff_max_s, s.backoff_initial_s * 2.0**attempt) * self._jitter.uniform(0.5, 1.0)
 
-    async def _with_retries(self, messages: list[dict[str, str]]) -> ChatReply:
+    async def _with_retries(
+        self, messages: list[dict[str, str]], schema: dict[str, Any] | None, first: int, rate_tokens: float
+    ) -> ChatReply:
         s = self.settings
         url = self.url()
-        rate_tokens = sum(len(m["content"]) for m in messages) / 4 + (s.max_tokens or 0)
         failure = ChatReply(kind="connection", reason="not sent")
         for attempt in range(s.max_retries + 1):
-            await self._wait_for_turn(rate_tokens)
+            # the first attempt took its rate-limit turn before its slot; a pause may have begun since
+            await self._wait_for_turn(rate_tokens, rates=attempt > 0)
             tries = f"({attempt + 1} attempt{'s' if attempt else ''})"
+            form = max(first, self.structured_floor)
             outcome = await self._attempt(
-                messages, url, tries, max_tokens=s.max_tokens, timeout=s.request_timeout, retry=attempt > 0
+                messages,
+                url,
+                tries,
+                max_tokens=s.max_tokens,
+                timeout=s.request_timeout,
+                retry=attempt > 0,
+                response_format=_response_format(schema, form),
             )
+            while outcome.status in _SCHEMA_REFUSED and form + 1 < len(STRUCTURED_OUTPUT_FORMS):
+                form += 1  # refused: the same request at once in the next weaker form
+                outcome = await self._attempt(
+                    messages,
+                    url,
+                    tries,
+                    max_tokens=s.max_tokens,
+                    timeout=s.request_timeout,
+                    response_format=_response_format(schema, form),
+                )
+                if outcome.status not in _SCHEMA_REFUSED:  # taken: the server refused the stronger form
+                    self._structured_fallback(form, url)
             if outcome.status in _REFUSED:  # configuration errors: never retried, nothing else is sent
                 self._fail(self._refusal(outcome.status, url))
-            self._track(outcome.reply, url)
+            self._track(outcome, url)
             if outcome.reply.text is not None:
                 return outcome.reply
             failure = outcome.reply
@@ -551,12 +629,35 @@ class ChatTransport:
             await self._sleep(delay)
         return failure
 
-    def _track(self, reply: ChatReply, url: str) -> None:
+    def _structured_fallback(self, form: int, url: str) -> None:
+        """Remember the strongest form of structured output the server takes; say so once per change."""
+        if form <= self.structured_floor:
+            return
+        refused = ", ".join(STRUCTURED_OUTPUT_FORMS[self.structured_floor : form])
+        self.structured_floor = form
+        self.counters.bump("structured_output_fallbacks")
+        now = STRUCTURED_OUTPUT_FORMS[form]
+        log.warning(
+            "%s: the server at %s refused response_format %s; %s",
+            self.name,
+            url,
+            refused,
+            "asking without it: the reply's text is parsed"
+            if now == "off"
+            else f"using {now!r} with the schema (llama.cpp's form)",
+        )
+
+    def _track(self, outcome: _Outcome, url: str) -> None:
         """The circuit breaker: a dead server stops the run after K failures in a row, not N prompts later."""
+        reply = outcome.reply
         if reply.text is not None:  # kept (and cached) even after a stop: it is paid for
             self.consecutive_failures = 0
             return
         self._check()  # already tripped by a request that failed at the same time: one stop, one message
+        if reply.kind == "timeout" and self.last_reply_at > outcome.sent_at:
+            # another request of ours got its reply meanwhile: this one waited in the server's queue
+            self.counters.bump("timeouts_queued")
+            return
         if reply.kind in _UNREACHABLE:
             self.consecutive_failures += 1
             limit = self.settings.max_consecutive_failures
@@ -582,28 +683,53 @@ class ChatTransport:
         max_tokens: int | None,
         timeout: float,
         retry: bool = False,
+        response_format: dict[str, Any] | None = None,
     ) -> _Outcome:
-        """One HTTP attempt, recorded in the ledger before it is sent and settled with what it cost."""
+        """One HTTP attempt (in a slot of the concurrency limit), recorded in the ledger before it is sent and
+        settled with what it cost; its timeout runs from when it is sent."""
         self._check()
         bound = self._upper_bound(messages, max_tokens)
         row = await self.gate.reserve(bound)  # raises JudgeBudgetExceeded before anything is sent
         spent = Cost(requests=1.0)  # a failed attempt is a request without (known) tokens
         if retry:
             self.counters.bump("retries")
-        self.in_flight += 1
         self.counters.maximum("requests_in_flight_max", self.in_flight)
+        epoch, sent_at = self.limit.decreases, time.monotonic()
+        outcome: _Outcome | None = None
         try:
-            outcome = await self._call(messages, url, tries, max_tokens=max_tokens, timeout=timeout)
+            outcome = await self._call(
+                messages, url, tries, max_tokens=max_tokens, timeout=timeout, response_format=response_format
+            )
+            outcome = outcome._replace(sent_at=sent_at)
             if outcome.reply.text is not None:
                 prompt, completion = outcome.reply.usage
                 spent = Cost(1.0, prompt, completion, self.settings.cost(prompt, completion))
             return outcome
         finally:
-            self.in_flight -= 1
             self.gate.settle(row, spent)
+            self._adapt(epoch, outcome, sent_at)
+
+    def _adapt(self, epoch: int, outcome: _Outcome | None, sent_at: float) -> None:
+        """Tell the concurrency limit how the attempt went: its latency, or an overload."""
+        if outcome is None:
+            return
+        if outcome.reply.text is not None:
+            now = time.monotonic()
+            self.last_reply_at = now
+            self.limit.record(epoch, now - sent_at)
+        elif outcome.reply.kind in ("timeout", "rate_limit", "server_error"):
+            self.limit.record(epoch, None, overloaded=True)
+        self.counters.set("concurrency_limit", self.limit.current)
 
     async def _call(
-        self, messages: list[dict[str, str]], url: str, tries: str, *, max_tokens: int | None, timeout: float
+        self,
+        messages: list[dict[str, str]],
+        url: str,
+        tries: str,
+        *,
+        max_tokens: int | None,
+        timeout: float,
+        response_format: dict[str, Any] | None = None,
     ) -> _Outcome:
         import openai
 
@@ -615,6 +741,7 @@ class ChatTransport:
                     messages=messages,
                     temperature=s.temperature,
                     max_tokens=max_tokens if max_tokens is not None else openai.omit,
+                    response_format=response_format if response_format is not None else openai.omit,
                     timeout=timeout,
                 ),
                 timeout=timeout,
@@ -663,6 +790,7 @@ __all__ = [
     "CALL_FAILURE_KINDS",
     "DEFAULT_BASE_URL",
     "PLACEHOLDER_KEY",
+    "STRUCTURED_OUTPUT_FORMS",
     "ChatReply",
     "ChatSettings",
     "ChatTransport",
