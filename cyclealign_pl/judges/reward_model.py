@@ -103,10 +103,13 @@ class RewardModelJudge(Judge):
         self.model.to(device)
         return self
 
+    def format_input(self, prompt: str, response: str) -> str:
+        """The text the model reads for one (HH-format dialogue prompt, reply) pair."""
+        return format_for_reward_model(prompt, response, self.input_format, self.tokenizer.eos_token or "")
+
     def batches(self, prompts: Sequence[str], responses: Sequence[str]) -> Iterator[tuple[list[int], Any]]:
         """(positions, encoding) per batch of (prompt, response) pairs, similar lengths batched together."""
-        eos = self.tokenizer.eos_token or ""
-        texts = [format_for_reward_model(p, r, self.input_format, eos) for p, r in zip(prompts, responses)]
+        texts = [self.format_input(p, r) for p, r in zip(prompts, responses)]
         device = next(self.model.parameters()).device
         order = list(range(len(texts)))
         if self.sort_by_length:  # less padding (batch contents change: rewards may move in the last digits)
