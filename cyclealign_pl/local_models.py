@@ -84,19 +84,23 @@ def file_hash(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-_prepared: dict[str, Path] = {}  # name -> converted folder, within this process (hashing is not free)
+# (file, size, mtime) -> converted folder, within this process: hashing a large GGUF is not free
+_prepared: dict[tuple[str, int, int], Path] = {}
 
 
 def prepare_gguf(name_or_path: str) -> Path:
     """The plain Hugging Face folder of a GGUF model (converted on first use, then read from the cache)."""
-    if name_or_path in _prepared and (_prepared[name_or_path] / "config.json").is_file():
-        return _prepared[name_or_path]
     gguf_file = resolve_gguf(name_or_path)
+    stat = gguf_file.stat()
+    key = (str(gguf_file.resolve()), stat.st_size, stat.st_mtime_ns)
+    known = _prepared.get(key)
+    if known is not None and (known / SOURCE_FILE).is_file():
+        return known
     target = cache_dir() / "gguf" / f"{gguf_file.stem}-{file_hash(gguf_file)}"
     if not (target / SOURCE_FILE).is_file():  # written last: a folder without it is an unfinished conversion
         log.info("converting %s to a Hugging Face model in %s (once)", gguf_file, target)
         _convert(gguf_file, target)
-    _prepared[name_or_path] = target
+    _prepared[key] = target
     return target
 
 

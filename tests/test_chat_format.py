@@ -135,3 +135,28 @@ def test_the_judges_better_reply_ends_with_the_end_of_turn_token_as_the_template
     assert reply.finished and reply.ids[-1] == whitebox.eos_id and reply.text == "Sure, glad to help."
     cut = whitebox.reply_from_text(DIALOGUE, "Sure, glad to help. " * 10, room=5)
     assert not cut.finished and len(cut.ids) == 5 and whitebox.eos_id not in cut.ids
+
+
+def test_a_chat_white_box_trains_through_the_cycle(hh_root, tmp_path):
+    """The module with a chat tokenizer (saved and loaded by path, as a user's model folder is): prompts go
+    through the template, and the cycle samples, ranks and updates on replies that end at ``<|im_end|>``."""
+    from cyclealign_pl.cycle import CycleConfig
+    from tests.helpers import GOOD, PrefersHelpJudge, make_data, make_trainer, tiny_module
+
+    chat_tokenizer(CORPUS).save_pretrained(tmp_path / "tokenizer")
+    module = tiny_module(
+        PrefersHelpJudge(better_response=GOOD[0]),
+        tokenizer=str(tmp_path / "tokenizer"),
+        cycle=CycleConfig(max_iterations=2),
+    )
+    whitebox = module.whitebox
+    assert whitebox.chat and whitebox.tokenizer.convert_ids_to_tokens(whitebox.eos_id) == "<|im_end|>"
+    sampled: list = []
+    sample = whitebox.sample
+    whitebox.sample = lambda prompts, n: sampled.append(sample(prompts, n)) or sampled[-1]
+    make_trainer(tmp_path, batches=2).fit(module, make_data(hh_root(QUESTIONS[:4])))
+    assert module.counters["optimizer_steps"] > 0 and sampled
+    for reply in (r for group in sampled for replies in group for r in replies):
+        assert whitebox.eos_id not in reply.ids[:-1]  # the end of turn, if any, is last
+    dialogue = tiny_module(None, tokenizer=str(tmp_path / "tokenizer"), prompt_format="dialogue")
+    assert not dialogue.whitebox.chat

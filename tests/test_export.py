@@ -35,3 +35,35 @@ def test_a_failed_end_of_fit_export_is_one_line_with_the_checkpoints_kept(tmp_pa
     assert "Traceback" not in captured.err
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert "exported model" not in captured.out  # the summary names no export that does not exist
+
+
+def test_the_gguf_export_writes_llama_tensors_that_read_back_to_the_same_weights(tmp_path: Path):
+    """A tiny Llama (grouped-query attention, untied head) with an offline BPE chat tokenizer: the GGUF that
+    ``write_gguf`` makes reads back in transformers (which undoes llama.cpp's rotary row order) to the same
+    weights and vocabulary, and keeps the chat template and EOS."""
+    gguf = pytest.importorskip("gguf", reason="the GGUF export needs the `local` extra (gguf)")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from cyclealign_pl.gguf_export import write_gguf
+    from tests.helpers import QUESTIONS, TINY_LLAMA, chat_tokenizer, hh_prompt
+
+    tokenizer = chat_tokenizer([f"{hh_prompt(q)} Sure, glad to help." for q in QUESTIONS])
+    settings = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    settings.update(num_key_value_heads=2, tie_word_embeddings=False)
+    config = AutoConfig.for_model(
+        "llama", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **settings
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    tokenizer.save_pretrained(tmp_path)
+    out = write_gguf(model, tmp_path / "model.gguf", tmp_path, "f32")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name)
+    expected, read = model.state_dict(), back.state_dict()
+    assert set(read) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(read[name], tensor), name
+    assert AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name).get_vocab() == tokenizer.get_vocab()
+    fields = gguf.GGUFReader(str(out)).fields
+    assert fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
