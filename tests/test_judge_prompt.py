@@ -84,7 +84,7 @@ def test_without_demonstrations_the_examples_section_is_left_out():
 def test_delimiters_are_deterministic_and_depend_on_the_content():
     assert build_messages(REQUEST) == build_messages(REQUEST)
     nonce = request_nonce(REQUEST)
-    assert re.fullmatch(r"[0-9a-f]{16}", nonce)
+    assert re.fullmatch(r"[0-9a-f]{8}", nonce)
     candidates = REQUEST.candidates[:2] + ("Bread is a food.",)
     other = RankRequest(REQUEST.instruction, candidates, REQUEST.demonstrations)
     assert request_nonce(other) != nonce
@@ -361,3 +361,17 @@ def test_a_json_ranking_restated_the_same_in_prose_is_accepted():
     reply = 'The desired ranking is: [2, 0, 1]\n{"ranking": [2, 0, 1], "better_response": "Knead [1, 0] it."}'
     parsed = parse_reply(reply, 3)
     assert parsed.ranking == (2, 0, 1) and parsed.better_response == "Knead [1, 0] it."
+
+
+# -------------------------------------------------------------------------------- the compact template
+
+
+def test_the_compact_template_is_found_by_name_keeps_the_method_and_is_shorter():
+    compact = load_template("ranking_compact_v1.txt")
+    assert compact.version == "ranking_compact_v1"
+    short, full = build_messages(REQUEST, compact), build_messages(REQUEST)
+    assert parse_prompt(short) == REQUEST  # the static and dynamic demonstrations and the candidates, intact
+    assert "### The desired ranking is: [1, 3, 2, 0]." in short[1]["content"]  # the paper's demonstration
+    assert len(short[0]["content"]) < len(full[0]["content"]) / 2
+    assert sum(len(m["content"]) for m in short) < sum(len(m["content"]) for m in full) - 500
+    assert '{"ranking": [the 3 response numbers 0 to 2, best first]' in short[1]["content"]

@@ -184,3 +184,77 @@ def test_the_limit_halves_on_slow_replies_and_grows_back():
 def test_a_json_reply_cut_by_max_tokens_keeps_its_ranking_written_first():
     parsed = parse_reply('{"ranking": [2, 0, 1], "better_response": "Sure, here is', 3)
     assert parsed.ranking == (2, 0, 1) and parsed.better_response is None  # counted missing, not invented
+
+
+# --------------------------------------------------------------------------- a managed server, as configured
+
+
+def test_a_managed_server_is_configured_in_yaml_and_checked_before_anything_starts(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    from cyclealign_pl.judges.base import Judge
+    from cyclealign_pl.judges.llama_server import LlamaCppServer
+    from cyclealign_pl.judges.openai import OpenAIJudge
+    from cyclealign_pl.local_models import LocalModelError
+
+    gguf = tmp_path / "Tiny-Judge.Q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--judge", type=Judge)
+    init = {"server": {"gguf": str(gguf), "n_ctx": 2048, "n_threads": 2}, "structured_output": "json_object"}
+    config = parser.parse_object(
+        {"judge": {"class_path": "cyclealign_pl.judges.openai.OpenAIJudge", "init_args": init}}
+    )
+    judge = parser.instantiate_classes(config).judge
+    try:
+        assert isinstance(judge.server, LlamaCppServer) and judge.server.n_threads == 2
+        assert judge.settings.model == "Tiny-Judge.Q4"  # the GGUF's name, unless model is given
+        assert judge.settings.max_concurrency == 1  # it serves one request at a time
+        assert not judge.server.running  # nothing starts before the run needs it
+        assert "server=LlamaCppServer(gguf=" in repr(judge)
+    finally:
+        judge.close()
+    with pytest.raises(ValueError, match="not both"):
+        OpenAIJudge(server=LlamaCppServer(gguf=str(gguf)), base_url="http://127.0.0.1:8000/v1")
+    with pytest.raises(LocalModelError, match="GGUF file not found"):
+        LlamaCppServer(gguf=str(tmp_path / "missing.gguf"))
+    with pytest.raises(ValueError, match="n_ctx must be > 0"):
+        LlamaCppServer(gguf=str(gguf), n_ctx=0)
+
+
+# ------------------------------------------------------------------------------------------ position bias
+
+
+def test_orders_that_cancel_out_are_a_counted_failure_not_a_tie_break(server, make_judge):
+    from cyclealign_pl.judges.base import RankRequest
+
+    server.responder = lambda index, body: Behaviour.reply('{"ranking": [0, 1], "better_response": "x"}')
+    pair = RankRequest("Human: Hi. Assistant:", ("Hello, how can I help?", "Go away."))  # first shown wins
+    biased = make_judge(num_permutations=2).rank([pair])[0]
+    assert biased.ranking is None and biased.failure.startswith("position bias: the 2 orders asked cancel")
+    assert make_judge(num_permutations=1).rank([pair])[0].ranking == (0, 1)  # one order cannot tell
+    server.responder = lambda index, body: json_answer(body)  # a judge that reads the content
+    assert make_judge(num_permutations=2).rank([pair])[0].ranking == (0, 1)
+
+
+def test_a_managed_server_without_llama_cpp_installed_is_one_line_at_preflight(tmp_path, monkeypatch):
+    import importlib.util
+
+    from cyclealign_pl.judges.base import JudgeUnavailable
+    from cyclealign_pl.judges.llama_server import LlamaCppServer
+    from cyclealign_pl.judges.openai import OpenAIJudge
+
+    gguf = tmp_path / "judge.gguf"
+    gguf.write_bytes(b"GGUF")
+    judge = OpenAIJudge(server=LlamaCppServer(gguf=str(gguf)))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name)
+    )
+    try:
+        with pytest.raises(
+            JudgeUnavailable, match=r"llama-cpp-python is not installed: pip install -e '\.\[local\]'"
+        ):
+            judge.preflight()
+    finally:
+        judge.close()

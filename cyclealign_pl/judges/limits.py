@@ -70,18 +70,27 @@ class ConcurrencyLimit:
     """At most ``limit`` requests in flight; with ``adaptive``, AIMD moves ``limit`` within [1, ``ceiling``].
 
     The latency baseline is the fastest reply seen (drifting up slowly, so it follows prompts that grow). A
-    reply slower than ``tolerance`` times the baseline, a timeout or an overload (429, 5xx) halves the limit,
+    reply slower than ``tolerance`` times the baseline (and by more than ``min_queue_s``: jitter of a fast
+    local server is no queue), a timeout or an overload (429, 5xx) halves the limit,
     at most once per round trip: requests sent before a decrease carry no news about the new limit. Otherwise
     the limit grows by one per reply until the first decrease (slow start), then by one per ``limit`` replies.
     Without ``adaptive`` it is a plain semaphore of ``ceiling``.
     """
 
-    def __init__(self, ceiling: int, adaptive: bool = True, tolerance: float = 2.0, initial: int = 2) -> None:
+    def __init__(
+        self,
+        ceiling: int,
+        adaptive: bool = True,
+        tolerance: float = 2.0,
+        initial: int = 2,
+        min_queue_s: float = 0.05,
+    ) -> None:
         if ceiling < 1 or tolerance <= 1.0:
             raise ValueError(f"need ceiling >= 1 and tolerance > 1, got {ceiling}, {tolerance}")
         self.ceiling = int(ceiling)
         self.adaptive = adaptive
         self.tolerance = float(tolerance)
+        self.min_queue_s = float(min_queue_s)
         self.limit = float(min(self.ceiling, initial) if adaptive else self.ceiling)
         self.in_flight = 0
         self.decreases = 0  # also the epoch: a request sent before the latest decrease cannot cause another
@@ -120,7 +129,8 @@ class ConcurrencyLimit:
         if latency_s is not None and not overloaded:
             drifted = None if self.baseline_s is None else self.baseline_s * 1.02
             self.baseline_s = latency_s if drifted is None else min(drifted, latency_s)
-            overloaded = latency_s > self.tolerance * self.baseline_s
+            queue_s = latency_s - self.baseline_s
+            overloaded = latency_s > self.tolerance * self.baseline_s and queue_s > self.min_queue_s
         if overloaded:
             if epoch == self.decreases and self.limit > 1.0:
                 self.limit = max(1.0, self.limit / 2.0)

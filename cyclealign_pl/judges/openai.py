@@ -61,7 +61,8 @@ from cyclealign_pl.ranking import Ranking
 log = logging.getLogger(__name__)
 
 # Why a prompt got no ranking; each is counted as ``failures/<kind>`` (``judge/failures/<kind>`` in the logs).
-JUDGMENT_FAILURE_KINDS = (*CALL_FAILURE_KINDS, "invalid_reply", "replay_miss")
+# "position_bias": the orders asked (num_permutations > 1) cancel out: every candidate has the same mean rank
+JUDGMENT_FAILURE_KINDS = (*CALL_FAILURE_KINDS, "invalid_reply", "replay_miss", "position_bias")
 _COUNTERS = ("prompts", "failures", "invalid_replies", "missing_better_responses", "fallbacks")
 DEFAULT_MODEL = "gpt-3.5-turbo-0613"  # the paper's black box
 # an environment variable that is never set: a managed local server gets a placeholder key, never a real one
@@ -86,6 +87,10 @@ def aggregate_rankings(rankings: Sequence[Ranking], num_candidates: int) -> Rank
     return tuple(sorted(range(num_candidates), key=lambda i: (total[i] / len(rankings), i)))
 
 
+def _mean_rank(rankings: Sequence[Ranking], item: int) -> float:
+    return sum(ranking.index(item) for ranking in rankings) / len(rankings)
+
+
 class OpenAIJudge(Judge):
     """Ranks candidates with an LLM behind the chat-completions API (the paper: gpt-3.5-turbo-0613).
 
@@ -99,7 +104,9 @@ class OpenAIJudge(Judge):
         shuffle_candidates: show the candidates in a per-request random order (seeded by the request's content
             and ``seed``) and map the ranking back: a control for position bias.
         num_permutations: ask this many orders (rotations of the base order, then random ones) and aggregate
-            the valid rankings by mean rank.
+            the valid rankings by mean rank. When the orders cancel out (every candidate has the same mean
+            rank, as with a judge that ranks by position only) the prompt gets no ranking (a counted
+            ``position_bias`` failure), not one made by the tie-break.
         on_failure: for a prompt without a valid ranking: ``"skip"`` (a failed judgment, masked by the cycle),
             ``"fallback"`` (ask ``fallback``), ``"stop"`` (raise :class:`JudgeStop`).
         fallback: the judge asked under ``on_failure="fallback"``.
@@ -352,6 +359,13 @@ class OpenAIJudge(Judge):
                 # back to the original indices: shown position s held candidate permutation[s]
                 rankings.append(tuple(call.permutation[s] for s in parsed.ranking))
                 better = better if better is not None else parsed.better_response
+            if len(rankings) > 1 and len({_mean_rank(rankings, i) for i in range(n)}) == 1:
+                first_failure = (
+                    "position_bias",
+                    f"position bias: the {len(rankings)} orders asked cancel out (every candidate has the "
+                    "same mean rank)",
+                )
+                rankings = []
             if rankings:
                 if better is None:
                     self._counters.bump("missing_better_responses")

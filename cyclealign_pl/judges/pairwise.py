@@ -33,7 +33,7 @@ PAIRWISE_SLOTS: dict[str, frozenset[str]] = {
     "answer_with_reasoning": _DELIMITERS,
 }
 
-_ECHOED_BLOCK = re.compile(r"<text-([0-9a-f]{16})>.*?</text-\1>", re.DOTALL)
+_ECHOED_BLOCK = re.compile(r"<text-([0-9a-f]{8,16})>.*?</text-\1>", re.DOTALL)
 _MARKER = re.compile(r"\[\[\s*([^\[\]\n]{0,20}?)\s*\]\]")
 
 

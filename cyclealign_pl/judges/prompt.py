@@ -69,13 +69,18 @@ def load_template(
     slots: Mapping[str, frozenset[str]] = RANKING_SLOTS,
     kind: str = "ranking",
 ) -> RankingTemplate:
-    """Read a template file (None: the packaged one) and check its sections and slots.
+    """Read a template file (None: the packaged one; a bare name that is no file here: that packaged
+    template, e.g. ``ranking_compact_v1.txt``) and check its sections and slots.
 
     ``packaged``, ``slots`` and ``kind`` let other prompts (the pairwise comparison) share this format and its
     checks: ``slots`` maps each required section to the slots it may use; ``kind`` names it in errors.
     """
+    shipped = resources.files("cyclealign_pl.judges").joinpath("templates")
+    bare = path is not None and Path(path).name == str(path) and not Path(path).exists()
+    if bare and shipped.joinpath(str(path)).is_file():
+        path, packaged = None, str(path)
     if path is None:
-        resource = resources.files("cyclealign_pl.judges").joinpath("templates", packaged)
+        resource = shipped.joinpath(packaged)
         text = resource.read_text("utf-8")
         source = f"<packaged {packaged}>"
     else:
@@ -157,7 +162,10 @@ def default_template() -> RankingTemplate:
 
 
 def request_nonce(request: RankRequest) -> str:
-    """16 hex digits from a hash of the request's content, absent from every text of the request."""
+    """8 hex digits from a hash of the request's content, absent from every text of the request.
+
+    Its length does not protect anything (no text can hold a hash of itself, and a hit is re-salted); it only
+    costs tokens: 18 delimiter lines of 16 hex digits took ~20 tokens each, of 8 ~13."""
     texts = [request.instruction, *request.candidates]
     for demo in request.demonstrations:
         texts += [demo.instruction, *demo.responses]
@@ -167,7 +175,7 @@ def request_nonce(request: RankRequest) -> str:
     )
     lowered = [t.lower() for t in texts]
     for salt in itertools.count():
-        nonce = hashlib.sha256(f"{salt}\0{payload}".encode()).hexdigest()[:16]
+        nonce = hashlib.sha256(f"{salt}\0{payload}".encode()).hexdigest()[:8]
         if not any(nonce in t for t in lowered):
             return nonce
     raise AssertionError("unreachable")
@@ -268,7 +276,7 @@ class ParsedReply:
     failure: str | None
 
 
-_ECHOED_BLOCK = re.compile(r"<text-([0-9a-f]{16})>.*?</text-\1>", re.DOTALL)
+_ECHOED_BLOCK = re.compile(r"<text-([0-9a-f]{8,16})>.*?</text-\1>", re.DOTALL)
 _BETTER_MARKER = re.compile(
     r"^[ \t>#*_`]*(?:an?\s+|my\s+)?better\s+response(?:\s+would\s+be)?[ \t*_`]*:[ \t*_`]*",
     re.IGNORECASE | re.MULTILINE,
@@ -332,7 +340,7 @@ def _anywhere(text: str) -> list[tuple[int, ...]]:
 
 
 def _clean_better(text: str) -> str | None:
-    text = re.sub(r"</?text-[0-9a-f]{16}>", "", text).strip()
+    text = re.sub(r"</?text-[0-9a-f]{8,16}>", "", text).strip()
     if text.endswith("```"):  # the reply was wrapped in a code fence
         text = text[:-3].rstrip()
     if text.startswith("```"):

@@ -69,7 +69,10 @@ _REFUSED = {
 # How a JSON schema is asked for, strongest first: OpenAI's structured outputs, llama.cpp's JSON mode with a
 # schema (llama-cpp-python's server takes only this one), none (the reply's text is parsed).
 STRUCTURED_OUTPUT_FORMS = ("json_schema", "json_object", "off")
-_SCHEMA_REFUSED = (400, 422)
+_SCHEMA_REFUSED = (
+    400,
+    422,
+)  # and any error status whose message names response_format (llama-cpp-python: 500)
 
 
 class Counters:
@@ -251,6 +254,13 @@ class ChatSettings:
         return waves * per_call + limiter + 60.0
 
 
+def _schema_refused(outcome: _Outcome) -> bool:
+    """Whether the server refused the request's ``response_format``: a 400/422, or an error naming it (a
+    validation error that llama-cpp-python's server answers with HTTP 500)."""
+    status = outcome.status
+    return status in _SCHEMA_REFUSED or (status is not None and "response_format" in outcome.detail)
+
+
 def _response_format(schema: dict[str, Any] | None, form: int) -> dict[str, Any] | None:
     """``response_format`` asking for JSON following ``schema`` in ``STRUCTURED_OUTPUT_FORMS[form]``."""
     what = STRUCTURED_OUTPUT_FORMS[form]
@@ -286,6 +296,7 @@ class _Outcome(NamedTuple):
     retry_after: float | None = None
     retryable: bool = False
     sent_at: float = 0.0  # time.monotonic() when the attempt was sent
+    detail: str = ""  # the error message of an HTTP error
 
 
 def is_loopback(url: str) -> bool:
@@ -590,7 +601,7 @@ class ChatTransport:
                 retry=attempt > 0,
                 response_format=_response_format(schema, form),
             )
-            while outcome.status in _SCHEMA_REFUSED and form + 1 < len(STRUCTURED_OUTPUT_FORMS):
+            while _schema_refused(outcome) and form + 1 < len(STRUCTURED_OUTPUT_FORMS):
                 form += 1  # refused: the same request at once in the next weaker form
                 outcome = await self._attempt(
                     messages,
@@ -600,7 +611,7 @@ class ChatTransport:
                     timeout=s.request_timeout,
                     response_format=_response_format(schema, form),
                 )
-                if outcome.status not in _SCHEMA_REFUSED:  # taken: the server refused the stronger form
+                if not _schema_refused(outcome):  # taken: the server refused the stronger form
                     self._structured_fallback(form, url)
             if outcome.status in _REFUSED:  # configuration errors: never retried, nothing else is sent
                 self._fail(self._refusal(outcome.status, url))
@@ -717,7 +728,7 @@ class ChatTransport:
             now = time.monotonic()
             self.last_reply_at = now
             self.limit.record(epoch, now - sent_at)
-        elif outcome.reply.kind in ("timeout", "rate_limit", "server_error"):
+        elif outcome.reply.kind in ("timeout", "rate_limit", "server_error") and not _schema_refused(outcome):
             self.limit.record(epoch, None, overloaded=True)
         self.counters.set("concurrency_limit", self.limit.current)
 
@@ -762,7 +773,9 @@ class ChatTransport:
                 retryable = status in (408, 409, 429) or status >= 500
             kind = "rate_limit" if status == 429 else "server_error" if status >= 500 else "http_error"
             reply = ChatReply(kind=kind, reason=f"{kind}: HTTP {status} from {url} {tries}")
-            return _Outcome(reply, status, retry_after_seconds(headers), retryable and status not in _REFUSED)
+            retry_after = retry_after_seconds(headers)
+            detail = str(getattr(err, "message", "") or "")[:2000]
+            return _Outcome(reply, status, retry_after, retryable and status not in _REFUSED, detail=detail)
         except (openai.APIResponseValidationError, ValueError, KeyError, TypeError, AttributeError) as err:
             reason = (
                 f"bad_response: {url} answered with something that is not a chat completion "

@@ -16,7 +16,7 @@ from cyclealign_pl.judges.base import RankRequest
 from cyclealign_pl.judges.pairwise import Verdict
 from cyclealign_pl.judges.prompt import delimiters, format_ranking
 
-_NONCE_OPEN = re.compile(r"<text-([0-9a-f]{16})>")
+_NONCE_OPEN = re.compile(r"<text-([0-9a-f]{8})>")
 _DEMO_RANKING = re.compile(r"The desired ranking is:\s*\[([\d,\s]*)\]")
 _RESPONSE_HEADER = re.compile(r"# Response-(\d+)\.")
 

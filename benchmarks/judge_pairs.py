@@ -1,0 +1,167 @@
+r"""A ranking judge on human-labelled pairs: parse failures, pairwise accuracy and position bias.
+
+Each HH-RLHF harmless-base test pair (the human-preferred "chosen" reply and the "rejected" one, after the
+project's cleaning) is asked as a ranking request with two candidates and the paper's static demonstration,
+as the cycle asks its first iteration, in both orders (chosen shown first, then rejected shown first). Each
+setting is the same judge with a different position-bias control:
+
+* ``plain``: the order as given (no control);
+* ``shuffle``: ``shuffle_candidates`` (a seeded random order per request);
+* ``both_orders``: ``num_permutations=2`` (both orders asked, aggregated by mean rank; a tie goes to the
+  candidate shown first in the request).
+
+Printed per setting: judgments that failed (parse or transport), accuracy (chosen ranked first, over the
+judgments that came; 0.5 is chance), the share of judgments that put the first-shown reply first (position
+bias: 0.5 is none, 1.0 always the first, 0.0 always the second), requests, seconds; and the accuracy of
+"the longer reply is better" on the same pairs, for reference. A few better responses are shown.
+
+    python benchmarks/judge_pairs.py --pairs 20                       # starts the packaged SmolLM2 judge
+    python benchmarks/judge_pairs.py --base_url http://127.0.0.1:8011/v1 --model smollm2 --pairs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+SETTINGS = {
+    "plain": {},
+    "shuffle": {"shuffle_candidates": True},
+    "both_orders": {"num_permutations": 2},
+}
+
+
+def load_pairs(path: Path, count: int, max_chars: int) -> list[tuple[str, str, str]]:
+    """The first ``count`` cleaned (prompt, chosen, rejected) triples whose texts fit ``max_chars``."""
+    from cyclealign_pl.data.hh_rlhf import clean_pair
+
+    out = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            pair = clean_pair(row["chosen"], row["rejected"]).pair
+            if pair is None or pair.chosen == pair.rejected:
+                continue
+            if max(len(pair.prompt), len(pair.chosen), len(pair.rejected)) > max_chars:
+                continue
+            out.append((pair.prompt, pair.chosen, pair.rejected))
+            if len(out) == count:
+                break
+    return out
+
+
+def measure(judge, pairs: Sequence[tuple[str, str, str]]) -> dict[str, float]:
+    """Rank every pair in both orders with ``judge``; the figures of the module docstring."""
+    from cyclealign_pl.demonstrations import STATIC_DEMONSTRATION
+    from cyclealign_pl.judges.base import RankRequest
+
+    requests, chosen_at = [], []
+    for prompt, chosen, rejected in pairs:
+        for order in ((chosen, rejected), (rejected, chosen)):
+            requests.append(RankRequest(prompt, order, (STATIC_DEMONSTRATION,)))
+            chosen_at.append(order.index(chosen))
+    before = judge.metrics().get("requests_sent", 0.0)
+    started = time.perf_counter()
+    judgments = judge.rank(requests)
+    seconds = time.perf_counter() - started
+    came = [(j, c) for j, c in zip(judgments, chosen_at) if j.ok]
+    correct = sum(j.ranking[0] == c for j, c in came)
+    first = sum(j.ranking[0] == 0 for j, _ in came)
+    return {
+        "judgments": len(judgments),
+        "failed": len(judgments) - len(came),
+        "accuracy": correct / len(came) if came else float("nan"),
+        "first_shown_first": first / len(came) if came else float("nan"),
+        "requests": judge.metrics().get("requests_sent", 0.0) - before,
+        "prompt_tokens": judge.metrics().get("prompt_tokens", 0.0),
+        "seconds": seconds,
+        "better": [j.better_response for j in judgments if j.better_response][:3],
+        "failures": sorted({(j.failure or "")[:90] for j in judgments if not j.ok})[:3],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--max_chars", type=int, default=600, help="skip pairs with a longer text")
+    parser.add_argument("--gguf", default="local:smollm2-135m-instruct", help="start this model's server")
+    parser.add_argument("--base_url", default=None, help="use a running server instead")
+    parser.add_argument("--model", default="gpt-3.5-turbo-0613")
+    parser.add_argument("--n_threads", type=int, default=None)
+    parser.add_argument("--n_ctx", type=int, default=2048)
+    parser.add_argument("--template", default="ranking_compact_v1.txt")
+    parser.add_argument("--structured_output", default="auto")
+    parser.add_argument("--max_tokens", type=int, default=128)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument(
+        "--cache", default=None, help="a judge cache file shared by the settings (default: new)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+    from cyclealign_pl.judges.llama_server import LlamaCppServer
+    from cyclealign_pl.judges.openai import OpenAIJudge
+
+    data = Path(args.data)
+    if not data.is_file():
+        raise SystemExit(f"no HH-RLHF test file at {data} (--data)")
+    pairs = load_pairs(data, args.pairs, args.max_chars)
+    longer = sum(len(c) > len(r) for _, c, r in pairs) / len(pairs)
+    server = None
+    if args.base_url is None:
+        server = LlamaCppServer(gguf=args.gguf, n_ctx=args.n_ctx, n_threads=args.n_threads)
+        server.start(tempfile.mkdtemp(prefix="judge-pairs-"))
+        print(f"started {server.path.name} at {server.url} (log {server.log_path})")
+    print(
+        f"{len(pairs)} HH-RLHF harmless-base test pairs, both orders; template {args.template}, "
+        f"structured_output={args.structured_output}, max_tokens={args.max_tokens}; "
+        f"'the longer reply is better' scores {longer:.2f}"
+    )
+    cache = args.cache or str(Path(tempfile.mkdtemp(prefix="judge-pairs-")) / "cache.sqlite")
+    header = ("setting", "failed", "accuracy", "1st-shown", "sent", "s/request", "tokens/req")
+    print(f"{header[0]:<12} " + " ".join(f"{h:>10}" for h in header[1:]))
+    try:
+        for name in args.settings:
+            judge = OpenAIJudge(
+                model=server.model if server else args.model,
+                base_url=server.url if server else args.base_url,
+                api_key_env="CYCLEALIGN_BENCHMARK_NO_KEY" if server else "OPENAI_API_KEY",
+                template=args.template,
+                structured_output=args.structured_output,
+                max_tokens=args.max_tokens,
+                request_timeout=300,
+                cache_path=cache,  # an order already asked by another setting is not asked again
+                **SETTINGS[name],
+            )
+            try:
+                r = measure(judge, pairs)
+            finally:
+                judge.close()
+            sent = max(1.0, r["requests"])
+            print(
+                f"{name:<12} {r['failed']:>5}/{r['judgments']:<4} {r['accuracy']:>10.2f} "
+                f"{r['first_shown_first']:>10.2f} {r['requests']:>10.0f} {r['seconds'] / sent:>10.1f} "
+                f"{r['prompt_tokens'] / sent:>10.0f}"
+            )
+            for text in r["better"]:
+                print(f"    better response: {' '.join(text.split())[:150]!r}")
+            for text in r["failures"]:
+                print(f"    failure: {text}")
+    finally:
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

