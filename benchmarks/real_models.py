@@ -205,9 +205,8 @@ def child(args: argparse.Namespace) -> None:
 
     sampler = RssSampler()
     root = Path(args.out) / args.setting
-    cli = main(
+    cli = main(  # run=False: no subcommand; the fit is started below, with the outcome callback
         [
-            "fit",
             "--config",
             args.config,
             "--config",
