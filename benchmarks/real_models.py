@@ -253,7 +253,7 @@ def child(args: argparse.Namespace) -> None:
     records = outcomes.records
     result.update(
         figures=figures.as_dict(),
-        iterations=iteration_figures(records, module.cycle.max_iterations),
+        iterations=iteration_figures(records, module.cycle_config.max_iterations),
         training_prompts=len(records),
         training_seconds=outcomes.seconds,
         prompts_per_hour=3600 * len(records) / outcomes.seconds if outcomes.seconds > 0 else math.nan,
