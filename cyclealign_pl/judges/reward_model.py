@@ -8,7 +8,7 @@ oasst-rm-2-pythia-6.9b-epoch-1, whose input is ``<|prompter|>...<eos><|assistant
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -47,6 +47,8 @@ class RewardModelJudge(Judge):
         input_format: ``"plain"`` or ``"oasst"`` (see module docstring).
         sigmoid, scale: reported reward = scale * (sigmoid(logit) if sigmoid else logit); the paper's Table 1
             uses sigmoid and scale 100. Rankings do not depend on either.
+        special_tokens: add the tokenizer's special tokens (an encoder's [CLS] ... [SEP]); decoder-only reward
+            models read the text as formatted.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class RewardModelJudge(Judge):
         batch_size: int = 16,
         seed: int = 0,
         dtype: str | None = None,
+        special_tokens: bool = False,
     ) -> None:
         if model is None and config is None:
             raise ValueError("RewardModelJudge needs a model path or a config")
@@ -72,7 +75,8 @@ class RewardModelJudge(Judge):
         self.scale = scale
         self.max_length = max_length
         self.batch_size = batch_size
-        self.model = load_reward_model(model, config, seed=seed, dtype=dtype).eval()
+        self.special_tokens = special_tokens
+        self.model = self._load_model(model, config, seed, dtype).eval()
         self.model.requires_grad_(False)
         self.tokenizer = load_tokenizer(tokenizer or model or OFFLINE_TOKENIZER)
         self.tokenizer.truncation_side = "left"  # the reply is at the end: keep it, drop old turns
@@ -81,6 +85,14 @@ class RewardModelJudge(Judge):
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.calls = 0
+
+    sort_by_length = False
+
+    def _load_model(
+        self, model: str | None, config: dict[str, Any] | None, seed: int, dtype: str | None
+    ) -> torch.nn.Module:
+        """The scoring model: anything whose ``model(**encoding).logits[:, 0]`` is the reward."""
+        return load_reward_model(model, config, seed=seed, dtype=dtype)
 
     @property
     def preferred_threshold(self) -> float:
@@ -91,25 +103,38 @@ class RewardModelJudge(Judge):
         self.model.to(device)
         return self
 
-    @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """The reward of each (prompt, response) pair, batched."""
-        eos = self.tokenizer.eos_token or ""
-        texts = [format_for_reward_model(p, r, self.input_format, eos) for p, r in zip(prompts, responses)]
+    def format_input(self, prompt: str, response: str) -> str:
+        """The text the model reads for one (HH-format dialogue prompt, reply) pair."""
+        return format_for_reward_model(prompt, response, self.input_format, self.tokenizer.eos_token or "")
+
+    def batches(self, prompts: Sequence[str], responses: Sequence[str]) -> Iterator[tuple[list[int], Any]]:
+        """(positions, encoding) per batch of (prompt, response) pairs, similar lengths batched together."""
+        texts = [self.format_input(p, r) for p, r in zip(prompts, responses)]
         device = next(self.model.parameters()).device
-        rewards: list[float] = []
+        order = list(range(len(texts)))
+        if self.sort_by_length:  # less padding (batch contents change: rewards may move in the last digits)
+            order.sort(key=lambda i: len(texts[i]))
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[start : start + self.batch_size],
-                add_special_tokens=False,
+            positions = order[start : start + self.batch_size]
+            encoding = self.tokenizer(
+                [texts[i] for i in positions],
+                add_special_tokens=self.special_tokens,
                 truncation=True,
                 max_length=self.max_length,
                 padding=True,
                 return_tensors="pt",
             ).to(device)
-            logits = self.model(**enc).logits[:, 0].float()
+            yield positions, encoding
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """The reward of each (prompt, response) pair, batched."""
+        rewards = [0.0] * len(prompts)
+        for positions, encoding in self.batches(prompts, responses):
+            logits = self.model(**encoding).logits[:, 0].float()
             values = torch.sigmoid(logits) if self.sigmoid else logits
-            rewards.extend((values * self.scale).tolist())
+            for i, value in zip(positions, (values * self.scale).tolist()):
+                rewards[i] = value
         return rewards
 
     def rank(self, requests: Sequence[RankRequest]) -> list[Judgment]:
