@@ -75,6 +75,7 @@ def _fit_config(tmp_path: Path) -> Path:
     config["model"]["sampling"]["max_new_tokens"] = 12
     config["model"]["max_length"] = 160
     config["trainer"]["limit_train_batches"] = 2
+    config["trainer"]["limit_val_batches"] = 0  # the evaluator has its own tests (test_evaluators.py)
     checkpoints = config["trainer"]["callbacks"][0]["init_args"]
     checkpoints.update(every_n_batches=None, save_weights_only=True)  # one 0.5 GB file, not 1.6 GB twice
     path = tmp_path / "smollm2_quick.yaml"
