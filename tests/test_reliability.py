@@ -169,6 +169,12 @@ N_PROMPTS = 24
 BATCH = 3  # continuous batching: prompts are in flight across steps, and so across checkpoints
 
 
+def _default_sigint() -> None:
+    """A background job (``cmd &`` without job control) starts with SIGINT ignored, and Python then installs
+    no KeyboardInterrupt handler: give the fit the default, as a terminal's Ctrl-C finds it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class FitProcess:
     """``python -m cyclealign_pl fit`` in a subprocess; its output goes to a log file inside the run
     directory."""
@@ -221,7 +227,14 @@ class FitProcess:
         self.log_path = run_dir / f"{name}.log"
         run_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+            preexec_fn=_default_sigint,  # Ctrl-C reaches it even when the tests run as a background job
+        )
 
     def wait_for(self, condition: Callable[[], bool], what: str, limit_s: float = 600) -> None:
         """Poll until ``condition()``; fail with the log if the process ends first (``limit_s``: a safety
