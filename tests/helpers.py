@@ -244,6 +244,23 @@ def update_recorder(model: torch.nn.Module, lr: float = 1e-2):
     return update, calls
 
 
+def tiny_llama_for(tokenizer) -> torch.nn.Module:
+    """A tiny random Llama (``TINY_LLAMA``, seed 0) sized to ``tokenizer``'s vocabulary and special tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **settings,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
 def bpe_tokenizer(texts: Sequence[str], vocab_size: int = 400):
     """A byte-level BPE tokenizer (GPT-2 style: a leading space belongs to the next word) trained offline on
     ``texts``, as a transformers fast tokenizer with ``</s>`` for EOS and ``<pad>`` for padding."""

@@ -8,7 +8,7 @@ import torch
 
 from cyclealign_pl.data.rows import prompt_messages
 from cyclealign_pl.policy import SamplingConfig, WhiteBox, end_of_turn_id
-from tests.helpers import QUESTIONS, TINY_LLAMA, bpe_tokenizer, chat_tokenizer, hh_prompt
+from tests.helpers import QUESTIONS, bpe_tokenizer, chat_tokenizer, hh_prompt, tiny_llama_for
 
 CORPUS = [f"{hh_prompt(q)} {reply}" for q in QUESTIONS for reply in ("Sure, glad to help.", "No. Go away.")]
 DIALOGUE = "\n\nHuman: Can you help me?\n\nAssistant: Sure, with what?\n\nHuman: My garden.\n\nAssistant:"
@@ -17,19 +17,7 @@ DIALOGUE = "\n\nHuman: Can you help me?\n\nAssistant: Sure, with what?\n\nHuman:
 def tiny_whitebox(tokenizer, prompt_format: str = "auto", max_new_tokens: int = 6) -> WhiteBox:
     """A tiny random Llama whose head favours the token that ends a reply (+5 on its logit, a forward hook
     that generation and scoring both go through), so sampled replies end there or at the budget."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    settings = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        **settings,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = tiny_llama_for(tokenizer)
     whitebox = WhiteBox(
         model, tokenizer, 256, SamplingConfig(max_new_tokens=max_new_tokens), prompt_format=prompt_format
     )

@@ -12,12 +12,12 @@ from cyclealign_pl.policy import EVAL_MARKERS, TURN_MARKERS, Reply, SamplingConf
 from tests.helpers import (
     GOOD,
     QUESTIONS,
-    TINY_LLAMA,
     PrefersHelpJudge,
     bpe_tokenizer,
     hh_prompt,
     make_data,
     make_trainer,
+    tiny_llama_for,
     tiny_module,
 )
 
@@ -26,20 +26,10 @@ CORPUS = [f"{hh_prompt(q)} {reply}" for q in QUESTIONS for reply in ("Sure, glad
 
 def whitebox_for(tokenizer_kind: str, max_length: int = 128, max_new_tokens: int = 16) -> WhiteBox:
     """A tiny random Llama with the byte tokenizer or a BPE trained here (both offline)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, ByT5Tokenizer
+    from transformers import ByT5Tokenizer
 
     tokenizer = ByT5Tokenizer() if tokenizer_kind == "byte" else bpe_tokenizer(CORPUS)
-    settings = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        **settings,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = tiny_llama_for(tokenizer)
     return WhiteBox(model, tokenizer, max_length, SamplingConfig(max_new_tokens=max_new_tokens))
 
 

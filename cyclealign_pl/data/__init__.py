@@ -1,7 +1,7 @@
 """Prompt data for CycleAlign: HH-RLHF (training and per-subset evaluation), BeaverTails (evaluation) and
 users' own prompts (files or hub datasets)."""
 
-from cyclealign_pl.data.base import PromptDataModuleBase
+from cyclealign_pl.data.base import PromptDataModuleBase, select_prompts
 from cyclealign_pl.data.beavertails import BeaverTailsDataModule, load_beavertails
 from cyclealign_pl.data.hh_rlhf import (
     DROP_REASONS,
@@ -11,7 +11,6 @@ from cyclealign_pl.data.hh_rlhf import (
     clean_pair,
     load_hh_rlhf,
     parse_dialogue,
-    select_prompts,
 )
 from cyclealign_pl.data.prompts import PromptDataModule
 from cyclealign_pl.data.rows import BATCH_KEYS, CleaningStats, DataFileError, PromptRow, Turn, render_prompt

@@ -21,9 +21,8 @@ import gzip
 import json
 import logging
 import re
-import warnings
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -31,7 +30,6 @@ from typing import Literal, NamedTuple
 import datasets
 
 from cyclealign_pl.data.base import PromptDataModuleBase
-from cyclealign_pl.data.loaders import sample_indices
 from cyclealign_pl.data.rows import (
     CleaningStats,
     DataFileError,
@@ -296,54 +294,6 @@ def load_hh_rlhf(
 # --------------------------------------------------------------------------------------------- sampling
 
 
-def select_prompts(
-    eval_pool: Mapping[str, Sequence[PromptRow]],
-    train_pool: Mapping[str, Sequence[PromptRow]] | None,
-    *,
-    num_train: int | None,
-    eval_per_subset: int | None,
-    seed: int,
-) -> tuple[list[PromptRow], list[PromptRow]]:
-    """Seeded (train, eval) prompt selection; no training prompt is also an evaluation prompt.
-
-    Evaluation prompts are drawn per subset (all of them when ``eval_per_subset`` is None). Training
-    prompts are drawn uniformly from the pooled subsets (so in proportion to their sizes, as in "1,000
-    prompts across the four subsets"), after removing every prompt chosen for evaluation. When both pools
-    come from the same split this is a seeded partition of it; across splits it removes leaked prompts.
-    Asking for more prompts than there are gives all of them, with a warning.
-    """
-    eval_rows: list[PromptRow] = []
-    for subset, rows in eval_pool.items():
-        if eval_per_subset is not None and eval_per_subset > len(rows):
-            warnings.warn(
-                f"eval_prompts_per_subset={eval_per_subset} but {subset} has only {len(rows)} "
-                f"evaluation prompts after cleaning; using all {len(rows)}",
-                stacklevel=2,
-            )
-        eval_rows.extend(rows[i] for i in sample_indices(len(rows), eval_per_subset, f"{seed}:eval:{subset}"))
-    if train_pool is None:
-        return [], eval_rows
-
-    held_out = {row["prompt"] for row in eval_rows}
-    pool = [row for rows in train_pool.values() for row in rows if row["prompt"] not in held_out]
-    excluded = sum(len(rows) for rows in train_pool.values()) - len(pool)
-    if excluded:
-        log.info("excluded %d training rows whose prompt is an evaluation prompt", excluded)
-    if not pool:
-        raise ValueError(
-            "no training prompts left after holding out the evaluation prompts; with "
-            "train_split == eval_split, set eval_prompts_per_subset below the number of rows"
-        )
-    if num_train is not None and num_train > len(pool):
-        warnings.warn(
-            f"num_train_prompts={num_train} but only {len(pool)} training prompts are available "
-            f"after cleaning and holding out evaluation prompts; using all {len(pool)}",
-            stacklevel=2,
-        )
-    train_rows = [pool[i] for i in sample_indices(len(pool), num_train, f"{seed}:train")]
-    return train_rows, eval_rows
-
-
 # ------------------------------------------------------------------------------------------- DataModule
 
 
@@ -437,20 +387,14 @@ class HHRLHFDataModule(PromptDataModuleBase):
 
     def setup(self, stage: str | None = None) -> None:
         """Load and clean what ``stage`` needs; training prompts only for ``fit`` (or no stage)."""
-        need_train = stage in (None, "fit")
-        if self.eval_rows is not None and (self.train_rows is not None or not need_train):
-            return
-        eval_pool = self._split_rows(self.eval_split)
-        train_pool = self._split_rows(self.train_split) if need_train else None
-        train_rows, self.eval_rows = select_prompts(
-            eval_pool,
-            train_pool,
+        if not self._select_rows(
+            stage,
+            lambda: self._split_rows(self.eval_split),
+            lambda: self._split_rows(self.train_split),
             num_train=self.num_train_prompts,
             eval_per_subset=self.eval_prompts_per_subset,
-            seed=self.seed,
-        )
-        if need_train:
-            self.train_rows = train_rows
+        ):
+            return
         num_train = len(self.train_rows) if self.train_rows is not None else "no"
         log.info(
             "HH-RLHF prompts: %s training, %d evaluation over %s",

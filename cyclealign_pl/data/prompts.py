@@ -24,7 +24,7 @@ import datasets
 from datasets.exceptions import DatasetGenerationError
 
 from cyclealign_pl.data.base import PromptDataModuleBase
-from cyclealign_pl.data.hh_rlhf import merge_turns, parse_dialogue, select_prompts
+from cyclealign_pl.data.hh_rlhf import merge_turns, parse_dialogue
 from cyclealign_pl.data.rows import CleaningStats, DataFileError, PromptRow, Turn, render_prompt
 from cyclealign_pl.hub import require_hub
 
@@ -349,20 +349,14 @@ class PromptDataModule(PromptDataModuleBase):
 
     def setup(self, stage: str | None = None) -> None:
         """Load what ``stage`` needs: the training prompts only for ``fit`` (or no stage)."""
-        need_train = stage in (None, "fit")
-        if self.eval_rows is not None and (self.train_rows is not None or not need_train):
-            return
-        eval_pool = _group(self._rows(*self._eval_source()))
-        train_pool = {self.name: self._rows(self.path, self.split)} if need_train else None
-        train_rows, self.eval_rows = select_prompts(
-            eval_pool,
-            train_pool,
+        if not self._select_rows(
+            stage,
+            lambda: _group(self._rows(*self._eval_source())),
+            lambda: {self.name: self._rows(self.path, self.split)},
             num_train=self.num_train_prompts,
             eval_per_subset=self.eval_prompts_per_subset,
-            seed=self.seed,
-        )
-        if need_train:
-            self.train_rows = train_rows
+        ):
+            return
         log.info(
             "prompts: %s training, %d evaluation (%s)",
             len(self.train_rows) if self.train_rows is not None else "no",
