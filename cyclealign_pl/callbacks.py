@@ -22,6 +22,7 @@ from cyclealign_pl.evaluation import reply_stats
 from cyclealign_pl.hf import plain_model
 from cyclealign_pl.judges.base import RankRequest
 from cyclealign_pl.metrics import RankingAccuracy
+from cyclealign_pl.run_state import Counters
 from cyclealign_pl.storage import StorageError, is_environment_error
 
 log = logging.getLogger(__name__)
@@ -90,11 +91,11 @@ class CycleMetrics(Callback):
         finished = outcome.finished
         attempts = [it for record in finished for it in record.iterations]
         if finished:
-            step["iterations"] = len(attempts) / len(finished)
-            step["agreement"] = sum(record.agreed for record in finished) / len(finished)
-            step["identical_samples"] = sum(record.identical_samples for record in finished) / len(finished)
-            judged = [it for it in attempts if not it.degenerate]
-            step["judge_failure_rate"] = sum(it.failure is not None for it in judged) / max(len(judged), 1)
+            counts = Counters.of(outcome)
+            step["iterations"] = counts.mean_iterations
+            step["agreement"] = counts.agreed_prompts / counts.prompts
+            step["identical_samples"] = counts.identical_sample_prompts / counts.prompts
+            step["judge_failure_rate"] = counts.judge_failure_rate or 0.0  # 0 when nothing was judged
             reference = getattr(pl_module, "reward_model", None)
             if reference is not None:
                 step.update(self._reference_metrics(reference, finished))

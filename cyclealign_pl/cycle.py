@@ -38,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -51,6 +51,8 @@ from cyclealign_pl.policy import Reply, ScoredCandidates, WhiteBox
 from cyclealign_pl.ranking import Ranking, agreement, rank_by_scores
 
 DemonstrationSource = Literal["agreement", "blackbox", "whitebox"]
+Ablation = Literal["none", "no_d2", "no_icl", "no_wrd", "no_brd", "no_cycle"]
+ABLATIONS: tuple[str, ...] = ("none", "no_d2", "no_icl", "no_wrd", "no_brd", "no_cycle")
 # the failure of a candidate set with fewer than two distinct replies: not sent to the judge, counted
 DEGENERATE_CANDIDATES = "fewer than two distinct candidates"
 TIMES = ("generate_s", "score_s", "judge_wait_s", "update_s")
@@ -58,7 +60,7 @@ TIMES = ("generate_s", "score_s", "judge_wait_s", "update_s")
 
 @dataclass
 class CycleConfig:
-    """The method's settings. The paper's ablations (Table 3) are settings of these (``model.ablation``).
+    """The method's settings (``model.cycle``); the paper's Table 3 ablations are one of them (``ablation``).
 
     Attributes:
         num_candidates: l, the replies the white box samples per prompt and iteration (paper: 3).
@@ -70,6 +72,11 @@ class CycleConfig:
         use_judge_response: rank the judge's better reply above the candidates (and train on it as the best).
         overlap_judge: score with the white box while the black box answers (same results, less waiting);
             false is the paper's serial loop, a baseline for benchmarks.
+        demonstration_scope: ``prompt`` (paper: each prompt starts from the static demonstration) or ``run``
+            (a finished prompt's dynamic demonstrations are kept for later prompts).
+        max_demonstrations: the most dynamic demonstrations per request, newest kept (null: all).
+        ablation: ``no_d2`` (no dynamic demonstrations), ``no_icl`` (none at all), ``no_wrd`` / ``no_brd``
+            (dynamic ones from the black box's / white box's ranking only), ``no_cycle`` (one iteration).
     """
 
     num_candidates: int = 3
@@ -79,6 +86,9 @@ class CycleConfig:
     demonstration_source: DemonstrationSource = "agreement"
     use_judge_response: bool = True
     overlap_judge: bool = True
+    demonstration_scope: Literal["prompt", "run"] = "prompt"
+    max_demonstrations: int | None = None
+    ablation: Ablation = "none"
 
     def __post_init__(self) -> None:
         if self.num_candidates < 2:
@@ -91,10 +101,37 @@ class CycleConfig:
             raise ValueError(f"unknown demonstration_source {self.demonstration_source!r}")
         if self.sft_weight is not None and self.sft_weight < 0:
             raise ValueError(f"sft_weight (lambda) must be >= 0 or null, got {self.sft_weight}")
+        if self.demonstration_scope not in ("prompt", "run"):
+            raise ValueError(
+                f"demonstration_scope must be 'prompt' or 'run', got {self.demonstration_scope!r}"
+            )
+        if self.max_demonstrations is not None and self.max_demonstrations < 0:
+            raise ValueError(f"max_demonstrations must be >= 0 or null, got {self.max_demonstrations}")
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {', '.join(ABLATIONS)}")
 
     @property
     def lambda_sft(self) -> float:
         return default_sft_weight(self.num_candidates) if self.sft_weight is None else self.sft_weight
+
+    def effective(self) -> CycleConfig:
+        """These settings with the ablation applied to the loop's own settings."""
+        if self.ablation == "no_wrd":
+            return replace(self, demonstration_source="blackbox")
+        if self.ablation == "no_brd":
+            return replace(self, demonstration_source="whitebox")
+        if self.ablation == "no_cycle":
+            return replace(self, max_iterations=1)
+        return self
+
+    def demonstration_pool(self) -> DemonstrationPool:
+        """The pool of demonstrations these settings (and the ablation) show the black box."""
+        return DemonstrationPool(
+            scope=self.demonstration_scope,
+            max_dynamic=self.max_demonstrations,
+            use_static=self.ablation != "no_icl",
+            use_dynamic=self.ablation not in ("no_icl", "no_d2"),
+        )
 
 
 @dataclass
@@ -116,6 +153,16 @@ class IterationRecord:
     @property
     def degenerate(self) -> bool:
         return self.failure == DEGENERATE_CANDIDATES
+
+    @property
+    def judged(self) -> bool:
+        """Its candidates went to the judge (a set of one distinct reply never does)."""
+        return not self.degenerate
+
+    @property
+    def judge_failed(self) -> bool:
+        """The judge was asked and gave no usable ranking: the one definition of a judge failure."""
+        return self.judged and self.failure is not None
 
 
 @dataclass

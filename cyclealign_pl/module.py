@@ -1,58 +1,44 @@
-"""``CycleAlignModule``: the white-box as a LightningModule, trained by the cycle in ``cycle.py``.
+"""``CycleAlignModule``: the white box as a LightningModule, trained by the cycle in ``cycle.py``.
 
-Manual optimization: one training step (one batch of prompts) takes up to ``max_iterations`` optimizer
-steps, so ``trainer.global_step`` counts optimizer steps, not batches. Use ``max_epochs`` and
-``limit_train_batches`` (or the data module's ``num_train_prompts``) to size a run; ``max_steps`` stops the
-run at exactly that many optimizer steps, its prompts in flight kept in the checkpoint.
-
-A stop inside a training step (a signal, the judge) saves a checkpoint there and is resumed by redoing that
-step, as Lightning redoes an unfinished batch: the data position does not count the step's batch, and the
-redone step adds none of its prompts again (they are in flight, or done). So a stop in an epoch's last step
-loses nothing: the resumed run finishes the prompts in flight in that step, before the epoch ends.
+Manual optimization: one training step (a batch of prompts) takes up to N optimizer steps, so
+``trainer.global_step`` counts optimizer steps; ``max_steps`` stops at exactly that many, the prompts in
+flight kept in the checkpoint. A stop inside a step saves a checkpoint there; the resumed run redoes that
+step without adding its prompts again (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
 
-from cyclealign_pl.cycle import CycleConfig, CycleState, StepOutcome, run_cycle
-from cyclealign_pl.demonstrations import DemonstrationPool
-from cyclealign_pl.evaluation import (
-    GenerationRecord,
-    RewardEvaluation,
-    RewardRow,
-    collapse_warning,
-    coverage,
-    gather_records,
-    paired_gain,
-    reply_stats,
-    subsets_of,
-    with_reply_stats,
-    write_eval_outputs,
-)
+from cyclealign_pl import storage
+from cyclealign_pl.cycle import CycleConfig, StepOutcome, run_cycle
+from cyclealign_pl.evaluation.stages import EvaluationHooks, StageEvaluator
 from cyclealign_pl.hf import apply_lora, load_causal_lm, load_tokenizer
 from cyclealign_pl.judges.base import Judge, JudgeStop, JudgeUnavailable
-from cyclealign_pl.policy import DEFAULT_LOGIT_CHUNK_ELEMENTS, PromptFormat, SamplingConfig, WhiteBox
-from cyclealign_pl.rng import capture_rng_state, restore_rng_state
-from cyclealign_pl.signals import EXIT_STOPPED, StopDeadline, StopRequest, sigterm_as_a_flag_only
-from cyclealign_pl.storage import run_identity
+from cyclealign_pl.optimization import ManualOptimization
+from cyclealign_pl.policy import SamplingConfig, WhiteBox
+from cyclealign_pl.rng import restore_rng_state
+from cyclealign_pl.run_state import (
+    Counters,
+    ProcessState,
+    RunTotals,
+    checkpoint_entry,
+    state_for_rank,
+    uncount_current_batch,
+)
+from cyclealign_pl.settings import EvaluationConfig, WhiteBoxConfig
+from cyclealign_pl.signals import FitSignals
 
 log = logging.getLogger(__name__)
 
 # hparams hold these dataclasses: allow them in ``torch.load(weights_only=True)`` so checkpoints load safely
-torch.serialization.add_safe_globals([CycleConfig, SamplingConfig])
-
-Ablation = Literal["none", "no_d2", "no_icl", "no_wrd", "no_brd", "no_cycle"]
+torch.serialization.add_safe_globals([CycleConfig, SamplingConfig, WhiteBoxConfig, EvaluationConfig])
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -64,50 +50,24 @@ class RunStopped(RuntimeError):
     saved."""
 
 
-class CycleAlignModule(LightningModule):
+class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
     """Aligns a causal LM with a black-box judge by CycleAlign (RRHF or PRO objective).
 
     Args:
-        model: path or hub name of the white-box (``AutoModelForCausalLM``).
-        model_config: build the white-box from scratch from this config dict instead (``model_type`` key;
-            ``vocab_size``, ``pad_token_id`` and ``eos_token_id`` default to the tokenizer's).
+        model: path or hub name of the white box (``AutoModelForCausalLM``; ``local:``/``builtin:`` names).
+        model_config: build the white box from scratch from this config dict instead (``model_type`` key).
         tokenizer: tokenizer path; defaults to ``model``; ``"byt5"`` is the file-free byte tokenizer.
-        judge: the black box (e.g. ``OpenAIJudge``, or ``RewardModelJudge`` offline). Needed for ``fit`` only.
-        reward_model: the reference ranker (ranking accuracy during fit) and the evaluator (``validate``).
-        cycle: the method's settings (l, N, objective, lambda, demonstration source).
+        judge: the black box (``OpenAIJudge``, or ``RewardModelJudge`` offline). Needed for ``fit`` only.
+        reward_model: the reference ranker during fit and the evaluator of ``validate``.
+        cycle: the method (l, N, objective, lambda, demonstrations, the paper's ablations).
         sampling: how candidates are sampled.
-        demonstration_scope: ``"prompt"`` (paper: each prompt starts from the static demonstration) or
-            ``"run"`` (a finished prompt's dynamic demonstrations are kept for later prompts,
-            ``max_demonstrations`` newest).
-        max_demonstrations: the most dynamic demonstrations shown to the black box per request, newest kept
-            (null: all of the prompt's, or of the run's with ``demonstration_scope: run``).
-        ablation: the paper's Table 3 settings, applied on top of ``cycle``: ``no_d2`` (no dynamic
-            demonstrations), ``no_icl`` (no demonstrations), ``no_wrd`` (dynamic ones from black-box rankings
-            only), ``no_brd`` (from white-box rankings only), ``no_cycle`` (one sample-rank-update per
-            prompt).
-        max_length: prompt + response token budget (paper: 512).
-        optimizer: optimizer factory (paper: AdamW-style, lr 5e-5).
-        lr_scheduler: learning-rate schedule factory, stepped once per optimizer step (e.g. a warm-up:
-            ``torch.optim.lr_scheduler.LinearLR``); null: a constant rate. Not ``ReduceLROnPlateau``.
-        gradient_clip_val: clip the gradient norm (None: no clipping).
-        gradient_checkpointing: trade compute for memory on large white-boxes.
-        eval_max_new_tokens: greedy reply length for ``validate`` (paper setting: 128).
-        shared_prefix: score each prompt's candidates from one encoding of the prompt (KV cache) instead of
-            one full sequence each: same scores, faster and less memory (docs/scaling.md). Not combined with
-            gradient checkpointing (which drops the cache): then full sequences are used.
-        lora: train LoRA adapters instead of all weights, e.g. ``{r: 16, lora_alpha: 32, lora_dropout: 0.05}``
-            (``peft.LoraConfig`` arguments; needs the ``lora`` extra). Exports merge the adapters.
-        logit_chunk_elements: score replies a chunk of (reply, token) positions at a time, each chunk at most
-            this many logits (recomputed in backward), so scoring memory grows neither with the vocabulary nor
-            with the number of replies; null: all at once.
-        collapse_max_empty_share, collapse_min_distinct_2: evaluation warns that the replies collapsed when
-            more than this share of them is empty, or when their distinct-2 falls below this floor.
+        whitebox: the white box's token budget, prompt format and memory settings.
+        evaluation: greedy reply length and the collapse monitors of the evaluations.
+        optimizer, lr_scheduler: factories (paper: AdamW-style, lr 5e-5); the schedule steps per optimizer
+            step.
+        gradient_clip_val: clip the gradient norm (null: no clipping).
         stop_grace_s: after SIGTERM or Ctrl-C, the seconds a fit may take to finish its iteration and save;
-            past them the process exits (status 3) with the checkpoints it has, e.g. when it is blocked in a
-            collective with a process that hung or died. null: wait however long it takes.
-        prompt_format: ``chat`` renders prompts with the tokenizer's chat template and ends replies at its
-            end-of-turn token (chat models); ``dialogue`` is the HH-RLHF ``Human:``/``Assistant:`` text (base
-            models, the paper's LLaMA); ``auto``: ``chat`` when the tokenizer has a chat template.
+            past them it exits (status 3) with the checkpoints it has (null: wait however long it takes).
     """
 
     def __init__(
@@ -119,138 +79,62 @@ class CycleAlignModule(LightningModule):
         reward_model: Judge | None = None,
         cycle: CycleConfig = CycleConfig(),
         sampling: SamplingConfig = SamplingConfig(),
-        demonstration_scope: Literal["prompt", "run"] = "prompt",
-        max_demonstrations: int | None = None,
-        ablation: Ablation = "none",
-        max_length: int = 512,
+        whitebox: WhiteBoxConfig = WhiteBoxConfig(),
+        evaluation: EvaluationConfig = EvaluationConfig(),
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         gradient_clip_val: float | None = 1.0,
-        gradient_checkpointing: bool = False,
-        eval_max_new_tokens: int = 128,
-        shared_prefix: bool = True,
-        lora: dict[str, Any] | None = None,
-        logit_chunk_elements: int | None = DEFAULT_LOGIT_CHUNK_ELEMENTS,
-        collapse_max_empty_share: float = 0.5,
-        collapse_min_distinct_2: float = 0.02,
         stop_grace_s: float | None = 120.0,
-        prompt_format: PromptFormat = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["judge", "reward_model", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
-        for name, new_tokens in (
-            ("sampling.max_new_tokens", sampling.max_new_tokens),
-            ("eval_max_new_tokens", eval_max_new_tokens),
-        ):
-            if max_length <= new_tokens:
-                raise ValueError(
-                    f"max_length={max_length} leaves no room for a prompt: it must exceed {name}={new_tokens}"
-                )
+        whitebox.check_room("sampling.max_new_tokens", sampling.max_new_tokens)
+        whitebox.check_room("evaluation.max_new_tokens", evaluation.max_new_tokens)
         if stop_grace_s is not None and not stop_grace_s > 0:
             raise ValueError(f"stop_grace_s must be > 0 or null, got {stop_grace_s}")
-        if logit_chunk_elements is not None and logit_chunk_elements < 1:
-            raise ValueError(f"logit_chunk_elements must be >= 1 or null, got {logit_chunk_elements}")
-        self.cycle_config, pool_switches = _apply_ablation(cycle, ablation)
-        self.sampling = sampling
+        self.cycle_config = cycle.effective()
         self.tokenizer = load_tokenizer(tokenizer or model or "byt5")
-        if model_config is not None:
-            model_config = {
-                "vocab_size": len(self.tokenizer),
-                "pad_token_id": self.tokenizer.pad_token_id,
-                "eos_token_id": self.tokenizer.eos_token_id,
-                **model_config,
-            }
-        self.model = load_causal_lm(model, model_config).train()  # from_pretrained hands it over in eval mode
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-        if lora is not None:
-            self.model = apply_lora(self.model, lora)
-            if gradient_checkpointing:
-                # the frozen embeddings give checkpointed blocks no input that needs grad
-                self.model.enable_input_require_grads()
+        self.model = _load_white_box(model, model_config, self.tokenizer, whitebox)
         self.whitebox = WhiteBox(
             self.model,
             self.tokenizer,
-            max_length,
+            whitebox.max_length,
             sampling,
-            shared_prefix=shared_prefix,
-            logit_chunk_elements=logit_chunk_elements,
-            prompt_format=prompt_format,
+            shared_prefix=whitebox.shared_prefix,
+            logit_chunk_elements=whitebox.logit_chunk_elements,
+            prompt_format=whitebox.prompt_format,
         )
         self.judge = judge
         self.reward_model = reward_model
-        self.pool = DemonstrationPool(
-            scope=demonstration_scope, max_dynamic=max_demonstrations, **pool_switches
-        )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.gradient_clip_val = gradient_clip_val
-        self.eval_max_new_tokens = eval_max_new_tokens
-        self.collapse_max_empty_share = collapse_max_empty_share
-        self.collapse_min_distinct_2 = collapse_min_distinct_2
-        self.counters: dict[str, int] = {
-            "steps": 0,  # training steps: batches of prompts taken from the data
-            "rounds": 0,  # rounds of the cycle (one iteration of every prompt in flight)
-            "prompts": 0,
-            "iterations": 0,
-            "optimizer_steps": 0,
-            "skipped_updates": 0,
-            "nonfinite_updates": 0,
-            "agreed_prompts": 0,
-            "identical_sample_prompts": 0,  # prompts that ended because their l samples were one reply
-            "judge_failures": 0,
-            "empty_candidates": 0,  # sampled replies that were empty (still ranked: the judge decides)
-            "degenerate_sets": 0,  # candidate sets with fewer than two distinct replies (not judged)
-            "truncated_prompts": 0,  # prompts cut to their last tokens to fit max_length (policy.py)
-            "cut_better_replies": 0,  # judge replies cut to fit max_length (trained on without EOS)
-            "interrupted_steps": 0,  # steps ended early by a stop request (signal)
-        }
-        # ids of the prompts trained (this process's batches), in order: checkpointed, so a resumed run shows
-        # each once
-        self.trained_ids: list[str] = []
-        self._stop_request = StopRequest()
-        self._stop_deadline = (
-            StopDeadline(
-                stop_grace_s,
-                EXIT_STOPPED,
-                "cyclealign_pl: a stop signal came {grace_s:g} s ago and the run has not stopped (blocked, "
-                "e.g. in a collective with a process that hung or died; or slower than "
-                "model.stop_grace_s): exiting without a new checkpoint; resume from the last one with "
-                "--ckpt_path last",
-            )
-            if stop_grace_s is not None
-            else None
-        )
-        self._stopping: str | None = None  # why the current step was asked to stop (all ranks agreed)
-        # the batch ids of a step that a stop interrupted: saved, and the resumed run redoes that step
-        self._interrupted_ids: list[str] | None = None
-        self._redo_ids: list[str] | None = None
-        self._pending_rng: dict[str, Any] | None = None
-        # the prompts in flight (slots sized by the data's batch size)
-        self.cycle_state: CycleState | None = None
-        self._pending_cycle_state: dict[str, Any] | None = None
+        self.state = ProcessState(cycle.demonstration_pool())
+        self.evaluator = StageEvaluator(evaluation)
         self.run_id: str | None = None  # names this run in the judge's spend ledger; kept across resumes
-        self.zero_shot: dict[str, Any] | None = None  # the untrained white box's evaluation, once per run
-        self.evaluation_summary: dict[str, Any] | None = None  # the last validation's headline figures
-        # the counters over all processes, set at the end of training
-        self.totals: dict[str, int] | None = None
+        self.totals: RunTotals | None = None  # the counters over all processes, set at the end of training
+        self._signals = FitSignals(stop_grace_s)
+        self._stopping: str | None = None  # why the current step was asked to stop (all ranks agreed)
+
+    # -- what readers of a trained module look at (callbacks, summary, notebooks, tests) ------------------
+    @property
+    def counters(self) -> Counters:
+        return self.state.counters
+
+    @property
+    def trained_ids(self) -> list[str]:
+        return self.state.trained_ids
+
+    @property
+    def zero_shot(self) -> dict[str, Any] | None:
+        return self.evaluator.zero_shot
+
+    @property
+    def evaluation_summary(self) -> dict[str, Any] | None:
+        return self.evaluator.summary
 
     # -- setup --------------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        # with LoRA: the adapters only
-        optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            raise ValueError(
-                "model.lr_scheduler: ReduceLROnPlateau needs a monitored metric, which the cycle does not "
-                "have; use a schedule by steps (e.g. LinearLR for a warm-up, CosineAnnealingLR)"
-            )
-        # manual optimization: Lightning keeps (and checkpoints) the schedule, _update steps it
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
     def setup(self, stage: str) -> None:
         for judge in (self.judge, self.reward_model):
             if judge is not None:
@@ -267,39 +151,17 @@ class CycleAlignModule(LightningModule):
         self._preflight()
 
     def _preflight(self) -> None:
-        """An unreachable judge stops the run here, in seconds, before the first step; every process checks
-        and all stop together when any of them cannot reach it."""
+        """An unreachable judge stops the run here, in seconds; all processes stop when any cannot."""
         error: JudgeStop | None = None
         try:
             self.judge.preflight()
         except JudgeStop as failed:
             error = failed
         if self._any_rank(error is not None):
-            error = error or JudgeUnavailable("the judge preflight failed on another process")
-        if error is not None:
-            raise error
-
-    def _configure_deepspeed(self) -> None:
-        """Hand ``gradient_clip_val`` to DeepSpeed, which clips inside its engine (the module's own clipping
-        is bypassed there, and Lightning takes DeepSpeed's value from the Trainer, which manual optimization
-        leaves unset). A different value already in the DeepSpeed config is a conflict, not something to
-        ignore."""
-        if not self._is_deepspeed():
-            return
-        config = self.trainer.strategy.config
-        clip = float(self.gradient_clip_val or 0.0)
-        given = config.get("gradient_clipping") if isinstance(config, dict) else None
-        if given is not None and float(given) != clip:
-            raise ValueError(
-                f"model.gradient_clip_val={self.gradient_clip_val} and the DeepSpeed config's "
-                f"gradient_clipping={given} disagree: set one of them"
-            )
-        config["gradient_clipping"] = clip
+            raise error or JudgeUnavailable("the judge preflight failed on another process")
 
     def teardown(self, stage: str) -> None:
-        self._stop_request.uninstall()  # also after RunStopped, which skips on_train_end
-        if self._stop_deadline is not None:
-            self._stop_deadline.disarm()
+        self._signals.uninstall()  # also after RunStopped, which skips on_train_end
         for judge in (self.judge, self.reward_model):
             if judge is not None:
                 judge.close()
@@ -308,48 +170,41 @@ class CycleAlignModule(LightningModule):
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> dict[str, Any]:
         last = batch_idx + 1 >= self.trainer.num_training_batches  # the epoch's last: finish every prompt
         prompts, ids = list(batch["prompt"]), list(batch["id"])
-        if self._redo_ids is not None:  # the step a stop interrupted, redone after the resume
-            if ids == self._redo_ids:
+        if self.state.redo_ids is not None:  # the step a stop interrupted, redone after the resume
+            if ids == self.state.redo_ids:
                 prompts, ids = [], []  # its prompts are in flight or done already
             else:
                 log.warning(
-                    "the resumed data does not start with the batch of the interrupted step (is the "
-                    "train dataloader resumable?): its prompts in flight finish along with the next ones"
+                    "the resumed data does not start with the batch of the interrupted step (is the train "
+                    "dataloader resumable?): its prompts in flight finish along with the next ones"
                 )
-            self._redo_ids = None
+            self.state.redo_ids = None
         self._count_truncated(prompts)
-        outcome = self._run_cycle(prompts, ids, drain=last, batch_ids=list(batch["id"]))
-        return {"outcome": outcome}
-
-    def _run_cycle(
-        self, prompts: list[str], ids: list[str], drain: bool, batch_ids: list[str]
-    ) -> StepOutcome:
         try:
             outcome = run_cycle(
-                self.cycle_state,
+                self.state.cycle,
                 self.whitebox,
                 self.judge,
-                self.pool,
+                self.state.pool,
                 prompts,
                 ids,
                 self.cycle_config,
                 update=self._update,
-                drain=drain,
+                drain=last,
                 any_rank=self._any_rank,
                 should_stop=self._should_stop,
                 steps_left=self._steps_left,
             )
         except JudgeStop as stop:  # raised outside the judge's answers (a judge's own submit): one process
-            self._stop(f"the judge stopped the run: {stop}", interrupted=batch_ids)
-        self._count(outcome)
-        self.trained_ids.extend(record.prompt_id for record in outcome.finished)
+            self._save_and_stop(f"the judge stopped the run: {stop}", interrupted=list(batch["id"]))
+        self.state.record(outcome)
         self._log_step(outcome)
         if outcome.interrupted:  # stop here; the resumed run redoes this step
             for callback in self.trainer.callbacks:  # what on_train_batch_end would have recorded
                 if hasattr(callback, "record_outcome"):
                     callback.record_outcome(self.trainer, self, outcome)
-            self._stop(self._stopping or "stop requested", interrupted=batch_ids)
-        return outcome
+            self._save_and_stop(self._stopping or "stop requested", interrupted=list(batch["id"]))
+        return {"outcome": outcome}
 
     def _should_stop(self, judge_stop: JudgeStop | None) -> bool:
         """Whether any process was asked to stop (a signal, or its judge stopped the run): collective."""
@@ -363,13 +218,12 @@ class CycleAlignModule(LightningModule):
 
     def _log_step(self, outcome: StepOutcome) -> None:
         size = max(len(outcome.finished), 1)
-        sync = self.trainer.world_size > 1  # counters are per process: the logged value is the sum over all
         self.log_dict(
-            {f"counters/{k}": float(v) for k, v in self.counters.items()},
+            {f"counters/{k}": float(v) for k, v in self.counters.as_dict().items()},
             on_step=True,
             on_epoch=False,
             batch_size=size,
-            sync_dist=sync,
+            sync_dist=self.trainer.world_size > 1,  # per process: the logged value is the sum over all
             reduce_fx="sum",
         )
         if outcome.losses:
@@ -381,111 +235,39 @@ class CycleAlignModule(LightningModule):
                 self.log(f"train/{name}", sum(values) / len(values), batch_size=size)
             self.log("train/lr", float(self.optimizers().param_groups[0]["lr"]), batch_size=size)
 
-    def _update(self, loss: Tensor | None) -> bool:
-        """One optimizer step; skips (and counts) a missing or non-finite loss or gradient.
-
-        With several processes the decision is collective: when no process has a usable loss, every one skips
-        (a step on zero gradients would still move the weights through AdamW's momentum and weight decay);
-        when some have one, the others backpropagate a zero connected to all parameters, so that every rank
-        takes part in the gradient all-reduce and applies the same averaged step.
-        """
-        if loss is not None and not torch.isfinite(loss).item():
-            self.counters["nonfinite_updates"] += 1
-            log.warning("non-finite loss %s: update skipped", float(loss.detach()))
-            loss = None
-        if not self._any_rank(loss is not None):
-            return False
-        if loss is None:
-            loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        if not self._is_deepspeed():
-            if self.gradient_clip_val is not None:
-                self.clip_gradients(
-                    optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
-                )
-            norm = torch.linalg.vector_norm(
-                torch.stack(
-                    [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
-                )
-            )
-            if not math.isfinite(norm.item()):  # identical on every rank after the all-reduce
-                self.counters["nonfinite_updates"] += 1
-                log.warning("non-finite gradient norm: update skipped")
-                optimizer.zero_grad()
-                return False
-        optimizer.step()
-        # DeepSpeed's ZeRO optimizer checks the gradients itself and skips a step on inf/NaN ("overflow")
-        if self._is_deepspeed() and getattr(getattr(optimizer, "optimizer", optimizer), "overflow", False):
-            self.counters["nonfinite_updates"] += 1
-            log.warning("non-finite gradient: DeepSpeed skipped the update")
-            return False
-        if (scheduler := self.lr_schedulers()) is not None:
-            scheduler.step()  # once per applied optimizer step
-        return True
-
     def _any_rank(self, local: bool) -> bool:
         """True when this process or any other says True (one collective call under data parallelism)."""
         if self.trainer.world_size == 1:
             return local
         return self.trainer.strategy.reduce_boolean_decision(local, all=False)
 
-    def _is_deepspeed(self) -> bool:
-        return type(self.trainer.strategy).__name__.startswith("DeepSpeed")
-
-    def _count(self, outcome: StepOutcome) -> None:
-        c = self.counters
-        iterations = [it for record in outcome.finished for it in record.iterations]
-        c["steps"] += int(not outcome.interrupted)  # an interrupted step is redone (and counted) on resume
-        c["rounds"] += outcome.rounds
-        c["prompts"] += len(outcome.finished)
-        c["iterations"] += len(iterations)
-        c["optimizer_steps"] += outcome.updates
-        c["skipped_updates"] += outcome.skipped_updates
-        c["agreed_prompts"] += sum(record.agreed for record in outcome.finished)
-        c["identical_sample_prompts"] += sum(record.identical_samples for record in outcome.finished)
-        c["judge_failures"] += sum(it.failure is not None and not it.degenerate for it in iterations)
-        c["empty_candidates"] += sum(not text for it in iterations for text in it.candidates)
-        c["degenerate_sets"] += sum(it.degenerate for it in iterations)
-        c["cut_better_replies"] += outcome.cut_better_replies
-        c["interrupted_steps"] += int(outcome.interrupted)
-
     def _count_truncated(self, prompts: list[str]) -> None:
         truncated = sum(self.whitebox.prompt_overflow(p) > 0 for p in prompts)
-        if truncated and not self.counters["truncated_prompts"]:
+        if truncated and not self.counters.truncated_prompts:
             log.warning(
-                "a prompt is longer than max_length - sampling.max_new_tokens tokens: it keeps its last "
-                "tokens (the latest turns); counted as counters/truncated_prompts"
+                "a prompt is longer than whitebox.max_length - sampling.max_new_tokens tokens: it keeps its "
+                "last tokens (the latest turns); counted as counters/truncated_prompts"
             )
-        self.counters["truncated_prompts"] += truncated
+        self.counters.truncated_prompts += truncated
 
     # -- the run: slots for the prompts in flight, the judge's spend ledger, the zero-shot evaluation --------
     def on_train_start(self) -> None:
-        self._stop_request.install()
-        sigterm_as_a_flag_only(self.trainer)  # no collective inside a signal handler (DDP)
-        if self._stop_deadline is not None:
-            self._stop_deadline.arm()
-        if self.cycle_state is None:
-            loader = self.trainer.train_dataloader
-            self.cycle_state = CycleState(getattr(loader, "batch_size", None) or 1)
-        if self._pending_cycle_state is not None:
-            self.cycle_state.load_state_dict(self._pending_cycle_state)
-            self._pending_cycle_state = None
+        self._signals.install(self.trainer)
+        self.state.start(getattr(self.trainer.train_dataloader, "batch_size", None) or 1)
         # the run's id is fixed in <default_root_dir>/run.json when it first starts, before anything is spent,
         # so that a resume after a crash before the first checkpoint counts the spend; one id for all ranks
         run_id = self.run_id or uuid.uuid4().hex
         if self.trainer.is_global_zero:
-            run_id = run_identity(self.trainer.default_root_dir, run_id)
+            run_id = storage.run_identity(self.trainer.default_root_dir, run_id)
         self.run_id = self.trainer.strategy.broadcast(run_id)
         self.judge.bind_run(self.run_id, self.trainer.default_root_dir)  # spend recorded durably under it
         if self.zero_shot is None and self.trainer.global_step == 0 and not self.trained_ids:
-            self.zero_shot = self._zero_shot_evaluation()
+            self.evaluator.evaluate_zero_shot(self)
 
     def on_train_end(self) -> None:
-        self._stop_request.uninstall()
+        self._signals.uninstall(disarm=False)
         self.totals = self.run_totals()  # for the end-of-fit summary, which only rank 0 prints
-        if self.totals["in_flight"] and self.trainer.is_global_zero:
+        if self.totals.in_flight and self.trainer.is_global_zero:
             why = (
                 "the data ended"
                 if self._steps_left()
@@ -493,7 +275,7 @@ class CycleAlignModule(LightningModule):
             )
             log.warning(
                 "training ended with %d prompts in flight (%s): they are in the checkpoint",
-                self.totals["in_flight"],
+                self.totals.in_flight,
                 why,
             )
 
@@ -502,368 +284,92 @@ class CycleAlignModule(LightningModule):
             self.totals = self.run_totals()
 
     def _stop_reason(self, judge_stop: JudgeStop | None = None) -> str | None:
-        """Why the run should stop now (SIGTERM: Lightning's flag; SIGINT: ours; this process's judge stopped
-        the run), agreed by all ranks."""
+        """Why the run should stop now (a signal, or this process's judge stopped the run), agreed by all
+        ranks."""
+        reason = self._signals.reason(self.trainer)
         if judge_stop is not None:
-            reason: str | None = f"the judge stopped the run: {judge_stop}"
-        elif self.trainer.received_sigterm:
-            reason = "received SIGTERM"
-        else:
-            reason = self._stop_request.reason
+            reason = f"the judge stopped the run: {judge_stop}"
         if self._any_rank(reason is not None):
             reason = reason or "another process received a stop signal or its judge stopped the run"
         return reason
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._pending_rng is not None:  # first step after a resume: continue the saved random streams
-            restore_rng_state(self._pending_rng)
-            self._pending_rng = None
+        if self.state.pending_rng is not None:  # first step after a resume: continue the saved random streams
+            restore_rng_state(self.state.pending_rng)
+            self.state.pending_rng = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # after the callbacks' hooks (metrics, periodic checkpoint) and before Lightning's own SIGTERM exit
         reason = self._stop_reason()
         if reason is not None:
-            self._stop(reason)
+            self._save_and_stop(reason)
 
-    def _stop(self, reason: str, interrupted: list[str] | None = None) -> None:
-        """Save a checkpoint of the progress so far and end the run with a clear message. ``interrupted``:
-        the batch ids of the training step this stop interrupts, which the resumed run redoes."""
-        path = self._stop_checkpoint_path()
-        self._interrupted_ids = interrupted
+    def _save_and_stop(self, reason: str, interrupted: list[str] | None = None) -> None:
+        """Save a checkpoint of the progress so far and raise ``RunStopped``. ``interrupted``: the batch ids
+        of the training step this stop interrupts, which the resumed run redoes."""
+        path = storage.stop_checkpoint_path(self.trainer)
+        self.state.interrupted_ids = interrupted
         self.trainer.save_checkpoint(path)
         raise RunStopped(f"{reason}. A checkpoint was saved to {path}; resume with --ckpt_path {path}")
 
-    def _stop_checkpoint_path(self) -> str:
-        """The checkpoint callback's ``last.ckpt`` (so ``--ckpt_path last`` resumes from here), else
-        stopped.ckpt."""
-        callback = self.trainer.checkpoint_callback
-        if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
-            return os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
-        return os.path.join(self.trainer.default_root_dir, "checkpoints", "stopped.ckpt")
-
-    # -- evaluation: validate / test / predict (reward scoring) ----------------------------------------
-    # Greedy replies to the evaluation prompts, scored by ``reward_model`` (the evaluator); see evaluation.py.
-    # Logged as ``<stage>/reward/<subset>`` and ``<stage>/reward/total`` with the collapse monitors beside
-    # them; table, generations and metadata go to ``<log_dir>/eval/<stage>_*``. Validation during fit runs the
-    # same code (skipped without evaluator). The zero-shot model is evaluated once per run, before its first
-    # step (kept in the checkpoints), and every later evaluation reports its gain over it, paired by prompt.
-    def on_validation_epoch_start(self) -> None:
-        self._evaluation = self._start_evaluation("val", self.trainer.val_dataloaders)
-
-    def validation_step(self, batch: dict[str, list[str]], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish_evaluation("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._evaluation = self._start_evaluation("test", self.trainer.test_dataloaders)
-
-    def test_step(self, batch: dict[str, list[str]], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._finish_evaluation("test")
-
-    def on_predict_epoch_start(self) -> None:
-        self._evaluation = self._start_evaluation("predict", self.trainer.predict_dataloaders)
-
-    def predict_step(
-        self, batch: dict[str, list[str]], batch_idx: int, dataloader_idx: int = 0
-    ) -> list[GenerationRecord]:
-        """Greedy replies (with rewards when ``reward_model`` is set), also written to ``eval/predict_*``."""
-        return self._evaluate(batch)
-
-    def on_predict_epoch_end(self) -> None:
-        self._finish_evaluation("predict")
-
-    def _start_evaluation(self, stage: str, dataloaders: Any) -> RewardEvaluation | None:
-        if self.reward_model is None and stage != "predict":
-            if self.trainer.state.fn == "fit":
-                if not getattr(self, "_warned_no_evaluator", False):
-                    log.warning("no model.reward_model: validation during fit is skipped")
-                    self._warned_no_evaluator = True
-                return None
-            raise ValueError(
-                f"{self.trainer.state.fn.value} scores replies with a reward model: set "
-                "model.reward_model (e.g. --config configs/eval/oasst_rm.yaml)"
-            )
-        return RewardEvaluation(subsets_of(dataloaders), self.device, self._subset_weights())
-
-    def _subset_weights(self) -> dict[str, float] | None:
-        data = self.trainer.datamodule
-        weights = getattr(data, "subset_weights", None)
-        return weights() if weights is not None else None
-
-    def _evaluate(self, batch: dict[str, list[str]]) -> list[GenerationRecord]:
-        evaluation: RewardEvaluation | None = getattr(self, "_evaluation", None)
-        if evaluation is None:
-            return []
-        return evaluation.step(self.whitebox, self.reward_model, batch, self.eval_max_new_tokens)
-
-    def _finish_evaluation(self, stage: str) -> None:
-        evaluation: RewardEvaluation | None = getattr(self, "_evaluation", None)
-        self._evaluation = None
-        if evaluation is None:
-            return
-        rows = evaluation.metric.table() if self.reward_model is not None else None  # reduced over ranks
-        records = gather_records(evaluation.records)  # collective: all ranks
-        threshold = getattr(self.reward_model, "preferred_threshold", None)
-        if rows is not None:
-            rows = with_reply_stats(rows, records, threshold)
-        summary = self._summarise(stage, rows, records)
-        if stage != "predict" and not self.trainer.sanity_checking:
-            for row in rows or []:
-                self.log(f"{stage}/reward/{row.subset}", row.mean_reward, sync_dist=False)
-            for name, value in summary.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.log(f"{stage}/{name}", float(value), sync_dist=False)
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # collective: all ranks ask
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            meta = {**self._evaluation_meta(stage, len(records)), "summary": summary}
-            paths = write_eval_outputs(log_dir, stage, rows, records, meta)
-            log.info("%s: %d prompts evaluated; files in %s", stage, len(records), paths["meta"].parent)
-
-    def _summarise(
-        self, stage: str, rows: list[RewardRow] | None, records: list[GenerationRecord]
-    ) -> dict[str, Any]:
-        """The figures a user looks at first: the reward, its gain over the zero-shot model (paired by prompt,
-        with its standard error) and the collapse monitors; warns when the replies collapsed."""
-        stats = reply_stats([r["reply"] for r in records])
-        summary: dict[str, Any] = {"prompts": len(records), **stats._asdict()}
-        summary["coverage"] = self._coverage(stage, records)
-        if rows:
-            total = rows[-1]
-            summary.update(reward=total.mean_reward, preferred_share=total.preferred_share)
-        warning = collapse_warning(stats, self.collapse_max_empty_share, self.collapse_min_distinct_2)
-        if warning is not None and records:
-            log.warning("%s: the white box's replies collapsed: %s", stage, warning)
-            summary["collapse_warning"] = warning
-        if self.zero_shot is not None and rows:
-            rewards = {r["id"]: r["reward"] for r in records if r["reward"] is not None}
-            gain = paired_gain(rewards, self.zero_shot["rewards"])
-            if gain is not None:
-                summary.update(
-                    zero_shot_reward=gain.before,
-                    reward_gain=gain.gain,
-                    reward_gain_se=gain.standard_error,
-                    reward_gain_z=gain.z,
-                    paired_prompts=gain.n,
-                    zero_shot_preferred_share=self.zero_shot.get("preferred_share"),
-                )
-        if stage == "val" or self.trainer.state.fn == "validate":
-            self.evaluation_summary = summary
-        return summary
-
-    def _coverage(self, stage: str, records: list[GenerationRecord]) -> dict[str, Any]:
-        """What this evaluation scored out of its data; a warning when it left prompts or subsets out."""
-        loaders = getattr(self.trainer, f"{stage}_dataloaders", None)
-        covered = coverage(loaders, records)
-        group = getattr(self.trainer.datamodule, "group_name", "subset")
-        if not covered.complete and records and not self.trainer.sanity_checking:
-            limit = getattr(self.trainer, f"limit_{stage}_batches", None)
-            hint = (
-                f"; trainer.limit_{stage}_batches={limit:g} stopped it early: set "
-                f"--trainer.limit_{stage}_batches null to score them all"
-                if isinstance(limit, int) or (isinstance(limit, float) and limit < 1.0)  # 1 batch vs all
-                else ""
-            )
-            log.warning(
-                "%s scored only %s%s%s",
-                stage,
-                covered.describe(group),
-                f"; not scored: {covered.missing_text()}" if covered.missing else "",
-                hint,
-            )
-        return {**covered._asdict(), "group": group, "missing": covered.missing, "complete": covered.complete}
-
-    def _zero_shot_evaluation(self) -> dict[str, Any] | None:
-        """Evaluate the untrained white box on the validation prompts once, before the first step; the result
-        goes into the checkpoints, so a resumed run and ``validate --ckpt_path`` compare against it."""
-        if self.reward_model is None or not self.trainer.limit_val_batches:
-            return None
-        data = self.trainer.datamodule
-        if data is None or not callable(getattr(data, "val_dataloader", None)):
-            return None
-        loaders = data.val_dataloader()
-        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-        evaluation = RewardEvaluation(subsets_of(loaders), self.device, self._subset_weights())
-        limit, rank, world = self.trainer.limit_val_batches, self.trainer.global_rank, self.trainer.world_size
-        for loader in loaders:
-            # limit_val_batches as Lightning reads it: a count, or a fraction of the loader's batches
-            batches = limit if isinstance(limit, int) else max(1, int(len(loader) * limit))
-            for index, batch in enumerate(loader):
-                if index >= batches:
-                    break
-                if index % world == rank:  # each process its share of the batches
-                    evaluation.step(self.whitebox, self.reward_model, batch, self.eval_max_new_tokens)
-        rows = evaluation.metric.table()
-        records = gather_records(evaluation.records)
-        rows = with_reply_stats(rows, records, getattr(self.reward_model, "preferred_threshold", None))
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # collective: all ranks ask
-        if self.trainer.is_global_zero:
-            meta = {
-                **self._evaluation_meta("zero_shot", len(records)),
-                "summary": reply_stats([r["reply"] for r in records])._asdict(),
-            }
-            write_eval_outputs(log_dir, "zero_shot", rows, records, meta)
-        total = rows[-1] if rows else None
-        log.info(
-            "zero-shot evaluation: %d prompts, mean reward %s",
-            len(records),
-            f"{total.mean_reward:.4g}" if total else "n/a",
-        )
-        return {
-            "rewards": {r["id"]: float(r["reward"]) for r in records if r["reward"] is not None},
-            "reward": total.mean_reward if total else None,
-            "preferred_share": total.preferred_share if total else None,
-        }
-
-    def _evaluation_meta(self, stage: str, prompts: int) -> dict[str, Any]:
-        """What was evaluated, for labelling results tables (no dataset text)."""
-        data = self.trainer.datamodule
-        weights = self._subset_weights()
-        return {
-            "stage": stage,
-            "trainer_fn": self.trainer.state.fn.value,
-            "checkpoint": self.trainer.ckpt_path,
-            "trained_steps": self.counters["steps"],
-            "optimizer_steps": self.counters["optimizer_steps"],
-            "white_box": self.hparams.get("model") or "model_config",
-            "evaluator": repr(self.reward_model),
-            "preferred_threshold": getattr(self.reward_model, "preferred_threshold", None),
-            "total_weighting": "subset_size" if weights else "prompts",
-            "subset_weights": weights,
-            "data": type(data).__name__ if data is not None else None,
-            "data_args": {k: v for k, v in getattr(data, "hparams", {}).items() if not k.startswith("_")},
-            "max_new_tokens": self.eval_max_new_tokens,
-            "prompts": prompts,
-        }
-
-    # -- checkpoints ----------------------------------------------------------------------------------
-    # Every process has its own prompts in flight, counters, demonstrations and random streams. A checkpoint
-    # is written by rank 0, so each process's state is gathered into it (``processes``, one entry per rank)
-    # and each process takes its own back on resume.
-    def _process_state(self) -> dict[str, Any]:
-        return {
-            "counters": dict(self.counters),
-            "trained_ids": list(self.trained_ids),
-            "pool": self.pool.state_dict(),
-            "cycle": self.cycle_state.state_dict()
-            if self.cycle_state is not None
-            else self._pending_cycle_state,
-            "judge": self.judge.state_dict() if self.judge is not None else {},
-            "rng": capture_rng_state(),
-            "redo": self._interrupted_ids,
-        }
-
+    # -- checkpoints (run_state.py) ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        local = self._process_state()
+        local = self.state.state_dict(self.judge.state_dict() if self.judge is not None else {})
         processes = [local]
         if self.trainer.world_size > 1:  # every rank dumps the checkpoint (rank 0 writes it): a collective
             processes = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(processes, local)
-        checkpoint["cyclealign"] = {
-            "processes": processes,
-            "run_id": self.run_id,
-            "zero_shot": self.zero_shot,
-            # the run as a whole, for readers of the checkpoint (notebooks, tests): not used to resume
-            "counters": {name: sum(p["counters"][name] for p in processes) for name in self.counters},
-            "trained_ids": [i for p in processes for i in p["trained_ids"]],
-            "judge": processes[0]["judge"],
-        }
-        if self._interrupted_ids is not None:
-            _uncount_current_batch(checkpoint)
+        checkpoint["cyclealign"] = checkpoint_entry(processes, self.run_id, self.zero_shot)
+        if self.state.interrupted_ids is not None:
+            uncount_current_batch(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("cyclealign")
-        if not state:
+        entry = checkpoint.get("cyclealign")
+        if not entry:
             return
-        self.run_id = state.get("run_id")
-        self.zero_shot = state.get("zero_shot")
-        processes = state.get("processes") or [state]  # a checkpoint of one process from before the gathering
+        self.run_id = entry["run_id"]
+        self.evaluator.zero_shot = entry["zero_shot"]
         trainer = self._trainer  # None in load_from_checkpoint
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        if len(processes) == world:
-            mine = processes[rank]
-        else:
-            mine = self._merged_processes(processes, first=rank == 0)
-        self.counters.update(mine["counters"])
-        self.trained_ids = list(mine.get("trained_ids", []))
-        self._pending_rng = mine.get("rng")
-        self._pending_cycle_state = mine.get("cycle")
-        self._redo_ids = mine.get("redo")
-        self.pool.load_state_dict(mine["pool"])
+        fitting = trainer is not None and trainer.state.fn == "fit"
+        mine = state_for_rank(entry["processes"], rank, world, fitting)
+        self.state.load_state_dict(mine)
         if self.judge is not None:
-            self.judge.load_state_dict(mine.get("judge", {}))
+            self.judge.load_state_dict(mine["judge"])
 
-    def _merged_processes(self, processes: list[dict[str, Any]], first: bool) -> dict[str, Any]:
-        """A checkpoint of another number of processes: the totals go to rank 0 (the others start from zero).
-        Prompts in flight cannot move between processes, so a fit that has some must resume with as many."""
-        in_flight = [
-            p
-            for p in processes
-            if (p.get("cycle") or {}).get("waiting") or any((p.get("cycle") or {}).get("slots", []))
-        ]
-        if in_flight and self._trainer is not None and self.trainer.state.fn == "fit":
-            raise ValueError(
-                f"the checkpoint was saved by {len(processes)} processes with prompts in flight; "
-                f"resume it with {len(processes)} processes (trainer.devices x num_nodes)"
-            )
-        counters = {name: sum(p["counters"].get(name, 0) for p in processes) for name in self.counters}
-        return {
-            "counters": counters if first else dict.fromkeys(self.counters, 0),
-            "trained_ids": [i for p in processes for i in p.get("trained_ids", [])] if first else [],
-            "pool": processes[0]["pool"] if first else {},
-            "cycle": None,
-            "judge": processes[0].get("judge", {}) if first else {},
-            "rng": processes[0].get("rng") if first else None,
-            "redo": None,
-        }
-
-    def run_totals(self) -> dict[str, int]:
-        """The counters, and the prompts still in flight (``in_flight``), summed over all processes (a
-        collective call under data parallelism)."""
-        local = {**self.counters, "in_flight": self.prompts_in_flight()}
+    def run_totals(self) -> RunTotals:
+        """The counters and the prompts in flight, summed over all processes (a collective call)."""
+        local = RunTotals(**self.counters.as_dict(), in_flight=self.state.in_flight())
         if self._trainer is None or self.trainer.world_size == 1:
             return local
-        values = torch.tensor([float(v) for v in local.values()], device=self.device, dtype=torch.float64)
+        values = torch.tensor(list(local.as_dict().values()), device=self.device, dtype=torch.float64)
         totals = self.trainer.strategy.reduce(values, reduce_op="sum")
-        return {name: int(v) for name, v in zip(local, totals.tolist())}
+        return RunTotals(**{name: int(v) for name, v in zip(local.as_dict(), totals.tolist())})
 
     def prompts_in_flight(self) -> int:
-        """This process's prompts taken from the data and not finished (in a slot or waiting for one)."""
-        if self.cycle_state is not None:
-            return len(self.cycle_state.active()) + len(self.cycle_state.waiting)
-        saved = self._pending_cycle_state or {}
-        return sum(slot is not None for slot in saved.get("slots", [])) + len(saved.get("waiting", []))
+        """This process's prompts taken from the data and not finished."""
+        return self.state.in_flight()
 
 
-def _uncount_current_batch(checkpoint: dict[str, Any]) -> None:
-    """A checkpoint saved inside a training step: Lightning records that step's batch as not processed and
-    fetches it again on resume, so the data position (``ResumableDataLoader``'s batches handed out) must not
-    count it either."""
-    loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
-    for state in loop.get("combined_loader", []):
-        if isinstance(state, dict) and state.get("batches", 0) > 0:
-            state["batches"] -= 1
-
-
-def _apply_ablation(cycle: CycleConfig, ablation: str) -> tuple[CycleConfig, dict[str, bool]]:
-    """The cycle settings and demonstration switches of one of the paper's Table 3 ablations."""
-    from dataclasses import replace
-
-    switches = {"use_static": True, "use_dynamic": True}
-    if ablation == "none":
-        return cycle, switches
-    if ablation == "no_d2":
-        return cycle, {**switches, "use_dynamic": False}
-    if ablation == "no_icl":
-        return cycle, {"use_static": False, "use_dynamic": False}
-    if ablation == "no_wrd":
-        return replace(cycle, demonstration_source="blackbox"), switches
-    if ablation == "no_brd":
-        return replace(cycle, demonstration_source="whitebox"), switches
-    if ablation == "no_cycle":
-        return replace(cycle, max_iterations=1), switches
-    raise ValueError(f"unknown ablation {ablation!r}; choose none, no_d2, no_icl, no_wrd, no_brd or no_cycle")
+def _load_white_box(
+    model: str | None, model_config: dict[str, Any] | None, tokenizer: Any, settings: WhiteBoxConfig
+) -> torch.nn.Module:
+    """The white box in training mode (``from_pretrained`` hands it over in eval mode), with gradient
+    checkpointing and LoRA as set; a ``model_config`` gets the tokenizer's vocabulary and special ids."""
+    if model_config is not None:
+        model_config = {
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            **model_config,
+        }
+    network = load_causal_lm(model, model_config).train()
+    if settings.gradient_checkpointing:
+        network.gradient_checkpointing_enable()
+    if settings.lora is not None:
+        network = apply_lora(network, settings.lora)
+        if (
+            settings.gradient_checkpointing
+        ):  # the frozen embeddings give checkpointed blocks no input needing grad
+            network.enable_input_require_grads()
+    return network

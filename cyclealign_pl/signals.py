@@ -156,4 +156,36 @@ def sigterm_as_a_flag_only(trainer: Any) -> None:
     signal.signal(signal.SIGTERM, flag)
 
 
-__all__ = ["StopDeadline", "StopRequest", "sigterm_as_a_flag_only"]
+STOP_DEADLINE_MESSAGE = (
+    "cyclealign_pl: a stop signal came {grace_s:g} s ago and the run has not stopped (blocked, e.g. in a "
+    "collective with a process that hung or died; or slower than model.stop_grace_s): exiting without a new "
+    "checkpoint; resume from the last one with --ckpt_path last"
+)
+
+
+class FitSignals:
+    """What a fit stops on: SIGTERM (Lightning's flag) and Ctrl-C as flags read between iterations, and the
+    deadline past which a stop that was not acted on ends the process (``grace_s``; None: no deadline)."""
+
+    def __init__(self, grace_s: float | None) -> None:
+        self.request = StopRequest()
+        self.deadline = StopDeadline(grace_s, EXIT_STOPPED, STOP_DEADLINE_MESSAGE) if grace_s else None
+
+    def install(self, trainer: Any) -> None:
+        self.request.install()
+        sigterm_as_a_flag_only(trainer)  # no collective inside a signal handler (DDP)
+        if self.deadline is not None:
+            self.deadline.arm()
+
+    def uninstall(self, disarm: bool = True) -> None:
+        """Give Ctrl-C back; ``disarm``: also stop the deadline's watch (at teardown, after any export)."""
+        self.request.uninstall()
+        if disarm and self.deadline is not None:
+            self.deadline.disarm()
+
+    def reason(self, trainer: Any) -> str | None:
+        """This process's reason to stop, if it has one."""
+        return "received SIGTERM" if trainer.received_sigterm else self.request.reason
+
+
+__all__ = ["FitSignals", "StopDeadline", "StopRequest", "sigterm_as_a_flag_only"]

@@ -32,6 +32,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 TEMP_MARK = ".tmp-"  # temporary files: "<name>.tmp-<pid>-<hex>", never ending in ".ckpt"
 RUN_RECORD = "run.json"
+CHECKPOINTS = "checkpoints"  # <default_root_dir>/checkpoints: the run's checkpoints
 # errors of the environment, not of the input: the same command works once the disk has room / is writable
 ENVIRONMENT_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
@@ -257,3 +258,20 @@ __all__ = [
     "run_record",
     "update_run_record",
 ]
+
+
+def log_dir(trainer: Any) -> str:
+    """Where a run's logs and evaluation files go: the logger's version folder, else the run's root (every
+    process must ask: the logger's folder is agreed collectively)."""
+    return trainer.log_dir or trainer.default_root_dir
+
+
+def stop_checkpoint_path(trainer: Any) -> str:
+    """Where a stop saves: the checkpoint callback's ``last.ckpt`` (so ``--ckpt_path last`` resumes from it),
+    else ``<default_root_dir>/checkpoints/stopped.ckpt``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+        return os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+    return os.path.join(trainer.default_root_dir, CHECKPOINTS, "stopped.ckpt")

@@ -68,7 +68,8 @@ def _number(value: Any) -> float | None:
 
 def collect(module: Any, callback_metrics: Mapping[str, Any], paths: Mapping[str, str | None]) -> FitSummary:
     """The run's numbers, read defensively: any part the module does not have is left out."""
-    run_counters = getattr(module, "totals", None) or getattr(module, "counters", None) or {}  # all processes
+    run_counters = getattr(module, "totals", None) or getattr(module, "counters", None)  # all processes
+    run_counters = run_counters.as_dict() if run_counters is not None else {}
     counters = {k: v for k, v in run_counters.items() if _number(v) is not None}
     judge = getattr(module, "judge", None)
     judge_metrics = judge.metrics() if judge is not None and hasattr(judge, "metrics") else {}

@@ -1,32 +1,17 @@
-"""Reward-model evaluation of the white-box (paper Table 1 per HH-RLHF subset, Table 8 on BeaverTails).
+"""Reward scoring of the white box's greedy replies: per-subset means (a torchmetrics ``Metric`` that reduces
+across processes), the collapse monitors, the paired gain over the zero-shot model, and coverage.
 
-One pass generates a greedy reply for every evaluation prompt, scores it with the evaluator (a
-``RewardModelJudge``), and accumulates the rewards per subset in :class:`SubsetMeanReward`, whose sum/count
-states reduce across processes. The run directory then gets three files under ``<log_dir>/eval/``:
-
-* ``<stage>_rewards.csv`` - ``subset,n,mean_reward`` and the collapse monitors beside it
-  (``preferred_share``, ``empty_share``, ``mean_reply_words``, ``distinct_2``), one row per subset and a last
-  ``total`` row (the sample-weighted mean, or the mean weighted by the subsets' full test-set sizes as in the
-  paper's Table 1: ``<stage>_meta.json`` says which), the table of the paper;
-* ``<stage>_generations.jsonl`` - one ``{"id", "subset", "prompt", "reply", "reward"}`` object per prompt.
-  Prompts and replies may be harmful text: they go to this file only, never to the logs;
-* ``<stage>_meta.json`` - what was evaluated (checkpoint, training steps, evaluator, data), so the results
-  notebook can label its rows.
-
-With several processes, Lightning's distributed sampler may repeat up to ``world_size - 1`` prompts to even
-out the ranks; the metric counts them, the generations file is deduplicated by id. Evaluate on one device
-for exact paper numbers.
+With several processes Lightning's sampler may repeat up to ``world_size - 1`` prompts to even out the
+ranks: the metric counts them, the generations are deduplicated by id. Evaluate on one device for exact
+paper figures.
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
-import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple, TypedDict
 
 import torch
@@ -382,73 +367,3 @@ def gather_records(records: list[GenerationRecord]) -> list[GenerationRecord]:
                 seen.add(record["id"])
                 merged.append(record)
     return merged
-
-
-# ------------------------------------------------------------------------------------------------- files
-
-
-def eval_paths(log_dir: str | Path, stage: str) -> dict[str, Path]:
-    """Where one stage's files go: ``rewards`` (CSV), ``generations`` (JSONL), ``meta`` (JSON)."""
-    root = Path(log_dir) / "eval"
-    return {
-        "rewards": root / f"{stage}_rewards.csv",
-        "generations": root / f"{stage}_generations.jsonl",
-        "meta": root / f"{stage}_meta.json",
-    }
-
-
-def write_eval_outputs(
-    log_dir: str | Path,
-    stage: str,
-    rows: Sequence[RewardRow] | None,
-    records: Sequence[GenerationRecord],
-    meta: Mapping[str, Any],
-) -> dict[str, Path]:
-    """Write the table (when there are rewards), the generations and the metadata; return the paths."""
-    paths = eval_paths(log_dir, stage)
-    paths["rewards"].parent.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-    if rows is not None:
-        with paths["rewards"].open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(RewardRow._fields)
-            writer.writerows([r.subset, r.n, *(_rounded(v) for v in r[2:])] for r in rows)
-        written["rewards"] = paths["rewards"]
-    with paths["generations"].open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    written["generations"] = paths["generations"]
-    paths["meta"].write_text(json.dumps(dict(meta), indent=2, default=str) + "\n", encoding="utf-8")
-    written["meta"] = paths["meta"]
-    return written
-
-
-def _rounded(value: float | None) -> str:
-    """A table cell: 4 decimals (rewards, shares, distinct-2; the generations file keeps full precision)."""
-    if value is None:
-        return ""
-    return f"{value:.4f}" if math.isfinite(value) else str(value)
-
-
-def read_rewards_csv(path: str | Path) -> list[RewardRow]:
-    """The rows of a ``<stage>_rewards.csv`` file; a malformed row is an error naming the file and line."""
-    path = Path(path)
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        fields = list(RewardRow._fields)
-        if (
-            reader.fieldnames is None
-            or reader.fieldnames != fields[: len(reader.fieldnames)]
-            or len(reader.fieldnames) < 3
-        ):
-            raise ValueError(f"{path}: header {reader.fieldnames} is not {fields}")
-        rows = []
-        for line, record in enumerate(reader, start=2):
-            try:
-                extra = [float(record[f]) if record.get(f) not in (None, "") else None for f in fields[3:]]
-                rows.append(
-                    RewardRow(record["subset"], int(record["n"]), float(record["mean_reward"]), *extra)
-                )
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"{path}, line {line}: {error}") from error
-    return rows

@@ -1,0 +1,56 @@
+"""The evaluation room: reward scoring (scoring.py), its files (files.py), and the module's evaluation epochs
+(stages.py)."""
+
+from cyclealign_pl.evaluation.files import (
+    GenerationRow,
+    eval_paths,
+    read_generations,
+    read_rewards_csv,
+    write_eval_outputs,
+    write_generations,
+)
+from cyclealign_pl.evaluation.scoring import (
+    TOTAL,
+    Coverage,
+    GenerationRecord,
+    PairedGain,
+    ReplyStats,
+    RewardEvaluation,
+    RewardRow,
+    SubsetMeanReward,
+    collapse_warning,
+    coverage,
+    gather_records,
+    paired_gain,
+    plural,
+    reply_stats,
+    standard_errors,
+    subsets_of,
+    with_reply_stats,
+)
+
+__all__ = [
+    "TOTAL",
+    "Coverage",
+    "GenerationRecord",
+    "GenerationRow",
+    "PairedGain",
+    "ReplyStats",
+    "RewardEvaluation",
+    "RewardRow",
+    "SubsetMeanReward",
+    "collapse_warning",
+    "coverage",
+    "eval_paths",
+    "gather_records",
+    "paired_gain",
+    "plural",
+    "read_generations",
+    "read_rewards_csv",
+    "reply_stats",
+    "standard_errors",
+    "subsets_of",
+    "with_reply_stats",
+    "write_eval_outputs",
+    "write_generations",
+]
