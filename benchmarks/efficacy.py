@@ -1,7 +1,7 @@
 r"""Efficacy of the default run and of the paper's ablations (Table 3): gain per judge request and per second.
 
 Each setting runs the README's default fit (``configs/tiny.yaml``, the default task of docs/default_task.md)
-in a fresh run directory, with ``--model.ablation`` set, and reads the evaluator's gain over the zero-shot
+in a fresh run directory, with ``--model.cycle.ablation`` set, and reads the evaluator's gain over the zero-shot
 white box on the held-out prompts (paired by prompt, with its standard error), the judge requests the run
 sent, and its wall time (validation included, the same for every setting). Printed: gain +- SE, requests,
 seconds, and the gain per 100 judge requests and per minute.
@@ -41,7 +41,7 @@ def run(config: str, ablation: str, root: Path, extra: list[str]) -> dict[str, f
             "fit",
             "--config",
             config,
-            "--model.ablation",
+            "--model.cycle.ablation",
             ablation,
             "--trainer.default_root_dir",
             str(root),
@@ -63,8 +63,8 @@ def run(config: str, ablation: str, root: Path, extra: list[str]) -> dict[str, f
         "zero_shot": summary["zero_shot_reward"],
         "reward": summary["reward"],
         "preferred": summary.get("preferred_share") or float("nan"),
-        "requests": module.judge.metrics().get("requests_sent", float(module.counters["iterations"])),
-        "optimizer_steps": module.counters["optimizer_steps"],
+        "requests": module.judge.metrics().get("requests_sent", float(module.counters.iterations)),
+        "optimizer_steps": module.counters.optimizer_steps,
         "seconds": seconds,
     }
 

@@ -42,16 +42,16 @@ def main() -> None:
         )
         elapsed = time.perf_counter() - start
     module = cli.model
-    steps = module.counters["steps"]
+    steps = module.counters.steps
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
-        f"tiny fit: {steps} steps, {module.counters['optimizer_steps']} optimizer steps, "
-        f"{module.counters['iterations'] / max(steps, 1):.2f} iterations/step"
+        f"tiny fit: {steps} steps, {module.counters.optimizer_steps} optimizer steps, "
+        f"{module.counters.iterations / max(steps, 1):.2f} iterations/step"
     )
     print(f"wall time (incl. model build and data load): {elapsed:.1f} s")
     print(
         f"steps/s: {steps / elapsed:.2f}   "
-        f"optimizer steps/s: {module.counters['optimizer_steps'] / elapsed:.2f}"
+        f"optimizer steps/s: {module.counters.optimizer_steps / elapsed:.2f}"
     )
     print(f"peak RSS: {peak_mib:.0f} MiB")
     sys.stdout.flush()

@@ -168,17 +168,17 @@ def apply_lora(model: PreTrainedModel, settings: dict[str, Any]):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as error:
-        raise ModelLoadError("model.lora needs peft: pip install 'cyclealign_pl[lora]'") from error
+        raise ModelLoadError("model.whitebox.lora needs peft: pip install 'cyclealign_pl[lora]'") from error
     options = {"task_type": "CAUSAL_LM", **settings}
     try:
         config = LoraConfig(**options)
     except (TypeError, ValueError) as error:
-        raise ModelLoadError(f"invalid model.lora settings {settings!r}: {error}") from error
+        raise ModelLoadError(f"invalid model.whitebox.lora settings {settings!r}: {error}") from error
     try:
         return get_peft_model(model, config)
     except (TypeError, ValueError) as error:  # e.g. target_modules that the model does not have
         raise ModelLoadError(
-            f"cannot apply model.lora {settings!r} to {type(model).__name__}: {error}"
+            f"cannot apply model.whitebox.lora {settings!r} to {type(model).__name__}: {error}"
         ) from error
 
 
