@@ -13,7 +13,6 @@ the last third of the run, and the black box's pairwise ranking accuracy against
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,8 +24,8 @@ PREFERRED_THRESHOLD = 50.0  # sigmoid(reward) x 100 above this: the evaluator pr
 
 
 @dataclass(frozen=True)
-class ReplyStats:
-    """One evaluation's replies: rewards and the collapse figures."""
+class EvaluationFigures:
+    """One evaluation's figures: rewards and the collapse monitors."""
 
     prompts: int
     mean_reward: float
@@ -38,8 +37,8 @@ class ReplyStats:
 
 @dataclass(frozen=True)
 class Figures:
-    zero_shot: ReplyStats
-    trained: ReplyStats
+    zero_shot: EvaluationFigures
+    trained: EvaluationFigures
     paired_prompts: int
     reward_gain: float  # mean over prompts of trained - zero-shot reward
     reward_gain_se: float  # standard error of that mean
@@ -59,36 +58,15 @@ class Figures:
         return {**asdict(self), "gain_in_se": self.gain_in_se}
 
 
-def read_generations(path: str | Path) -> dict[str, dict[str, Any]]:
-    """``{id: record}`` of a generations file; a record without a reward is an error naming the line."""
-    records: dict[str, dict[str, Any]] = {}
-    with Path(path).open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {line_no}: not JSON ({err.msg})") from None
-            try:
-                record["reward"] = float(record["reward"])
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(
-                    f"{path}, line {line_no}: no reward (was it evaluated with a reward model?)"
-                ) from None
-            records[str(record["id"])] = record
-    if not records:
-        raise ValueError(f"{path}: no generations")
-    return records
-
-
-def reply_stats(records: Sequence[dict[str, Any]], threshold: float = PREFERRED_THRESHOLD) -> ReplyStats:
+def evaluation_figures(
+    rows: Sequence[evaluation.GenerationRow], threshold: float = PREFERRED_THRESHOLD
+) -> EvaluationFigures:
     """Rewards, the preferred share and the collapse monitors (``evaluation.reply_stats``) of one
     evaluation."""
-    text = evaluation.reply_stats([str(r["reply"]) for r in records])
-    rewards = [float(r["reward"]) for r in records]
-    n = len(records)
-    return ReplyStats(
+    text = evaluation.reply_stats([row.reply for row in rows])
+    rewards = [row.reward for row in rows]
+    n = len(rows)
+    return EvaluationFigures(
         prompts=n,
         mean_reward=sum(rewards) / n,
         preferred_share=sum(w > threshold for w in rewards) / n,
@@ -127,9 +105,10 @@ def compute_figures(
     threshold: float = PREFERRED_THRESHOLD,
 ) -> Figures:
     """The figures of one run (see the module docstring); the rewards are paired by prompt id."""
-    before, after = read_generations(zero_shot), read_generations(trained)
+    before = evaluation.read_generations(zero_shot, need_rewards=True)
+    after = evaluation.read_generations(trained, need_rewards=True)
     ids = sorted(set(before) & set(after))
-    gain = evaluation.paired_gain({i: after[i]["reward"] for i in ids}, {i: before[i]["reward"] for i in ids})
+    gain = evaluation.paired_gain({i: after[i].reward for i in ids}, {i: before[i].reward for i in ids})
     if gain is None:
         raise ValueError(
             f"{zero_shot} and {trained} share {len(ids)} prompt ids; need at least 2 to pair them"
@@ -143,8 +122,8 @@ def compute_figures(
         for name in ("iterations", "agreement", "identical_samples"):
             ended[f"{name}_by_third"] = by_third(read_metric(metrics_csv, f"cycle/{name}"))
     return Figures(
-        zero_shot=reply_stats([before[i] for i in ids], threshold),
-        trained=reply_stats([after[i] for i in ids], threshold),
+        zero_shot=evaluation_figures([before[i] for i in ids], threshold),
+        trained=evaluation_figures([after[i] for i in ids], threshold),
         paired_prompts=gain.n,
         reward_gain=gain.gain,
         reward_gain_se=gain.standard_error,
