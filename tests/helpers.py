@@ -20,6 +20,7 @@ from cyclealign_pl.judges.base import Judge, Judgment, RankRequest
 from cyclealign_pl.module import CycleAlignModule
 from cyclealign_pl.policy import Reply, SamplingConfig, WhiteBox
 from cyclealign_pl.ranking import rank_by_scores
+from cyclealign_pl.settings import EvaluationConfig, WhiteBoxConfig
 
 TINY_LLAMA = {
     "model_type": "llama",
@@ -202,8 +203,8 @@ def tiny_module(judge: Judge | None, **kwargs) -> CycleAlignModule:
         tokenizer="byt5",
         judge=judge,
         sampling=SamplingConfig(max_new_tokens=16),
-        max_length=128,
-        eval_max_new_tokens=32,
+        whitebox=WhiteBoxConfig(max_length=128),
+        evaluation=EvaluationConfig(max_new_tokens=32),
     )
     options.update(kwargs)
     module_class = options.pop("module_class", CycleAlignModule)

@@ -8,6 +8,7 @@ import torch
 
 from cyclealign_pl.data.rows import prompt_messages
 from cyclealign_pl.policy import SamplingConfig, WhiteBox, end_of_turn_id
+from cyclealign_pl.settings import WhiteBoxConfig
 from tests.helpers import QUESTIONS, bpe_tokenizer, chat_tokenizer, hh_prompt, tiny_llama_for
 
 CORPUS = [f"{hh_prompt(q)} {reply}" for q in QUESTIONS for reply in ("Sure, glad to help.", "No. Go away.")]
@@ -143,8 +144,12 @@ def test_a_chat_white_box_trains_through_the_cycle(hh_root, tmp_path):
     sample = whitebox.sample
     whitebox.sample = lambda prompts, n: sampled.append(sample(prompts, n)) or sampled[-1]
     make_trainer(tmp_path, batches=2).fit(module, make_data(hh_root(QUESTIONS[:4])))
-    assert module.counters["optimizer_steps"] > 0 and sampled
+    assert module.counters.optimizer_steps > 0 and sampled
     for reply in (r for group in sampled for replies in group for r in replies):
         assert whitebox.eos_id not in reply.ids[:-1]  # the end of turn, if any, is last
-    dialogue = tiny_module(None, tokenizer=str(tmp_path / "tokenizer"), prompt_format="dialogue")
+    dialogue = tiny_module(
+        None,
+        tokenizer=str(tmp_path / "tokenizer"),
+        whitebox=WhiteBoxConfig(max_length=128, prompt_format="dialogue"),
+    )
     assert not dialogue.whitebox.chat

@@ -66,7 +66,7 @@ def run_cli(tmp_path: Path, capsys, *args: str, subcommand: str = "fit") -> str:
             ["--model.model", "/no/such/model", "--model.tokenizer", "byt5"],
             "could not load causal LM '/no/such/model' (not a local directory",
         ),
-        (["--model.ablation", "no_everything"], "model.ablation: expected one of 'none'"),
+        (["--model.cycle.ablation", "no_everything"], "model.cycle.ablation: expected one of 'none'"),
         (["--data.init_args.subsets", "[harmless-bass]"], "unknown HH-RLHF subset(s) ['harmless-bass']"),
         (["--data.init_args.root", "/no/such/hh"], "HH-RLHF root directory not found: /no/such/hh"),
         (

@@ -72,18 +72,18 @@ def test_judge_that_always_agrees_stops_after_one_iteration(hh_root, tmp_path):
     judge = WhiteBoxMirrorJudge()
     module = tiny_module(judge, cycle=CycleConfig(max_iterations=5))
     make_trainer(tmp_path, batches=4).fit(module, make_data(hh_root(QUESTIONS[:8])))
-    assert module.counters["prompts"] == 4
-    assert module.counters["iterations"] == 4  # one each
-    assert module.counters["agreed_prompts"] == 4 and module.counters["identical_sample_prompts"] == 0
-    assert module.counters["optimizer_steps"] == 4
+    assert module.counters.prompts == 4
+    assert module.counters.iterations == 4  # one each
+    assert module.counters.agreed_prompts == 4 and module.counters.identical_sample_prompts == 0
+    assert module.counters.optimizer_steps == 4
 
 
 def test_judge_that_never_agrees_uses_all_iterations(hh_root, tmp_path):
     judge = WhiteBoxMirrorJudge(swap_top_two)
     module = tiny_module(judge, cycle=CycleConfig(max_iterations=3))
     make_trainer(tmp_path, batches=2).fit(module, make_data(hh_root(QUESTIONS[:8])))
-    assert module.counters["iterations"] == 6
-    assert module.counters["agreed_prompts"] == 0
+    assert module.counters.iterations == 6
+    assert module.counters.agreed_prompts == 0
     assert module.trainer.global_step == 6  # manual optimization: global_step counts optimizer steps
 
 
@@ -101,9 +101,9 @@ def test_batched_prompts_drop_out_independently(hh_root, tmp_path):
     make_trainer(tmp_path, batches=1).fit(module, make_data(hh_root(QUESTIONS[:8]), batch_size=2))
     # iteration 1: request 1 agrees, request 2 does not; iteration 2: request 3 agrees -> done after 2
     # iterations
-    assert module.counters["iterations"] == 3
-    assert module.counters["optimizer_steps"] == 2
-    assert module.counters["agreed_prompts"] == 2
+    assert module.counters.iterations == 3
+    assert module.counters.optimizer_steps == 2
+    assert module.counters.agreed_prompts == 2
 
 
 # -- ablations (paper Table 3) --------------------------------------------------------------------------
@@ -126,10 +126,10 @@ def _demos_by_iteration(judge: WhiteBoxMirrorJudge) -> list[int]:
 )
 def test_ablation_switches(ablation, expected_demos, iterations, hh_root, tmp_path):
     judge = WhiteBoxMirrorJudge(swap_top_two)
-    module = tiny_module(judge, cycle=CycleConfig(max_iterations=3), ablation=ablation)
+    module = tiny_module(judge, cycle=CycleConfig(max_iterations=3, ablation=ablation))
     make_trainer(tmp_path, batches=1).fit(module, make_data(hh_root(QUESTIONS[:8])))
     assert _demos_by_iteration(judge) == expected_demos
-    assert module.counters["iterations"] == iterations
+    assert module.counters.iterations == iterations
     if ablation in ("none", "no_wrd", "no_brd"):
         first_dynamic = judge.requests[1].demonstrations[1]
         candidates = judge.requests[0].candidates
@@ -149,7 +149,7 @@ def test_resume_restores_pool_and_counters(hh_root, tmp_path):
     root = hh_root(QUESTIONS[:12])
     judge = WhiteBoxMirrorJudge(swap_top_two)
     first = tiny_module(
-        judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5
+        judge, cycle=CycleConfig(max_iterations=2, demonstration_scope="run", max_demonstrations=5)
     )
     trainer = make_trainer(tmp_path, batches=3)
     trainer.fit(first, make_data(root))
@@ -159,7 +159,7 @@ def test_resume_restores_pool_and_counters(hh_root, tmp_path):
 
     second_judge = WhiteBoxMirrorJudge(swap_top_two)
     second = tiny_module(
-        second_judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5
+        second_judge, cycle=CycleConfig(max_iterations=2, demonstration_scope="run", max_demonstrations=5)
     )
     make_trainer(tmp_path, batches=3).fit(
         second, make_data(root), ckpt_path=ckpt
@@ -170,7 +170,7 @@ def test_resume_restores_pool_and_counters(hh_root, tmp_path):
 
     third_judge = WhiteBoxMirrorJudge(swap_top_two)
     third = tiny_module(
-        third_judge, cycle=CycleConfig(max_iterations=2), demonstration_scope="run", max_demonstrations=5
+        third_judge, cycle=CycleConfig(max_iterations=2, demonstration_scope="run", max_demonstrations=5)
     )
     make_trainer(tmp_path, batches=3, max_epochs=2).fit(third, make_data(root), ckpt_path=ckpt)
     assert third.counters["steps"] == 6 and third.counters["prompts"] == 6

@@ -327,9 +327,9 @@ def test_shipped_whitebox_writes_bank_replies_good_and_bad(held_out_prompts):
 
     config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model"]
     whitebox = WhiteBox(
-        load_causal_lm(config["model"]), load_tokenizer(config["model"]), config["max_length"]
+        load_causal_lm(config["model"]), load_tokenizer(config["model"]), config["whitebox"]["max_length"]
     )
-    replies = whitebox.greedy(held_out_prompts[:24], config["eval_max_new_tokens"])
+    replies = whitebox.greedy(held_out_prompts[:24], config["evaluation"]["max_new_tokens"])
     labels = [label_of(r) for r in replies]
     assert all(replies) and sum(label is not None for label in labels) >= 22, replies
     assert 6 <= labels.count(True) <= 18, f"a mixture of good and bad replies, got {labels}"

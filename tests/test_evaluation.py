@@ -81,7 +81,7 @@ def test_oasst_preset_sets_the_papers_evaluator_over_the_tiny_config() -> None:
     assert (
         args.config is None and args.tokenizer is None
     )  # nothing of tiny.yaml's random reward model is left
-    assert config.model.eval_max_new_tokens == 128
+    assert config.model.evaluation.max_new_tokens == 128
     # the preset's format gives the evaluator's input byte for byte
     text = format_for_reward_model(DIALOGUE, REPLY, args.input_format, eos_token="<|endoftext|>")
     assert text.encode("utf-8") == OASST_TEXT.encode("utf-8")
@@ -359,7 +359,7 @@ def test_fit_without_an_evaluator_skips_validation_with_a_warning(
     cli = main(
         ["fit", "--config", str(TINY), "--model.reward_model", "null", "--trainer.limit_train_batches", "1"]
     )
-    assert cli.trainer.state.finished and cli.model.counters["steps"] == 1
+    assert cli.trainer.state.finished and cli.model.counters.steps == 1
     assert "no model.reward_model: validation during fit is skipped" in caplog.text
     assert not list(tmp_path.rglob("eval"))
     assert not any(k.startswith("val/") for k in cli.trainer.callback_metrics)

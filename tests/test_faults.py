@@ -143,7 +143,7 @@ def test_a_kill_halfway_through_writing_last_ckpt_on_a_second_filesystem_resumes
     assert len(opened) == 6
     assert steps_in(checkpoints / "last.ckpt") == 2  # the second save's, intact
     cli = main(["fit", *cli_args(root, *FAST, "--ckpt_path", "last")])
-    assert cli.model.counters["steps"] == 4
+    assert cli.model.counters.steps == 4
     assert steps_in(checkpoints / "last.ckpt") == 4
     assert all(storage.TEMP_MARK not in p.name for p in checkpoints.iterdir())
     assert "Traceback" not in capsys.readouterr().err
@@ -162,7 +162,7 @@ def test_last_ckpt_that_does_not_load_falls_back_to_the_newest_that_does(tmp_pat
     err = capsys.readouterr().err
     fallback = [line for line in err.splitlines() if "newer checkpoints do not load" in line]
     assert len(fallback) == 1 and "epoch=0-step=" in fallback[0] and "last.ckpt (" in fallback[0]
-    assert cli.model.counters["steps"] == 4  # the second epoch after the first one's checkpoint
+    assert cli.model.counters.steps == 4  # the second epoch after the first one's checkpoint
 
 
 @pytest.mark.slow
@@ -384,7 +384,7 @@ def test_the_judge_sees_a_long_prompt_as_trimmed_to_the_runs_budget(tmp_path):
     judge = LongestFirstJudge()
     module = tiny_module(judge)
     fit(module, data, tmp_path / "run", batches=2)
-    assert module.counters["truncated_prompts"] == 1
+    assert module.counters.truncated_prompts == 1
     long_seen = [r for r in judge.requests if "roses" in r.instruction]
     assert long_seen and all(
         r.instruction == module.whitebox.visible_prompt(r.instruction) for r in long_seen

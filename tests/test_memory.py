@@ -8,6 +8,7 @@ import torch
 
 from cyclealign_pl.cycle import CycleConfig
 from cyclealign_pl.hf import ModelLoadError, plain_model
+from cyclealign_pl.settings import WhiteBoxConfig
 from tests.helpers import QUESTIONS, WhiteBoxMirrorJudge, make_data, make_trainer, swap_top_two, tiny_module
 
 pytest.importorskip("peft", reason="LoRA needs the 'lora' extra (peft)")
@@ -15,13 +16,13 @@ pytest.importorskip("peft", reason="LoRA needs the 'lora' extra (peft)")
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 
-def lora_module(**kwargs):
+def lora_module(gradient_checkpointing: bool = False, **kwargs):
     judge = WhiteBoxMirrorJudge(swap_top_two)
     return tiny_module(
         judge,
-        lora=LORA,
         cycle=CycleConfig(max_iterations=2),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+        whitebox=WhiteBoxConfig(max_length=128, lora=LORA, gradient_checkpointing=gradient_checkpointing),
         **kwargs,
     )
 
@@ -41,7 +42,7 @@ def test_lora_trains_only_the_adapters(checkpointing, hh_root, tmp_path):
 
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert optimized == {id(p) for p in module.model.parameters() if p.requires_grad}
-    assert module.counters["optimizer_steps"] >= 2
+    assert module.counters.optimizer_steps >= 2
     changed = {name for name, p in module.model.named_parameters() if not torch.equal(before[name], p)}
     assert changed and changed <= trainable  # the frozen base never moves
 
@@ -78,8 +79,8 @@ def test_plain_model_is_the_model_itself_without_adapters():
 
 
 def test_bad_lora_settings_name_the_field():
-    with pytest.raises(ModelLoadError, match="model.lora"):
-        tiny_module(None, lora={"rank": 4})
+    with pytest.raises(ModelLoadError, match="model.whitebox.lora"):
+        tiny_module(None, whitebox=WhiteBoxConfig(max_length=128, lora={"rank": 4}))
 
 
 @pytest.mark.slow
@@ -109,7 +110,7 @@ def test_lora_preset_fits_through_the_cli(tmp_path):
         ]
     )
     module = cli.model
-    assert module.counters["steps"] == 1 and module.counters["optimizer_steps"] >= 1
+    assert module.counters.steps == 1 and module.counters.optimizer_steps >= 1
     assert all("lora_" in name for name, p in module.model.named_parameters() if p.requires_grad)
     exported = AutoModelForCausalLM.from_pretrained(Path(cli.trainer.log_dir) / "hf_model")
     assert not any("lora" in name for name in exported.state_dict())

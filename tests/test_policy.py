@@ -125,9 +125,9 @@ def test_a_long_better_reply_is_trained_on_whole_or_cut_without_eos_and_counted(
         PrefersHelpJudge(better_response=longer_than_sampling), cycle=CycleConfig(max_iterations=1)
     )
     make_trainer(tmp_path, batches=2).fit(whole, make_data(root))
-    assert whole.counters["optimizer_steps"] > 0 and whole.counters["cut_better_replies"] == 0
+    assert whole.counters.optimizer_steps > 0 and whole.counters.cut_better_replies == 0
     too_long = tiny_module(
         PrefersHelpJudge(better_response=GOOD[0] * 20), cycle=CycleConfig(max_iterations=1)
     )
     make_trainer(tmp_path, batches=2).fit(too_long, make_data(root))
-    assert too_long.counters["cut_better_replies"] == too_long.counters["optimizer_steps"] > 0
+    assert too_long.counters.cut_better_replies == too_long.counters.optimizer_steps > 0

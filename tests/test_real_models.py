@@ -94,7 +94,7 @@ def test_a_short_fit_of_smollm2_exports_a_gguf_that_llama_cpp_serves_with_the_sa
     with Capture() as captured:
         cli = main(["fit", *cli_args(run_dir, config=_fit_config(tmp_path))])
     module = cli.model
-    assert module.whitebox.chat and module.counters["optimizer_steps"] > 0, captured.err[-2000:]
+    assert module.whitebox.chat and module.counters.optimizer_steps > 0, captured.err[-2000:]
     exported = run_dir / "logs" / "version_0" / "hf_model"  # the end-of-fit export of a GGUF-born white box
     assert (exported / "model.safetensors").is_file() and json.loads((exported / "config.json").read_text())
     assert "quantization_config" not in json.loads((exported / "config.json").read_text())

@@ -60,7 +60,7 @@ def test_a_stop_in_an_epochs_last_step_is_resumed_and_its_prompts_in_flight_fini
     whole_judge = SigtermAtCall()
     whole = tiny_module(whole_judge, cycle=NEVER_DONE_EARLY)
     make_trainer(tmp_path / "whole", batches=2).fit(whole, make_data(root, batch_size=3))
-    assert whole.counters["steps"] == 2 and whole.counters["prompts"] == 6
+    assert whole.counters.steps == 2 and whole.counters.prompts == 6
 
     judge = SigtermAtCall(at=4)  # rounds 1-3: the first step; round 4: the first of the last step
     stopped = tiny_module(judge, cycle=NEVER_DONE_EARLY)
@@ -93,8 +93,8 @@ def test_max_steps_stops_at_exactly_that_many_optimizer_steps_and_keeps_the_prom
     module = tiny_module(WhiteBoxMirrorJudge(swap_top_two), cycle=CycleConfig(max_iterations=5))
     trainer = checkpointed(tmp_path, batches=4, max_steps=3)
     trainer.fit(module, make_data(root, batch_size=2))
-    assert trainer.global_step == 3 and module.counters["optimizer_steps"] == 3
-    assert module.counters["prompts"] == 0 and module.totals["in_flight"] == 2
+    assert trainer.global_step == 3 and module.counters.optimizer_steps == 3
+    assert module.counters.prompts == 0 and module.totals.in_flight == 2
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["cyclealign"]
     assert saved["counters"]["optimizer_steps"] == 3
     assert [len(slot["iterations"]) for slot in saved["processes"][0]["cycle"]["slots"]] == [3, 3]

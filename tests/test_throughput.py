@@ -26,6 +26,7 @@ from cyclealign_pl.judges.base import Judge, Judgment, RankRequest
 from cyclealign_pl.objective import rrhf_loss
 from cyclealign_pl.policy import Reply, SamplingConfig, WhiteBox
 from cyclealign_pl.ranking import agreement, rank_by_scores
+from cyclealign_pl.settings import WhiteBoxConfig
 from tests.helpers import (
     QUESTIONS,
     AgreesAtIterationJudge,
@@ -130,7 +131,7 @@ def test_one_slot_reproduces_the_paper_serial_loop(overlap, hh_root, tmp_path):
     assert len(set(iterations)) > 1, f"the prompts should stop at different iterations, got {iterations}"
     assert flat_trace(seeding.outcomes) == trace  # same candidates, white-box and black-box rankings
     assert judge.requests == reference_judge.requests  # same demonstrations shown to the black box
-    assert module.counters["optimizer_steps"] == len([t for t in trace if t[2] is not None])
+    assert module.counters.optimizer_steps == len([t for t in trace if t[2] is not None])
     for (name, mine), theirs in zip(module.model.named_parameters(), reference.model.parameters()):
         assert torch.equal(mine, theirs), f"{name} differs from the paper's serial loop"
 
@@ -300,7 +301,7 @@ def replies_of(whitebox: WhiteBox) -> list[list[Reply]]:
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["kv-cache", "gradient-checkpointing"])
 def test_shared_prefix_scores_and_gradients_equal_full_sequences(checkpointing):
-    module = tiny_module(None, gradient_checkpointing=checkpointing)
+    module = tiny_module(None, whitebox=WhiteBoxConfig(max_length=128, gradient_checkpointing=checkpointing))
     module.model.train()
     sampling = SamplingConfig(max_new_tokens=16)
     results = []
