@@ -123,7 +123,8 @@ class DefaultRun:
 
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> DefaultRun:
-    """One default run for the whole session: the learning, CLI, notebook and evaluation tests all read it."""
+    """One default run for the whole session: the learning, CLI, run-directory, report, console, notebook and
+    evaluation tests all read it."""
     from cyclealign_pl.cli import main
 
     base = tmp_path_factory.mktemp("default-run")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -326,3 +327,9 @@ def cli_args(root: Path, *extra: str, config: Path = TINY_CONFIG) -> list[str]:
         "--trainer.default_root_dir",
         str(root),
     ]
+
+
+def fit_command(root: Path, *extra: str, config: Path = TINY_CONFIG) -> list[str]:
+    """``python -m cyclealign_pl fit`` with :func:`cli_args`: a fit in a subprocess (signals, DDP, a fresh
+    process's imports)."""
+    return [sys.executable, "-m", "cyclealign_pl", "fit", *cli_args(root, *extra, config=config)]

@@ -1,39 +1,31 @@
-"""The command line end to end: the tiny fit, where a run's files go, resuming, the end-of-fit report, help.
+"""The command line itself: a fit configured on the command line, a fit against a real OpenAI-compatible
+server, a dead judge refused before training, help, and the paper's GPU configs.
 
-Configuration errors (one line, "did you mean", no abbreviations) are in ``test_cli_errors.py``.
+Configuration errors (one line, "did you mean", no abbreviations) are in ``test_cli_errors.py``; where a run's
+files go and resuming in ``test_run_dir.py``; the end-of-fit report in ``test_summary.py``; the screen and
+run.log in ``test_console.py``; the progress bar in ``test_progress.py``.
 """
 
 from __future__ import annotations
 
 import csv
-import io
-import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from cyclealign_pl.cli import EXIT_BAD_INPUT, EXIT_NO_UPDATE, main
+from cyclealign_pl.cli import EXIT_BAD_INPUT, main
 from tests.helpers import Capture, cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny.yaml")
 TINY_OPENAI = str(ROOT / "configs" / "tiny_openai.yaml")
 
 
-def files_under(path: Path) -> dict[str, float]:
-    """Every file below ``path`` with its modification time (to tell that nothing was written)."""
-    return {str(p.relative_to(path)): p.stat().st_mtime for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-# -- the default run (tests/conftest.py: one per session): layout, report, resuming, a second run ----------
-
-STEPS = 48  # configs/tiny.yaml: limit_train_batches (batch size 1)
+# -- the session's default run (tests/conftest.py) is made once ------------------------------------------
 
 
 def test_the_tests_reading_the_default_run_share_one_worker(request, default_run):
@@ -44,401 +36,7 @@ def test_the_tests_reading_the_default_run_share_one_worker(request, default_run
     assert request.node.nodeid.endswith("@default_run")
 
 
-@pytest.mark.slow
-def test_every_output_of_a_fit_goes_under_default_root_dir(default_run):
-    cli, run_dir, workdir = default_run.cli, default_run.root, default_run.workdir
-    assert cli.model.counters["steps"] == STEPS
-    assert list(workdir.iterdir()) == []  # nothing in the working directory (no runs/tiny)
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    log_dir = run_dir / "logs" / "version_0"
-    assert Path(cli.trainer.log_dir) == log_dir
-    # the judge's cache (configs/tiny.yaml), its spend ledger and the run's record
-    assert {p.name for p in run_dir.iterdir()} == {
-        "checkpoints",
-        "logs",
-        "judge_cache.sqlite",
-        "judge_ledger.sqlite",
-        "run.json",
-        "run.log",
-    }
-
-    rows = list(csv.DictReader((log_dir / "metrics.csv").read_text().splitlines()))
-    iterations = [float(r["cycle/iterations"]) for r in rows if r.get("cycle/iterations")]
-    assert len(iterations) == STEPS and all(1 <= i <= 5 for i in iterations)
-    assert any(r.get("train/loss") for r in rows)
-    saved = yaml.safe_load((log_dir / "config.yaml").read_text())
-    assert saved["model"]["cycle"]["num_candidates"] == 3
-    assert json.loads((log_dir / "eval" / "val_meta.json").read_text())["trainer_fn"] == "fit"
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    reloaded = AutoModelForCausalLM.from_pretrained(log_dir / "hf_model")
-    tokenizer = AutoTokenizer.from_pretrained(log_dir / "hf_model")
-    for name, tensor in cli.model.model.state_dict().items():
-        assert (reloaded.state_dict()[name] == tensor).all(), name
-    assert tokenizer("hi").input_ids
-
-
-@pytest.mark.slow
-def test_fit_ends_with_its_paths_and_numbers(default_run):
-    cli, run_dir, out = default_run.cli, default_run.root, default_run.output
-    counters = cli.model.counters
-    report = out[out.index("cyclealign_pl: fit done") :]
-    assert (
-        f"{counters['steps']} steps, {counters['prompts']} prompts, "
-        f"{counters['optimizer_steps']} optimizer steps" in report
-    )
-    assert f"{counters['iterations'] / counters['prompts']:.2f} iterations per prompt" in report
-    judged = counters["iterations"] - counters["degenerate_sets"]
-    assert f"{counters['judge_failures']} failed judgments of {judged}" in report
-    reward = cli.trainer.callback_metrics["val/reward/total"].item()
-    summary = cli.model.evaluation_summary
-    assert f"reward {summary['zero_shot_reward']:.4g} (zero-shot) -> {reward:.4g}, gain" in report
-    assert f"{summary['reward_gain_z']:+.1f} SE over {summary['paired_prompts']} prompts" in report
-    assert f"replies the evaluator prefers: {summary['zero_shot_preferred_share']:.0%} -> " in report
-    assert "  result: aligned: the evaluator's reward rose" in report  # the default run aligns its white box
-    for what, path in [
-        ("checkpoint", run_dir / "checkpoints" / "last.ckpt"),
-        ("logs", run_dir / "logs" / "version_0"),
-        ("exported model", run_dir / "logs" / "version_0" / "hf_model"),
-    ]:
-        assert f"  {what}: {path}" in report
-
-
-LIBRARY_NOISE = (
-    "GPU available",
-    "TPU available",
-    "litlogger",
-    "LeafSpec",
-    "Total FLOPs",
-    "Trainable params",  # the model summary
-    "Setting accelerator to CPU",
-    "exists and is not empty",
-    "weights_only",
-    "Generating train split",
-    "`Trainer.fit` stopped",
-)
-
-
-@pytest.mark.slow
-def test_a_default_fit_shows_its_summary_and_keeps_library_noise_in_the_run_log(default_run):
-    out = default_run.output
-    shown = [noise for noise in LIBRARY_NOISE if noise in out]
-    assert not shown, f"on the screen: {shown}\n{out[-3000:]}"
-    assert "cyclealign_pl: fit done" in out and "result: aligned" in out
-    run_log = default_run.root / "run.log"
-    assert f"  run log: {run_log}" in out
-    kept = run_log.read_text(encoding="utf-8")
-    for line in ("GPU available: False", "Trainable params", "zero-shot evaluation: 100 prompts"):
-        assert line in kept  # not lost: in the run's log file
-    # the user's own warnings (here: about their data) stay on the screen
-    assert "300 rows, kept 292, dropped 8" in out
-
-
-def test_the_screen_shows_the_users_warnings_and_errors_not_library_chatter(tmp_path):
-    import logging
-
-    from cyclealign_pl import console
-
-    stream = io.StringIO()
-    screen = console.RunConsole(stream).install()
-    try:
-        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False, used: False")
-        logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU ...")
-        logging.getLogger("some.library").error("a real failure")
-        logging.getLogger("cyclealign_pl.data").warning("your file: 3 rows dropped")
-        screen._warning(FutureWarning("old API"), FutureWarning, "/x/site-packages/lib/mod.py", 3)
-        not_empty = UserWarning("Checkpoint directory x exists and is not empty.")
-        screen._warning(not_empty, UserWarning, "/a.py", 1)
-        screen._warning(UserWarning("check your prompts"), UserWarning, str(tmp_path / "train.py"), 7)
-        path = screen.attach(tmp_path / "run")
-        logging.getLogger("lightning.pytorch").info("after attach")
-    finally:
-        screen.uninstall()
-    shown = stream.getvalue()
-    assert "a real failure" in shown and "3 rows dropped" in shown and "check your prompts" in shown
-    for noise in ("GPU available", "Setting accelerator", "old API", "not empty", "after attach"):
-        assert noise not in shown
-    kept = path.read_text()
-    for line in ("GPU available", "Setting accelerator", "old API", "not empty", "after attach", "3 rows"):
-        assert line in kept
-
-
-@pytest.mark.slow
-def test_resuming_a_finished_run_says_so_and_writes_nothing(default_run, capsys):
-    run_dir = default_run.root
-    before = files_under(run_dir)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *cli_args(run_dir, "--ckpt_path", "last")])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert f"already finished ({STEPS} of {STEPS} steps, 1 of 1 epochs)" in out
-    assert str(run_dir / "checkpoints" / "last.ckpt") in out
-    assert files_under(run_dir) == before  # no log version, no export, no checkpoint
-
-
-@pytest.mark.slow
-def test_a_new_fit_into_a_root_that_holds_a_run_is_refused(default_run, capsys):
-    run_dir = default_run.root
-    before = files_under(run_dir)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *cli_args(run_dir)])
-    assert exit_info.value.code == EXIT_BAD_INPUT
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1
-    assert "already holds a run's checkpoints" in err[0] and "--ckpt_path last" in err[0]
-    assert "--trainer.default_root_dir" in err[0]
-    assert files_under(run_dir) == before
-
-
-@pytest.mark.slow
-def test_validate_with_ckpt_path_last_reads_the_roots_checkpoint(default_run, tmp_path, capsys):
-    run_dir = default_run.copy(tmp_path / "run")
-    cli = main(
-        [
-            "validate",
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(run_dir),
-            "--trainer.limit_val_batches",
-            "1",
-            "--ckpt_path",
-            "last",
-        ]
-    )
-    from cyclealign_pl.progress import CycleProgressBar
-
-    assert isinstance(cli.trainer.progress_bar_callback, CycleProgressBar)  # the CLI's one-line bar
-    meta = json.loads((Path(cli.trainer.log_dir) / "eval" / "val_meta.json").read_text())
-    assert Path(meta["checkpoint"]) == run_dir / "checkpoints" / "last.ckpt"
-    assert meta["trained_steps"] == STEPS and Path(cli.trainer.log_dir).parent == run_dir / "logs"
-
-    # in a root without a run, "last" is an error (validating the untrained model instead would mislead)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["validate", *cli_args(tmp_path / "empty", "--ckpt_path", "last")])
-    assert exit_info.value.code == EXIT_BAD_INPUT
-    err = capsys.readouterr().err.strip().splitlines()
-    assert (
-        len(err) == 1 and "no last*.ckpt in" in err[0] and str(tmp_path / "empty" / "checkpoints") in err[0]
-    )
-    assert not (tmp_path / "empty").exists()
-
-
-def test_run_files_are_placed_under_the_root_unless_set():
-    from jsonargparse import Namespace
-
-    from cyclealign_pl.run_dir import checkpoint_dirs, place_run_files
-
-    config = Namespace(
-        trainer=Namespace(
-            default_root_dir="/r",
-            logger=Namespace(
-                class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=None)
-            ),
-            callbacks=[
-                Namespace(
-                    class_path="cyclealign_pl.callbacks.CycleCheckpoint", init_args=Namespace(dirpath=None)
-                ),
-                Namespace(
-                    class_path="lightning.pytorch.callbacks.ModelCheckpoint",
-                    init_args=Namespace(dirpath="/elsewhere"),
-                ),
-                Namespace(
-                    class_path="lightning.pytorch.callbacks.LearningRateMonitor", init_args=Namespace()
-                ),
-            ],
-        ),
-        model=Namespace(
-            judge=Namespace(class_path="x.Judge", init_args=Namespace(cache_path="cache.sqlite"))
-        ),
-    )
-    place_run_files(config)
-    assert config.trainer.logger.init_args.save_dir == "/r"
-    assert config.trainer.callbacks[0].init_args.dirpath == "/r/checkpoints"
-    assert config.trainer.callbacks[1].init_args.dirpath == "/elsewhere"  # set by the user: kept
-    assert checkpoint_dirs(config) == [Path("/r/checkpoints"), Path("/elsewhere")]
-    assert config.model.judge.init_args.cache_path == "/r/cache.sqlite"
-
-
-def test_finished_is_lightnings_fit_loop_done():
-    from cyclealign_pl.run_dir import Progress, finished_message
-
-    one_epoch = Progress(epochs=1, batches=48, global_step=131, counters={"steps": 48})
-    assert "already finished (48 of 48 steps, 1 of 1 epochs)" in finished_message(one_epoch, 1, -1)
-    assert finished_message(one_epoch, 2, -1) is None  # a second epoch to go
-    assert finished_message(one_epoch, None, -1) is None  # Lightning's default: 1000 epochs
-    assert "131 of 100 optimizer steps" in finished_message(one_epoch, None, 100)
-    mid_epoch = Progress(epochs=0, batches=20, global_step=55, counters={"steps": 20})
-    assert finished_message(mid_epoch, 1, -1) is None
-
-
-def test_the_progress_bar_shows_a_few_key_metrics_under_short_labels():
-    import torch
-
-    from cyclealign_pl.progress import KEY_METRICS, CycleProgressBar
-
-    trainer = SimpleNamespace(
-        callback_metrics={
-            "train/loss": torch.tensor(21.6),
-            "cycle/iterations_mean": torch.tensor(3.25),
-            "cycle/agreement_mean": torch.tensor(0.75),
-            "cycle/ranking_pairwise_accuracy_mean": torch.tensor(0.5),
-            "judge/requests_sent": torch.tensor(40.0),
-            "train/sft_loss": 2.0,
-        }
-    )
-    shown = CycleProgressBar().get_metrics(trainer, None)
-    assert shown == pytest.approx({"loss": 21.6, "iters": 3.25, "agree": 0.75, "acc": 0.5})
-    assert "v_num" not in shown
-    postfix = ", ".join(f"{k}={v:.3f}" for k, v in shown.items())
-    assert len(postfix) <= 50  # fits beside tqdm's bar on 80 columns
-    assert len(KEY_METRICS) == 4
-
-
-# -- the end-of-fit verdict ----------------------------------------------------------------------------------
-
-
-def test_a_fit_without_any_optimizer_step_fails_and_says_why():
-    from cyclealign_pl.summary import FitSummary, verdict
-
-    dead = FitSummary(
-        counters={"steps": 3, "prompts": 3, "iterations": 15, "optimizer_steps": 0, "judge_failures": 15},
-        judge={},
-        validation_reward=None,
-        evaluation={},
-    )
-    status, messages = verdict(dead, 0.2)
-    assert status == EXIT_NO_UPDATE == 4
-    assert any("no optimizer step in 3 prompts (15 of 15 judgments failed)" in m for m in messages)
-    assert any(m.startswith("warning: 100% of the judgments failed (15 of 15") for m in messages)
-
-    healthy = FitSummary(
-        counters={"steps": 3, "prompts": 3, "iterations": 10, "optimizer_steps": 9, "judge_failures": 1},
-        judge={},
-        validation_reward=None,
-        evaluation={},
-    )
-    assert verdict(healthy, 0.2) == (0, [])
-    status, messages = verdict(healthy, 0.05)  # 10% failed: above a 5% threshold
-    assert status == 0 and messages == [
-        (
-            "warning: 10% of the judgments failed (1 of 10; report.judge_failure_warning=0.05): see "
-            "judge/failures/* in metrics.csv"
-        )
-    ]
-    no_prompts = FitSummary(
-        counters={"steps": 0, "prompts": 0}, judge={}, validation_reward=None, evaluation={}
-    )
-    assert verdict(no_prompts, 0.2) == (0, [])
-
-
-def test_the_report_prints_whatever_the_module_and_judge_provide():
-    from cyclealign_pl.summary import collect, render
-
-    class Judge:
-        def metrics(self):
-            return {"requests_sent": 12, "cache_hits": 3, "failures": 1, "cost_usd": 0.0123}
-
-    module = SimpleNamespace(
-        counters={
-            "steps": 4,
-            "prompts": 4,
-            "iterations": 12,
-            "degenerate_sets": 2,
-            "optimizer_steps": 9,
-            "judge_failures": 1,
-        },
-        judge=Judge(),
-        evaluation_summary={
-            "prompts": 16,
-            "empty_share": 0.0625,
-            "mean_reply_words": 12.5,
-            "distinct_2": 0.5,
-            "reward": 0.5,
-            "preferred_share": 0.75,
-            "zero_shot_reward": -0.25,
-            "reward_gain": 0.75,
-            "reward_gain_se": 0.125,
-            "reward_gain_z": 6.0,
-            "paired_prompts": 16,
-            "zero_shot_preferred_share": 0.25,
-            "collapse_warning": "distinct-2 is 0.010",
-        },
-    )
-    summary = collect(module, {"val/reward/total": 0.5}, {"checkpoint": "/x/last.ckpt", "logs": None})
-    lines = render(summary)
-    assert lines[0] == "fit done: 4 steps, 4 prompts, 9 optimizer steps, 3.00 iterations per prompt"
-    assert (  # the degenerate candidate sets were never sent to the judge
-        lines[1]
-        == "  judge: 12 requests, 3 cache hits, 1 failed requests, $0.0123, 1 failed judgments of 10 (10.0%)"
-    )
-    for line in [
-        "  evaluation on 16 prompts: reward -0.25 (zero-shot) -> 0.5, gain +0.75 +- 0.12 "
-        "(paired standard error; +6.0 SE over 16 prompts)",
-        "  replies the evaluator prefers: 25% -> 75%; empty 6%, 12.5 words on average, distinct-2 0.500",
-        "  result: aligned: the evaluator's reward rose by more than 2 standard errors",
-        "  warning: the replies collapsed: distinct-2 is 0.010",
-        "  checkpoint: /x/last.ckpt",
-    ]:
-        assert line in lines
-    for z, result in [(0.5, "no significant change"), (-1.9, "no significant change"), (-3.0, "worse")]:
-        module.evaluation_summary["reward_gain_z"] = z
-        assert any(line.startswith(f"  result: {result}") for line in render(collect(module, {}, {})))
-    without_evaluation = render(collect(SimpleNamespace(counters={}), {"val/reward/total": 0.5}, {}))
-    assert "  validation reward (val/reward/total): 0.5" in without_evaluation
-    assert not any(line.startswith("  logs") for line in lines)  # no logger: no line
-
-    bare = collect(object(), {}, {})  # a module without counters or judge: nothing to crash on
-    assert render(bare)[0].startswith("fit done: 0 steps")
-
-
-def test_the_judge_failure_threshold_is_a_checked_setting():
-    from cyclealign_pl.summary import RunReport
-
-    assert RunReport().judge_failure_warning == 0.2
-    with pytest.raises(ValueError, match="judge_failure_warning must be in"):
-        RunReport(judge_failure_warning=1.5)
-
-
-@pytest.mark.slow
-def test_a_fit_whose_judge_never_ranks_exits_4_with_a_warning(tmp_path, monkeypatch, capsys):
-    """Every judge reply is unparseable: no optimizer step, so the run must not exit 0."""
-    from tests.openai_server import Behaviour, LocalOpenAIServer
-
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
-    with (
-        LocalOpenAIServer(
-            responder=lambda index, body: Behaviour.reply("They all look fine to me.")
-        ) as server,
-        pytest.raises(SystemExit) as exit_info,
-    ):
-        main(
-            [
-                "fit",
-                *cli_args(
-                    tmp_path / "run",
-                    "--config",
-                    TINY_OPENAI,
-                    "--trainer.limit_train_batches",
-                    "2",
-                    "--trainer.limit_val_batches",
-                    "0",
-                    "--model.cycle.max_iterations",
-                    "2",
-                    "--model.judge.init_args.base_url",
-                    server.url,
-                ),
-            ]
-        )
-    assert exit_info.value.code == EXIT_NO_UPDATE
-    err = capsys.readouterr().err
-    assert "cyclealign_pl: error: no optimizer step in 2 prompts (4 of 4 judgments failed)" in err
-    assert "cyclealign_pl: warning: 100% of the judgments failed (4 of 4" in err
-    assert (
-        tmp_path / "run" / "judge_cache.sqlite"
-    ).is_file()  # the config's relative cache_path: under the root
+# -- fits configured on the command line ---------------------------------------------------------------------
 
 
 def test_a_learning_rate_warm_up_is_a_config_setting_stepped_once_per_optimizer_step(tmp_path):
@@ -639,17 +237,6 @@ def test_fit_help_says_what_this_project_means(fit_help):
     assert "The main advantage is" not in fit_help  # no cut-off sentence from LightningDataModule's docstring
     assert "PromptDataModule (your own prompts" in fit_help
     assert "--model.demonstration_scope {prompt,run}" in fit_help  # the README's values, no alias
-
-
-def test_hf_refuses_a_path_and_a_config_together():
-    from cyclealign_pl.hf import ModelLoadError, load_causal_lm, load_reward_model
-
-    with pytest.raises(
-        ModelLoadError, match=r"model\.model='some/path' and model\.model_config are both set"
-    ):
-        load_causal_lm("some/path", {"model_type": "llama"})
-    with pytest.raises(ModelLoadError, match="model='some/rm' and config are both set"):
-        load_reward_model("some/rm", {"model_type": "llama"})
 
 
 # -- the paper's GPU configs parse (and build what needs no GPU) ---------------------------------------------

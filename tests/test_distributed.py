@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from lightning.pytorch import Callback
 
 from cyclealign_pl.cli import main
 from cyclealign_pl.judges.cache import JudgeCache
-from tests.helpers import TINY_LLAMA, cli_args
+from tests.helpers import TINY_LLAMA, cli_args, fit_command
 from tests.openai_server import Behaviour, LocalOpenAIServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,13 +80,8 @@ def ddp_fit(
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """``python -m cyclealign_pl fit`` with DDP over 2 CPU processes (Lightning launches rank 1 itself)."""
     reports = run_dir / f"ranks{len(list(run_dir.glob('ranks*')))}"
-    command = [
-        sys.executable,
-        "-m",
-        "cyclealign_pl",
-        "fit",
-        "--config",
-        TINY,
+    command = fit_command(
+        run_dir,
         "--config",
         TINY_OPENAI,
         "--trainer.strategy",
@@ -96,14 +90,10 @@ def ddp_fit(
         "2",
         "--trainer.accelerator",
         "cpu",
-        "--trainer.default_root_dir",
-        str(run_dir),
         "--trainer.callbacks+="
         + json.dumps(
             {"class_path": "tests.test_distributed.RankReport", "init_args": {"path": str(reports)}}
         ),
-        "--trainer.enable_progress_bar",
-        "false",
         "--trainer.limit_train_batches",
         "2",
         "--trainer.limit_val_batches",
@@ -130,7 +120,7 @@ def ddp_fit(
         "--data.init_args.num_train_prompts",
         "16",
         *extra,
-    ]
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("OPENAI_API_KEY", None)  # a loopback server needs no key
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -215,25 +205,19 @@ def test_the_default_fit_with_its_evaluations_ends_under_ddp(tmp_path):
     shared unevenly: 2 on one process, 1 on the other) and the final one. Each process asks its collectives
     in the same order whatever its own work, so the fit ends (it used to hang in its first step) and reports
     the gain over the zero-shot model."""
-    command = [
-        sys.executable,
-        "-m",
-        "cyclealign_pl",
-        "fit",
-        *cli_args(
-            tmp_path,
-            "--trainer.strategy",
-            "ddp",
-            "--trainer.devices",
-            "2",
-            "--trainer.limit_train_batches",
-            "3",
-            "--trainer.limit_val_batches",
-            "3",
-            "--data.init_args.eval_batch_size",
-            "4",
-        ),
-    ]
+    command = fit_command(
+        tmp_path,
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.limit_val_batches",
+        "3",
+        "--data.init_args.eval_batch_size",
+        "4",
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -319,16 +303,15 @@ def test_deepspeed_on_the_cpu_fails_with_a_clear_message(tmp_path, capsys):
         main(
             [
                 "fit",
-                "--config",
-                TINY,
-                "--trainer.strategy",
-                "deepspeed_stage_2",
-                "--trainer.default_root_dir",
-                str(tmp_path),
-                "--trainer.logger",
-                "false",
-                "--trainer.callbacks",
-                "[]",
+                *cli_args(
+                    tmp_path,
+                    "--trainer.strategy",
+                    "deepspeed_stage_2",
+                    "--trainer.logger",
+                    "false",
+                    "--trainer.callbacks",
+                    "[]",
+                ),
             ]
         )
     assert exit_info.value.code != 0

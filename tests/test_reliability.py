@@ -12,7 +12,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -30,12 +29,19 @@ from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.module import CycleAlignModule, RunStopped
 from cyclealign_pl.policy import SamplingConfig, WhiteBox
 from cyclealign_pl.signals import StopRequest
-from tests.helpers import LongestFirstJudge, cli_args, make_data, make_trainer, only_says_eos, write_hh_split
+from tests.helpers import (
+    LongestFirstJudge,
+    cli_args,
+    fit_command,
+    make_data,
+    make_trainer,
+    only_says_eos,
+    write_hh_split,
+)
 from tests.helpers import tiny_module as helpers_tiny_module
 from tests.openai_server import Behaviour, LocalOpenAIServer, failure_mix
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
 TINY_OPENAI = ROOT / "configs" / "tiny_openai.yaml"
 FAKE_KEY = "sk-cyclealign-FAKE-3c9e51d07ab2-never-on-disk"
 
@@ -182,21 +188,12 @@ class FitProcess:
     def __init__(
         self, run_dir: Path, data_root: Path, server: LocalOpenAIServer, name: str, *extra: str
     ) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "cyclealign_pl",
-            "fit",
-            "--config",
-            str(TINY),
+        command = fit_command(
+            run_dir,
             "--config",
             str(TINY_OPENAI),
-            "--trainer.default_root_dir",
-            str(run_dir),
             "--trainer.callbacks.every_n_batches",
             "3",
-            "--trainer.enable_progress_bar",
-            "false",
             "--trainer.limit_val_batches",
             "0",
             "--trainer.limit_train_batches",
@@ -222,7 +219,7 @@ class FitProcess:
             "--data.init_args.eval_prompts_per_subset",
             "2",
             *extra,
-        ]
+        )
         env = {**os.environ, "OPENAI_API_KEY": FAKE_KEY, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         self.log_path = run_dir / f"{name}.log"
         run_dir.mkdir(parents=True, exist_ok=True)
