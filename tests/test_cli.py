@@ -63,7 +63,7 @@ def test_a_learning_rate_warm_up_is_a_config_setting_stepped_once_per_optimizer_
         ]
     )
     module = cli.model
-    steps = module.counters["optimizer_steps"]
+    steps = module.counters.optimizer_steps
     assert steps >= 2
     scheduler = module.lr_schedulers()
     assert scheduler.last_epoch == steps
@@ -110,9 +110,9 @@ def test_tiny_fit_against_a_local_openai_compatible_server(tmp_path, monkeypatch
         requests_seen = len(server.requests)
     module = cli.model
     assert type(module.judge).__name__ == "OpenAIJudge"
-    assert module.counters["steps"] == 3
+    assert module.counters.steps == 3
     # every iteration with >= 2 distinct candidates asked the server once
-    assert requests_seen == module.counters["iterations"] - module.counters["degenerate_sets"] > 0
+    assert requests_seen == module.counters.iterations - module.counters.degenerate_sets > 0
     rows = list(csv.DictReader((Path(cli.trainer.log_dir) / "metrics.csv").read_text().splitlines()))
     sent = [float(r["judge/requests_sent"]) for r in rows if r.get("judge/requests_sent")]
     assert sent and sent[-1] == requests_seen
@@ -236,7 +236,7 @@ def test_fit_help_says_what_this_project_means(fit_help):
     assert "<log_dir>/hf_model" in options["--export.dirpath"]
     assert "The main advantage is" not in fit_help  # no cut-off sentence from LightningDataModule's docstring
     assert "PromptDataModule (your own prompts" in fit_help
-    assert "--model.demonstration_scope {prompt,run}" in fit_help  # the README's values, no alias
+    assert "--model.cycle.demonstration_scope {prompt,run}" in fit_help  # the README's values, no alias
 
 
 # -- the paper's GPU configs parse (and build what needs no GPU) ---------------------------------------------

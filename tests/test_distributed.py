@@ -39,7 +39,7 @@ class RankReport(Callback):
         self.after_first_step: dict[str, Any] = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.start = dict(pl_module.counters)
+        self.start = pl_module.counters.as_dict()
         self.weights_at_start = weights_digest(pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -49,7 +49,7 @@ class RankReport(Callback):
         if not self.after_first_step:
             self.after_first_step = {
                 "weights": weights_digest(pl_module),
-                "counters": dict(pl_module.counters),
+                "counters": pl_module.counters.as_dict(),
             }
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -57,7 +57,7 @@ class RankReport(Callback):
         report = {
             "world_size": trainer.world_size,
             "start": self.start,
-            "end": dict(pl_module.counters),
+            "end": pl_module.counters.as_dict(),
             "prompt_ids": self.prompt_ids,
             "judge": pl_module.judge.metrics(),
             "trained_ids": list(pl_module.trained_ids),
@@ -106,7 +106,7 @@ def ddp_fit(
         "2",
         "--model.sampling.max_new_tokens",
         "16",
-        "--model.max_length",
+        "--model.whitebox.max_length",
         "160",
         # a random white box: its samples always differ, so every iteration asks the judge (the counts below)
         "--model.model",

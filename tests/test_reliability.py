@@ -28,6 +28,7 @@ from cyclealign_pl.judges.base import Judge, RankRequest
 from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.module import CycleAlignModule, RunStopped
 from cyclealign_pl.policy import SamplingConfig, WhiteBox
+from cyclealign_pl.settings import EvaluationConfig, WhiteBoxConfig
 from cyclealign_pl.signals import StopRequest
 from tests.helpers import (
     LongestFirstJudge,
@@ -69,8 +70,8 @@ def tiny_module(
     options = dict(
         sampling=SamplingConfig(max_new_tokens=8),
         cycle=CycleConfig(max_iterations=2),
-        max_length=96,
-        eval_max_new_tokens=8,
+        whitebox=WhiteBoxConfig(max_length=96),
+        evaluation=EvaluationConfig(max_new_tokens=8),
         module_class=module_class,
     )
     options.update(kwargs)
@@ -115,10 +116,10 @@ def test_a_resumed_run_continues_exactly_where_its_checkpoint_left(tmp_path):
     """
     data = write_hh(tmp_path / "hh", questions("resume", 6))
     judge_a = LongestFirstJudge()
-    whole = tiny_module(judge_a, demonstration_scope="run")
+    whole = tiny_module(judge_a, cycle=CycleConfig(max_iterations=2, demonstration_scope="run"))
     saver = CycleCheckpoint(dirpath=tmp_path / "ckpt", every_n_batches=2, save_top_k=-1, save_last=True)
     fit(whole, data, tmp_path / "a", batches=3, max_epochs=2, enable_checkpointing=True, callbacks=[saver])
-    assert whole.counters["steps"] == 6 and len(whole.trained_ids) == 6
+    assert whole.counters.steps == 6 and len(whole.trained_ids) == 6
     first_epoch, second_epoch = whole.trained_ids[:3], whole.trained_ids[3:]
     assert first_epoch != second_epoch  # each epoch has its own (seeded) order
 
@@ -128,7 +129,7 @@ def test_a_resumed_run_continues_exactly_where_its_checkpoint_left(tmp_path):
     }
     assert sorted(saved) == [2, 3, 4, 6]  # every 2 training steps (whatever the optimizer steps) + epoch ends
     judge_b = LongestFirstJudge()
-    resumed = tiny_module(judge_b, demonstration_scope="run")
+    resumed = tiny_module(judge_b, cycle=CycleConfig(max_iterations=2, demonstration_scope="run"))
     fit(resumed, data, tmp_path / "b", batches=3, max_epochs=2, ckpt_path=str(saved[4]))
 
     assert resumed.trained_ids == whole.trained_ids
@@ -392,7 +393,7 @@ def test_a_spent_judge_budget_stops_with_a_resumable_checkpoint(tmp_path):
     assert f"A checkpoint was saved to {last}; resume with --ckpt_path {last}" in str(stopped.value)
     state = torch.load(last, weights_only=True)["cyclealign"]
     assert state["judge"]["counters"]["requests_sent"] == 3  # the spent budget survives a resume
-    assert state["counters"]["steps"] == len(state["trained_ids"]) == module.counters["steps"]
+    assert state["counters"]["steps"] == len(state["trained_ids"]) == module.counters.steps
 
 
 def test_the_first_ctrl_c_is_a_stop_request_the_second_interrupts():
@@ -448,8 +449,8 @@ def test_a_non_finite_update_is_skipped_counted_and_logged(poison, tmp_path, cap
     trainer = fit(module, data, tmp_path / "run", batches=3, callbacks=[CycleMetrics()])
     applied, weights_unchanged, optimizer_unchanged = module.record
     assert not applied and weights_unchanged and optimizer_unchanged
-    assert module.counters["nonfinite_updates"] == 1
-    assert trainer.global_step == module.counters["optimizer_steps"] >= 1  # the other updates did happen ...
+    assert module.counters.nonfinite_updates == 1
+    assert trainer.global_step == module.counters.optimizer_steps >= 1  # the other updates did happen ...
     assert not same(initial, parameters(module))  # ... and changed the weights
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
     assert trainer.callback_metrics["counters/nonfinite_updates"].item() == 1
@@ -487,7 +488,7 @@ def test_prompts_longer_than_the_budget_keep_their_last_tokens_and_are_counted(t
     data = write_hh(tmp_path / "hh", [long_question, "Short one?"])
     module = tiny_module(LongestFirstJudge())
     fit(module, data, tmp_path / "run", batches=2)
-    assert module.counters["truncated_prompts"] == 1
+    assert module.counters.truncated_prompts == 1
 
     whitebox: WhiteBox = module.whitebox
     prompt = f"\n\nHuman: {long_question}\n\nAssistant:"
@@ -522,7 +523,7 @@ def test_each_kind_of_judge_failure_is_absorbed_and_counted(kind, tmp_path):
         trainer = fit(module, data, tmp_path / "run", batches=4, callbacks=[CycleMetrics()])
         failed = [r for r in server.requests if r.behaviour != "rank"]
     m = judge.metrics()
-    assert module.counters["steps"] == 4  # the run finished
+    assert module.counters.steps == 4  # the run finished
     assert failed, "the server should have failed some requests"
     retried = kind in ("429", "500", "timeout", "drop")
     # every failed attempt was either retried or became a counted, masked failure of its prompt
@@ -530,7 +531,7 @@ def test_each_kind_of_judge_failure_is_absorbed_and_counted(kind, tmp_path):
     if not retried:
         reason = "bad_response" if kind == "garbage" else "invalid_reply"
         assert m[f"failures/{reason}"] == m["failures"] == len(failed)
-    assert module.counters["judge_failures"] == m["failures"] + module.counters["degenerate_sets"]
+    assert module.counters.judge_failures == m["failures"] + module.counters.degenerate_sets
     assert trainer.callback_metrics["judge/failures"].item() == m["failures"]
 
 
@@ -543,9 +544,9 @@ def test_each_kind_of_judge_failure_is_absorbed_and_counted(kind, tmp_path):
         (["--model.cycle.num_candidates", "1"], "num_candidates (l) must be >= 2"),
         (["--model.cycle.max_iterations", "0"], "max_iterations (N) must be >= 1"),
         (["--model.cycle.bogus_knob", "1"], "bogus_knob"),
-        (["--model.max_length", "many"], "max_length"),
+        (["--model.whitebox.max_length", "many"], "max_length"),
         (["--model.sampling.max_new_tokens", "0"], "sampling.max_new_tokens must be >= 1"),
-        (["--model.max_length", "40"], "max_length=40 leaves no room for a prompt"),
+        (["--model.whitebox.max_length", "40"], "max_length=40 leaves no room for a prompt"),
         (["--data.init_args.batch_size", "0"], "batch_size must be >= 1"),
         (["--data.init_args.root", "/no/such/hh"], "HH-RLHF root directory not found: /no/such/hh"),
         (["--trainer.callbacks.every_n_batches", "0"], "every_n_batches must be >= 1"),

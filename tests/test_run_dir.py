@@ -31,7 +31,7 @@ STEPS = 48  # configs/tiny.yaml: limit_train_batches (batch size 1)
 @pytest.mark.slow
 def test_every_output_of_a_fit_goes_under_default_root_dir(default_run):
     cli, run_dir, workdir = default_run.cli, default_run.root, default_run.workdir
-    assert cli.model.counters["steps"] == STEPS
+    assert cli.model.counters.steps == STEPS
     assert list(workdir.iterdir()) == []  # nothing in the working directory (no runs/tiny)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     log_dir = run_dir / "logs" / "version_0"

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def test_a_stop_in_an_epochs_last_step_is_resumed_and_its_prompts_in_flight_fini
     checkpointed(tmp_path / "run", batches=2).fit(resumed, make_data(root, batch_size=3), ckpt_path=last)
     assert resumed.prompts_in_flight() == 0
     assert resumed.trained_ids == whole.trained_ids
-    assert resumed.counters == {**whole.counters, "interrupted_steps": 1}
+    assert resumed.counters == replace(whole.counters, interrupted_steps=1)
     assert resumed_judge.calls == 2  # the last 2 rounds of the 3 prompts, none asked twice
     assert resumed_judge.requests == whole_judge.requests[-len(resumed_judge.requests) :]
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(whole)))
