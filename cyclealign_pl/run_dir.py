@@ -133,7 +133,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 @dataclass(frozen=True)
-class Progress:
+class CheckpointProgress:
     """How far a checkpoint's training got, read from Lightning's loop state and the module's counters."""
 
     epochs: int  # epochs whose training batches are all done
@@ -142,7 +142,7 @@ class Progress:
     counters: dict[str, Any]
 
 
-def read_progress(checkpoint: Path) -> Progress | None:
+def read_checkpoint_progress(checkpoint: Path) -> CheckpointProgress | None:
     """The progress stored in a ``.ckpt`` file (None for DeepSpeed directories and foreign files)."""
     if not checkpoint.is_file():
         return None
@@ -156,10 +156,12 @@ def read_progress(checkpoint: Path) -> Progress | None:
     except (KeyError, TypeError, ValueError):
         return None
     counters = dict(state.get("cyclealign", {}).get("counters", {}))
-    return Progress(epochs, batches, int(state.get("global_step", 0)), counters)
+    return CheckpointProgress(epochs, batches, int(state.get("global_step", 0)), counters)
 
 
-def finished_message(progress: Progress, max_epochs: int | None, max_steps: int | None) -> str | None:
+def finished_message(
+    progress: CheckpointProgress, max_epochs: int | None, max_steps: int | None
+) -> str | None:
     """Why a resume from ``progress`` has nothing left to do (Lightning's ``fit_loop.done``), or None."""
     max_steps = -1 if max_steps is None else max_steps
     if max_epochs is None:  # Lightning's default: 1000 epochs unless max_steps bounds the run
