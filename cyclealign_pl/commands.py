@@ -86,9 +86,9 @@ def fail(message: str, status: int = EXIT_BAD_INPUT) -> NoReturn:
     sys.exit(status)
 
 
-def prog(subcommand: str) -> str:
-    """The name a subcommand's parser shows in its usage and error lines."""
-    return f"{PROG} {subcommand}"
+def parser_names(subcommand: str) -> dict[str, str]:
+    """A subcommand parser's ``prog`` (in its usage and error lines) and its one-line ``description``."""
+    return {"prog": f"{PROG} {subcommand}", "description": SUBCOMMANDS[subcommand].description}
 
 
 def help_parser() -> argparse.ArgumentParser:

@@ -1,35 +1,8 @@
-"""Pairwise win rates of two runs (paper Table 2): a judge LLM compares their replies, prompt by prompt.
+"""``python -m cyclealign_pl compare A.jsonl B.jsonl``: pairwise win rates of two runs (paper Table 2).
 
-The inputs are two generations files written by ``validate``/``test``
-(``<log_dir>/eval/<stage>_generations.jsonl``, rows ``{id, subset, prompt, reply, reward}``), joined on
-``id``. Ids found in one file only are counted and listed, never dropped silently; the same id with
-different prompts (or subsets) means the runs were not evaluated on the same data: an error naming the id.
-
-Each comparison shows the two replies in an order drawn from a hash of ``seed`` and the id (the paper shuffles
-against position bias; a hash keeps the request, and so the cache key, the same on a rerun), optionally asks
-for reasoning first (the paper's chain of thought), and maps the judge's ``Verdict: [[A]]/[[B]]/[[TIE]]`` back
-to the runs. The calls go through a :class:`~cyclealign_pl.judges.chat.ChatClient`, checked first by its
-preflight (an unreachable server, a refused key or an unknown model stops at once, exit status 3): its
-concurrency cap, retries, timeouts, circuit breaker, budget, SQLite cache and replay all apply, and the API
-key is read from its environment variable only.
-
-Every comparison ends as a ``win``, ``tie`` or ``lose`` of run A, or as ``invalid`` (the judge answered
-without a readable verdict) or ``failed`` (no answer after the retries). Win/tie/lose percentages are over
-the valid judgments; invalid and failed ones are counted beside them. Outputs, with ``--out results.csv``:
-
-* ``results.csv`` - per subset and a last ``total`` row: the counts, the percentages, and the ids of each
-  subset found in one file only (``only_a``, ``only_b``);
-* ``results.comparisons.jsonl`` - one row per id: its outcome, the order shown, the judge's verdict, the
-  failure reason, the reasoning (when asked for), the judge's reply when it was invalid. The prompts and
-  replies of the runs are not copied (they may be harmful text and are in the inputs already);
-* ``results.meta.json`` - the inputs, the judge's settings (no key), the template version, the seed, and the
-  judge's counters (requests, cache hits, retries, tokens, cost).
-
-    python -m cyclealign_pl compare runA/eval/test_generations.jsonl runB/eval/test_generations.jsonl \\
-        --model gpt-4 --api_key_env OPENAI_API_KEY --cache_path compare_cache.sqlite --seed 0 --out a_vs_b.csv
-
-Options may be written with dashes or underscores (``--base-url`` or ``--base_url``); ``--config`` reads them
-from a YAML file and ``--print_config`` writes one.
+A judge LLM compares the two runs' replies, prompt by prompt, through a :class:`ChatClient` (its preflight,
+budget, cache and retries apply). The order shown comes from a hash of the seed and the id, so a rerun sends
+the same requests (and hits the cache). Inputs, outcomes and output files: docs/commands.md.
 """
 
 from __future__ import annotations
@@ -49,7 +22,7 @@ from typing import Any, Literal
 from jsonargparse import ActionConfigFile, ActionYesNo
 
 from cyclealign_pl.cli_parser import OneLineParser
-from cyclealign_pl.commands import fail, prog
+from cyclealign_pl.commands import fail, parser_names
 from cyclealign_pl.judges.base import JudgeStop
 from cyclealign_pl.judges.chat import ChatClient, ChatSettings
 from cyclealign_pl.judges.pairwise import (
@@ -518,10 +491,7 @@ def compare_files(
 
 def build_parser() -> OneLineParser:
     """The command line: the two files, the comparison's options, and the judge's chat settings."""
-    parser = OneLineParser(
-        prog=prog("compare"),
-        description="Pairwise win rates of run A against run B, judged by an LLM (paper Table 2).",
-    )
+    parser = OneLineParser(**parser_names("compare"))
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
     parser.add_argument(
         "run_a",

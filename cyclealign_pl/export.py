@@ -1,15 +1,7 @@
 """``python -m cyclealign_pl export CHECKPOINT OUT_DIR``: a plain Hugging Face model from any checkpoint.
 
-``CHECKPOINT`` is a Lightning ``.ckpt`` file (single process, DDP) or the *directory* that DeepSpeed ZeRO
-writes instead (``last.ckpt/`` holding ``checkpoint/mp_rank_00_model_states.pt`` and one optimizer shard per
-rank); the directory is first consolidated into one fp32 state dict with Lightning's
-``convert_zero_checkpoint_to_fp32_state_dict``. The module is rebuilt from the hyper-parameters saved in the
-checkpoint (the base model path or config, LoRA settings), the weights are loaded, LoRA adapters are merged,
-and ``save_pretrained`` writes ``OUT_DIR`` with the tokenizer: it loads with
-``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` (or vLLM) without this package.
-
-``--gguf`` also writes ``OUT_DIR/model.gguf`` (``--gguf_type``: f16 by default), which llama.cpp,
-llama-cpp-python and Ollama serve (:mod:`cyclealign_pl.gguf_export`; the ``local`` extra).
+A ``.ckpt`` file or a DeepSpeed ZeRO directory (consolidated first); LoRA adapters are merged, so the export
+loads without this package; ``--gguf`` adds a GGUF for llama.cpp and Ollama. Details: docs/commands.md.
 """
 
 from __future__ import annotations
@@ -19,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from cyclealign_pl.cli_parser import OneLineArgumentParser
-from cyclealign_pl.commands import fail, prog
+from cyclealign_pl.commands import fail, parser_names
 
 
 class ExportError(ValueError):
@@ -95,7 +87,7 @@ def check_export(out_dir: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineArgumentParser(prog=prog("export"), description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(**parser_names("export"))
     parser.add_argument("checkpoint", help="a .ckpt file or a DeepSpeed ZeRO checkpoint directory")
     parser.add_argument("out_dir", help="where to write the Hugging Face model and tokenizer")
     parser.add_argument(

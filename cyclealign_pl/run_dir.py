@@ -1,20 +1,10 @@
 """Where a run's files go: everything under ``trainer.default_root_dir``, one run per directory.
 
-Layout (``<root>`` is ``trainer.default_root_dir``; Lightning's default is the working directory)::
-
-    <root>/checkpoints/last.ckpt        the run's checkpoints (every ModelCheckpoint without a dirpath)
-    <root>/logs/version_<n>/            one logger version per command: metrics.csv, config.yaml,
-                                        hf_model/ (the export at the end of fit), eval/ (validate's files)
-    <root>/judge_cache.sqlite           a judge's relative ``cache_path`` (configs/tiny_openai.yaml)
-
-The configs give the root once; a logger without ``save_dir``, a checkpoint callback without ``dirpath`` and
-a relative judge ``cache_path`` are placed under it here (:func:`place_run_files`). A root holds one run:
-``fit`` without ``--ckpt_path`` into a root whose checkpoint folder already has checkpoints is refused
-(:func:`refuse_second_run`), so ``last.ckpt`` is always this run's and never ``last-v1.ckpt``;
-``--ckpt_path last`` means the newest ``last*.ckpt`` of the root (:func:`resolve_last`).
-
-Functions here read and fill the parsed configuration (a jsonargparse ``Namespace`` of one subcommand)
-before any class is built, so a refusal costs no model load.
+A logger without ``save_dir``, a checkpoint callback without ``dirpath`` and a relative judge ``cache_path``
+are placed under the root (:func:`place_run_files`); a fresh ``fit`` into a root that holds checkpoints is
+refused (:func:`refuse_second_run`), so ``--ckpt_path last`` always means this run's newest ``last*.ckpt``.
+All of it reads the parsed configuration before any class is built: a refusal costs no model load. The
+layout: README (Usage).
 """
 
 from __future__ import annotations

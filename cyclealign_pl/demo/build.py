@@ -454,11 +454,9 @@ def build(out: str | Path, config: BuildConfig = BuildConfig()) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> None:
     from cyclealign_pl.cli_parser import OneLineArgumentParser
-    from cyclealign_pl.commands import prog
+    from cyclealign_pl.commands import parser_names
 
-    parser = OneLineArgumentParser(
-        prog=prog("build-demo"), description="Build the default task's white box and evaluator."
-    )
+    parser = OneLineArgumentParser(**parser_names("build-demo"))
     parser.add_argument(
         "--out", default=str(ASSETS), help=f"output directory (default: the package's {ASSETS})"
     )

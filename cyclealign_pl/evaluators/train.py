@@ -200,9 +200,9 @@ def build(
 
 def main(argv: Sequence[str] | None = None) -> None:
     from cyclealign_pl.cli_parser import OneLineArgumentParser
-    from cyclealign_pl.commands import prog
+    from cyclealign_pl.commands import parser_names
 
-    parser = OneLineArgumentParser(prog=prog("train-evaluator"), description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(**parser_names("train-evaluator"))
     parser.add_argument("--out", default=str(ASSETS / "hh-harmless-minilm"), help="folder for the head")
     parser.add_argument("--encoder", default=DEFAULT_ENCODER)
     parser.add_argument("--view", default="reply", choices=("reply", "dialogue"))

@@ -7,15 +7,12 @@ from __future__ import annotations
 import time
 
 from cyclealign_pl.cli_parser import OneLineArgumentParser
-from cyclealign_pl.commands import fail, prog
+from cyclealign_pl.commands import fail, parser_names
 from cyclealign_pl.serve.server import SCRIPTED_FAILURES, LocalOpenAIServer, failure_mix
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineArgumentParser(
-        prog=prog("serve"),
-        description="The default task's judge rule as a local OpenAI-compatible chat-completions server.",
-    )
+    parser = OneLineArgumentParser(**parser_names("serve"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default="local-ranker", help="the model name it serves")
