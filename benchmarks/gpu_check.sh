@@ -11,7 +11,7 @@
 #    (generate, score, judge wait, update) and peak GPU memory.
 # 2. DeepSpeed ZeRO-2 through the CLI: a short fit of the default run with configs/deepspeed_stage_2.yaml, a
 #    resume from its checkpoint directory (--ckpt_path last) for a second epoch, and the conversion of that
-#    ZeRO directory to a plain Hugging Face model with cyclealign_pl.export, which then loads.
+#    ZeRO directory to a plain Hugging Face model with `python -m cyclealign_pl export`, which then loads.
 #
 # Everything it calls runs on the CPU in the tests with a tiny model (tests/test_gpu_check.py: the same steps
 # with CPU=1, no DeepSpeed and a tiny white box).
@@ -50,6 +50,6 @@ start=$(date +%s)
 timeout 150 "${FIT[@]}" --trainer.max_epochs 1
 timeout 150 "${FIT[@]}" --trainer.max_epochs 2 --ckpt_path last
 grep -h "Restored all states from the checkpoint" "$RUN/run.log"  # Lightning's resume line (kept in the run log)
-timeout 120 "$PYTHON" -m cyclealign_pl.export "$RUN/checkpoints/last.ckpt" "$OUT/exported"  # and reloads it
+timeout 120 "$PYTHON" -m cyclealign_pl export "$RUN/checkpoints/last.ckpt" "$OUT/exported"  # and reloads it
 echo "   ($(( $(date +%s) - start )) s)"
 echo "== done: files in $OUT"

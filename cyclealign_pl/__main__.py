@@ -5,7 +5,7 @@ import os
 # user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from cyclealign_pl.cli import main
+from cyclealign_pl.commands import main
 
 if __name__ == "__main__":
     main()

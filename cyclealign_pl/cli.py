@@ -1,51 +1,29 @@
-"""``python -m cyclealign_pl {fit,validate,test,predict}``: a LightningCLI over the module and a data module.
+"""``fit``, ``validate``, ``test``, ``predict``: a LightningCLI over the module and a data module.
 
-The metrics callback and the Hugging Face export are always on (configurable under ``metrics:`` and
-``export:``); ``report:`` sets how the end-of-fit report judges the run. A run's files all go under
-``trainer.default_root_dir``, one run per directory (``run_dir.py``). Bad configuration fails before any model
-is built or any request is sent, with one line saying what is wrong (``cli_parser.py``); bad input found while
-running (a data file, a model path) ends the run with its message, without a traceback.
-
-Exit statuses (docs/reliability.md): 0 done (or nothing left to do); 2 bad input or configuration, or a judge
-that fails its preflight check (nothing was run, nothing to resume); 3 stopped on purpose with a checkpoint
-(signal, judge budget, judge circuit breaker); 4 ``fit`` had prompts but took no optimizer step.
-
-Top-level ``--help`` is answered without importing the package's models, data or judges (seconds faster).
+``python -m cyclealign_pl`` dispatches here (``commands.py``). The metrics callback and the Hugging Face
+export are always on (``metrics:``, ``export:``); ``report:`` sets how the end-of-fit report judges the run.
+A run's files go under ``trainer.default_root_dir``, one run per directory (``run_dir.py``). Bad
+configuration fails before any model is built, in one line (``cli_parser.py``); bad input found while
+running ends the run with its message, without a traceback. Exit statuses: docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch.cli import ActionConfigFile, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from cyclealign_pl.cli_parser import EXIT_BAD_INPUT, CycleAlignParser
+from cyclealign_pl.cli_parser import EXIT_BAD_INPUT, OneLineParser
+from cyclealign_pl.commands import DESCRIPTION, HELP_FLAGS, LIGHTNING_SUBCOMMANDS, PROG, SUBCOMMANDS, fail
 from cyclealign_pl.signals import EXIT_STOPPED
 from cyclealign_pl.summary import EXIT_NO_UPDATE
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_NO_UPDATE", "EXIT_STOPPED", "CycleAlignCLI", "main"]
 
-PROG = "python -m cyclealign_pl"
-DESCRIPTION = (
-    "CycleAlign aligns a white-box causal LM (weights visible, e.g. LLaMA-7B) with a black-box LLM judge "
-    "(weights hidden, e.g. ChatGPT behind an API) in a cycle. For each prompt, up to N times: the white box "
-    "samples l replies and ranks them by its own likelihood; the black box ranks them, guided by in-context "
-    "demonstrations, and writes a better reply; the agreement of the two rankings becomes a new "
-    "demonstration; the white box takes an optimizer step on a ranking loss (RRHF or PRO) plus a "
-    "fine-tuning term. The prompt is done once both rankings agree. All outputs of a run go under "
-    "--trainer.default_root_dir. Start with: python -m cyclealign_pl fit --config configs/tiny.yaml"
-)
-SUBCOMMANDS = {
-    "fit": "Align the white box with the black box by CycleAlign (resume with --ckpt_path last).",
-    "validate": "Score greedy replies to the evaluation prompts with model.reward_model (paper Tables 1, 8).",
-    "test": "Like validate, on the test prompts.",
-    "predict": (
-        "Write greedy replies (and rewards, with model.reward_model) to eval/predict_generations.jsonl."
-    ),
-}
-HELP_FLAGS = ("-h", "--help")
 _LAST = (
     "'last': the newest checkpoints/last*.ckpt under --trainer.default_root_dir (this run's own: one run "
     "per directory)"
@@ -70,33 +48,25 @@ DATA_HELP = (
 )
 
 
+class CycleAlignParser(OneLineParser, LightningArgumentParser):
+    """LightningCLI's parser with one-line errors and without abbreviated options."""
+
+
 def _parser_kwargs() -> dict[str, Any]:
     kwargs: dict[str, Any] = {"prog": PROG, "description": DESCRIPTION}
-    for name, description in SUBCOMMANDS.items():
-        kwargs[name] = {"description": description}
+    for name in LIGHTNING_SUBCOMMANDS:
+        kwargs[name] = {"description": SUBCOMMANDS[name].description}
     return kwargs
-
-
-def top_level_parser() -> CycleAlignParser:
-    """The top-level parser alone (subcommands without their options): enough for ``--help``, and fast."""
-    parser = CycleAlignParser(prog=PROG, description=DESCRIPTION)
-    parser.add_argument(
-        "-c", "--config", action=ActionConfigFile, help="Path to a configuration file in json or yaml format."
-    )
-    subcommands = parser.add_subcommands()
-    for name, description in SUBCOMMANDS.items():
-        subcommands.add_subcommand(name, CycleAlignParser(description=description), help=description)
-    return parser
 
 
 class CycleAlignCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         from cyclealign_pl.callbacks import CycleMetrics, ExportPretrained
-        from cyclealign_pl.summary import RunReport
+        from cyclealign_pl.summary import ReportSettings
 
         parser.add_lightning_class_args(CycleMetrics, "metrics")
         parser.add_lightning_class_args(ExportPretrained, "export")
-        parser.add_class_arguments(RunReport, "report")
+        parser.add_class_arguments(ReportSettings, "report")
 
     def parse_arguments(self, parser, args) -> None:
         """Parse, place the run's files under ``trainer.default_root_dir``, then validate.
@@ -159,46 +129,56 @@ class CycleAlignCLI(LightningCLI):
             )
 
     def _resolve_checkpoint(self, config, run_dir) -> None:
-        """``--ckpt_path last`` -> this root's newest ``last*.ckpt``; one run per root; nothing to do if
-        done."""
-        from cyclealign_pl import storage
-
+        """``--ckpt_path last`` -> this root's newest loadable ``last*.ckpt``; one run per root; nothing to do
+        if done."""
         dirs = run_dir.checkpoint_dirs(config)
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path == "last" and dirs:
-            for folder in dirs:  # what a writer killed mid-checkpoint left
-                storage.remove_temporaries(folder)
-            last, skipped = run_dir.resolve_resumable(dirs)
-            if skipped:
-                damaged = "; ".join(f"{p.name} ({why})" for p, why in skipped)
-                if last is None:
-                    self._error(
-                        f"--ckpt_path last: no checkpoint in {', '.join(map(str, dirs))} loads: {damaged}; "
-                        "start again in another --trainer.default_root_dir"
-                    )
-                print(
-                    f"cyclealign_pl: resuming from {last}: newer checkpoints do not load: {damaged}",
-                    file=sys.stderr,
-                )
-            if last is None and self.subcommand != "fit":
-                self._error(
-                    f"--ckpt_path last: no last*.ckpt in {', '.join(map(str, dirs))}; train with fit "
-                    "first, or give a checkpoint file"
-                )
-            if last is None:
-                print(f"cyclealign_pl: no checkpoint in {dirs[0]} yet: starting a new run", file=sys.stderr)
-            ckpt_path = config["ckpt_path"] = str(last) if last is not None else None
+        if config.get("ckpt_path") == "last" and dirs:
+            last = self._newest_loadable(dirs, run_dir)
+            config["ckpt_path"] = str(last) if last is not None else None
         if self.subcommand != "fit":
             return
+        ckpt_path = config.get("ckpt_path")
         try:
             run_dir.refuse_second_run(dirs, ckpt_path)
         except run_dir.RunDirError as error:
             self._error(str(error))
-        if ckpt_path is None or ckpt_path == "last":
-            return
+        if ckpt_path is not None and ckpt_path != "last":
+            self._resume_or_finish(config, ckpt_path, run_dir)
+
+    def _newest_loadable(self, dirs, run_dir):
+        """The checkpoint ``--ckpt_path last`` means (newer damaged ones are named); None: ``fit`` starts."""
+        from cyclealign_pl import storage
+
+        for folder in dirs:  # what a writer killed mid-checkpoint left
+            storage.remove_temporaries(folder)
+        last, skipped = run_dir.resolve_resumable(dirs)
+        where = ", ".join(map(str, dirs))
+        if skipped:
+            damaged = "; ".join(f"{p.name} ({why})" for p, why in skipped)
+            if last is None:
+                self._error(
+                    f"--ckpt_path last: no checkpoint in {where} loads: {damaged}; start again in another "
+                    "--trainer.default_root_dir"
+                )
+            print(
+                f"cyclealign_pl: resuming from {last}: newer checkpoints do not load: {damaged}",
+                file=sys.stderr,
+            )
+        if last is None and self.subcommand != "fit":
+            self._error(
+                f"--ckpt_path last: no last*.ckpt in {where}; train with fit first, or give a checkpoint file"
+            )
+        if last is None:
+            print(f"cyclealign_pl: no checkpoint in {dirs[0]} yet: starting a new run", file=sys.stderr)
+        return last
+
+    def _resume_or_finish(self, config, ckpt_path: str, run_dir) -> None:
+        """Say how far the checkpoint got; a finished fit exits 0, one killed during its end is finished."""
         from pathlib import Path
 
-        progress = run_dir.read_progress(Path(ckpt_path))
+        from cyclealign_pl import storage
+
+        progress = run_dir.read_checkpoint_progress(Path(ckpt_path))
         if progress is None:
             return
         trainer = config["trainer"]
@@ -214,9 +194,8 @@ class CycleAlignCLI(LightningCLI):
         if storage.run_record(run_dir.root_dir(config)).get("fit_complete") is True:
             print(f"cyclealign_pl: {ckpt_path}: {done}")
             sys.exit(0)
-        # the training is done, but the fit was stopped before its end (a kill during the final evaluation or
-        # the export): Lightning skips the finished training loop; the export, the evaluation and the
-        # summary are done again (after_fit)
+        # killed during the final evaluation or the export: Lightning skips the finished training loop;
+        # after_fit does the export, the evaluation and the summary again
         print(
             f"cyclealign_pl: {ckpt_path}: the training is finished but the fit did not reach its end: "
             "finishing it (export, final evaluation, summary)",
@@ -369,46 +348,20 @@ class CycleAlignCLI(LightningCLI):
         }
 
 
-def _wants_top_level_help(argv: list[str]) -> bool:
-    return any(a in HELP_FLAGS for a in argv) and not any(a in SUBCOMMANDS for a in argv)
-
-
 def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | None:
-    """The command line: ``args`` start with a subcommand; ``run=False`` (no subcommand) builds the trainer,
-    model and data only, for a caller that adds to them before fitting (benchmarks/soak.py)."""
+    """``args`` start with a subcommand; ``run=False`` (no subcommand) builds the trainer, model and data
+    only, for a caller that adds to them before fitting (benchmarks/soak.py)."""
     argv = sys.argv[1:] if args is None else list(args)
-    if _wants_top_level_help(argv):
-        top_level_parser().print_help()
-        sys.exit(0)
-    if not argv:
-        top_level_parser().error("choose a subcommand: fit, validate, test or predict")
+    if not argv or (any(a in HELP_FLAGS for a in argv) and not any(a in LIGHTNING_SUBCOMMANDS for a in argv)):
+        from cyclealign_pl.commands import main as dispatch
 
-    import logging
-
+        dispatch(argv)  # the top-level help, or the one line that asks for a subcommand
     from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from cyclealign_pl.data.rows import DataFileError
-    from cyclealign_pl.hf import ModelLoadError
-    from cyclealign_pl.hub import HubUnreachable
-    from cyclealign_pl.judges.base import JudgeStop
-    from cyclealign_pl.module import CycleAlignModule, RunStopped
-    from cyclealign_pl.storage import StorageError, describe, is_environment_error
+    from cyclealign_pl.module import CycleAlignModule
 
-    # errors that name what is wrong with the user's input (file, line, field, path): the message is enough
-    input_errors = (DataFileError, ModelLoadError, FileNotFoundError)
-    # "Seed set to N" would come before a configuration error's one line; the seed is in config.yaml; and the
-    # per-file "Loading weights" bars of from_pretrained say nothing a user needs
-    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-    import datasets
-    from transformers.utils import logging as transformers_logging
-
-    from cyclealign_pl import console
-
-    transformers_logging.disable_progress_bar()
-    datasets.disable_progress_bars()  # "Generating train split" bars (also once datasets is imported)
-    console.install()  # the screen shows the user's warnings; the rest goes to <root>/run.log
-    try:
+    _quiet_libraries()
+    with _one_line_errors():
         return CycleAlignCLI(
             CycleAlignModule,
             LightningDataModule,
@@ -420,41 +373,65 @@ def main(args: list[str] | None = None, run: bool = True) -> CycleAlignCLI | Non
             args=args,
             run=run,
         )
+
+
+def _quiet_libraries() -> None:
+    """What the screen should not show: the seed line before a configuration error's one line (the seed is
+    in config.yaml), progress bars of downloads and splits; the rest goes to ``<root>/run.log``."""
+    import logging
+
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    from cyclealign_pl import console
+
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    console.install()
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """The errors a run can meet, as one line and its exit status (docs/reliability.md)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from cyclealign_pl.data.rows import DataFileError
+    from cyclealign_pl.hf import ModelLoadError
+    from cyclealign_pl.hub import HubUnreachable
+    from cyclealign_pl.judges.base import JudgeStop
+    from cyclealign_pl.module import RunStopped
+    from cyclealign_pl.storage import StorageError, describe, is_environment_error
+
+    try:
+        yield
     except RunStopped as stopped:
-        print(f"cyclealign_pl: {stopped}", file=sys.stderr)
-        sys.exit(EXIT_STOPPED)
+        fail(str(stopped), EXIT_STOPPED)
     except JudgeStop as stop:  # before any training step (preflight): no checkpoint, not a RunStopped
-        print(f"cyclealign_pl: the judge cannot be used: {stop}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        fail(f"the judge cannot be used: {stop}", EXIT_BAD_INPUT)
     except SIGTERMException:  # SIGTERM outside a training step (e.g. validation): Lightning's own exit
-        print(
-            "cyclealign_pl: received SIGTERM outside a training step; resume from the last periodic "
-            "checkpoint with --ckpt_path last",
-            file=sys.stderr,
+        fail(
+            "received SIGTERM outside a training step; resume from the last periodic checkpoint with "
+            "--ckpt_path last",
+            EXIT_STOPPED,
         )
-        sys.exit(EXIT_STOPPED)
-    except input_errors as error:
-        print(f"cyclealign_pl: bad input: {error}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+    except (DataFileError, ModelLoadError, FileNotFoundError) as error:  # the message names the input
+        fail(f"bad input: {error}", EXIT_BAD_INPUT)
     except HubUnreachable as error:  # says what was wanted and what to do
-        print(f"cyclealign_pl: {error}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        fail(str(error), EXIT_BAD_INPUT)
     except StorageError as error:  # a checkpoint or record that could not be written: nothing partial left
-        print(f"cyclealign_pl: {error}", file=sys.stderr)
-        sys.exit(EXIT_STOPPED)
+        fail(str(error), EXIT_STOPPED)
     except ConnectionError as error:  # a hub dataset or model offline (the judge's own errors are counted)
-        print(
-            f"cyclealign_pl: bad input: {error}; offline, download it and give its local path (e.g. "
-            "--data.init_args.path for BeaverTails, --data.init_args.root for HH-RLHF)",
-            file=sys.stderr,
+        fail(
+            f"bad input: {error}; offline, download it and give its local path (e.g. --data.init_args.path "
+            "for BeaverTails, --data.init_args.root for HH-RLHF)",
+            EXIT_BAD_INPUT,
         )
-        sys.exit(EXIT_BAD_INPUT)
     except OSError as error:  # a full disk, a read-only folder while writing logs, metrics, exports
         if not is_environment_error(error):
             raise
-        print(
-            f"cyclealign_pl: {describe(error)}; the files written before are kept: make room (or make it "
-            "writable) and resume with --ckpt_path last",
-            file=sys.stderr,
+        fail(
+            f"{describe(error)}; the files written before are kept: make room (or make it writable) and "
+            "resume with --ckpt_path last",
+            EXIT_STOPPED,
         )
-        sys.exit(EXIT_STOPPED)

@@ -1,14 +1,15 @@
-"""The command line's parser: configuration errors as one line with a "did you mean", no abbreviations.
+"""The command line's parsers: option errors as one line with a "did you mean", no abbreviations.
 
-jsonargparse reports a bad setting after the full usage (80 lines for ``fit``), and a failure inside a
-``class_path`` value (a data module whose root does not exist) as a dump of every ``Union`` alternative it
-tried. A user needs the line that says what is wrong: :func:`one_line` extracts it, and
-:class:`CycleAlignParser` prints it as ``<prog>: error: <line>`` and exits with status 2. Abbreviated options
-(``--model.cycle.num_candidate`` taken for ``num_candidates``) are refused: a typo must not change a setting.
+jsonargparse reports a bad setting after the full usage (80 lines for ``fit``) and a failure inside a
+``class_path`` value as a dump of every ``Union`` alternative it tried; a user needs the line that says what
+is wrong (:func:`one_line`). :class:`OneLineParser` (jsonargparse) and :class:`OneLineArgumentParser`
+(argparse) print it as ``<prog>: error: <line>`` and exit with status 2. Abbreviated options are refused: a
+typo must not change a setting. No Lightning import here: ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import inspect
@@ -18,7 +19,7 @@ from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import Any, NoReturn
 
-from lightning.pytorch.cli import LightningArgumentParser
+from jsonargparse import ArgumentParser
 
 EXIT_BAD_INPUT = 2
 
@@ -184,8 +185,16 @@ def name_config_file(message: str, path: str | None) -> str:
     return f"config file {path} is not valid YAML: {text}"
 
 
-class CycleAlignParser(LightningArgumentParser):
-    """LightningCLI's parser with one-line errors and without abbreviated options."""
+def _print_one_line(parser: Any, message: str, named: Any = None) -> NoReturn:
+    """``<prog>: error: <line>`` (``named``: the subcommand's parser that failed, when it has its own)."""
+    line = one_line(message, _option_strings(parser))
+    prog = (named or parser).prog.replace(" [options]", "")
+    sys.stderr.write(f"{prog}: error: {line}\n")
+    parser.exit(EXIT_BAD_INPUT)
+
+
+class OneLineParser(ArgumentParser):
+    """jsonargparse's parser with one-line errors and without abbreviated options."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
@@ -202,8 +211,15 @@ class CycleAlignParser(LightningArgumentParser):
         message = name_config_file(message, _CONFIG_FILE.get())
         if not self.exit_on_error:  # jsonargparse's own nested parsing: it handles the exception
             super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        line = one_line(message, _option_strings(self))
-        prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"{prog}: error: {line}\n")
-        self.exit(EXIT_BAD_INPUT)
+        _print_one_line(self, message, getattr(ex, "subcommand_parser", None))
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with the same one-line errors (the subcommands with a few plain options)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        _print_one_line(self, message)

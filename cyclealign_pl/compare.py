@@ -1,35 +1,8 @@
-"""Pairwise win rates of two runs (paper Table 2): a judge LLM compares their replies, prompt by prompt.
+"""``python -m cyclealign_pl compare A.jsonl B.jsonl``: pairwise win rates of two runs (paper Table 2).
 
-The inputs are two generations files written by ``validate``/``test``
-(``<log_dir>/eval/<stage>_generations.jsonl``, rows ``{id, subset, prompt, reply, reward}``), joined on
-``id``. Ids found in one file only are counted and listed, never dropped silently; the same id with
-different prompts (or subsets) means the runs were not evaluated on the same data: an error naming the id.
-
-Each comparison shows the two replies in an order drawn from a hash of ``seed`` and the id (the paper shuffles
-against position bias; a hash keeps the request, and so the cache key, the same on a rerun), optionally asks
-for reasoning first (the paper's chain of thought), and maps the judge's ``Verdict: [[A]]/[[B]]/[[TIE]]`` back
-to the runs. The calls go through a :class:`~cyclealign_pl.judges.chat.ChatClient`, checked first by its
-preflight (an unreachable server, a refused key or an unknown model stops at once, exit status 3): its
-concurrency cap, retries, timeouts, circuit breaker, budget, SQLite cache and replay all apply, and the API
-key is read from its environment variable only.
-
-Every comparison ends as a ``win``, ``tie`` or ``lose`` of run A, or as ``invalid`` (the judge answered
-without a readable verdict) or ``failed`` (no answer after the retries). Win/tie/lose percentages are over
-the valid judgments; invalid and failed ones are counted beside them. Outputs, with ``--out results.csv``:
-
-* ``results.csv`` - per subset and a last ``total`` row: the counts, the percentages, and the ids of each
-  subset found in one file only (``only_a``, ``only_b``);
-* ``results.comparisons.jsonl`` - one row per id: its outcome, the order shown, the judge's verdict, the
-  failure reason, the reasoning (when asked for), the judge's reply when it was invalid. The prompts and
-  replies of the runs are not copied (they may be harmful text and are in the inputs already);
-* ``results.meta.json`` - the inputs, the judge's settings (no key), the template version, the seed, and the
-  judge's counters (requests, cache hits, retries, tokens, cost).
-
-    python -m cyclealign_pl.compare runA/eval/test_generations.jsonl runB/eval/test_generations.jsonl \\
-        --model gpt-4 --api_key_env OPENAI_API_KEY --cache_path compare_cache.sqlite --seed 0 --out a_vs_b.csv
-
-Options may be written with dashes or underscores (``--base-url`` or ``--base_url``); ``--config`` reads them
-from a YAML file and ``--print_config`` writes one.
+A judge LLM compares the two runs' replies, prompt by prompt, through a :class:`ChatClient` (its preflight,
+budget, cache and retries apply). The order shown comes from a hash of the seed and the id, so a rerun sends
+the same requests (and hits the cache). Inputs, outcomes and output files: docs/commands.md.
 """
 
 from __future__ import annotations
@@ -46,8 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+from jsonargparse import ActionConfigFile, ActionYesNo
 
+from cyclealign_pl.cli_parser import OneLineParser
+from cyclealign_pl.commands import fail, parser_names
 from cyclealign_pl.judges.base import JudgeStop
 from cyclealign_pl.judges.chat import ChatClient, ChatSettings
 from cyclealign_pl.judges.pairwise import (
@@ -57,11 +32,12 @@ from cyclealign_pl.judges.pairwise import (
     parse_verdict,
 )
 from cyclealign_pl.judges.prompt import RankingTemplate
+from cyclealign_pl.judges.transport import ChatReply
+from cyclealign_pl.signals import EXIT_STOPPED  # as fit: a deliberate stop (budget spent, bad key)
 
 log = logging.getLogger(__name__)
 
 TOTAL = "total"  # the last row of the table, as in the reward tables of cyclealign_pl.evaluation
-EXIT_STOPPED = 3  # as the training CLI: a deliberate stop (budget spent, bad key) after what could be saved
 
 Outcome = Literal["win", "tie", "lose", "invalid", "failed"]
 _FIELDS = ("id", "subset", "prompt", "reply")
@@ -211,11 +187,26 @@ def compare_pairs(
         )
         for (a, b), b_first in zip(pairing.pairs, orders)
     ]
-    replies = []
+    replies = _ask(client, messages, batch_size, template.version)
+    out = [
+        _judgment(a, b_first, reply, reasoning)
+        for (a, _), b_first, reply in zip(pairing.pairs, orders, replies)
+    ]
+    bad = sum(c.outcome in ("invalid", "failed") for c in out)
+    if bad:
+        log.warning("%d of %d comparisons have no valid verdict (see the comparisons file)", bad, len(out))
+    return out
+
+
+def _ask(
+    client: ChatClient, messages: list[list[dict[str, str]]], batch_size: int, template_version: str
+) -> list[ChatReply]:
+    """The judge's replies, batch by batch; a stop says how many were done and where they are cached."""
+    replies: list[ChatReply] = []
     for start in range(0, len(messages), batch_size):
         try:
             replies += client.complete(
-                messages[start : start + batch_size], template_version=template.version
+                messages[start : start + batch_size], template_version=template_version
             )
         except JudgeStop as stop:
             cache = client.settings.cache_path
@@ -223,40 +214,27 @@ def compare_pairs(
             done = f"stopped with {len(replies)} of {len(messages)} comparisons done{where}"
             raise type(stop)(f"{stop} ({done})") from stop
         log.info("%d of %d comparisons answered", len(replies), len(messages))
-    out = []
-    for (a, _), b_first, reply in zip(pairing.pairs, orders, replies):
-        if reply.text is None:
-            out.append(Comparison(a.id, a.subset, "failed", b_first, failure=reply.reason))
-            continue
-        parsed = parse_verdict(reply.text)
-        kept_reasoning = parsed.reasoning if reasoning else None
-        if parsed.verdict is None:
-            out.append(
-                Comparison(
-                    a.id,
-                    a.subset,
-                    "invalid",
-                    b_first,
-                    failure=parsed.failure,
-                    reasoning=kept_reasoning,
-                    judge_reply=reply.text,
-                )
-            )
-        else:
-            out.append(
-                Comparison(
-                    a.id,
-                    a.subset,
-                    _outcome(parsed.verdict, b_first),
-                    b_first,
-                    parsed.verdict,
-                    reasoning=kept_reasoning,
-                )
-            )
-    bad = sum(c.outcome in ("invalid", "failed") for c in out)
-    if bad:
-        log.warning("%d of %d comparisons have no valid verdict (see the comparisons file)", bad, len(out))
-    return out
+    return replies
+
+
+def _judgment(a: GenerationRow, b_first: bool, reply: ChatReply, reasoning: bool) -> Comparison:
+    """One reply of the judge as run A's outcome (``failed``: no reply; ``invalid``: no readable verdict)."""
+    if reply.text is None:
+        return Comparison(a.id, a.subset, "failed", b_first, failure=reply.reason)
+    parsed = parse_verdict(reply.text)
+    kept_reasoning = parsed.reasoning if reasoning else None
+    if parsed.verdict is None:
+        return Comparison(
+            a.id,
+            a.subset,
+            "invalid",
+            b_first,
+            failure=parsed.failure,
+            reasoning=kept_reasoning,
+            judge_reply=reply.text,
+        )
+    outcome = _outcome(parsed.verdict, b_first)
+    return Comparison(a.id, a.subset, outcome, b_first, parsed.verdict, reasoning=kept_reasoning)
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -511,12 +489,9 @@ def compare_files(
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def build_parser() -> ArgumentParser:
+def build_parser() -> OneLineParser:
     """The command line: the two files, the comparison's options, and the judge's chat settings."""
-    parser = ArgumentParser(
-        prog="python -m cyclealign_pl.compare",
-        description="Pairwise win rates of run A against run B, judged by an LLM (paper Table 2).",
-    )
+    parser = OneLineParser(**parser_names("compare"))
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
     parser.add_argument(
         "run_a",
@@ -592,10 +567,9 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
             batch_size=config.batch_size,
         )
     except ValueError as error:  # bad input files or template: the message names the file, line and field
-        parser.error(str(error))
+        fail(f"bad input: {error}")
     except JudgeStop as stop:
-        print(f"cyclealign_pl.compare: {stop}", file=sys.stderr)
-        sys.exit(EXIT_STOPPED)
+        fail(str(stop), EXIT_STOPPED)
     finally:
         client.close()
     pairing = result.pairing

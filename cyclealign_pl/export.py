@@ -1,25 +1,17 @@
-"""``python -m cyclealign_pl.export CHECKPOINT OUT_DIR``: a plain Hugging Face model from any checkpoint.
+"""``python -m cyclealign_pl export CHECKPOINT OUT_DIR``: a plain Hugging Face model from any checkpoint.
 
-``CHECKPOINT`` is a Lightning ``.ckpt`` file (single process, DDP) or the *directory* that DeepSpeed ZeRO
-writes instead (``last.ckpt/`` holding ``checkpoint/mp_rank_00_model_states.pt`` and one optimizer shard per
-rank); the directory is first consolidated into one fp32 state dict with Lightning's
-``convert_zero_checkpoint_to_fp32_state_dict``. The module is rebuilt from the hyper-parameters saved in the
-checkpoint (the base model path or config, LoRA settings), the weights are loaded, LoRA adapters are merged,
-and ``save_pretrained`` writes ``OUT_DIR`` with the tokenizer: it loads with
-``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` (or vLLM) without this package.
-
-``--gguf`` also writes ``OUT_DIR/model.gguf`` (``--gguf_type``: f16 by default), which llama.cpp,
-llama-cpp-python and Ollama serve (:mod:`cyclealign_pl.gguf_export`; the ``local`` extra).
+A ``.ckpt`` file or a DeepSpeed ZeRO directory (consolidated first); LoRA adapters are merged, so the export
+loads without this package; ``--gguf`` adds a GGUF for llama.cpp and Ollama. Details: docs/commands.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
-from cyclealign_pl.hf import plain_model
+from cyclealign_pl.cli_parser import OneLineArgumentParser
+from cyclealign_pl.commands import fail, parser_names
 
 
 class ExportError(ValueError):
@@ -45,6 +37,7 @@ GGUF_NAME = "model.gguf"
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, gguf_type: str | None = None) -> Path:
     """Write the white-box of ``checkpoint`` (file or ZeRO directory) to ``out_dir`` with
     ``save_pretrained``, and as ``out_dir/model.gguf`` when ``gguf_type`` is given."""
+    from cyclealign_pl.hf import plain_model
     from cyclealign_pl.module import CycleAlignModule
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -94,9 +87,7 @@ def check_export(out_dir: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m cyclealign_pl.export", description=__doc__.splitlines()[0]
-    )
+    parser = OneLineArgumentParser(**parser_names("export"))
     parser.add_argument("checkpoint", help="a .ckpt file or a DeepSpeed ZeRO checkpoint directory")
     parser.add_argument("out_dir", help="where to write the Hugging Face model and tokenizer")
     parser.add_argument(
@@ -113,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         out = export_checkpoint(args.checkpoint, args.out_dir, args.gguf_type if args.gguf else None)
         loaded = check_export(out)
     except ExportError as error:
-        parser.exit(2, f"cyclealign_pl.export: {error}\n")
+        fail(str(error))
     print(
         f"exported {args.checkpoint} -> {out} ({loaded}; it loads with AutoModelForCausalLM.from_pretrained)",
         file=sys.stderr,

@@ -1,20 +1,10 @@
 """Where a run's files go: everything under ``trainer.default_root_dir``, one run per directory.
 
-Layout (``<root>`` is ``trainer.default_root_dir``; Lightning's default is the working directory)::
-
-    <root>/checkpoints/last.ckpt        the run's checkpoints (every ModelCheckpoint without a dirpath)
-    <root>/logs/version_<n>/            one logger version per command: metrics.csv, config.yaml,
-                                        hf_model/ (the export at the end of fit), eval/ (validate's files)
-    <root>/judge_cache.sqlite           a judge's relative ``cache_path`` (configs/tiny_openai.yaml)
-
-The configs give the root once; a logger without ``save_dir``, a checkpoint callback without ``dirpath`` and
-a relative judge ``cache_path`` are placed under it here (:func:`place_run_files`). A root holds one run:
-``fit`` without ``--ckpt_path`` into a root whose checkpoint folder already has checkpoints is refused
-(:func:`refuse_second_run`), so ``last.ckpt`` is always this run's and never ``last-v1.ckpt``;
-``--ckpt_path last`` means the newest ``last*.ckpt`` of the root (:func:`resolve_last`).
-
-Functions here read and fill the parsed configuration (a jsonargparse ``Namespace`` of one subcommand)
-before any class is built, so a refusal costs no model load.
+A logger without ``save_dir``, a checkpoint callback without ``dirpath`` and a relative judge ``cache_path``
+are placed under the root (:func:`place_run_files`); a fresh ``fit`` into a root that holds checkpoints is
+refused (:func:`refuse_second_run`), so ``--ckpt_path last`` always means this run's newest ``last*.ckpt``.
+All of it reads the parsed configuration before any class is built: a refusal costs no model load. The
+layout: README (Usage).
 """
 
 from __future__ import annotations
@@ -133,7 +123,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 @dataclass(frozen=True)
-class Progress:
+class CheckpointProgress:
     """How far a checkpoint's training got, read from Lightning's loop state and the module's counters."""
 
     epochs: int  # epochs whose training batches are all done
@@ -142,7 +132,7 @@ class Progress:
     counters: dict[str, Any]
 
 
-def read_progress(checkpoint: Path) -> Progress | None:
+def read_checkpoint_progress(checkpoint: Path) -> CheckpointProgress | None:
     """The progress stored in a ``.ckpt`` file (None for DeepSpeed directories and foreign files)."""
     if not checkpoint.is_file():
         return None
@@ -156,10 +146,12 @@ def read_progress(checkpoint: Path) -> Progress | None:
     except (KeyError, TypeError, ValueError):
         return None
     counters = dict(state.get("cyclealign", {}).get("counters", {}))
-    return Progress(epochs, batches, int(state.get("global_step", 0)), counters)
+    return CheckpointProgress(epochs, batches, int(state.get("global_step", 0)), counters)
 
 
-def finished_message(progress: Progress, max_epochs: int | None, max_steps: int | None) -> str | None:
+def finished_message(
+    progress: CheckpointProgress, max_epochs: int | None, max_steps: int | None
+) -> str | None:
     """Why a resume from ``progress`` has nothing left to do (Lightning's ``fit_loop.done``), or None."""
     max_steps = -1 if max_steps is None else max_steps
     if max_epochs is None:  # Lightning's default: 1000 epochs unless max_steps bounds the run

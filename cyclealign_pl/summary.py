@@ -21,8 +21,8 @@ SIGNIFICANT_SE = 2.0  # a reward gain beyond this many standard errors is report
 VALIDATION_REWARD = "val/reward/total"
 
 
-class RunReport:
-    """How ``fit``'s end-of-run report judges the run.
+class ReportSettings:
+    """The ``report:`` settings: how ``fit``'s end-of-run report judges the run.
 
     Args:
         judge_failure_warning: warn at the end of ``fit`` when more than this share of the judgments
@@ -55,6 +55,7 @@ class FitSummary:
 
     @property
     def judge_failure_rate(self) -> float | None:
+        # TODO(lead): judge failure
         return self.counters.get("judge_failures", 0) / self.judged if self.judged else None
 
 

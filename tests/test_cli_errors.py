@@ -137,7 +137,7 @@ def test_a_white_box_by_path_and_by_config_names_both_keys_before_any_model_is_b
 
 def test_no_subcommand_and_a_wrong_one_are_one_line(capsys):
     for args, expected in [
-        ([], "choose a subcommand: fit, validate, test or predict"),
+        ([], "choose a subcommand: fit, validate, test, predict, compare, export,"),
         (["fitt"], "invalid choice: 'fitt'"),
     ]:
         with pytest.raises(SystemExit) as exit_info:

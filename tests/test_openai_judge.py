@@ -485,7 +485,7 @@ def test_the_server_runs_as_a_module_and_serves_the_default_tasks_judge(monkeypa
     from cyclealign_pl.demo import rule
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "cyclealign_pl.serve", "--port", "0"],
+        [sys.executable, "-m", "cyclealign_pl", "serve", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )

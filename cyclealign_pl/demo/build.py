@@ -1,6 +1,6 @@
 """Build the default task's assets from the shipped HH-RLHF sample and the reply bank, offline and seeded.
 
-    python -m cyclealign_pl.demo.build --out DIR [--quick]
+    python -m cyclealign_pl build-demo --out DIR [--quick]
 
 Two Hugging Face directories (``save_pretrained``; they load with ``from_pretrained`` offline), each with
 the same tokenizer, a byte-level BPE (``tokenizers``) trained on the training prompts and the bank whose
@@ -25,7 +25,6 @@ sizes. The evaluation prompts of ``configs/tiny.yaml`` (100 drawn with seed 0) a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -454,7 +453,10 @@ def build(out: str | Path, config: BuildConfig = BuildConfig()) -> dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the default task's white box and evaluator.")
+    from cyclealign_pl.cli_parser import OneLineArgumentParser
+    from cyclealign_pl.commands import parser_names
+
+    parser = OneLineArgumentParser(**parser_names("build-demo"))
     parser.add_argument(
         "--out", default=str(ASSETS), help=f"output directory (default: the package's {ASSETS})"
     )

@@ -1,4 +1,4 @@
-"""The recipe of the evaluator's reward head: ``python -m cyclealign_pl.evaluators.train --out <folder>``.
+"""The recipe of the evaluator's reward head: ``python -m cyclealign_pl train-evaluator --out <folder>``.
 
 1. Split the shipped pairs by prompt (``pairs.py``): train, validation, and the runs' reserved pairs (test).
 2. Encode every reply once with the frozen encoder: pooled features of chosen and rejected (kept in
@@ -13,7 +13,6 @@ About 15 minutes of encoding on 2 busy shared cores (a few on idle ones), second
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -200,7 +199,10 @@ def build(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from cyclealign_pl.cli_parser import OneLineArgumentParser
+    from cyclealign_pl.commands import parser_names
+
+    parser = OneLineArgumentParser(**parser_names("train-evaluator"))
     parser.add_argument("--out", default=str(ASSETS / "hh-harmless-minilm"), help="folder for the head")
     parser.add_argument("--encoder", default=DEFAULT_ENCODER)
     parser.add_argument("--view", default="reply", choices=("reply", "dialogue"))

@@ -1,21 +1,18 @@
-"""``python -m cyclealign_pl.serve --port 8000``: the default task's judge (the lexicon rule of
+"""``python -m cyclealign_pl serve --port 8000``: the default task's judge (the lexicon rule of
 ``cyclealign_pl/demo/rule.py``) as an OpenAI-compatible server on this machine, for trying the black box over
 HTTP (``configs/tiny_openai.yaml``), optionally slow or failing."""
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from cyclealign_pl.demo.judge import LexiconRule
+from cyclealign_pl.cli_parser import OneLineArgumentParser
+from cyclealign_pl.commands import fail, parser_names
 from cyclealign_pl.serve.server import SCRIPTED_FAILURES, LocalOpenAIServer, failure_mix
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m cyclealign_pl.serve",
-        description="The default task's judge rule as a local OpenAI-compatible chat-completions server.",
-    )
+    parser = OneLineArgumentParser(**parser_names("serve"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default="local-ranker", help="the model name it serves")
@@ -30,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hang-seconds", type=float, default=30.0, help="how long a 'timeout' failure hangs")
     parser.add_argument("--seed", type=int, default=0, help="seeds the failure draws")
     args = parser.parse_args(argv)
+    from cyclealign_pl.demo.judge import LexiconRule  # imports the data modules (Lightning): not for --help
+
     try:
         failures = failure_mix(
             [k.strip() for k in args.failure_kinds.split(",") if k.strip()], args.hang_seconds
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
             rule=LexiconRule(seed=args.rule_seed),
         ).start()
     except (ValueError, OSError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+        fail(str(err))
     print(f"serving the default task's judge rule at {server.url} (Ctrl-C stops)", flush=True)
     try:
         while True:
