@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cyclealign_pl.run_state import RunTotals
+
 EXIT_NO_UPDATE = 4  # fit had prompts but took no optimizer step: the model is unchanged
 EXIT_EXPORT_FAILED = 5  # fit trained, but the end-of-fit export failed (the checkpoints are kept)
 SIGNIFICANT_SE = 2.0  # a reward gain beyond this many standard errors is reported as a change
@@ -37,26 +39,11 @@ class ReportSettings:
 
 @dataclass
 class FitSummary:
-    counters: dict[str, float]
+    counters: RunTotals  # over all processes (run_state.py: one definition of each count and rate)
     judge: dict[str, float]
     validation_reward: float | None
     evaluation: dict[str, Any]
     paths: dict[str, str] = field(default_factory=dict)  # what -> where: checkpoint, logs, exported model
-
-    @property
-    def mean_iterations(self) -> float | None:
-        prompts = self.counters.get("prompts", 0)
-        return self.counters.get("iterations", 0) / prompts if prompts else None
-
-    @property
-    def judged(self) -> float:
-        """Iterations whose candidates went to the judge (a set of one distinct reply never does)."""
-        return self.counters.get("iterations", 0) - self.counters.get("degenerate_sets", 0)
-
-    @property
-    def judge_failure_rate(self) -> float | None:
-        # TODO(lead): judge failure
-        return self.counters.get("judge_failures", 0) / self.judged if self.judged else None
 
 
 def _number(value: Any) -> float | None:
@@ -69,14 +56,14 @@ def _number(value: Any) -> float | None:
 
 def collect(module: Any, callback_metrics: Mapping[str, Any], paths: Mapping[str, str | None]) -> FitSummary:
     """The run's numbers, read defensively: any part the module does not have is left out."""
-    run_counters = getattr(module, "totals", None) or getattr(module, "counters", None)  # all processes
-    run_counters = run_counters.as_dict() if run_counters is not None else {}
-    counters = {k: v for k, v in run_counters.items() if _number(v) is not None}
+    counters = getattr(module, "totals", None) or getattr(module, "counters", None) or RunTotals()
+    if not isinstance(counters, RunTotals):  # the module's own (no training ran in this process)
+        counters = RunTotals(**counters.as_dict())
     judge = getattr(module, "judge", None)
     judge_metrics = judge.metrics() if judge is not None and hasattr(judge, "metrics") else {}
     evaluation = getattr(module, "evaluation_summary", None)
     return FitSummary(
-        counters={k: float(v) for k, v in counters.items()},
+        counters=counters,
         judge={k: n for k, v in judge_metrics.items() if (n := _number(v)) is not None},
         validation_reward=_number(callback_metrics.get(VALIDATION_REWARD)),
         evaluation=dict(evaluation) if isinstance(evaluation, Mapping) else {},
@@ -105,30 +92,29 @@ def render(summary: FitSummary) -> list[str]:
     c = summary.counters
     lines = []
     run = [
-        f"{_fmt(c.get('steps', 0))} steps",
-        f"{_fmt(c.get('prompts', 0))} prompts",
-        f"{_fmt(c.get('optimizer_steps', 0))} optimizer steps",
+        f"{_fmt(c.steps)} steps",
+        f"{_fmt(c.prompts)} prompts",
+        f"{_fmt(c.optimizer_steps)} optimizer steps",
     ]
-    if summary.mean_iterations is not None:
-        run.append(f"{summary.mean_iterations:.2f} iterations per prompt")
-    if "agreed_prompts" in c and "identical_sample_prompts" in c:
-        capped = c.get("prompts", 0) - c["agreed_prompts"] - c["identical_sample_prompts"]
-        run.append(
-            f"{_fmt(c['agreed_prompts'])} ended by agreement, {_fmt(c['identical_sample_prompts'])} on "
-            f"identical samples, {_fmt(capped)} at the iteration limit"
-        )
-    nothing_ranked = c.get("skipped_updates", 0) - c.get("nonfinite_updates", 0)
+    if c.mean_iterations is not None:
+        run.append(f"{c.mean_iterations:.2f} iterations per prompt")
+    capped = c.prompts - c.agreed_prompts - c.identical_sample_prompts
+    run.append(
+        f"{_fmt(c.agreed_prompts)} ended by agreement, {_fmt(c.identical_sample_prompts)} on "
+        f"identical samples, {_fmt(capped)} at the iteration limit"
+    )
+    nothing_ranked = c.skipped_updates - c.nonfinite_updates
     if nothing_ranked:
         run.append(
             f"{_fmt(nothing_ranked)} rounds without a ranking to learn from (identical candidates "
             "or failed judgments)"
         )
-    if c.get("nonfinite_updates"):
-        run.append(f"{_fmt(c['nonfinite_updates'])} non-finite updates skipped")
+    if c.nonfinite_updates:
+        run.append(f"{_fmt(c.nonfinite_updates)} non-finite updates skipped")
     lines.append("fit done: " + ", ".join(run))
-    if c.get("in_flight"):
+    if c.in_flight:
         lines.append(
-            f"  {_fmt(c['in_flight'])} prompts still in flight at the end of training: saved in the "
+            f"  {_fmt(c.in_flight)} prompts still in flight at the end of training: saved in the "
             "checkpoint, not counted above"
         )
     j = summary.judge
@@ -141,10 +127,9 @@ def render(summary: FitSummary) -> list[str]:
         judged.append(f"{_fmt(j['failures'])} failed requests")
     if "cost_usd" in j:
         judged.append(f"${j['cost_usd']:.4f}")
-    if "judge_failures" in c:
-        rate = summary.judge_failure_rate
-        share = f" ({rate:.1%})" if rate is not None else ""
-        judged.append(f"{_fmt(c['judge_failures'])} failed judgments of {_fmt(summary.judged)}{share}")
+    rate = c.judge_failure_rate
+    share = f" ({rate:.1%})" if rate is not None else ""
+    judged.append(f"{_fmt(c.judge_failures)} failed judgments of {_fmt(c.judged)}{share}")
     if judged:
         lines.append("  judge: " + ", ".join(judged))
     lines.extend(_evaluation_lines(summary))
@@ -168,7 +153,7 @@ def render_evaluation(
         if covered.missing:
             head += f"; not scored: {covered.missing_text()}"
     lines = [head]
-    lines.extend(_evaluation_lines(FitSummary({}, {}, None, dict(evaluation))))
+    lines.extend(_evaluation_lines(FitSummary(RunTotals(), {}, None, dict(evaluation))))
     for what, path in paths.items():
         if path:
             lines.append(f"  {what}: {_relative(path)}")
@@ -227,21 +212,21 @@ def verdict(summary: FitSummary, judge_failure_warning: float) -> tuple[int, lis
     """The exit status and the warning/error lines for a finished ``fit``."""
     c = summary.counters
     messages = []
-    rate = summary.judge_failure_rate
+    rate = c.judge_failure_rate
     if rate is not None and rate > judge_failure_warning:
         messages.append(
-            f"warning: {rate:.0%} of the judgments failed ({_fmt(c.get('judge_failures', 0))} of "
-            f"{_fmt(summary.judged)}; report.judge_failure_warning={judge_failure_warning:g}): see "
+            f"warning: {rate:.0%} of the judgments failed ({_fmt(c.judge_failures)} of "
+            f"{_fmt(c.judged)}; report.judge_failure_warning={judge_failure_warning:g}): see "
             "judge/failures/* in metrics.csv"
         )
-    if c.get("prompts", 0) > 0 and c.get("optimizer_steps", 0) == 0:
+    if c.prompts > 0 and c.optimizer_steps == 0:
         reasons = []
-        if c.get("judge_failures"):
-            reasons.append(f"{_fmt(c['judge_failures'])} of {_fmt(summary.judged)} judgments failed")
-        if c.get("nonfinite_updates"):
-            reasons.append(f"{_fmt(c['nonfinite_updates'])} non-finite updates were skipped")
+        if c.judge_failures:
+            reasons.append(f"{_fmt(c.judge_failures)} of {_fmt(c.judged)} judgments failed")
+        if c.nonfinite_updates:
+            reasons.append(f"{_fmt(c.nonfinite_updates)} non-finite updates were skipped")
         why = "; ".join(reasons) or "no iteration gave a loss to learn from"
-        prompts = _fmt(c["prompts"]) + (" prompt" if c["prompts"] == 1 else " prompts")
+        prompts = _fmt(c.prompts) + (" prompt" if c.prompts == 1 else " prompts")
         messages.append(f"error: no optimizer step in {prompts} ({why}): the model is unchanged")
         return EXIT_NO_UPDATE, messages
     return 0, messages

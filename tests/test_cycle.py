@@ -173,7 +173,7 @@ def test_resume_restores_pool_and_counters(hh_root, tmp_path):
         third_judge, cycle=CycleConfig(max_iterations=2, demonstration_scope="run", max_demonstrations=5)
     )
     make_trainer(tmp_path, batches=3, max_epochs=2).fit(third, make_data(root), ckpt_path=ckpt)
-    assert third.counters["steps"] == 6 and third.counters["prompts"] == 6
+    assert third.counters.steps == 6 and third.counters.prompts == 6
     # the restored pool is what the first resumed request sees (capped at max_demonstrations, after the static
     # one)
     assert third_judge.requests[0].demonstrations[1:] == tuple(first.state.pool.shared[-5:])

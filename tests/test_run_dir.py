@@ -165,12 +165,12 @@ def test_run_files_are_placed_under_the_root_unless_set():
 
 
 def test_finished_is_lightnings_fit_loop_done():
-    from cyclealign_pl.run_dir import Progress, finished_message
+    from cyclealign_pl.run_dir import CheckpointProgress, finished_message
 
-    one_epoch = Progress(epochs=1, batches=48, global_step=131, counters={"steps": 48})
+    one_epoch = CheckpointProgress(epochs=1, batches=48, global_step=131, counters={"steps": 48})
     assert "already finished (48 of 48 steps, 1 of 1 epochs)" in finished_message(one_epoch, 1, -1)
     assert finished_message(one_epoch, 2, -1) is None  # a second epoch to go
     assert finished_message(one_epoch, None, -1) is None  # Lightning's default: 1000 epochs
     assert "131 of 100 optimizer steps" in finished_message(one_epoch, None, 100)
-    mid_epoch = Progress(epochs=0, batches=20, global_step=55, counters={"steps": 20})
+    mid_epoch = CheckpointProgress(epochs=0, batches=20, global_step=55, counters={"steps": 20})
     assert finished_message(mid_epoch, 1, -1) is None

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from cyclealign_pl.cli import EXIT_NO_UPDATE, main
+from cyclealign_pl.run_state import RunTotals
 from tests.helpers import cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,12 +22,12 @@ def test_fit_ends_with_its_paths_and_numbers(default_run):
     counters = cli.model.counters
     report = out[out.index("cyclealign_pl: fit done") :]
     assert (
-        f"{counters['steps']} steps, {counters['prompts']} prompts, "
-        f"{counters['optimizer_steps']} optimizer steps" in report
+        f"{counters.steps} steps, {counters.prompts} prompts, "
+        f"{counters.optimizer_steps} optimizer steps" in report
     )
-    assert f"{counters['iterations'] / counters['prompts']:.2f} iterations per prompt" in report
-    judged = counters["iterations"] - counters["degenerate_sets"]
-    assert f"{counters['judge_failures']} failed judgments of {judged}" in report
+    assert f"{counters.iterations / counters.prompts:.2f} iterations per prompt" in report
+    judged = counters.iterations - counters.degenerate_sets
+    assert f"{counters.judge_failures} failed judgments of {judged}" in report
     reward = cli.trainer.callback_metrics["val/reward/total"].item()
     summary = cli.model.evaluation_summary
     assert f"reward {summary['zero_shot_reward']:.4g} (zero-shot) -> {reward:.4g}, gain" in report
@@ -48,7 +49,7 @@ def test_a_fit_without_any_optimizer_step_fails_and_says_why():
     from cyclealign_pl.summary import FitSummary, verdict
 
     dead = FitSummary(
-        counters={"steps": 3, "prompts": 3, "iterations": 15, "optimizer_steps": 0, "judge_failures": 15},
+        counters=RunTotals(steps=3, prompts=3, iterations=15, optimizer_steps=0, judge_failures=15),
         judge={},
         validation_reward=None,
         evaluation={},
@@ -59,7 +60,7 @@ def test_a_fit_without_any_optimizer_step_fails_and_says_why():
     assert any(m.startswith("warning: 100% of the judgments failed (15 of 15") for m in messages)
 
     healthy = FitSummary(
-        counters={"steps": 3, "prompts": 3, "iterations": 10, "optimizer_steps": 9, "judge_failures": 1},
+        counters=RunTotals(steps=3, prompts=3, iterations=10, optimizer_steps=9, judge_failures=1),
         judge={},
         validation_reward=None,
         evaluation={},
@@ -73,7 +74,7 @@ def test_a_fit_without_any_optimizer_step_fails_and_says_why():
         )
     ]
     no_prompts = FitSummary(
-        counters={"steps": 0, "prompts": 0}, judge={}, validation_reward=None, evaluation={}
+        counters=RunTotals(steps=0, prompts=0), judge={}, validation_reward=None, evaluation={}
     )
     assert verdict(no_prompts, 0.2) == (0, [])
 
@@ -86,14 +87,16 @@ def test_the_report_prints_whatever_the_module_and_judge_provide():
             return {"requests_sent": 12, "cache_hits": 3, "failures": 1, "cost_usd": 0.0123}
 
     module = SimpleNamespace(
-        counters={
-            "steps": 4,
-            "prompts": 4,
-            "iterations": 12,
-            "degenerate_sets": 2,
-            "optimizer_steps": 9,
-            "judge_failures": 1,
-        },
+        counters=RunTotals(
+            steps=4,
+            prompts=4,
+            iterations=12,
+            degenerate_sets=2,
+            optimizer_steps=9,
+            judge_failures=1,
+            agreed_prompts=3,
+            identical_sample_prompts=1,
+        ),
         judge=Judge(),
         evaluation_summary={
             "prompts": 16,
@@ -113,7 +116,10 @@ def test_the_report_prints_whatever_the_module_and_judge_provide():
     )
     summary = collect(module, {"val/reward/total": 0.5}, {"checkpoint": "/x/last.ckpt", "logs": None})
     lines = render(summary)
-    assert lines[0] == "fit done: 4 steps, 4 prompts, 9 optimizer steps, 3.00 iterations per prompt"
+    assert lines[0] == (
+        "fit done: 4 steps, 4 prompts, 9 optimizer steps, 3.00 iterations per prompt, 3 ended by agreement, "
+        "1 on identical samples, 0 at the iteration limit"
+    )
     assert (  # the degenerate candidate sets were never sent to the judge
         lines[1]
         == "  judge: 12 requests, 3 cache hits, 1 failed requests, $0.0123, 1 failed judgments of 10 (10.0%)"
@@ -130,7 +136,7 @@ def test_the_report_prints_whatever_the_module_and_judge_provide():
     for z, result in [(0.5, "no significant change"), (-1.9, "no significant change"), (-3.0, "worse")]:
         module.evaluation_summary["reward_gain_z"] = z
         assert any(line.startswith(f"  result: {result}") for line in render(collect(module, {}, {})))
-    without_evaluation = render(collect(SimpleNamespace(counters={}), {"val/reward/total": 0.5}, {}))
+    without_evaluation = render(collect(SimpleNamespace(counters=RunTotals()), {"val/reward/total": 0.5}, {}))
     assert "  validation reward (val/reward/total): 0.5" in without_evaluation
     assert not any(line.startswith("  logs") for line in lines)  # no logger: no line
 
@@ -139,11 +145,11 @@ def test_the_report_prints_whatever_the_module_and_judge_provide():
 
 
 def test_the_judge_failure_threshold_is_a_checked_setting():
-    from cyclealign_pl.summary import RunReport
+    from cyclealign_pl.summary import ReportSettings
 
-    assert RunReport().judge_failure_warning == 0.2
+    assert ReportSettings().judge_failure_warning == 0.2
     with pytest.raises(ValueError, match="judge_failure_warning must be in"):
-        RunReport(judge_failure_warning=1.5)
+        ReportSettings(judge_failure_warning=1.5)
 
 
 @pytest.mark.slow
