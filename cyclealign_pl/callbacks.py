@@ -17,12 +17,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric, Metric, SumMetric
 
+from cyclealign_pl.counters import CycleCounters
 from cyclealign_pl.cycle import PromptRecord, StepOutcome, hidden_fraction
 from cyclealign_pl.evaluation import reply_stats
 from cyclealign_pl.hf import plain_model
 from cyclealign_pl.judges.base import RankRequest
 from cyclealign_pl.metrics import RankingAccuracy
-from cyclealign_pl.run_state import Counters
 from cyclealign_pl.storage import StorageError, is_environment_error
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class CycleMetrics(Callback):
         finished = outcome.finished
         attempts = [it for record in finished for it in record.iterations]
         if finished:
-            counts = Counters.of(outcome)
+            counts = CycleCounters.of(outcome)
             step["iterations"] = counts.mean_iterations
             step["agreement"] = counts.agreed_prompts / counts.prompts
             step["identical_samples"] = counts.identical_sample_prompts / counts.prompts

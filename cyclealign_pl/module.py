@@ -17,6 +17,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from cyclealign_pl import storage
+from cyclealign_pl.counters import CycleCounters, RunTotals
 from cyclealign_pl.cycle import CycleConfig, StepOutcome, run_cycle
 from cyclealign_pl.evaluation.stages import EvaluationHooks, StageEvaluator
 from cyclealign_pl.hf import apply_lora, load_causal_lm, load_tokenizer
@@ -25,9 +26,7 @@ from cyclealign_pl.optimization import ManualOptimization
 from cyclealign_pl.policy import SamplingConfig, WhiteBox
 from cyclealign_pl.rng import restore_rng_state
 from cyclealign_pl.run_state import (
-    Counters,
     ProcessState,
-    RunTotals,
     checkpoint_entry,
     state_for_rank,
     uncount_current_batch,
@@ -119,7 +118,7 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
 
     # -- what readers of a trained module look at (callbacks, summary, notebooks, tests) ------------------
     @property
-    def counters(self) -> Counters:
+    def counters(self) -> CycleCounters:
         return self.state.counters
 
     @property

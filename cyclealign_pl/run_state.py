@@ -8,9 +8,9 @@ takes its own back on resume.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from cyclealign_pl.counters import CycleCounters
 from cyclealign_pl.cycle import CycleState, StepOutcome
 from cyclealign_pl.demonstrations import DemonstrationPool
 from cyclealign_pl.rng import capture_rng_state
@@ -18,89 +18,12 @@ from cyclealign_pl.rng import capture_rng_state
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Counters:
-    """The run's counts, one definition each (summed over processes for the run's totals)."""
-
-    steps: int = 0  # training steps: batches of prompts taken from the data
-    rounds: int = 0  # rounds of the cycle (one iteration of every prompt in flight)
-    prompts: int = 0  # prompts finished
-    iterations: int = 0  # iterations of the finished prompts
-    optimizer_steps: int = 0
-    skipped_updates: int = 0
-    nonfinite_updates: int = 0
-    agreed_prompts: int = 0  # prompts that ended because both rankings agreed
-    identical_sample_prompts: int = 0  # prompts that ended because their l samples were one reply
-    judge_failures: int = 0  # judged iterations without a usable ranking (IterationRecord.judge_failed)
-    empty_candidates: int = 0  # sampled replies that were empty (still ranked: the judge decides)
-    degenerate_sets: int = 0  # candidate sets with fewer than two distinct replies (not judged)
-    truncated_prompts: int = 0  # prompts cut to their last tokens to fit whitebox.max_length
-    cut_better_replies: int = 0  # judge replies cut to fit whitebox.max_length (trained on without EOS)
-    interrupted_steps: int = 0  # steps ended early by a stop request (signal)
-
-    @classmethod
-    def of(cls, outcome: StepOutcome) -> Counters:
-        """The counts of one training step."""
-        iterations = [it for record in outcome.finished for it in record.iterations]
-        return cls(
-            steps=int(not outcome.interrupted),  # an interrupted step is redone (and counted) on resume
-            rounds=outcome.rounds,
-            prompts=len(outcome.finished),
-            iterations=len(iterations),
-            optimizer_steps=outcome.updates,
-            skipped_updates=outcome.skipped_updates,
-            agreed_prompts=sum(record.agreed for record in outcome.finished),
-            identical_sample_prompts=sum(record.identical_samples for record in outcome.finished),
-            judge_failures=sum(it.judge_failed for it in iterations),
-            empty_candidates=sum(not text for it in iterations for text in it.candidates),
-            degenerate_sets=sum(it.degenerate for it in iterations),
-            cut_better_replies=outcome.cut_better_replies,
-            interrupted_steps=int(outcome.interrupted),
-        )
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Counters:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: int(v) for k, v in values.items() if k in names})
-
-    def add(self, other: Counters) -> None:
-        for name in self.names():
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @property
-    def judged(self) -> int:
-        """Iterations whose candidates went to the judge."""
-        return self.iterations - self.degenerate_sets
-
-    @property
-    def judge_failure_rate(self) -> float | None:
-        return self.judge_failures / self.judged if self.judged else None
-
-    @property
-    def mean_iterations(self) -> float | None:
-        return self.iterations / self.prompts if self.prompts else None
-
-
-@dataclass
-class RunTotals(Counters):
-    """The counters summed over all processes at the end of training, and the prompts still in flight."""
-
-    in_flight: int = 0
-
-
 class ProcessState:
     """This process's part of the run: counters, prompts trained and in flight, demonstrations, and what a
     checkpoint hands to the next ``training_step`` (random streams, prompts in flight, a step to redo)."""
 
     def __init__(self, pool: DemonstrationPool) -> None:
-        self.counters = Counters()
+        self.counters = CycleCounters()
         self.trained_ids: list[str] = []  # the prompts finished, in order: a resumed run shows each once
         self.pool = pool
         self.cycle: CycleState | None = None  # the prompts in flight (slots sized by the data's batch size)
@@ -110,7 +33,7 @@ class ProcessState:
         self.pending_cycle: dict[str, Any] | None = None
 
     def record(self, outcome: StepOutcome) -> None:
-        self.counters.add(Counters.of(outcome))
+        self.counters.add(CycleCounters.of(outcome))
         self.trained_ids.extend(record.prompt_id for record in outcome.finished)
 
     def start(self, capacity: int) -> None:
@@ -140,7 +63,7 @@ class ProcessState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.counters = Counters.from_dict(state["counters"])
+        self.counters = CycleCounters.from_dict(state["counters"])
         self.trained_ids = list(state["trained_ids"])
         self.pending_rng = state["rng"]
         self.pending_cycle = state["cycle"]
@@ -151,9 +74,9 @@ class ProcessState:
 def checkpoint_entry(processes: list[dict[str, Any]], run_id: str | None, zero_shot: Any) -> dict[str, Any]:
     """The checkpoint's ``cyclealign`` entry: every process's state, and the run as a whole for readers of
     the checkpoint (notebooks, tests; not used to resume)."""
-    totals = Counters()
+    totals = CycleCounters()
     for process in processes:
-        totals.add(Counters.from_dict(process["counters"]))
+        totals.add(CycleCounters.from_dict(process["counters"]))
     return {
         "processes": processes,
         "run_id": run_id,
@@ -181,10 +104,10 @@ def state_for_rank(processes: list[dict[str, Any]], rank: int, world: int, fitti
             f"resume it with {len(processes)} processes (trainer.devices x num_nodes)"
         )
     first = rank == 0
-    totals = Counters()
+    totals = CycleCounters()
     if first:
         for process in processes:
-            totals.add(Counters.from_dict(process["counters"]))
+            totals.add(CycleCounters.from_dict(process["counters"]))
     return {
         "counters": totals.as_dict(),
         "trained_ids": [i for p in processes for i in p["trained_ids"]] if first else [],

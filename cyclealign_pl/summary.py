@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cyclealign_pl.run_state import RunTotals
+from cyclealign_pl.counters import RunTotals
 
 EXIT_NO_UPDATE = 4  # fit had prompts but took no optimizer step: the model is unchanged
 EXIT_EXPORT_FAILED = 5  # fit trained, but the end-of-fit export failed (the checkpoints are kept)

@@ -73,7 +73,7 @@ def _fit_config(tmp_path: Path) -> Path:
     }
     config["model"]["cycle"]["max_iterations"] = 1
     config["model"]["sampling"]["max_new_tokens"] = 12
-    config["model"]["max_length"] = 160
+    config["model"]["whitebox"]["max_length"] = 160
     config["trainer"]["limit_train_batches"] = 2
     config["trainer"]["limit_val_batches"] = 0  # the evaluator has its own tests (test_evaluators.py)
     checkpoints = config["trainer"]["callbacks"][0]["init_args"]

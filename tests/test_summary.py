@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from cyclealign_pl.cli import EXIT_NO_UPDATE, main
-from cyclealign_pl.run_state import RunTotals
+from cyclealign_pl.counters import RunTotals
 from tests.helpers import cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
