@@ -49,7 +49,7 @@ from typing import Any, Literal
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 from cyclealign_pl.judges.base import JudgeStop
-from cyclealign_pl.judges.chat import ChatClient, ChatSettings
+from cyclealign_pl.judges.chat import ChatClient
 from cyclealign_pl.judges.pairwise import (
     Verdict,
     build_pairwise_messages,
@@ -57,6 +57,7 @@ from cyclealign_pl.judges.pairwise import (
     parse_verdict,
 )
 from cyclealign_pl.judges.prompt import RankingTemplate
+from cyclealign_pl.judges.settings import ChatSettings
 
 log = logging.getLogger(__name__)
 

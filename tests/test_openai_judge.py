@@ -26,8 +26,9 @@ from cyclealign_pl.judges.base import (
     RankRequest,
 )
 from cyclealign_pl.judges.cache import CachedReply, JudgeCache, cache_key
+from cyclealign_pl.judges.http_client import connection_problem, retry_after_seconds
 from cyclealign_pl.judges.openai import PLACEHOLDER_KEY, OpenAIJudge, aggregate_rankings
-from cyclealign_pl.judges.transport import ChatSettings, connection_problem, retry_after_seconds
+from cyclealign_pl.judges.settings import ChatSettings
 from tests.openai_server import Behaviour, LocalOpenAIServer, parse_prompt, rank_candidates
 
 FAKE_KEY = "sk-fake-cyclealign-test-key-7f3a9c"
