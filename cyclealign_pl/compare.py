@@ -24,7 +24,7 @@ from jsonargparse import ActionConfigFile, ActionYesNo
 from cyclealign_pl.cli_parser import OneLineParser
 from cyclealign_pl.commands import fail, parser_names
 from cyclealign_pl.judges.base import JudgeStop
-from cyclealign_pl.judges.chat import ChatClient, ChatSettings
+from cyclealign_pl.judges.chat import ChatClient
 from cyclealign_pl.judges.pairwise import (
     Verdict,
     build_pairwise_messages,
@@ -32,7 +32,8 @@ from cyclealign_pl.judges.pairwise import (
     parse_verdict,
 )
 from cyclealign_pl.judges.prompt import RankingTemplate
-from cyclealign_pl.judges.transport import ChatReply
+from cyclealign_pl.judges.request import ChatReply
+from cyclealign_pl.judges.settings import ChatSettings
 from cyclealign_pl.signals import EXIT_STOPPED  # as fit: a deliberate stop (budget spent, bad key)
 
 log = logging.getLogger(__name__)

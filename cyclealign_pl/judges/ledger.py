@@ -1,22 +1,7 @@
 """What an API judge has spent, recorded as each request is sent, so that no crash loses it.
 
-A checkpoint saves the judge's counters only every few steps; after a ``kill -9`` the requests sent since then
-were paid for but not counted, and a budget could be overspent across crashes. The ledger closes that gap:
-before a request is sent, a row reserving its upper bound (one request, prompt bytes + ``max_tokens`` tokens,
-their price) is committed; when the attempt ends, the row is replaced by what it really cost. A request whose
-process died in flight keeps its row and counts at its bound: the count can be too high, never too low.
-
-Two tables in an SQLite file (the judge's cache database, or ``judge_ledger.sqlite`` in the run directory),
-keyed by a run id that survives a resume:
-
-* ``spend_totals`` - per run, what the settled requests cost (``recorded``) and what is known from elsewhere
-  that the records do not cover (``carried``: the counters of a checkpoint whose ledger was lost);
-* ``spend_in_flight`` - one row per request sent and not yet settled, with the session that sent it. A row of
-  another session older than ``stale_after_s`` belongs to a dead process and counts at its bound.
-
-Every change is one short ``BEGIN IMMEDIATE`` transaction, so the budget check and the reservation are atomic
-across the processes (DDP ranks) sharing the file; WAL mode lets readers go on meanwhile. Without a run, a
-private in-memory database keeps the same books for the life of the object.
+A checkpoint counts spend only every few steps; the ledger reserves each request's upper bound before it is
+sent and settles it after, so a budget holds across ``kill -9`` and across processes (docs/judges.md).
 """
 
 from __future__ import annotations

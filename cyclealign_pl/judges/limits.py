@@ -1,19 +1,6 @@
-"""Rate limits and hard budgets for API judges (asyncio, one event loop).
+"""Rate limits, the adaptive concurrency limit and hard budgets for API judges (asyncio, one event loop).
 
-A :class:`TokenBucket` smooths requests (or tokens) per minute so that 16 concurrent requests do not arrive as
-one burst: its capacity is one second's worth, so the rate holds over any second, not just over a minute.
-
-A :class:`BudgetGate` makes a budget *hard*: before each request it reserves an upper bound of what the
-request can cost (prompt bytes + ``max_tokens``) in the judge's spend ledger, so concurrent requests (and
-processes sharing the ledger) can never jointly overshoot. When the budget cannot cover the next request even
-after the requests in flight settle, it raises :class:`~cyclealign_pl.judges.base.JudgeBudgetExceeded` and
-nothing is sent.
-
-A :class:`ConcurrencyLimit` keeps the requests in flight within what the server sustains: additive increase,
-multiplicative decrease on latency and overload, as adaptive concurrency limiters do (TCP Vegas, Netflix's
-concurrency-limits). A server that answers one request at a time (llama.cpp's Python server, Ollama) shows its
-queue as latency growing with the requests in flight; the limit then falls back towards one instead of piling
-requests up until they time out.
+They keep the load within what the server and the budget allow, before a request is sent (docs/judges.md).
 """
 
 from __future__ import annotations

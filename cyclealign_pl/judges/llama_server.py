@@ -1,15 +1,7 @@
 """A llama.cpp server that the run starts and stops: any GGUF model as an OpenAI-compatible judge, offline.
 
-``OpenAIJudge(server=LlamaCppServer(gguf=...))`` starts ``python -m llama_cpp.server`` (llama-cpp-python) on
-127.0.0.1 at first use, waits until it answers ``GET /v1/models``, and talks to it over HTTP like to any
-other server. Its log goes to ``judge_server.log`` in the run directory (``trainer.default_root_dir``). It is
-stopped when the judge closes (the end of the run, an error, a stop signal) and when this process exits; on
-Linux it is also killed if this process dies without a word (``kill -9``). It runs in its own session, so
-a Ctrl-C in the terminal stops the run first, and the run then stops it.
-
-A server that cannot start is one line (:class:`~cyclealign_pl.judges.base.JudgeUnavailable`) with the last
-line of its log. To share one server between runs, start it yourself and give the judge its ``base_url``
-instead (docs/real_models.md).
+Started at first use, its log in the run directory, stopped with the judge or this process; how and why:
+docs/judges.md.
 """
 
 from __future__ import annotations
@@ -42,7 +34,7 @@ LOG_FILE = "judge_server.log"
 
 @dataclass
 class LlamaCppServer:
-    """How to run llama-cpp-python's OpenAI-compatible server for a judge (see the module docstring).
+    """How to run llama-cpp-python's OpenAI-compatible server for a judge (docs/judges.md).
 
     Args:
         gguf: ``local:<name>`` (a GGUF that a registry package ships, e.g. ``local:smollm2-135m-instruct``)

@@ -1,46 +1,27 @@
 """The black-box judge: any chat-completions server (OpenAI, Azure, vLLM, Ollama, llama.cpp, TGI).
 
-What it does about the usual complaints on API judges:
-
-* **hangs** - every request has a hard wall-clock timeout, every wait is bounded, and a whole ``rank()`` call
-  has a computed deadline; a dead server gives counted failures, not a stuck job.
-* **a dead or misconfigured judge** - :meth:`OpenAIJudge.preflight` finds an unreachable server, a refused key
-  or an unknown model within seconds, before any work; mid-run, a circuit breaker stops after
-  ``max_consecutive_failures`` transport failures in a row (:class:`JudgeUnavailable`, one line).
-* **retry exhaustion killing the run** - a reply that never comes or cannot be parsed fails *that prompt* with
-  a reason (``on_failure="skip"``: the cycle masks it; ``"fallback"``: another judge answers; ``"stop"``: a
-  clean :class:`JudgeStop`). Only a spent budget or an unusable judge stops the run.
-* **request storms** - at most ``max_concurrency`` requests in flight, optional requests/tokens-per-minute
-  token buckets, and a 429 pauses *all* requests until its ``Retry-After`` (not just the one that got it).
-* **paying twice, or more than the budget** - an SQLite cache keyed by the full request (``replay=True``
-  serves only from it), and a spend ledger written as each request is sent (:meth:`OpenAIJudge.bind_run`),
-  so a budget holds across crashes.
-
-This module is the ranking side: the prompt, the candidate orders shown (shuffles, permutations), reading
-and aggregating the replies, and the failure policy. Sending is the
-:class:`~cyclealign_pl.judges.chat.ChatClient`'s job (cache, replay, retries, limits, budget, ledger).
-
-The API key is read from the environment variable ``api_key_env`` when the first request is made, handed to
-the client and kept nowhere else: it is not an argument, not in ``repr``, ``state_dict``, pickles, the cache
-or the ledger.
+The ranking side: the prompt, the candidate orders shown, reading and aggregating the replies, the failure
+policy. Sending (cache, retries, limits, budget, ledger) is the job of :class:`~.chat.ChatClient`; what the
+judge does about hangs, dead servers, request storms and paying twice: docs/judges.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
+import contextlib
 import logging
-import random
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from cyclealign_pl.judges.base import Judge, JudgeStop, JudgeUnavailable, Judgment, RankRequest
 from cyclealign_pl.judges.chat import ChatCall, ChatClient
+from cyclealign_pl.judges.counters import Counters
+from cyclealign_pl.judges.http_client import PLACEHOLDER_KEY
 from cyclealign_pl.judges.llama_server import LlamaCppServer
+from cyclealign_pl.judges.orders import aggregate_rankings, candidate_orders, orders_cancel_out
 from cyclealign_pl.judges.prompt import (
     RankingTemplate,
     build_messages,
@@ -48,14 +29,9 @@ from cyclealign_pl.judges.prompt import (
     parse_reply,
     ranking_schema,
 )
-from cyclealign_pl.judges.transport import (
-    CALL_FAILURE_KINDS,
-    PLACEHOLDER_KEY,
-    STRUCTURED_OUTPUT_FORMS,
-    ChatReply,
-    ChatSettings,
-    Counters,
-)
+from cyclealign_pl.judges.request import CALL_FAILURE_KINDS, ChatReply
+from cyclealign_pl.judges.settings import DEFAULT_MODEL, ChatSettings
+from cyclealign_pl.judges.structured import STRUCTURED_OUTPUT_FORMS
 from cyclealign_pl.ranking import Ranking
 
 log = logging.getLogger(__name__)
@@ -64,7 +40,6 @@ log = logging.getLogger(__name__)
 # "position_bias": the orders asked (num_permutations > 1) cancel out: every candidate has the same mean rank
 JUDGMENT_FAILURE_KINDS = (*CALL_FAILURE_KINDS, "invalid_reply", "replay_miss", "position_bias")
 _COUNTERS = ("prompts", "failures", "invalid_replies", "missing_better_responses", "fallbacks")
-DEFAULT_MODEL = "gpt-3.5-turbo-0613"  # the paper's black box
 # an environment variable that is never set: a managed local server gets a placeholder key, never a real one
 _NO_KEY_ENV = "CYCLEALIGN_LOCAL_SERVER_NO_KEY"
 _REPLY_OVERHEAD_TOKENS = 48  # '{"ranking": [...], "better_response": "' and the closing, in tokens at most
@@ -78,26 +53,56 @@ class _Call(ChatCall):
     permutation: tuple[int, ...] = ()
 
 
-def aggregate_rankings(rankings: Sequence[Ranking], num_candidates: int) -> Ranking:
-    """Mean rank (Borda count) over several full rankings; ties go to the lower index (stable)."""
-    total = [0.0] * num_candidates
-    for ranking in rankings:
-        for position, item in enumerate(ranking):
-            total[item] += position
-    return tuple(sorted(range(num_candidates), key=lambda i: (total[i] / len(rankings), i)))
+def _check_structured_output_and_server(
+    structured_output: str, server: LlamaCppServer | None, base_url: str | None, api_key_env: str
+) -> None:
+    if structured_output not in ("auto", *STRUCTURED_OUTPUT_FORMS):
+        raise ValueError(
+            "OpenAIJudge: structured_output must be 'auto', 'json_schema', 'json_object' or 'off', "
+            f"got {structured_output!r}"
+        )
+    if server is not None and base_url is not None:
+        raise ValueError("OpenAIJudge: give base_url (a running server) or server (one to start), not both")
+    if server is not None and api_key_env != "OPENAI_API_KEY":
+        raise ValueError("OpenAIJudge: a server the judge starts takes no API key: leave api_key_env unset")
 
 
-def _mean_rank(rankings: Sequence[Ranking], item: int) -> float:
-    return sum(ranking.index(item) for ranking in rankings) / len(rankings)
+def _check_ranking(num_permutations: int, on_failure: str, fallback: Judge | None) -> None:
+    if type(num_permutations) is not int or num_permutations <= 0:
+        raise ValueError(f"OpenAIJudge: num_permutations must be > 0, got {num_permutations!r}")
+    if on_failure not in ("skip", "fallback", "stop"):
+        raise ValueError(f"OpenAIJudge: on_failure must be 'skip', 'fallback' or 'stop', got {on_failure!r}")
+    if on_failure == "fallback" and fallback is None:
+        raise ValueError("OpenAIJudge: on_failure='fallback' needs a fallback judge")
+
+
+def _for_managed_server(settings: ChatSettings, server: LlamaCppServer) -> ChatSettings:
+    """The settings for a server the judge starts: the GGUF's name unless a model is named, its port once it
+    runs, no key, and as many requests at a time as it serves."""
+    return replace(
+        settings,
+        model=server.model if settings.model == DEFAULT_MODEL else settings.model,
+        base_url="http://127.0.0.1:0/v1",  # the port is known once it runs
+        api_key_env=_NO_KEY_ENV,
+        max_concurrency=min(settings.max_concurrency, server.parallel),
+        adaptive_concurrency=False,
+    )
+
+
+@contextlib.contextmanager
+def _named_errors() -> Iterator[None]:
+    """A settings error says whose it is: ``OpenAIJudge: <the error>``."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"OpenAIJudge: {err}") from None
 
 
 class OpenAIJudge(Judge):
     """Ranks candidates with an LLM behind the chat-completions API (the paper: gpt-3.5-turbo-0613).
 
-    The arguments from ``model`` to ``price_per_million_output_tokens``, ``cache_path``, ``replay``,
-    ``max_consecutive_failures`` and ``max_response_bytes`` are the chat client's settings
-    (:class:`~cyclealign_pl.judges.transport.ChatSettings`, described there and in ``--help``); the others
-    are the ranking's own.
+    The chat client's settings (``model`` ... ``max_response_bytes``, :class:`~.settings.ChatSettings`, shown
+    in ``--help``) are taken flat, as configs write them; the arguments below are the ranking's own.
 
     Args:
         template: a ranking template file (None: the packaged ``ranking_v1.txt``).
@@ -124,7 +129,7 @@ class OpenAIJudge(Judge):
 
     def __init__(
         self,
-        model: str = "gpt-3.5-turbo-0613",
+        model: str = DEFAULT_MODEL,
         base_url: str | None = None,
         api_key_env: str = "OPENAI_API_KEY",
         temperature: float = 0.0,
@@ -157,43 +162,53 @@ class OpenAIJudge(Judge):
         server: LlamaCppServer | None = None,
         max_response_bytes: int = 1 << 20,
     ) -> None:
-        arguments = locals()
-        if structured_output not in ("auto", *STRUCTURED_OUTPUT_FORMS):
-            raise ValueError(
-                "OpenAIJudge: structured_output must be 'auto', 'json_schema', 'json_object' or 'off', "
-                f"got {structured_output!r}"
+        _check_structured_output_and_server(structured_output, server, base_url, api_key_env)
+        with _named_errors():
+            settings = ChatSettings(
+                model=model,
+                base_url=base_url,
+                api_key_env=api_key_env,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                request_timeout=request_timeout,
+                max_retries=max_retries,
+                backoff_initial_s=backoff_initial_s,
+                backoff_max_s=backoff_max_s,
+                max_retry_after_s=max_retry_after_s,
+                extra_headers=extra_headers,
+                max_concurrency=max_concurrency,
+                adaptive_concurrency=adaptive_concurrency,
+                requests_per_minute=requests_per_minute,
+                tokens_per_minute=tokens_per_minute,
+                budget_requests=budget_requests,
+                budget_tokens=budget_tokens,
+                budget_usd=budget_usd,
+                price_per_million_input_tokens=price_per_million_input_tokens,
+                price_per_million_output_tokens=price_per_million_output_tokens,
+                cache_path=cache_path,
+                replay=replay,
+                max_consecutive_failures=max_consecutive_failures,
+                max_response_bytes=max_response_bytes,
             )
-        if server is not None:
-            if base_url is not None:
-                raise ValueError(
-                    "OpenAIJudge: give base_url (a running server) or server (one to start), not both"
-                )
-            if api_key_env != "OPENAI_API_KEY":
-                raise ValueError(
-                    "OpenAIJudge: a server the judge starts takes no API key: leave api_key_env unset"
-                )
-            arguments.update(
-                model=server.model if model == DEFAULT_MODEL else model,
-                base_url="http://127.0.0.1:0/v1",  # the port is known once it runs
-                api_key_env=_NO_KEY_ENV,
-                max_concurrency=min(max_concurrency, server.parallel),
-                adaptive_concurrency=False,
-            )
-        try:
-            self.settings = ChatSettings(**{name: arguments[name] for name in ChatSettings.names()})
-        except ValueError as err:
-            raise ValueError(f"OpenAIJudge: {err}") from None
+            self.settings = settings if server is None else _for_managed_server(settings, server)
         self.structured_output = structured_output
         self.server = server
         self._run_dir: str | None = None
-        if type(num_permutations) is not int or num_permutations <= 0:
-            raise ValueError(f"OpenAIJudge: num_permutations must be > 0, got {num_permutations!r}")
-        if on_failure not in ("skip", "fallback", "stop"):
-            raise ValueError(
-                f"OpenAIJudge: on_failure must be 'skip', 'fallback' or 'stop', got {on_failure!r}"
-            )
-        if on_failure == "fallback" and fallback is None:
-            raise ValueError("OpenAIJudge: on_failure='fallback' needs a fallback judge")
+        self._set_ranking(template, shuffle_candidates, num_permutations, on_failure, fallback, seed)
+        self.client = ChatClient(self.settings, seed=self.seed, name=type(self).__name__)
+        self._counters = Counters([*_COUNTERS, *(f"failures/{kind}" for kind in JUDGMENT_FAILURE_KINDS)])
+
+    def _set_ranking(
+        self,
+        template: str | None,
+        shuffle_candidates: bool,
+        num_permutations: int,
+        on_failure: str,
+        fallback: Judge | None,
+        seed: int,
+    ) -> None:
+        """The ranking's own arguments, checked."""
+        _check_ranking(num_permutations, on_failure, fallback)
         self.template = template
         self.ranking_template: RankingTemplate = load_template(template)  # fail now on a bad template file
         self.shuffle_candidates = shuffle_candidates
@@ -201,8 +216,6 @@ class OpenAIJudge(Judge):
         self.on_failure = on_failure
         self.fallback = fallback
         self.seed = int(seed)
-        self.client = ChatClient(self.settings, seed=self.seed, name=type(self).__name__)
-        self._counters = Counters([*_COUNTERS, *(f"failures/{kind}" for kind in JUDGMENT_FAILURE_KINDS)])
 
     # -------------------------------------------------------------------------------------- public API
 
@@ -294,31 +307,13 @@ class OpenAIJudge(Judge):
         room = None if max_tokens is None else max(16, max_tokens - _REPLY_OVERHEAD_TOKENS)
         return ranking_schema(num_candidates, room)
 
-    def _permutations(self, request: RankRequest) -> list[tuple[int, ...]]:
-        """The orders to show: rotations of the base order (shuffled when asked), then seeded random ones."""
-        n = len(request.candidates)
-        content = json.dumps([self.seed, request.instruction, list(request.candidates)], ensure_ascii=False)
-        digest = hashlib.sha256(content.encode("utf-8")).digest()
-        rng = random.Random(digest)
-        base = list(range(n))
-        if self.shuffle_candidates:
-            rng.shuffle(base)
-        out = []
-        for j in range(self.num_permutations):
-            if j < n:
-                out.append(tuple(base[j:] + base[:j]))
-            else:
-                extra = list(range(n))
-                rng.shuffle(extra)
-                out.append(tuple(extra))
-        return out
-
     def _calls(self, requests: Sequence[RankRequest]) -> list[_Call]:
         calls = []
         for index, request in enumerate(requests):
             if not request.candidates:
                 raise ValueError(f"OpenAIJudge: request {index} has no candidates")
-            for perm in self._permutations(request):
+            orders = candidate_orders(request, self.seed, self.shuffle_candidates, self.num_permutations)
+            for perm in orders:
                 shown = RankRequest(
                     request.instruction, tuple(request.candidates[i] for i in perm), request.demonstrations
                 )
@@ -360,7 +355,7 @@ class OpenAIJudge(Judge):
                 # back to the original indices: shown position s held candidate permutation[s]
                 rankings.append(tuple(call.permutation[s] for s in parsed.ranking))
                 better = better if better is not None else parsed.better_response
-            if len(rankings) > 1 and len({_mean_rank(rankings, i) for i in range(n)}) == 1:
+            if orders_cancel_out(rankings, n):
                 first_failure = (
                     "position_bias",
                     f"position bias: the {len(rankings)} orders asked cancel out (every candidate has the "

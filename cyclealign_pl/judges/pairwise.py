@@ -1,14 +1,7 @@
 """The pairwise comparison prompt (paper Table 2): which of two replies to one conversation is better.
 
-The judge sees the conversation and two replies, labelled A and B, and ends its answer with a line
-``Verdict: [[A]]``, ``Verdict: [[B]]`` or ``Verdict: [[TIE]]``, after a short reasoning when one is asked for.
-Templates use the ranking template's file format and checks
-(:func:`~cyclealign_pl.judges.prompt.load_template`) and its defence against injection: every text written by
-others is enclosed in lines carrying a nonce derived from a hash of the texts, so a reply cannot close its
-block and write a verdict of its own outside it; echoed blocks are ignored by the parser.
-
-The parser is strict: the verdict is read from the reply's last non-empty line only, which must name exactly
-one of the three verdicts. Anything else is an invalid judgment with a reason, never a guess.
+Built on the ranking template's format and nonce delimiting; the verdict is read strictly from the reply's
+last line, never guessed (docs/judges.md).
 """
 
 from __future__ import annotations

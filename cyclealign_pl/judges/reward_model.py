@@ -1,9 +1,7 @@
 """A judge that ranks by a local reward model: the offline black box, and the reference ranker/evaluator.
 
-Any ``AutoModelForSequenceClassification`` with one output works (a hub name or path, or one built from a
-config for tests and the CPU default). The input format is configurable: ``"plain"`` scores the HH-format
-dialogue followed by the reply; ``"oasst"`` reproduces the paper's evaluator, OpenAssistant's
-oasst-rm-2-pythia-6.9b-epoch-1, whose input is ``<|prompter|>...<eos><|assistant|>...<eos>`` turns.
+Input formats: ``"plain"`` (the HH-format dialogue, then the reply) and ``"oasst"`` (the paper's evaluator,
+OpenAssistant's oasst-rm-2-pythia-6.9b-epoch-1: ``<|prompter|>...<eos><|assistant|>...<eos>`` turns).
 """
 
 from __future__ import annotations
@@ -44,7 +42,7 @@ class RewardModelJudge(Judge):
         model: path or hub name of the reward model (``None`` with ``config`` builds one from scratch).
         config: a transformers config as a dict with ``model_type`` (random init, seeded by ``seed``).
         tokenizer: tokenizer name; defaults to ``model``; ``"byt5"`` is the file-free offline tokenizer.
-        input_format: ``"plain"`` or ``"oasst"`` (see module docstring).
+        input_format: ``"plain"`` or ``"oasst"`` (see the module docstring).
         sigmoid, scale: reported reward = scale * (sigmoid(logit) if sigmoid else logit); the paper's Table 1
             uses sigmoid and scale 100. Rankings do not depend on either.
         special_tokens: add the tokenizer's special tokens (an encoder's [CLS] ... [SEP]); decoder-only reward
