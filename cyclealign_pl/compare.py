@@ -23,6 +23,7 @@ from jsonargparse import ActionConfigFile, ActionYesNo
 
 from cyclealign_pl.cli_parser import OneLineParser
 from cyclealign_pl.commands import fail, parser_names
+from cyclealign_pl.evaluation.files import TOTAL, GenerationRow, read_generations
 from cyclealign_pl.judges.base import JudgeStop
 from cyclealign_pl.judges.chat import ChatClient
 from cyclealign_pl.judges.pairwise import (
@@ -38,71 +39,11 @@ from cyclealign_pl.signals import EXIT_STOPPED  # as fit: a deliberate stop (bud
 
 log = logging.getLogger(__name__)
 
-TOTAL = "total"  # the last row of the table, as in the reward tables of cyclealign_pl.evaluation
 
 Outcome = Literal["win", "tie", "lose", "invalid", "failed"]
-_FIELDS = ("id", "subset", "prompt", "reply")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-
-
-@dataclass(frozen=True)
-class GenerationRow:
-    """One row of a generations file, with where it came from (for error messages)."""
-
-    id: str
-    subset: str
-    prompt: str
-    reply: str
-    path: str
-    line: int
-
-    @property
-    def where(self) -> str:
-        return f"{self.path}, line {self.line}"
-
-
-def read_generations(path: str | Path) -> dict[str, GenerationRow]:
-    """The rows of a generations JSONL file by id; a bad row is an error naming the file, line and field."""
-    path = Path(path)
-    rows: dict[str, GenerationRow] = {}
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as err:
-        raise ValueError(f"cannot read generations file {path}: {err}") from err
-    with handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for name in _FIELDS:
-                if name not in record:
-                    raise ValueError(f"{where}: missing field {name!r}")
-            row_id = record["id"]
-            if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
-                raise ValueError(f"{where}: field 'id' must be a string, got {json.dumps(row_id)}")
-            for name in _FIELDS[1:]:
-                if not isinstance(record[name], str):
-                    got = json.dumps(record[name])
-                    raise ValueError(f"{where}: field {name!r} must be a string, got {got}")
-            if record["subset"] == TOTAL:
-                raise ValueError(f"{where}: a subset may not be called {TOTAL!r} (the name of the total row)")
-            row = GenerationRow(
-                str(row_id), record["subset"], record["prompt"], record["reply"], str(path), number
-            )
-            if row.id in rows:
-                raise ValueError(f"{where}: id {row.id!r} appears twice (first on line {rows[row.id].line})")
-            rows[row.id] = row
-    if not rows:
-        raise ValueError(f"{path}: the generations file holds no rows")
-    return rows
 
 
 @dataclass(frozen=True)

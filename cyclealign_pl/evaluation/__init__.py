@@ -1,56 +1,55 @@
-"""The evaluation room: reward scoring (scoring.py), its files (files.py), and the module's evaluation epochs
-(stages.py)."""
+"""The evaluation room: its files and their rows (files.py, light: no torch), reward scoring (scoring.py), and
+the module's evaluation epochs (stages.py). The scoring names load on first use, so that reading a
+generations file (``compare``) imports no torch."""
+
+from importlib import import_module
+from typing import Any
 
 from cyclealign_pl.evaluation.files import (
+    TOTAL,
+    GenerationRecord,
     GenerationRow,
+    RewardRow,
     eval_paths,
     read_generations,
     read_rewards_csv,
     write_eval_outputs,
     write_generations,
 )
-from cyclealign_pl.evaluation.scoring import (
-    TOTAL,
-    Coverage,
-    GenerationRecord,
-    PairedGain,
-    ReplyStats,
-    RewardEvaluation,
-    RewardRow,
-    SubsetMeanReward,
-    collapse_warning,
-    coverage,
-    gather_records,
-    paired_gain,
-    plural,
-    reply_stats,
-    standard_errors,
-    subsets_of,
-    with_reply_stats,
-)
 
-__all__ = [
-    "TOTAL",
+_SCORING = (
     "Coverage",
-    "GenerationRecord",
-    "GenerationRow",
     "PairedGain",
     "ReplyStats",
     "RewardEvaluation",
-    "RewardRow",
     "SubsetMeanReward",
     "collapse_warning",
     "coverage",
-    "eval_paths",
     "gather_records",
     "paired_gain",
     "plural",
-    "read_generations",
-    "read_rewards_csv",
     "reply_stats",
     "standard_errors",
     "subsets_of",
     "with_reply_stats",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SCORING:
+        return getattr(import_module("cyclealign_pl.evaluation.scoring"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "TOTAL",
+    "GenerationRecord",
+    "GenerationRow",
+    "RewardRow",
+    "eval_paths",
+    "read_generations",
+    "read_rewards_csv",
     "write_eval_outputs",
     "write_generations",
+    *_SCORING,
 ]

@@ -14,11 +14,31 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypedDict
 
-from cyclealign_pl.evaluation.scoring import TOTAL, GenerationRecord, RewardRow
-
+TOTAL = "total"  # the name of the sample-weighted row; no subset may be called this
 GENERATION_FIELDS = ("id", "subset", "prompt", "reply")
+
+
+class RewardRow(NamedTuple):
+    """One row of the results table: a subset (or ``"total"``), its number of scored replies, their mean
+    reward, and what shows a collapsed white box beside it (None where not computed)."""
+
+    subset: str
+    n: int
+    mean_reward: float
+    preferred_share: float | None = None  # replies whose reward is above the evaluator's threshold
+    empty_share: float | None = None
+    mean_reply_words: float | None = None
+    distinct_2: float | None = None  # distinct word bigrams / all word bigrams, over the subset's replies
+
+
+class GenerationRecord(TypedDict):
+    id: str
+    subset: str
+    prompt: str
+    reply: str
+    reward: float | None  # None when no evaluator was set (predict without a reward model)
 
 
 @dataclass(frozen=True)

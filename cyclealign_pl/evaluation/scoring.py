@@ -12,29 +12,16 @@ import itertools
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, TypedDict
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
+from cyclealign_pl.evaluation.files import TOTAL, GenerationRecord, RewardRow
+
 log = logging.getLogger(__name__)
-
-TOTAL = "total"  # the name of the sample-weighted row; no subset may be called this
-
-
-class RewardRow(NamedTuple):
-    """One row of the results table: a subset (or ``"total"``), its number of scored replies, their mean
-    reward, and what shows a collapsed white box beside it (None where not computed)."""
-
-    subset: str
-    n: int
-    mean_reward: float
-    preferred_share: float | None = None  # replies whose reward is above the evaluator's threshold
-    empty_share: float | None = None
-    mean_reply_words: float | None = None
-    distinct_2: float | None = None  # distinct word bigrams / all word bigrams, over the subset's replies
 
 
 class ReplyStats(NamedTuple):
@@ -132,14 +119,6 @@ def with_reply_stats(
             )
         )
     return out
-
-
-class GenerationRecord(TypedDict):
-    id: str
-    subset: str
-    prompt: str
-    reply: str
-    reward: float | None  # None when no evaluator was set (predict without a reward model)
 
 
 def _distributed() -> bool:
