@@ -319,6 +319,23 @@ def _fill_free_slots(state: CycleState, pool: DemonstrationPool) -> None:
             pool.start(prompt_id)
 
 
+def _rank_requests(
+    active: Sequence[PromptRecord],
+    shown: Sequence[str],
+    texts: Sequence[Sequence[str]],
+    pool: DemonstrationPool,
+) -> tuple[list[bool], list[RankRequest]]:
+    """Which candidate sets go to the judge (fewer than two distinct replies: nothing to rank), and their
+    requests with each prompt's current demonstrations."""
+    judged = [len(set(group)) >= 2 for group in texts]
+    requests = [
+        RankRequest(prompt, tuple(group), pool.for_prompt(record.prompt_id))
+        for record, prompt, group, ok in zip(active, shown, texts, judged)
+        if ok
+    ]
+    return judged, requests
+
+
 def _run_round(
     state: CycleState,
     whitebox: WhiteBox,
@@ -344,13 +361,8 @@ def _run_round(
     texts = [[reply.text for reply in group] for group in candidates]
 
     # 2. the black box ranks in the background, with each prompt's current demonstrations ...
-    judged = [len(set(group)) >= 2 for group in texts]  # fewer than two distinct replies: nothing to rank
     shown = [whitebox.visible_prompt(record.prompt) for record in active]  # as trimmed to the budget
-    requests = [
-        RankRequest(prompt, tuple(group), pool.for_prompt(record.prompt_id))
-        for record, prompt, group, ok in zip(active, shown, texts, judged)
-        if ok
-    ]
+    judged, requests = _rank_requests(active, shown, texts, pool)
     submitted = time.perf_counter()
     pending = judge.submit(requests)
     answered = _answer_clock(pending)
