@@ -415,11 +415,12 @@ def test_figure_helpers_and_bad_files(tmp_path):
     assert thirds([1, 2, 3, 4, 5, 6]) == (1.5, 5.5) and thirds([1, 2]) == (None, None)
     assert by_third([1, 2, 3, 4, 5, 6, 7]) == (1.5, 4.0, 6.5) and by_third([1, 2]) is None
     missing = tmp_path / "bad.jsonl"
-    missing.write_text(json.dumps({"id": "a", "reply": "x", "reward": None}) + "\n")
+    row = {"id": "a", "subset": "harmless-base", "prompt": "p", "reply": "x"}
+    missing.write_text(json.dumps({**row, "reward": None}) + "\n")
     with pytest.raises(ValueError, match="line 1: no reward"):
         compute_figures(missing, missing)
     broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"id": "a", "reply": "x", "reward": 1.0}\n{"id": "b",\n')
+    broken.write_text(json.dumps({**row, "reward": 1.0}) + '\n{"id": "b",\n')
     with pytest.raises(ValueError, match="broken.jsonl, line 2: not JSON"):
         compute_figures(broken, broken)
     one = _generations(tmp_path / "one.jsonl", [1.0], ["x"])

@@ -85,3 +85,58 @@ def test_the_vllm_config_points_the_real_judge_at_a_local_server(capsys, monkeyp
         )
     finally:
         built.close()
+
+
+def _room_imports(package: Path) -> dict[str, set[str]]:
+    """Rooms (top-level modules and subpackages) and the rooms each imports at run time (``TYPE_CHECKING``
+    imports and ``__main__`` entry points left out)."""
+    import ast
+
+    rooms = {p.stem for p in package.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    rooms |= {p.parent.name for p in package.glob("*/__init__.py")}
+    arrows: dict[str, set[str]] = {room: set() for room in rooms}
+    for path in package.rglob("*.py"):
+        relative = path.relative_to(package)
+        if path.name == "__main__.py" or relative == Path("__init__.py"):
+            continue
+        source = relative.parts[0] if len(relative.parts) > 1 else path.stem
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for node in ast.walk(block)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == package.name and len(parts) > 1 and parts[1] in rooms and parts[1] != source:
+                    arrows[source].add(parts[1])
+    return arrows
+
+
+def test_the_rooms_have_no_import_cycle_and_architecture_md_names_each_and_the_floors() -> None:
+    arrows = _room_imports(ROOT / "cyclealign_pl")
+    floors: dict[str, int] = {}
+
+    def floor(room: str, path: tuple[str, ...] = ()) -> int:
+        assert room not in path, f"import cycle: {' -> '.join((*path, room))}"
+        if room not in floors:
+            floors[room] = 1 + max((floor(dep, (*path, room)) for dep in arrows[room]), default=0)
+        return floors[room]
+
+    for room in arrows:
+        floor(room)
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = [r for r in arrows if not re.search(rf"\b{r}(\.py|/)", text)]
+    assert not missing, f"docs/architecture.md does not name {missing}"
+    stated = re.search(r"(\d+) rooms, (\d+) floors", text)
+    assert stated, "docs/architecture.md should say 'N rooms, M floors'"
+    assert (int(stated[1]), int(stated[2])) == (len(arrows), max(floors.values()))
