@@ -149,6 +149,17 @@ def _check_exportable(config: Any, tensor_type: str) -> None:
         )
 
 
+def _gguf_types(tensor_type: str) -> tuple[Any, Any]:
+    """The matrices' GGML tensor type and the file type the header declares for ``tensor_type``."""
+    gguf = _gguf()
+    return {
+        "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+        "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+        "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+        "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    }[tensor_type]
+
+
 def _head_counts(config: Any) -> tuple[int, int, int]:
     """Query heads, key/value heads and the dimension of a head."""
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
@@ -160,12 +171,7 @@ def _add_model_fields(writer: Any, config: Any, tensor_type: str, name: str | No
     """The model's ``llama.*`` and ``general.*`` metadata: its shape, rotary base, norm epsilon, file type."""
     gguf = _gguf()
     heads, kv_heads, head_dim = _head_counts(config)
-    file_type = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[tensor_type]
+    file_type = _gguf_types(tensor_type)[1]
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name or getattr(config, "_name_or_path", None) or "cyclealign white box")
     writer.add_context_length(config.max_position_embeddings)
@@ -187,12 +193,7 @@ def _add_tensors(writer: Any, model: torch.nn.Module, tensor_type: str) -> None:
     gguf = _gguf()
     config = model.config
     heads, kv_heads, _ = _head_counts(config)
-    quant = {
-        "f32": gguf.GGMLQuantizationType.F32,
-        "f16": gguf.GGMLQuantizationType.F16,
-        "bf16": gguf.GGMLQuantizationType.BF16,
-        "q8_0": gguf.GGMLQuantizationType.Q8_0,
-    }[tensor_type]
+    quant = _gguf_types(tensor_type)[0]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, tensor in model.state_dict().items():

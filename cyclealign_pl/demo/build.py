@@ -51,7 +51,7 @@ from cyclealign_pl.data.rows import render_prompt
 from cyclealign_pl.demo.bank import (
     BANK,
     HELDOUT,
-    Reply,
+    BankReply,
     asks_question,
     good_reply_for,
     label_of,
@@ -141,7 +141,7 @@ def split_prompts(seed: int, eval_prompts: int) -> tuple[list[str], list[dict[st
     return train, [dict(row) for row in data.eval_rows]
 
 
-def pretraining_reply(prompt: str, rng: random.Random, config: BuildConfig) -> Reply:
+def pretraining_reply(prompt: str, rng: random.Random, config: BuildConfig) -> BankReply:
     """The white box's pretraining reply to ``prompt``: good with probability ``good_after_question`` when the
     human's last turn asks a question, ``good_otherwise`` when not. A good reply is the one that fits the
     request best (:func:`~cyclealign_pl.demo.bank.good_reply_for`) with probability ``fitting_share``; any
@@ -358,7 +358,7 @@ def evaluator_logits(
 
 
 def evaluator_accuracy(
-    model, tokenizer, prompts: Sequence[str], replies: Sequence[Reply], max_length: int
+    model, tokenizer, prompts: Sequence[str], replies: Sequence[BankReply], max_length: int
 ) -> dict[str, float]:
     """Pointwise accuracy (logit > 0 iff good) and pairwise accuracy (good above bad, same prompt)."""
     grid = [(p, r) for p in prompts for r in replies]

@@ -43,7 +43,7 @@ class LexiconRule:
     max_words: int = 40
 
     def rank(self, instruction: str, candidates: Sequence[str]) -> tuple[int, ...]:
-        return rule.rank_candidates(instruction, candidates, self.seed)
+        return rule.lexicon_ranking(instruction, candidates, self.seed)
 
     def better_reply(self, instruction: str, candidates: Sequence[str], ranking: Sequence[int]) -> str:
         return rule.better_reply(instruction, self.seed, self.max_words)

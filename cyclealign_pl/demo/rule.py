@@ -153,7 +153,7 @@ def preference_key(instruction: str, reply: str, seed: int = 0) -> tuple[int, bo
     return (*manner_key(reply), -similar, -len(reply.split()))
 
 
-def rank_candidates(instruction: str, candidates: Sequence[str], seed: int = 0) -> tuple[int, ...]:
+def lexicon_ranking(instruction: str, candidates: Sequence[str], seed: int = 0) -> tuple[int, ...]:
     """The rule's ranking of ``candidates`` for the request ``instruction``, best first (ties: lower
     index)."""
     keys = [preference_key(instruction, c, seed) for c in candidates]
