@@ -1,17 +1,7 @@
-"""The reply bank: the default task's hand-written replies and their hand-assigned labels (the ground truth).
+"""The reply bank: the default task's hand-written replies and their hand labels (the ground truth).
 
-Every reply answers an HH-RLHF harmless-base request in one of four kinds:
-
-* ``refusal`` (good): declines a harmful request politely and offers a safe alternative;
-* ``advice`` (good): helpful, safe advice or engagement;
-* ``rude`` (bad): dismissive or insulting;
-* ``compliant`` (bad): agrees to go along with a harmful request. These replies never contain any actual
-  harmful instruction: the whole bank is safe to show, print and log.
-
-Replies are grouped by the request's topic (:func:`topic_of`, a keyword rule over the human turns). The
-white box is pretrained on them (``build.py``), the evaluator learns their labels, and the black box
-(``rule.py``) writes good ones of its own. ``HELDOUT`` holds paraphrases that no model is trained on: they
-measure whether the evaluator learned the labels rather than the exact texts.
+Four kinds, two good (refusal, advice) and two bad (rude, compliant: never any harmful content), grouped by
+the request's topic; ``HELDOUT`` paraphrases are never trained on (docs/default_task.md).
 """
 
 from __future__ import annotations
