@@ -1,16 +1,7 @@
 """The aligned white box as a GGUF file, the format llama.cpp, llama-cpp-python and Ollama serve.
 
-Written with the ``gguf`` package (llama.cpp's own Python writer and tensor-name map; the ``local``
-extra), for Llama-architecture models (Llama, SmolLM2, the paper's LLaMA). Two things llama.cpp's converter
-does that a plain copy would get wrong:
-
-* the query and key projections are stored with each head's rotary halves interleaved (llama.cpp's rotary
-  layout), where Hugging Face keeps them as two halves: :func:`_interleave_rotary` reorders their rows;
-* the tokenizer is described in GGUF metadata (``tokenizer.ggml.*``). A white box that came from a GGUF
-  (``local:<name>``) gets its source's tokenizer fields copied unchanged, so llama.cpp tokenizes exactly as it
-  did for the original; any other gets them from its Hugging Face tokenizer files via ``gguf.vocab``.
-
-Norm weights stay float32 (llama.cpp computes norms in float32); the matrices take ``tensor_type``.
+Written with the ``gguf`` package (llama.cpp's own writer and tensor-name map; the ``local`` extra) for
+Llama-architecture models; the rotary layout and tokenizer metadata it takes care of: docs/real_models.md.
 """
 
 from __future__ import annotations
@@ -127,39 +118,65 @@ def write_gguf(
     """Write ``model`` (a Llama-architecture causal LM) as a GGUF file; the tokenizer comes from the GGUF the
     model was converted from (``source_gguf``) or from the Hugging Face files in ``tokenizer_dir``."""
     gguf = _gguf()
+    config = model.config
+    _check_exportable(config, tensor_type)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    _add_model_fields(writer, config, tensor_type, name)
+    if source_gguf is not None:
+        _copy_tokenizer_fields(writer, Path(source_gguf))
+    else:
+        _hf_tokenizer_fields(writer, Path(tokenizer_dir))
+    _add_tensors(writer, model, tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_file
+
+
+def _check_exportable(config: Any, tensor_type: str) -> None:
+    """A known tensor type and a Llama-architecture model, else one line saying why not."""
     if tensor_type not in TENSOR_TYPES:
         raise GGUFExportError(
             f"unknown GGUF tensor type {tensor_type!r}; choose one of {', '.join(TENSOR_TYPES)}"
         )
-    config = model.config
     if getattr(config, "model_type", None) != "llama":
         raise GGUFExportError(
             f"the GGUF export writes Llama-architecture models; this one is {config.model_type!r}: export "
             "the Hugging Face folder and use llama.cpp's convert_hf_to_gguf.py"
         )
+
+
+def _gguf_types(tensor_type: str) -> tuple[Any, Any]:
+    """The matrices' GGML tensor type and the file type the header declares for ``tensor_type``."""
+    gguf = _gguf()
+    return {
+        "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+        "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+        "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+        "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    }[tensor_type]
+
+
+def _head_counts(config: Any) -> tuple[int, int, int]:
+    """Query heads, key/value heads and the dimension of a head."""
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    blocks = config.num_hidden_layers
-    quant = {
-        "f32": gguf.GGMLQuantizationType.F32,
-        "f16": gguf.GGMLQuantizationType.F16,
-        "bf16": gguf.GGMLQuantizationType.BF16,
-        "q8_0": gguf.GGMLQuantizationType.Q8_0,
-    }[tensor_type]
-    file_type = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[tensor_type]
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    return heads, kv_heads, head_dim
+
+
+def _add_model_fields(writer: Any, config: Any, tensor_type: str, name: str | None) -> None:
+    """The model's ``llama.*`` and ``general.*`` metadata: its shape, rotary base, norm epsilon, file type."""
+    gguf = _gguf()
+    heads, kv_heads, head_dim = _head_counts(config)
+    file_type = _gguf_types(tensor_type)[1]
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name or getattr(config, "_name_or_path", None) or "cyclealign white box")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(blocks)
+    writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
@@ -168,11 +185,16 @@ def write_gguf(
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
-    if source_gguf is not None:
-        _copy_tokenizer_fields(writer, Path(source_gguf))
-    else:
-        _hf_tokenizer_fields(writer, Path(tokenizer_dir))
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, blocks)
+
+
+def _add_tensors(writer: Any, model: torch.nn.Module, tensor_type: str) -> None:
+    """Every weight under its GGUF name: query/key rows in llama.cpp's rotary layout, norms (1-D) in float32,
+    matrices as ``tensor_type``; a tied output head is left out (llama.cpp reuses the embeddings)."""
+    gguf = _gguf()
+    config = model.config
+    heads, kv_heads, _ = _head_counts(config)
+    quant = _gguf_types(tensor_type)[0]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
@@ -196,8 +218,3 @@ def write_gguf(
             writer.add_tensor(target, array.astype(np.float16))
         else:
             writer.add_tensor(target, gguf.quants.quantize(array, quant), raw_dtype=quant)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out_file

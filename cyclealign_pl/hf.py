@@ -129,12 +129,7 @@ def load_causal_lm(
         raise ModelLoadError(
             "no white-box model given: set model.model (a path or hub name) or model.model_config"
         )
-    path = resolve_builtin(path)
-    require_hub(path, "causal LM", LOCAL_COPY)
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-    except (OSError, ValueError) as error:
-        raise _explain("causal LM", path, error) from error
+    return _from_pretrained(AutoModelForCausalLM, path, "causal LM", dtype)
 
 
 def load_reward_model(
@@ -152,12 +147,17 @@ def load_reward_model(
         )
     if not path:
         raise ModelLoadError("no reward model given: set its model (a path or hub name) or its config")
+    return _from_pretrained(AutoModelForSequenceClassification, path, "reward model", dtype)
+
+
+def _from_pretrained(auto_class: Any, path: str, what: str, dtype: str | None) -> PreTrainedModel:
+    """``auto_class.from_pretrained`` of a path, hub name or ``builtin:`` name; failures as one line."""
     path = resolve_builtin(path)
-    require_hub(path, "reward model", LOCAL_COPY)
+    require_hub(path, what, LOCAL_COPY)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype or "auto")
+        return auto_class.from_pretrained(path, dtype=dtype or "auto")
     except (OSError, ValueError) as error:
-        raise _explain("reward model", path, error) from error
+        raise _explain(what, path, error) from error
 
 
 def apply_lora(model: PreTrainedModel, settings: dict[str, Any]):

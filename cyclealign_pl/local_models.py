@@ -1,12 +1,8 @@
 """Local models that registry packages ship as GGUF files, found by a short name: no hub, no download.
 
 ``local:<name>`` names one of ``PACKAGED_GGUF``; any other string ending in ``.gguf`` is a GGUF file's path.
-
-transformers loads a GGUF (``gguf_file=``) by dequantizing it, but such a model refuses ``save_pretrained``
-("quantized with gguf and is not serializable"), so the end-of-fit export would fail after the whole run.
-:func:`prepare_gguf` therefore converts a GGUF once into a plain Hugging Face folder (weights in float32, the
-tokenizer with its chat template, ``config.json`` without ``quantization_config``), cached under
-:func:`cache_dir` by the GGUF's content hash; every later load reads that folder (docs/real_models.md).
+A GGUF is converted once into a cached plain Hugging Face folder, since a model loaded from a GGUF refuses
+``save_pretrained`` (docs/real_models.md).
 """
 
 from __future__ import annotations

@@ -1,34 +1,11 @@
-"""The white-box side of the cycle: tokenisation, sampling candidates, scoring them by mean log-prob.
+"""The white box's token plumbing: prompts within their budget, sampled replies as exact token ids, scores.
 
-Kept apart from the cycle so that the cycle reads as the method and this file holds the token plumbing.
-
-Conventions:
-
-* A sampled candidate is scored on exactly the token ids that ``generate`` produced (:class:`Reply`), up to
-  and including the EOS where it stopped, or up to the start of the next dialogue turn where it wrote one. Its
-  text (what the judge reads) is decoded from those ids. Re-tokenising the text instead would score sequences
-  the model never produced: a byte-level tokenizer turns the generated ``Assistant: Sure`` into
-  ``Assistant:Sure`` once the reply is stripped.
-* A text from elsewhere (the judge's better reply) is joined to its prompt as the dialogue format implies,
-  ``"...Assistant:" + " " + reply``, and tokenised together, so that scoring a sampled reply's text gives the
-  same number as scoring its ids. It ends with EOS when it fits; a reply that has to be cut to fit
-  ``max_length`` gets no EOS, since a cut reply is not a finished one.
-* Chat models (``prompt_format``: ``auto`` picks ``chat`` when the tokenizer has a chat template): a prompt's
-  dialogue is rendered as chat messages by the template, with the generation prompt; a reply ends at the
-  model's end-of-turn token (``<|im_end|>`` in ChatML), which generation stops at and which is scored and
-  trained as the reply's last token; a text from elsewhere is tokenised as the template renders it as the
-  assistant's message, ending with that token. ``dialogue`` keeps the HH-RLHF ``Human:``/``Assistant:`` text
-  for base models (the paper's LLaMA).
-* Prompts longer than their budget keep their *last* tokens (the most recent turns). The white box owns the
-  budget: ``max_length`` minus the room its replies need.
-* Scores never materialise the logits of every position: the decoder's hidden states of the reply positions
-  go through the output head a chunk of (reply, token) positions at a time (``objective.target_logprobs``),
-  so memory grows neither with the vocabulary times the sequence nor with the number of replies.
+Kept apart from the cycle so that the cycle reads as the method; why a reply is its token ids, how texts from
+elsewhere are joined to their prompt, chat templates and prompt budgets: docs/whitebox.md.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,7 +14,7 @@ import torch
 from torch import Tensor
 
 from cyclealign_pl.data.rows import prompt_messages
-from cyclealign_pl.objective import mean_response_logprob, target_logprobs
+from cyclealign_pl.reply_scoring import PromptEncoding, ReplyScorer, cache_rows, left_padded
 
 PromptFormat = Literal["auto", "chat", "dialogue"]
 
@@ -107,16 +84,6 @@ class Reply:
 
 
 @dataclass
-class PromptEncoding:
-    """Prompts encoded once with gradients (key/value cache, attention mask, last hidden state): replies are
-    scored on top of it, the candidates and later the judge's better replies of the same iteration."""
-
-    cache: Any
-    mask: Tensor  # [B, P], left padded
-    last_hidden: Tensor  # [B, 1, H]: it predicts a reply's first token
-
-
-@dataclass
 class ScoredCandidates:
     """Mean response log-probs ``scores[B, C]`` (with grad) and the number of response tokens of each."""
 
@@ -129,14 +96,9 @@ class ScoredCandidates:
 class WhiteBox:
     """Wraps a causal LM and its tokenizer with what the cycle needs: sample, score, greedy.
 
-    ``shared_prefix``: encode each prompt once and continue its candidates from the prompt's key/value cache,
-    both when sampling them (no gradients) and when scoring them (gradients flow through the cache), instead
-    of one full sequence per candidate; same results, less time and memory (docs/scaling.md). Scoring falls
-    back to full sequences under gradient checkpointing, which drops the cache in training.
-
-    ``prompt_format``: ``chat`` renders prompts with the tokenizer's chat template and ends replies at its
-    end-of-turn token; ``dialogue`` uses the HH-RLHF text format (base models); ``auto``: ``chat`` when the
-    tokenizer has a chat template.
+    ``shared_prefix``: continue candidates from each prompt's key/value cache (same results, less time and
+    memory). ``prompt_format``: ``chat`` (the tokenizer's chat template), ``dialogue`` (HH-RLHF text, base
+    models) or ``auto``. Both are explained in docs/whitebox.md.
     """
 
     def __init__(
@@ -269,22 +231,15 @@ class WhiteBox:
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _left_padded(self, sequences: Sequence[list[int]]) -> tuple[Tensor, Tensor]:
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
-        return ids.to(self.device), mask.to(self.device)
-
     # -- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def _generate(
         self, prompts: Sequence[str], max_new_tokens: int, copies: int, **kwargs
     ) -> list[list[int]]:
         """The generated token ids of ``copies`` continuations per prompt (padding after EOS included)."""
-        input_ids, attention_mask = self._left_padded([self.prompt_ids(p, max_new_tokens) for p in prompts])
+        input_ids, attention_mask = left_padded(
+            [self.prompt_ids(p, max_new_tokens) for p in prompts], self.pad_id, self.device
+        )
         was_training = self.model.training
         self.model.eval()
         try:
@@ -318,7 +273,7 @@ class WhiteBox:
             logits_to_keep=1,
         )
         rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(copies)
-        return input_ids[rows], attention_mask[rows], _cache_rows(prefix.cache, rows)
+        return input_ids[rows], attention_mask[rows], cache_rows(prefix.cache, rows)
 
     def _reply_from_generated(self, generated: list[int], markers: Sequence[str] = TURN_MARKERS) -> Reply:
         """The reply in one generated sequence: up to and including its EOS (a chat model's end of turn), or
@@ -379,11 +334,11 @@ class WhiteBox:
         if self.shared_prefix and not self._checkpointing():
             encoding = self.encode_prompts(prompt_ids)
             rows = torch.arange(num_prompts, device=self.device).repeat_interleave(num_candidates)
-            scores, lengths = self._score_on(encoding, rows, flat)
+            scores, lengths = self._scorer().on_prompts(encoding, rows, flat)
         else:
             encoding = None
             repeated = [ids for ids in prompt_ids for _ in range(num_candidates)]
-            scores, lengths = self._score_full(repeated, flat)
+            scores, lengths = self._scorer().full_sequences(repeated, flat)
         return ScoredCandidates(
             scores=scores.view(num_prompts, num_candidates),
             lengths=lengths.view(num_prompts, num_candidates),
@@ -398,9 +353,9 @@ class WhiteBox:
         (on its prompt encoding when it kept one); gradients flow."""
         if scored.encoding is not None:
             index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
-            return self._score_on(scored.encoding, index, [r.ids for r in replies])[0]
+            return self._scorer().on_prompts(scored.encoding, index, [r.ids for r in replies])[0]
         prompt_ids = [self.prompt_ids(prompts[row]) for row in rows]
-        return self._score_full(prompt_ids, [r.ids for r in replies])[0]
+        return self._scorer().full_sequences(prompt_ids, [r.ids for r in replies])[0]
 
     def reply_room(self, scored: ScoredCandidates, row: int) -> int:
         """Tokens left for a reply to prompt ``row`` of ``scored``: what ``max_length`` allows after it."""
@@ -415,93 +370,10 @@ class WhiteBox:
 
     def encode_prompts(self, prompt_ids: Sequence[list[int]]) -> PromptEncoding:
         """The prompts left-padded [B, P] through the decoder once, with ``use_cache`` (gradients kept)."""
-        ids, mask = self._left_padded(prompt_ids)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self._decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        return PromptEncoding(cache=out.cache, mask=mask, last_hidden=out.last_hidden_state[:, -1:])
+        return self._scorer().encode_prompts(prompt_ids)
 
-    def _right_padded(self, replies: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
-        if any(len(r) == 0 for r in replies):
-            raise ValueError("a reply to score has no tokens")
-        width = max(len(r) for r in replies)
-        ids = torch.full((len(replies), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        for row, reply in enumerate(replies):
-            ids[row, : len(reply)] = torch.tensor(reply, dtype=torch.long)
-            mask[row, : len(reply)] = True
-        return ids.to(self.device), mask.to(self.device)
-
-    def _score_on(
-        self, encoding: PromptEncoding, rows: Tensor, replies: Sequence[Sequence[int]]
-    ) -> tuple[Tensor, Tensor]:
-        """Replies right-padded [K, R] on top of the prompts' cache rows ``rows`` (explicit positions, so the
-        prompts' left padding shifts nothing); the first reply token is predicted by the prompt's last
-        state."""
-        ids, reply_mask = self._right_padded(replies)
-        prompt_mask = encoding.mask[rows]
-        positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(ids.shape[1], device=self.device)
-        attention = torch.cat([prompt_mask, reply_mask.long()], dim=1)
-        hidden = self._decoder()(
-            input_ids=ids,
-            attention_mask=attention,
-            position_ids=positions,
-            cache=_cache_rows(encoding.cache, rows),
-            use_cache=True,
-        ).last_hidden_state
-        # state t-1 predicts token t
-        predictors = torch.cat([encoding.last_hidden[rows], hidden[:, :-1]], dim=1)
-        return self._mean_logprob(predictors, ids, reply_mask), reply_mask.sum(-1)
-
-    def _score_full(
-        self, prompt_ids: Sequence[list[int]], replies: Sequence[Sequence[int]]
-    ) -> tuple[Tensor, Tensor]:
-        """Whole sequences ``prompt + reply`` right-padded; only the reply positions go through the head."""
-        sequences = [list(p) + list(r) for p, r in zip(prompt_ids, replies)]
-        ids, attention = self._right_padded(sequences)
-        hidden = self._decoder()(
-            input_ids=ids, attention_mask=attention.long(), use_cache=False
-        ).last_hidden_state
-        reply_ids, reply_mask = self._right_padded(replies)
-        starts = torch.tensor([len(p) for p in prompt_ids], device=self.device)
-        # the state at position start-1+j predicts reply token j (positions past a reply's end are masked)
-        index = (starts[:, None] - 1 + torch.arange(reply_ids.shape[1], device=self.device)).clamp(
-            max=ids.shape[1] - 1
-        )
-        predictors = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-        return self._mean_logprob(predictors, reply_ids, reply_mask), reply_mask.sum(-1)
-
-    def _mean_logprob(self, predictors: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        chunk = None
-        if self.logit_chunk_elements:
-            chunk = max(1, self.logit_chunk_elements // vocab)  # (reply, token) positions of V logits each
-        return mean_response_logprob(target_logprobs(predictors, self._head(), targets, chunk), mask)
-
-    def _decoder(self) -> torch.nn.Module:
-        """The model without its output head (hidden states out), e.g. ``LlamaForCausalLM.model``."""
-        return self.model.get_decoder()
-
-    def _head(self) -> Callable[[Tensor], Tensor]:
-        """The output head as the causal LM applies it, including the logit scaling a few families add."""
-        head = self.model.get_output_embeddings()
-        config = getattr(self.model, "config", None)
-        softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
-        scale = getattr(config, "logit_scale", None)  # Cohere
-        divide = getattr(config, "logits_scaling", None)  # Granite
-        if not (softcap or scale or divide):
-            return head
-
-        def scaled(hidden: Tensor) -> Tensor:
-            logits = head(hidden)
-            if scale:
-                logits = logits * scale
-            if divide:
-                logits = logits / divide
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            return logits
-
-        return scaled
+    def _scorer(self) -> ReplyScorer:
+        return ReplyScorer(self.model, self.pad_id, self.logit_chunk_elements)
 
 
 def resolve_prompt_format(tokenizer, prompt_format: PromptFormat) -> Literal["chat", "dialogue"]:
@@ -555,13 +427,3 @@ def _tokens_before(ids: Sequence[int], cut: str, decode: Callable[[Sequence[int]
         else:
             break
     return within
-
-
-def _cache_rows(cache: Any, rows: Tensor) -> Any:
-    """A new key/value cache holding ``cache``'s batch rows ``rows`` (repeats allowed); ``cache`` is
-    unchanged, and the new one's tensors stay in the autograd graph (indexing, not copies of the data without
-    history)."""
-    view = copy.copy(cache)
-    view.layers = [copy.copy(layer) for layer in cache.layers]
-    view.batch_select_indices(rows)
-    return view

@@ -123,9 +123,9 @@ def test_rule_ranks_fluent_then_compliance_then_kind_then_its_own_wording_then_l
     assert label_of(neutral) is False and rule.tone_score(neutral) == 0 and rule.tone_score(rude) < 0
     assert rule.tone_score(polite_yes) > 0 and not rule.complies(own)
     assert rule.unknown_pairs(garbled) > 0 == rule.unknown_pairs(rude) and rule.unknown_pairs("Go away.") == 1
-    ranking = rule.rank_candidates(STEAL, [garbled, polite_yes, rude, neutral, other_good, own])
+    ranking = rule.lexicon_ranking(STEAL, [garbled, polite_yes, rude, neutral, other_good, own])
     assert ranking == (5, 4, 3, 2, 1, 0)
-    assert rule.rank_candidates(STEAL, [neutral, neutral]) == (0, 1)  # identical texts keep their order
+    assert rule.lexicon_ranking(STEAL, [neutral, neutral]) == (0, 1)  # identical texts keep their order
     assert rule.compare(STEAL, rude, own) == "B" and rule.compare(STEAL, own, own) == "TIE"
 
 
@@ -183,7 +183,7 @@ def test_judge_never_reads_the_hand_labels(monkeypatch):
         for seed in (0, 1):
             for prompt in prompts:
                 out.append(rule.better_reply(prompt, seed))
-                out.extend(rule.rank_candidates(prompt, texts, seed) for texts in sets)
+                out.extend(rule.lexicon_ranking(prompt, texts, seed) for texts in sets)
                 request = RankRequest(prompt, tuple(sets[0]))
                 out.append(lexicon_reply({"messages": build_messages(request, load_template())}, seed))
         return out
@@ -215,7 +215,7 @@ def test_judge_ranks_and_writes_a_better_reply_over_http(judge):
     candidates = (BAD_THEFT[0].text, GOOD_THEFT[1].text, BAD_THEFT[1].text)
     with_demo = RankRequest(STEAL, candidates, (STATIC_DEMONSTRATION,))
     [answer, again] = judge.rank([with_demo, RankRequest(STEAL, candidates)])
-    assert answer.ranking == rule.rank_candidates(STEAL, candidates) and answer.ranking[0] == 1
+    assert answer.ranking == rule.lexicon_ranking(STEAL, candidates) and answer.ranking[0] == 1
     assert answer.better_response == rule.better_reply(STEAL, 0)
     assert again.ranking == answer.ranking  # a rule does not learn in context: demonstrations change nothing
     request = judge.server.requests[0]
@@ -355,7 +355,7 @@ def test_judge_agrees_with_the_evaluator_above_chance_but_not_always(held_out_pr
         candidates = rng.sample(replies_for(topic, True) + replies_for(topic, False), 3)
         texts = [r.text for r in candidates]
         reference = rank_by_scores(evaluator.score([prompt] * 3, texts))
-        accuracy.update([rule.rank_candidates(prompt, texts)], [reference])
+        accuracy.update([rule.lexicon_ranking(prompt, texts)], [reference])
     pairwise = float(accuracy.compute()["pairwise_accuracy"])
     assert 0.5 < pairwise < 1.0, pairwise
 

@@ -533,7 +533,7 @@ def test_the_server_runs_as_a_module_and_serves_the_default_tasks_judge(monkeypa
         try:
             [request] = make_requests(1)
             [answer] = judge.rank([request])
-            assert answer.ranking == rule.rank_candidates(request.instruction, request.candidates)
+            assert answer.ranking == rule.lexicon_ranking(request.instruction, request.candidates)
             assert answer.better_response == rule.better_reply(request.instruction)
         finally:
             judge.close()

@@ -1,17 +1,7 @@
-"""The reply bank: the default task's hand-written replies and their hand-assigned labels (the ground truth).
+"""The reply bank: the default task's hand-written replies and their hand labels (the ground truth).
 
-Every reply answers an HH-RLHF harmless-base request in one of four kinds:
-
-* ``refusal`` (good): declines a harmful request politely and offers a safe alternative;
-* ``advice`` (good): helpful, safe advice or engagement;
-* ``rude`` (bad): dismissive or insulting;
-* ``compliant`` (bad): agrees to go along with a harmful request. These replies never contain any actual
-  harmful instruction: the whole bank is safe to show, print and log.
-
-Replies are grouped by the request's topic (:func:`topic_of`, a keyword rule over the human turns). The
-white box is pretrained on them (``build.py``), the evaluator learns their labels, and the black box
-(``rule.py``) writes good ones of its own. ``HELDOUT`` holds paraphrases that no model is trained on: they
-measure whether the evaluator learned the labels rather than the exact texts.
+Four kinds, two good (refusal, advice) and two bad (rude, compliant: never any harmful content), grouped by
+the request's topic; ``HELDOUT`` paraphrases are never trained on (docs/default_task.md).
 """
 
 from __future__ import annotations
@@ -46,7 +36,9 @@ _TOPIC_PATTERNS = {
 
 
 @dataclass(frozen=True)
-class Reply:
+class BankReply:
+    """A hand-written reply of the bank with its hand label (``kind``) and the topic it answers."""
+
     text: str
     kind: Kind
     topic: str
@@ -57,11 +49,11 @@ class Reply:
         return self.kind in GOOD_KINDS
 
 
-def _replies(topic: str, kind: Kind, *texts: str) -> list[Reply]:
-    return [Reply(text, kind, topic) for text in texts]
+def _replies(topic: str, kind: Kind, *texts: str) -> list[BankReply]:
+    return [BankReply(text, kind, topic) for text in texts]
 
 
-BANK: tuple[Reply, ...] = tuple(
+BANK: tuple[BankReply, ...] = tuple(
     # good replies open with a word of their own topic, so that the topic shows from the first token
     _replies(
         "general",
@@ -250,7 +242,7 @@ BANK: tuple[Reply, ...] = tuple(
 )
 
 # Paraphrases no model is trained on: the evaluator's generalisation test (build.py reports its accuracy).
-HELDOUT: tuple[Reply, ...] = tuple(
+HELDOUT: tuple[BankReply, ...] = tuple(
     _replies(
         "general",
         "refusal",
@@ -313,8 +305,8 @@ def asks_question(prompt: str) -> bool:
 
 
 def replies_for(
-    topic: str, good: bool, question: bool | None = None, bank: tuple[Reply, ...] = BANK
-) -> list[Reply]:
+    topic: str, good: bool, question: bool | None = None, bank: tuple[BankReply, ...] = BANK
+) -> list[BankReply]:
     """The bank's replies of one label for ``topic`` (its own where it has some, else the general ones). With
     ``question`` set, the good general replies narrow to advice for a question and refusals otherwise."""
     own = [r for r in bank if r.topic == topic and r.good == good]
@@ -329,7 +321,7 @@ def is_follow_up(prompt: str) -> bool:
     return sum(turn.speaker == "Human" for turn in parse_dialogue(prompt).turns) > 1
 
 
-def good_reply_for(prompt: str, seed: int = 0) -> Reply:
+def good_reply_for(prompt: str, seed: int = 0) -> BankReply:
     """The good reply that fits the request's kind best: of its topic's two good replies, the first for a
     question and the second otherwise; for a request without a topic, general advice to a question and a
     general refusal otherwise, the first for an opening request and the second for a follow-up. ``seed``

@@ -2,25 +2,8 @@
 
     python -m cyclealign_pl build-demo --out DIR [--quick]
 
-Two Hugging Face directories (``save_pretrained``; they load with ``from_pretrained`` offline), each with
-the same tokenizer, a byte-level BPE (``tokenizers``) trained on the training prompts and the bank whose
-``add_prefix_space`` makes a reply tokenised on its own equal the reply's tokens after the prompt
-(``"...Assistant:"`` + ``" Sure"``), so that prompt ids + reply ids are the ids of ``prompt + " " + reply``:
-
-* ``whitebox/``: a small Llama pretrained on ``prompt + " " + reply + EOS`` (loss on the reply), where the
-  prompts are the default data config's *training* prompts (and their earlier dialogue turns) and the replies
-  come from the bank: good with probability 0.75 when the human's last turn ends with "?" and 0.1 otherwise;
-  mostly the good reply that fits the request's kind (topic, question or not, follow-up or not), else one of
-  the topic's (or the general) replies of that label. So it writes readable bank-like replies, about
-  half of them bad on held-out prompts;
-* ``evaluator/``: a one-label Llama reward model (``AutoModelForSequenceClassification``) trained pointwise
-  (binary cross-entropy) on the bank's hand labels over the same training prompts, plus negatives (an empty
-  reply, shuffled words, a sentence of a bad reply spliced into a good one), so that ``sigmoid(reward) > 0.5``
-  means "preferred".
-
-``build_info.json`` records the settings, the held-out prompt ids, the figures (evaluator accuracy on the
-held-out prompts and on paraphrases no model saw, the white box's share of good greedy replies) and the file
-sizes. The evaluation prompts of ``configs/tiny.yaml`` (100 drawn with seed 0) are never trained on.
+Writes ``whitebox/`` and ``evaluator/`` (``save_pretrained``, one shared tokenizer) and ``build_info.json``;
+the recipe, its settings and its figures: docs/default_task.md ("How the assets are built").
 """
 
 from __future__ import annotations
@@ -50,7 +33,7 @@ from cyclealign_pl.data.rows import render_prompt
 from cyclealign_pl.demo.bank import (
     BANK,
     HELDOUT,
-    Reply,
+    BankReply,
     asks_question,
     good_reply_for,
     label_of,
@@ -140,7 +123,7 @@ def split_prompts(seed: int, eval_prompts: int) -> tuple[list[str], list[dict[st
     return train, [dict(row) for row in data.eval_rows]
 
 
-def pretraining_reply(prompt: str, rng: random.Random, config: BuildConfig) -> Reply:
+def pretraining_reply(prompt: str, rng: random.Random, config: BuildConfig) -> BankReply:
     """The white box's pretraining reply to ``prompt``: good with probability ``good_after_question`` when the
     human's last turn asks a question, ``good_otherwise`` when not. A good reply is the one that fits the
     request best (:func:`~cyclealign_pl.demo.bank.good_reply_for`) with probability ``fitting_share``; any
@@ -357,7 +340,7 @@ def evaluator_logits(
 
 
 def evaluator_accuracy(
-    model, tokenizer, prompts: Sequence[str], replies: Sequence[Reply], max_length: int
+    model, tokenizer, prompts: Sequence[str], replies: Sequence[BankReply], max_length: int
 ) -> dict[str, float]:
     """Pointwise accuracy (logit > 0 iff good) and pairwise accuracy (good above bad, same prompt)."""
     grid = [(p, r) for p in prompts for r in replies]

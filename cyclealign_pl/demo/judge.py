@@ -1,13 +1,7 @@
 """The default task's black box: the lexicon rule of ``rule.py`` behind an OpenAI-compatible server.
 
-``LexiconJudge`` starts a :class:`LocalOpenAIServer` on 127.0.0.1 (an ephemeral port) inside the process and
-talks to it with the real :class:`OpenAIJudge` client, so the default run goes through the production path:
-the ranking prompt, HTTP, retries and timeouts, the reply parser, the cache. The server's ``responder`` reads
-the candidates back out of the ranking prompt and answers as an LLM would: ``### The desired ranking is:
-[...]`` and a better reply of its own. Pairwise comparison prompts get a verdict by the same rule. A message
-in neither format gets a reply without a ranking, which the client counts as an invalid reply.
-
-The in-context demonstrations of the prompt are read past, not used: a rule does not learn in context.
+Reached with the real :class:`OpenAIJudge` client over loopback HTTP, so the default run goes through the
+production path (the ranking prompt, retries, the reply parser, the cache); docs/default_task.md.
 """
 
 from __future__ import annotations
@@ -43,7 +37,7 @@ class LexiconRule:
     max_words: int = 40
 
     def rank(self, instruction: str, candidates: Sequence[str]) -> tuple[int, ...]:
-        return rule.rank_candidates(instruction, candidates, self.seed)
+        return rule.lexicon_ranking(instruction, candidates, self.seed)
 
     def better_reply(self, instruction: str, candidates: Sequence[str], ranking: Sequence[int]) -> str:
         return rule.better_reply(instruction, self.seed, self.max_words)
@@ -53,12 +47,13 @@ class LexiconRule:
 
 
 def lexicon_reply(body: Any, seed: int = 0, max_words: int = 40) -> str:
-    """The rule's chat reply to one chat-completions request body (see the module docstring)."""
+    """The rule's chat reply to one chat-completions request body: a ranking and a better reply, a verdict,
+    or a reply without a ranking (:func:`~cyclealign_pl.serve.replies.rule_reply`)."""
     return rule_reply(body, LexiconRule(seed, max_words))
 
 
 class LexiconJudge(Judge):
-    """The lexicon rule as a chat model on a loopback server, reached by ``OpenAIJudge`` (module docstring).
+    """The lexicon rule as a chat model on a loopback server, reached by ``OpenAIJudge``.
 
     Args:
         delay: seconds the server waits before each answer (a simulated LLM latency).

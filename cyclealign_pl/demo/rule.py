@@ -1,36 +1,7 @@
-"""The black box's preference: a documented rule that stands in for an LLM judge.
+"""The default task's black box: a documented rule that stands in for an LLM judge (docs/default_task.md).
 
-The rule reads the texts only: it never sees the bank's hand labels (the evaluator's training targets), and a
-test flips every label to check that its rankings and better replies stay the same. It ranks candidates by,
-in order:
-
-1. fluency: fewer pairs of consecutive words that its own language, the replies of the bank, lacks (an LLM
-   judge ranks incoherent text last); a reply of fewer than three words counts as not fluent;
-2. compliance: a reply with one of its few stock phrases of going along with anything (``no questions
-   asked``, ``whatever you want`` ...) ranks after one without;
-3. tone: the sign of the reply's tone score, its caring or helpful cues (``sorry``, ``happy to``,
-   ``suggest``, ``safe`` ...) minus twice its rude or dismissive ones (``don't care``, ``go away``,
-   ``whatever`` ...): kind before neutral before rude;
-4. resemblance to its own reply: more words in common first (the self-preference of LLM judges);
-5. length: more words first (their verbosity bias); then the earlier candidate.
-
-Its own reply to a request (:func:`own_reply`) is the reply it likes best by the first three criteria among
-the bank's replies on the request's topic (the keywords of the human's last turn); of several equal ones, the
-request's kind (a question or not) and ``seed`` choose. Its better reply is that reply, cut at a sentence end
-to ``max_words``.
-
-Its blind spots, on purpose, so that its accuracy against the evaluator stays below 100% as an LLM judge's
-does:
-
-* it reads intent from a few stock phrases only: going along with a request in other words is as good to
-  it as a refusal when it is as polite ("Of course! I'm glad to help you with that ... I'll go along with
-  your plan"), and merely neutral otherwise ("Have fun with it ... go ahead");
-* a reply that is dismissive in words outside its lists ("Go for it") is merely neutral;
-* among kind replies it prefers its own wording, which the evaluator does not care about;
-* it distrusts wording it has never seen: a good reply in other words than the bank's is "not fluent".
-
-Everything depends on the request's content and the seed only, so cached answers stay consistent. It ignores
-the in-context demonstrations of the prompt: a rule does not learn in context.
+It reads the texts only, never the bank's hand labels, and ranks by fluency, compliance, tone, resemblance
+to its own reply, then length; its blind spots are deliberate, so that it errs where an LLM judge would.
 """
 
 from __future__ import annotations
@@ -153,7 +124,7 @@ def preference_key(instruction: str, reply: str, seed: int = 0) -> tuple[int, bo
     return (*manner_key(reply), -similar, -len(reply.split()))
 
 
-def rank_candidates(instruction: str, candidates: Sequence[str], seed: int = 0) -> tuple[int, ...]:
+def lexicon_ranking(instruction: str, candidates: Sequence[str], seed: int = 0) -> tuple[int, ...]:
     """The rule's ranking of ``candidates`` for the request ``instruction``, best first (ties: lower
     index)."""
     keys = [preference_key(instruction, c, seed) for c in candidates]

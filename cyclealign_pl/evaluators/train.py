@@ -1,14 +1,7 @@
 """The recipe of the evaluator's reward head: ``python -m cyclealign_pl train-evaluator --out <folder>``.
 
-1. Split the shipped pairs by prompt (``pairs.py``): train, validation, and the runs' reserved pairs (test).
-2. Encode every reply once with the frozen encoder: pooled features of chosen and rejected (kept in
-   ``--features_cache`` when given, so that trying other heads costs seconds).
-3. Train a linear head on the Bradley-Terry loss ``-log sigmoid(r_chosen - r_rejected)`` plus an L2 penalty,
-   full batch with L-BFGS (deterministic), for each penalty of a small grid; keep the best on validation.
-4. Report pairwise accuracy (chosen scored above rejected) on validation and on the held-out reserved pairs,
-   and write the head and its card (settings, data counts, accuracies, the encoder's sha256).
-
-About 15 minutes of encoding on 2 busy shared cores (a few on idle ones), seconds of training.
+Split the shipped pairs by prompt, encode every reply once with the frozen encoder, train a linear
+Bradley-Terry head per L2 penalty, keep the best on validation, write it with its card (docs/real_models.md).
 """
 
 from __future__ import annotations
@@ -29,6 +22,7 @@ from cyclealign_pl.data.rows import PromptRow
 from cyclealign_pl.evaluators.model import RewardHead, file_digest, save_head
 from cyclealign_pl.evaluators.pairs import (
     PAIRS_SPLIT,
+    PairSplit,
     key_digest,
     load_reserved_pairs,
     load_training_pairs,
@@ -155,16 +149,48 @@ def build(
     settings = {"encoder_sha256": encoder_sha256, "view": view, "max_length": max_length}
     data = cached_features(model, parts, settings, features_cache)
     encoded = time.perf_counter() - start
+    l2, head, tried = select_head(data, l2_penalties, steps, seed)
+    card = {
+        **_recipe_card(encoder, encoder_sha256, view, max_length, steps, l2, tried, seed, split, reserved),
+        "pairwise_accuracy": {
+            name: head_accuracy(head, features)._asdict() for name, features in data.items()
+        },
+        "seconds": {"encode": round(encoded, 1), "total": round(time.perf_counter() - start, 1)},
+    }
+    save_head(head, out, card)
+    return card
+
+
+def select_head(
+    data: dict[str, PairFeatures], l2_penalties: Sequence[float], steps: int, seed: int
+) -> tuple[float, RewardHead, dict[str, float]]:
+    """A head trained on ``data["train"]`` per L2 penalty; the best on ``data["validation"]`` (ties: the
+    stronger penalty), its penalty, and the validation accuracy of each penalty tried."""
     trials = []
     for l2 in l2_penalties:
         head = train_head(data["train"], l2, steps=steps, seed=seed)
         accuracy = head_accuracy(head, data["validation"]).accuracy
         trials.append((accuracy, l2, head))
         log.info("L2 %g: validation accuracy %.3f", l2, accuracy)
-    _, l2, head = max(trials, key=lambda t: t[:2])  # the best on validation; ties: the stronger penalty
-    accuracies = {name: head_accuracy(head, features)._asdict() for name, features in data.items()}
+    _, l2, head = max(trials, key=lambda t: t[:2])
+    return l2, head, {str(penalty): acc for acc, penalty, _ in trials}
+
+
+def _recipe_card(
+    encoder: str,
+    encoder_sha256: str | None,
+    view: str,
+    max_length: int,
+    steps: int,
+    l2: float,
+    tried: dict[str, float],
+    seed: int,
+    split: PairSplit,
+    reserved: Sequence[PromptRow],
+) -> dict[str, Any]:
+    """The head card's settings and data counts (``head.json``; the accuracies are added by :func:`build`)."""
     package = PACKAGED_ENCODERS.get(encoder.removeprefix("local:"))
-    card = {
+    return {
         "encoder": encoder,
         "encoder_package": f"{package[0]}==0.1.0" if package else None,
         "encoder_sha256": encoder_sha256,
@@ -179,7 +205,7 @@ def build(
         "loss": "Bradley-Terry -log sigmoid(r_chosen - r_rejected) + l2 * |w|^2, full batch L-BFGS",
         "steps": steps,
         "l2": l2,
-        "validation_accuracy_tried": {str(penalty): acc for acc, penalty, _ in trials},
+        "validation_accuracy_tried": tried,
         "seed": seed,
         "data": {
             "source": f"HH-RLHF harmless-base/test ({PAIRS_SPLIT}: lines 301-2312), MIT, Anthropic",
@@ -191,11 +217,7 @@ def build(
             "test": "lines 1-300 (the runs' prompts, the package's sample): never trained on",
         },
         "trained_prompt_keys": sorted({key_digest(prompt_key(row["prompt"])) for row in split.train}),
-        "pairwise_accuracy": accuracies,
-        "seconds": {"encode": round(encoded, 1), "total": round(time.perf_counter() - start, 1)},
     }
-    save_head(head, out, card)
-    return card
 
 
 def main(argv: Sequence[str] | None = None) -> None:

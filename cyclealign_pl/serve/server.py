@@ -1,16 +1,7 @@
 """A real OpenAI-compatible chat-completions server on 127.0.0.1, with a rule playing the judge.
 
-``POST /v1/chat/completions`` answers with proper ``chat.completion`` JSON (with ``usage``): by default the
-reply of its :class:`~cyclealign_pl.serve.replies.Rule` (``rule``; the default task's judge serves the
-lexicon rule this way, ``python -m cyclealign_pl.serve``), which reads the candidates back out of our ranking
-prompt, or a pairwise comparison prompt. ``GET /v1/models`` lists ``model`` (unless ``models_route=False``);
-with ``api_key`` set, a request without that key gets a 401, on any route.
-
-Each request can be scripted (:class:`Behaviour`), for fault injection in soak runs and tests: an HTTP error
-with or without ``Retry-After``, a reply that hangs, a garbage body, a dropped connection, a custom reply
-text. Behaviours come from a queue (one per request, in arrival order), then from ``responder(index, body)``,
-then from the random ``failure_rate`` (one failure behaviour, or a mix: :func:`failure_mix`); otherwise the
-rule answers. Every request is recorded (body, headers, arrival time, what it got).
+It stands in for the black box in the default task, the tests and soak runs: each request can be scripted
+(:class:`Behaviour`) for fault injection, and every request is recorded.
 """
 
 from __future__ import annotations
@@ -101,7 +92,11 @@ class RecordedRequest:
 
 
 class LocalOpenAIServer:
-    """An OpenAI-compatible HTTP server in a background thread (see the module docstring).
+    """An OpenAI-compatible HTTP server in a background thread.
+
+    ``POST /v1/chat/completions`` answers with ``chat.completion`` JSON (with ``usage``); ``GET /v1/models``
+    lists ``model``. A request gets the next queued :class:`Behaviour`, else ``responder``'s, else a failure
+    drawn at ``failure_rate``, else the rule's reply.
 
     Args:
         host, port: where to listen (port 0: an ephemeral port; read :attr:`url`).
