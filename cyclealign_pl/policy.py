@@ -15,15 +15,12 @@ from torch import Tensor
 
 from cyclealign_pl.data.rows import prompt_messages
 from cyclealign_pl.reply_scoring import PromptEncoding, ReplyScorer, cache_rows, left_padded
-
-PromptFormat = Literal["auto", "chat", "dialogue"]
+from cyclealign_pl.settings import DEFAULT_LOGIT_CHUNK_ELEMENTS, PromptFormat
 
 # A reply ends where the next dialogue turn would begin (HH-RLHF format): the cut for sampled candidates.
 TURN_MARKERS = ("\n\nHuman:", "\n\nAssistant:", "\nHuman:", "\nAssistant:")
 # PRO's evaluation (the paper's Table 1 protocol) cuts a generated reply at a speaker tag wherever it appears.
 EVAL_MARKERS = ("Human:", "Assistant:")
-# Elements of logits computed at once when scoring: 2**24 float32 logits are 64 MiB (plus their gradient).
-DEFAULT_LOGIT_CHUNK_ELEMENTS = 2**24
 
 
 @dataclass

@@ -256,7 +256,9 @@ def test_gpu_configs_parse_and_build_what_needs_no_gpu(name, objective, capsys, 
         "max_iterations": 5,
         "objective": objective,
     }
-    assert printed["model"]["whitebox"]["max_length"] == 512 and printed["data"]["init_args"]["batch_size"] == 1
+    assert (
+        printed["model"]["whitebox"]["max_length"] == 512 and printed["data"]["init_args"]["batch_size"] == 1
+    )
     assert printed["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(5e-5)
     assert printed["data"]["init_args"]["num_train_prompts"] == 1000
     root = printed["trainer"]["default_root_dir"]
