@@ -1,35 +1,12 @@
 """The CycleAlign cycle, read top to bottom (paper, Sec. 3 and Fig. 2).
 
-Each prompt goes through up to ``max_iterations`` iterations (paper: N = 5) of:
-
-1. **sample** - the white box samples ``num_candidates`` replies (paper: l = 3);
-2. **rank (black box)** - the judge ranks them given the prompt's demonstrations (static + dynamic) and
-   writes a better reply of its own; its requests run in the background while ...
-3. **rank (white box)** - ... the white box scores the candidates by mean token log-prob, its own belief;
-4. **agree** - the longest common subsequence of both rankings becomes a new dynamic demonstration;
-5. **update** - one optimizer step on L = L_rank + lambda * L_sft over the black-box ranking, with the
-   judge's better reply as the top candidate;
-6. **stop?** - a prompt whose two rankings agree is done; so is one whose l samples are all the same reply
-   (nothing to rank: the white box is sure). The others iterate again.
-
-**Continuous batching.** Prompts run in ``capacity`` slots (the data module's batch size). One *round* runs
-one iteration for every occupied slot: one ``generate``, one scoring pass, all judge requests at once, one
-optimizer step. A prompt that is done frees its slot, and the slot takes the next waiting prompt, which starts
-at its own iteration 1 with its own (empty) dynamic demonstrations, so every round runs on a full batch.
-A *training step* takes one batch of prompts from the data and runs rounds until every prompt it brought has
-started and a slot is free again (the last batch of an epoch runs until every slot is empty); prompts still
-in flight continue in the next step, and their state is checkpointed (:class:`CycleState`). With one slot
-this is exactly the paper's loop, one prompt at a time.
-
-**Stops.** Rounds also end when the run's optimizer steps are spent (``trainer.max_steps``), and after any
-round in which a stop was requested (a signal, or the judge stopping the run on any process); the prompts in
-flight then stay in ``state``. Under data parallelism every process runs the same rounds and asks the same
-collective questions in the same order (another round? stop?), whatever its own prompts: a process without
-prompts still joins each round's update, and a judge that stops on one process ends the round on all.
-
-A prompt whose judgment failed (API error, unparseable reply) is masked out of the loss for that iteration and
-counted; nothing is guessed. The white-box plumbing (tokens, generate) is in ``policy.py``; the losses are in
-``objective.py``; the LCS is in ``ranking.py``.
+Each prompt goes through up to N iterations of: 1. **sample** l replies (white box); 2. **rank** them with
+the black box (in the background, with the prompt's static and dynamic demonstrations; it also writes a
+better reply) while 3. the white box ranks them by mean token log-prob; 4. **agree**: the LCS of both
+rankings becomes a new dynamic demonstration; 5. **update**: one optimizer step on L_rank + lambda * L_sft;
+6. **stop?**: a prompt is done when both rankings agree or its l samples are one reply. Prompts run in slots
+refilled from the data as they finish (continuous batching); failed judgments are masked, never guessed.
+Rounds, stops and data parallelism: docs/method.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,9 @@
 """The white-box training objective: L = L_rank + lambda * L_sft (paper, Eq. 1), batched and masked.
 
-Shapes follow one convention: B prompts x C candidates x T tokens, right padding. A candidate's score is
-its mean response log-prob p_i (paper, below Eq. 4). Rankings are ``LongTensor[B, K]`` of candidate
-indices, best first, padded on the right with ``-1``; a partial ranking (the LCS agreement, or a
-judge that ranked only some candidates) uses only its ranked entries.
-
-The paper's equations carry two typos that the reference code of the cited methods does not have:
-
-* Eq. (3) writes ``L_RRHF = -sum_i sum_{j<i} max(0, p_i - p_j)``. With y^1 the best, the pair (j better,
-  i worse) should be penalised when p_i > p_j, so the loss to *minimise* is ``+sum max(0, p_i - p_j)``;
-  the leading minus is a sign slip. We follow RRHF (Yuan et al. 2023, reference ``rrhf_loss``:
-  ``-diff[aval].sum()`` over pairs where the reward says better but the score says worse).
-* Eq. (4) writes ``-sum_j exp(p_j) / sum_{i>=j} exp(p_i)`` without a log. PRO (Song et al. 2023) is a
-  sum of cross-entropies, ``-sum_j log softmax(p_j, ..., p_n)[0]``, which is what we implement.
-
-Both methods' reference code take p_i as the length-normalised sum of response token log-probs, with
-the EOS token counted once in the response, and add an SFT term on the best response weighted, in PRO,
-by (l-1)^2 for l ranked responses. Here a sampled response is scored on exactly the tokens the white box
-generated, its EOS included where it stopped (``policy.Reply``).
+Shapes: B prompts x C candidates x T tokens, right padding; a candidate's score p_i is its mean response
+log-prob; rankings are ``LongTensor[B, K]`` of candidate indices, best first, padded with ``-1``. RRHF and PRO
+follow their reference code, not the paper's Eq. (3)/(4), which carry a sign slip and a missing log
+(docs/method.md).
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
 """Anthropic HH-RLHF: dialogue cleaning, loading through ``datasets``, prompt sampling, a LightningDataModule.
 
-Cleaning follows the preprocessing that the paper cites (OpenAssistant's ``AnthropicRLHF``, reused by PRO):
-a dialogue is split into Human/Assistant turns, consecutive turns of the same speaker are merged (the
-white-box and the black box both expect alternating roles), and a pair is kept only when chosen and
-rejected share their context and end on an assistant reply. Differences from that code, on purpose:
-
-* turns are split on ``"\\n\\nHuman:"`` / ``"\\n\\nAssistant:"`` only, so a reply's own paragraphs
-  (``"1. ...\\n\\n2. ..."``) stay in the reply instead of being discarded;
-* the contexts of chosen and rejected must be equal turn for turn, not just equally long;
-* pairs with an empty final reply, or a final reply that is itself a speaker tag (the known
-  ``"Assistant: Human: ..."`` outlier), are dropped; repeated prompts within a file are dropped;
-* every drop is counted per reason (:data:`DROP_REASONS`) and logged, never silent.
-
-The prompt is the context rendered back in the canonical format, ending with ``"\\n\\nAssistant:"``.
+Cleaning follows the preprocessing the paper cites (OpenAssistant's ``AnthropicRLHF``, reused by PRO), with a
+few differences on purpose (docs/method.md); every dropped pair is counted per reason and logged. The prompt
+is the context rendered back in the canonical format, ending with ``"\n\nAssistant:"``.
 """
 
 from __future__ import annotations
