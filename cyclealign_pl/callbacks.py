@@ -17,6 +17,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric, Metric, SumMetric
 
+from cyclealign_pl import storage
 from cyclealign_pl.counters import CycleCounters
 from cyclealign_pl.cycle import PromptRecord, StepOutcome, hidden_fraction
 from cyclealign_pl.evaluation import reply_stats
@@ -226,7 +227,7 @@ class ExportPretrained(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or trainer.interrupted:
             return
-        path = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model")
+        path = self.dirpath or os.path.join(storage.log_dir(trainer), "hf_model")
         try:
             self._export(pl_module, path)
         except StorageError:  # a full disk or read-only folder: status 3, and the resumed fit exports again

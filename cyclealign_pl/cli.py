@@ -293,14 +293,14 @@ class CycleAlignCLI(LightningCLI):
     def _report_evaluation(self, command: str, stage: str) -> None:
         """What the evaluation scored out of what, its figures and where its files went (in place of
         Lightning's metric table: the metrics are in metrics.csv and eval/)."""
-        from cyclealign_pl import console, summary
+        from cyclealign_pl import console, storage, summary
         from cyclealign_pl.evaluation import eval_paths
 
         trainer = self.trainer
         evaluation = getattr(self.model, "evaluation_summary", None)
         if not trainer.is_global_zero or trainer.state.status.value != "finished" or not evaluation:
             return
-        log_dir = trainer.log_dir or trainer.default_root_dir
+        log_dir = storage.log_dir(trainer)
         run_log = console.current().log_file if console.current() is not None else None
         paths = {
             "checkpoint": trainer.ckpt_path,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch import LightningModule
@@ -303,7 +303,7 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
         if reason is not None:
             self._save_and_stop(reason)
 
-    def _save_and_stop(self, reason: str, interrupted: list[str] | None = None) -> None:
+    def _save_and_stop(self, reason: str, interrupted: list[str] | None = None) -> NoReturn:
         """Save a checkpoint of the progress so far and raise ``RunStopped``. ``interrupted``: the batch ids
         of the training step this stop interrupts, which the resumed run redoes."""
         path = storage.stop_checkpoint_path(self.trainer)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CHECKPOINTS = "checkpoints"
 CHECKPOINT_SUFFIX = ".ckpt"
 
 
@@ -32,6 +31,8 @@ def root_dir(config: Any) -> Path:
 def place_run_files(config: Any) -> None:
     """Put the logger, the checkpoints and a relative judge cache under the root (settings left unset
     only)."""
+    from cyclealign_pl import storage  # imports Lightning: not at the top of this light module
+
     root = root_dir(config)
     for logger in _specs(_get(config, "trainer", "logger")):
         init_args = logger.get("init_args")
@@ -39,7 +40,7 @@ def place_run_files(config: Any) -> None:
             init_args["save_dir"] = str(root)
     for callback in _checkpoint_callbacks(config):
         if callback["init_args"].get("dirpath") is None:
-            callback["init_args"]["dirpath"] = str(root / CHECKPOINTS)
+            callback["init_args"]["dirpath"] = str(root / storage.CHECKPOINTS)
     judge_args = _get(config, "model", "judge", "init_args")
     cache = judge_args.get("cache_path") if judge_args is not None and hasattr(judge_args, "get") else None
     if isinstance(cache, str) and cache and not Path(cache).is_absolute():
