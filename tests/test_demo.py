@@ -421,7 +421,7 @@ def test_figure_helpers_and_bad_files(tmp_path):
         compute_figures(missing, missing)
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({**row, "reward": 1.0}) + '\n{"id": "b",\n')
-    with pytest.raises(ValueError, match="broken.jsonl, line 2: not JSON"):
+    with pytest.raises(ValueError, match="broken.jsonl, line 2: not valid JSON"):
         compute_figures(broken, broken)
     one = _generations(tmp_path / "one.jsonl", [1.0], ["x"])
     with pytest.raises(ValueError, match="share 1 prompt ids"):

@@ -468,18 +468,18 @@ def test_empty_generations_and_degenerate_candidate_sets_are_counted_not_judged(
     module = only_says_eos(tiny_module(judge))
     trainer = fit(module, data, tmp_path / "run", batches=3, callbacks=[CycleMetrics()])
     c = module.counters
-    assert c["steps"] == 3 and c["iterations"] == 3  # one each: a degenerate set ends the prompt
-    assert c["degenerate_sets"] == 3 and c["empty_candidates"] == 9
+    assert c.steps == 3 and c.iterations == 3  # one each: a degenerate set ends the prompt
+    assert c.degenerate_sets == 3 and c.empty_candidates == 9
     # sample collapse is counted apart from agreement, per step and at the end of the fit
-    assert c["identical_sample_prompts"] == 3 and c["agreed_prompts"] == 0
+    assert c.identical_sample_prompts == 3 and c.agreed_prompts == 0
     logged = trainer.callback_metrics
     assert logged["cycle/identical_samples"].item() == 1 and logged["cycle/agreement"].item() == 0
     assert (
         "0 ended by agreement, 3 on identical samples, 0 at the iteration limit"
         in render(collect(module, logged, {}))[0]
     )
-    assert c["judge_failures"] == 0 and judge.requests == []  # never sent, so never a judge failure
-    assert c["optimizer_steps"] == 0 and trainer.global_step == 0
+    assert c.judge_failures == 0 and judge.requests == []  # never sent, so never a judge failure
+    assert c.optimizer_steps == 0 and trainer.global_step == 0
     assert trainer.callback_metrics["counters/degenerate_sets"].item() == 3
 
 
