@@ -7,6 +7,7 @@ failure is counted; what is retried, what stops the judge and why every wait is 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
@@ -249,26 +250,14 @@ class ChatTransport:
         """An attempt asking for structured output; refused, the same request at once in the next weaker
         form (the server's choice is remembered)."""
         s = self.settings
-        form = self.structured.form(first)
-        outcome = await self.attempt(
-            messages,
-            url,
-            tries,
-            max_tokens=s.max_tokens,
-            timeout=s.request_timeout,
-            retry=retry,
-            response_format=response_format(schema, form),
+        send = functools.partial(
+            self.attempt, messages, url, tries, max_tokens=s.max_tokens, timeout=s.request_timeout
         )
+        form = self.structured.form(first)
+        outcome = await send(retry=retry, response_format=response_format(schema, form))
         while schema_refused(outcome.status, outcome.detail) and form + 1 < len(STRUCTURED_OUTPUT_FORMS):
             form += 1
-            outcome = await self.attempt(
-                messages,
-                url,
-                tries,
-                max_tokens=s.max_tokens,
-                timeout=s.request_timeout,
-                response_format=response_format(schema, form),
-            )
+            outcome = await send(response_format=response_format(schema, form))
             if not schema_refused(outcome.status, outcome.detail):  # taken: the stronger form was refused
                 self.structured.taken(form, url)
         return outcome
