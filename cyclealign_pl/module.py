@@ -28,6 +28,7 @@ from cyclealign_pl.rng import restore_rng_state
 from cyclealign_pl.run_state import (
     ProcessState,
     checkpoint_entry,
+    reopen_unfinished_epoch,
     state_for_rank,
     uncount_current_batch,
 )
@@ -321,6 +322,8 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
         checkpoint["cyclealign"] = checkpoint_entry(processes, self.run_id, self.zero_shot)
         if self.state.interrupted_ids is not None:
             uncount_current_batch(checkpoint)
+        if self._trainer is not None and not self._steps_left():
+            reopen_unfinished_epoch(checkpoint, self.trainer.num_training_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         entry = checkpoint.get("cyclealign")
@@ -344,10 +347,6 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
         values = torch.tensor(list(local.as_dict().values()), device=self.device, dtype=torch.float64)
         totals = self.trainer.strategy.reduce(values, reduce_op="sum")
         return RunTotals(**{name: int(v) for name, v in zip(local.as_dict(), totals.tolist())})
-
-    def prompts_in_flight(self) -> int:
-        """This process's prompts taken from the data and not finished."""
-        return self.state.in_flight()
 
 
 def _load_white_box(

@@ -127,3 +127,14 @@ def uncount_current_batch(checkpoint: dict[str, Any]) -> None:
     for state in loop.get("combined_loader", []):
         if isinstance(state, dict) and state.get("batches", 0) > 0:
             state["batches"] -= 1
+
+
+def reopen_unfinished_epoch(checkpoint: dict[str, Any], batches_per_epoch: float) -> None:
+    """A fit stopped by ``trainer.max_steps`` inside an epoch: Lightning records that epoch as processed, so
+    a resume with a larger ``max_steps`` would skip the rest of it; record it as still running."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epoch, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    if not epoch or not batches or batches["current"]["completed"] >= batches_per_epoch:
+        return
+    for part in ("total", "current"):
+        epoch[part]["processed"] = min(epoch[part]["processed"], epoch[part]["completed"])

@@ -76,7 +76,7 @@ def test_a_stop_in_an_epochs_last_step_is_resumed_and_its_prompts_in_flight_fini
     resumed_judge = SigtermAtCall()
     resumed = tiny_module(resumed_judge, cycle=NEVER_DONE_EARLY)
     checkpointed(tmp_path / "run", batches=2).fit(resumed, make_data(root, batch_size=3), ckpt_path=last)
-    assert resumed.prompts_in_flight() == 0
+    assert resumed.state.in_flight() == 0
     assert resumed.trained_ids == whole.trained_ids
     assert resumed.counters == replace(whole.counters, interrupted_steps=1)
     assert resumed_judge.calls == 2  # the last 2 rounds of the 3 prompts, none asked twice
@@ -101,6 +101,13 @@ def test_max_steps_stops_at_exactly_that_many_optimizer_steps_and_keeps_the_prom
     assert [len(slot["iterations"]) for slot in saved["processes"][0]["cycle"]["slots"]] == [3, 3]
     report = summary.render(summary.collect(module, trainer.callback_metrics, {}))
     assert "2 prompts still in flight at the end of training: saved in the checkpoint" in "\n".join(report)
+
+    # a larger max_steps goes on in the same epoch: the prompts in flight, then the batches not yet taken
+    resumed = tiny_module(WhiteBoxMirrorJudge(swap_top_two), cycle=CycleConfig(max_iterations=5))
+    trainer = checkpointed(tmp_path, batches=4, max_steps=6)
+    trainer.fit(resumed, make_data(root, batch_size=2), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    assert trainer.global_step == 6 and resumed.counters.optimizer_steps == 6
+    assert resumed.counters.steps > module.counters.steps and resumed.counters.prompts >= 2
 
 
 def test_a_process_that_does_not_act_on_a_stop_signal_exits_after_the_grace_period():
