@@ -44,6 +44,11 @@ def suggest(name: str, known: Iterable[str]) -> str | None:
     known = [k for k in dict.fromkeys(known) if k != name and not name.startswith(k + ".")]
     parent, _, leaf = name.rpartition(".")
     if parent:
+        # a setting that moved into a group: model.max_length -> model.whitebox.max_length
+        grouped = [k for k in known if k.startswith(parent + ".") and k.count(".") == name.count(".") + 1]
+        moved = [k for k in grouped if k.rpartition(".")[2] == leaf]
+        if len(moved) == 1:
+            return moved[0]
         siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
         match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.75)
         if match:

@@ -234,6 +234,10 @@ def test_suggestions_are_near_misses_only():
     assert suggest("--modle.cycle.num_candidates", options) == "--model.cycle.num_candidates"
     assert suggest("--model.cycle.bogus", options) is None  # not the group that holds it
     assert suggest("--model.sampling.top_q", options) == "--model.sampling.top_p"
+    # a setting that moved into a group (0.1 -> 0.2) is found there, before a near miss among its old siblings
+    grouped = [*options, "--model.whitebox.max_length", "--model.cycle.ablation", "--model.evaluation"]
+    assert suggest("--model.max_length", grouped) == "--model.whitebox.max_length"
+    assert suggest("--model.ablation", grouped) == "--model.cycle.ablation"
     assert one_line("unrecognized arguments: --model.cycle.num_candidate 4", options) == (
         "unknown option --model.cycle.num_candidate (did you mean --model.cycle.num_candidates?)"
     )
