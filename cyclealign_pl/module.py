@@ -110,7 +110,7 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.gradient_clip_val = gradient_clip_val
-        self.state = ProcessState(cycle.demonstration_pool())
+        self.run_state = ProcessState(cycle.demonstration_pool())
         self.evaluator = StageEvaluator(evaluation)
         self.run_id: str | None = None  # names this run in the judge's spend ledger; kept across resumes
         self.totals: RunTotals | None = None  # the counters over all processes, set at the end of training
@@ -120,11 +120,11 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
     # -- what readers of a trained module look at (callbacks, summary, notebooks, tests) ------------------
     @property
     def counters(self) -> CycleCounters:
-        return self.state.counters
+        return self.run_state.counters
 
     @property
     def trained_ids(self) -> list[str]:
-        return self.state.trained_ids
+        return self.run_state.trained_ids
 
     @property
     def zero_shot(self) -> dict[str, Any] | None:
@@ -170,22 +170,22 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> dict[str, Any]:
         last = batch_idx + 1 >= self.trainer.num_training_batches  # the epoch's last: finish every prompt
         prompts, ids = list(batch["prompt"]), list(batch["id"])
-        if self.state.redo_ids is not None:  # the step a stop interrupted, redone after the resume
-            if ids == self.state.redo_ids:
+        if self.run_state.redo_ids is not None:  # the step a stop interrupted, redone after the resume
+            if ids == self.run_state.redo_ids:
                 prompts, ids = [], []  # its prompts are in flight or done already
             else:
                 log.warning(
                     "the resumed data does not start with the batch of the interrupted step (is the train "
                     "dataloader resumable?): its prompts in flight finish along with the next ones"
                 )
-            self.state.redo_ids = None
+            self.run_state.redo_ids = None
         self._count_truncated(prompts)
         try:
             outcome = run_cycle(
-                self.state.cycle,
+                self.run_state.cycle,
                 self.whitebox,
                 self.judge,
-                self.state.pool,
+                self.run_state.pool,
                 prompts,
                 ids,
                 self.cycle_config,
@@ -197,7 +197,7 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
             )
         except JudgeStop as stop:  # raised outside the judge's answers (a judge's own submit): one process
             self._save_and_stop(f"the judge stopped the run: {stop}", interrupted=list(batch["id"]))
-        self.state.record(outcome)
+        self.run_state.record(outcome)
         self._log_step(outcome)
         if outcome.interrupted:  # stop here; the resumed run redoes this step
             for callback in self.trainer.callbacks:  # what on_train_batch_end would have recorded
@@ -253,7 +253,7 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
     # -- the run: slots for the prompts in flight, the judge's spend ledger, the zero-shot evaluation --------
     def on_train_start(self) -> None:
         self._signals.install(self.trainer)
-        self.state.start(getattr(self.trainer.train_dataloader, "batch_size", None) or 1)
+        self.run_state.start(getattr(self.trainer.train_dataloader, "batch_size", None) or 1)
         # the run's id is fixed in <default_root_dir>/run.json when it first starts, before anything is spent,
         # so that a resume after a crash before the first checkpoint counts the spend; one id for all ranks
         run_id = self.run_id or uuid.uuid4().hex
@@ -294,9 +294,9 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
         return reason
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.state.pending_rng is not None:  # first step after a resume: continue the saved random streams
-            restore_rng_state(self.state.pending_rng)
-            self.state.pending_rng = None
+        if self.run_state.pending_rng is not None:  # first step after a resume: continue the random streams
+            restore_rng_state(self.run_state.pending_rng)
+            self.run_state.pending_rng = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # after the callbacks' hooks (metrics, periodic checkpoint) and before Lightning's own SIGTERM exit
@@ -308,19 +308,19 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
         """Save a checkpoint of the progress so far and raise ``RunStopped``. ``interrupted``: the batch ids
         of the training step this stop interrupts, which the resumed run redoes."""
         path = storage.stop_checkpoint_path(self.trainer)
-        self.state.interrupted_ids = interrupted
+        self.run_state.interrupted_ids = interrupted
         self.trainer.save_checkpoint(path)
         raise RunStopped(f"{reason}. A checkpoint was saved to {path}; resume with --ckpt_path {path}")
 
     # -- checkpoints (run_state.py) ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        local = self.state.state_dict(self.judge.state_dict() if self.judge is not None else {})
+        local = self.run_state.state_dict(self.judge.state_dict() if self.judge is not None else {})
         processes = [local]
         if self.trainer.world_size > 1:  # every rank dumps the checkpoint (rank 0 writes it): a collective
             processes = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(processes, local)
         checkpoint["cyclealign"] = checkpoint_entry(processes, self.run_id, self.zero_shot)
-        if self.state.interrupted_ids is not None:
+        if self.run_state.interrupted_ids is not None:
             uncount_current_batch(checkpoint)
         if self._trainer is not None and not self._steps_left():
             reopen_unfinished_epoch(checkpoint, self.trainer.num_training_batches)
@@ -335,13 +335,13 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         fitting = trainer is not None and trainer.state.fn == "fit"
         mine = state_for_rank(entry["processes"], rank, world, fitting)
-        self.state.load_state_dict(mine)
+        self.run_state.load_state_dict(mine)
         if self.judge is not None:
             self.judge.load_state_dict(mine["judge"])
 
     def run_totals(self) -> RunTotals:
         """The counters and the prompts in flight, summed over all processes (a collective call)."""
-        local = RunTotals(**self.counters.as_dict(), in_flight=self.state.in_flight())
+        local = RunTotals(**self.counters.as_dict(), in_flight=self.run_state.in_flight())
         if self._trainer is None or self.trainer.world_size == 1:
             return local
         values = torch.tensor(list(local.as_dict().values()), device=self.device, dtype=torch.float64)

@@ -155,7 +155,7 @@ def test_resume_restores_pool_and_counters(hh_root, tmp_path):
     trainer.fit(first, make_data(root))
     ckpt = tmp_path / "three.ckpt"
     trainer.save_checkpoint(ckpt)
-    assert first.state.pool.shared, "scope='run' keeps demonstrations across steps"
+    assert first.run_state.pool.shared, "scope='run' keeps demonstrations across steps"
 
     second_judge = WhiteBoxMirrorJudge(swap_top_two)
     second = tiny_module(
@@ -165,7 +165,7 @@ def test_resume_restores_pool_and_counters(hh_root, tmp_path):
         second, make_data(root), ckpt_path=ckpt
     )  # already complete: restores only
     assert second.counters == first.counters
-    assert second.state.pool == first.state.pool
+    assert second.run_state.pool == first.run_state.pool
     assert not second_judge.requests
 
     third_judge = WhiteBoxMirrorJudge(swap_top_two)
@@ -176,4 +176,4 @@ def test_resume_restores_pool_and_counters(hh_root, tmp_path):
     assert third.counters.steps == 6 and third.counters.prompts == 6
     # the restored pool is what the first resumed request sees (capped at max_demonstrations, after the static
     # one)
-    assert third_judge.requests[0].demonstrations[1:] == tuple(first.state.pool.shared[-5:])
+    assert third_judge.requests[0].demonstrations[1:] == tuple(first.run_state.pool.shared[-5:])

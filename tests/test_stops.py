@@ -76,7 +76,7 @@ def test_a_stop_in_an_epochs_last_step_is_resumed_and_its_prompts_in_flight_fini
     resumed_judge = SigtermAtCall()
     resumed = tiny_module(resumed_judge, cycle=NEVER_DONE_EARLY)
     checkpointed(tmp_path / "run", batches=2).fit(resumed, make_data(root, batch_size=3), ckpt_path=last)
-    assert resumed.state.in_flight() == 0
+    assert resumed.run_state.in_flight() == 0
     assert resumed.trained_ids == whole.trained_ids
     assert resumed.counters == replace(whole.counters, interrupted_steps=1)
     assert resumed_judge.calls == 2  # the last 2 rounds of the 3 prompts, none asked twice

@@ -175,7 +175,7 @@ class StageEvaluator:
         trainer = module.trainer
         data = trainer.datamodule
         weights = _subset_weights(trainer)
-        counters = module.state.counters
+        counters = module.run_state.counters
         return {
             "stage": stage,
             "trainer_fn": trainer.state.fn.value,
