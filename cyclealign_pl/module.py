@@ -329,12 +329,10 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
         entry = checkpoint.get("cyclealign")
         if not entry:
             return
-        self.run_id = entry["run_id"]
-        self.evaluator.zero_shot = entry["zero_shot"]
         trainer = self._trainer  # None in load_from_checkpoint
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        fitting = trainer is not None and trainer.state.fn == "fit"
-        mine = state_for_rank(entry["processes"], rank, world, fitting)
+        mine = state_for_rank(entry, rank, world, fitting=trainer is not None and trainer.state.fn == "fit")
+        self.run_id, self.evaluator.zero_shot = entry["run_id"], entry["zero_shot"]
         self.run_state.load_state_dict(mine)
         if self.judge is not None:
             self.judge.load_state_dict(mine["judge"])

@@ -87,10 +87,16 @@ def checkpoint_entry(processes: list[dict[str, Any]], run_id: str | None, zero_s
     }
 
 
-def state_for_rank(processes: list[dict[str, Any]], rank: int, world: int, fitting: bool) -> dict[str, Any]:
-    """This rank's state from a checkpoint's ``processes``. Saved by another number of processes: the totals
-    go to rank 0 (the others start from zero); prompts in flight cannot move between processes, so a fit
-    that has some must resume with as many."""
+def state_for_rank(entry: dict[str, Any], rank: int, world: int, fitting: bool) -> dict[str, Any]:
+    """This rank's state from a checkpoint's ``cyclealign`` entry. Saved by another number of processes: the
+    totals go to rank 0 (the others start from zero); prompts in flight cannot move between processes, so a
+    fit that has some must resume with as many."""
+    if "processes" not in entry:
+        raise ValueError(
+            "the checkpoint was written by cyclealign_pl 0.1 (no per-process state): it cannot be resumed by "
+            "this version; start a new run (its exported hf_model still loads as a white box)"
+        )
+    processes = entry["processes"]
     if len(processes) == world:
         return processes[rank]
     in_flight = [
