@@ -19,9 +19,8 @@ class ManualOptimization:
     """``configure_optimizers`` and the optimizer step of a round, skipping what must not be applied."""
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(
-            [p for p in self.model.parameters() if p.requires_grad]
-        )  # LoRA: adapters
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # with LoRA: the adapters
+        optimizer = self.optimizer_factory(trainable)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
