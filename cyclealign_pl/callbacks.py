@@ -64,6 +64,7 @@ class CycleMetrics(Callback):
             }
         )
         self.accuracy = RankingAccuracy()
+        self._rank = 0  # this process's rank, set in setup
         self.judge_time = torch.nn.ModuleDict({"wait_s": SumMetric(), "latency_s": SumMetric()})
         for _, metric in self._named():
             metric.persistent(True)
@@ -197,7 +198,7 @@ class CycleMetrics(Callback):
         for name, metric in self._named():
             saved = saved_states.get(name)
             if saved:
-                if getattr(self, "_rank", 0) == 0:  # the other processes add their new updates from zero
+                if self._rank == 0:  # the other processes add their new updates from zero
                     metric.load_state_dict(saved)
                 else:
                     metric.reset()

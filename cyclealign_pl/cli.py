@@ -60,6 +60,8 @@ def _parser_kwargs() -> dict[str, Any]:
 
 
 class CycleAlignCLI(LightningCLI):
+    _finishing = False  # resuming a fit killed during its end: only its end (export, evaluation) is redone
+
     def add_arguments_to_parser(self, parser) -> None:
         from cyclealign_pl.callbacks import CycleMetrics, ExportPretrained
         from cyclealign_pl.summary import ReportSettings
@@ -263,7 +265,7 @@ class CycleAlignCLI(LightningCLI):
         trainer = self.trainer
         if trainer.interrupted or trainer.state.status.value != "finished":
             return
-        if getattr(self, "_finishing", False):
+        if self._finishing:
             self._final_evaluation()
         report = self._get(self.config_init, "report")
         threshold = getattr(report, "judge_failure_warning", 0.2)
