@@ -161,9 +161,9 @@ def main() -> None:
     lost = {k.removeprefix("failures/"): int(v) for k, v in judge.items() if k.startswith("failures/") and v}
 
     print(
-        f"soak: {c['steps']} steps completed of {prompts * epochs} ({epochs} epochs x {prompts} prompts), "
-        f"{c['optimizer_steps']} optimizer steps, "
-        f"{c['iterations'] / max(c['steps'], 1):.2f} iterations/step, {elapsed:.0f} s"
+        f"soak: {c.steps} steps completed of {prompts * epochs} ({epochs} epochs x {prompts} prompts), "
+        f"{c.optimizer_steps} optimizer steps, "
+        f"{c.iterations / max(c.steps, 1):.2f} iterations/step, {elapsed:.0f} s"
     )
     print(
         f"server: {len(requests)} requests, {sum(failed.values())} failed "
@@ -171,10 +171,10 @@ def main() -> None:
     )
     print(
         f"failures absorbed: {int(judge['retries'])} retried, {int(judge['failures'])} prompts masked out "
-        f"of the loss {lost}; run counter judge_failures={c['judge_failures']} "
-        f"(besides {c['degenerate_sets']} degenerate candidate sets, never judged), "
-        f"skipped updates={c['skipped_updates']}, "
-        f"non-finite={c['nonfinite_updates']}"
+        f"of the loss {lost}; run counter judge_failures={c.judge_failures} "
+        f"(besides {c.degenerate_sets} degenerate candidate sets, never judged), "
+        f"skipped updates={c.skipped_updates}, "
+        f"non-finite={c.nonfinite_updates}"
     )
     print(
         f"requests repeated (answered more than once): {sum(n - 1 for n in answered.values() if n > 1)}   "
