@@ -1,8 +1,8 @@
 r"""Efficacy of the default run and of the paper's ablations (Table 3): gain per judge request and per second.
 
 Each setting runs the README's default fit (``configs/tiny.yaml``, the default task of docs/default_task.md)
-in a fresh run directory, with ``--model.cycle.ablation`` set, and reads the evaluator's gain over the zero-shot
-white box on the held-out prompts (paired by prompt, with its standard error), the judge requests the run
+in a fresh run directory, with ``--model.cycle.ablation`` set, and reads the evaluator's gain over the
+zero-shot white box on the held-out prompts (paired by prompt, with its standard error), the judge requests the run
 sent, and its wall time (validation included, the same for every setting). Printed: gain +- SE, requests,
 seconds, and the gain per 100 judge requests and per minute.
 
