@@ -2,9 +2,9 @@ r"""Efficacy of the default run and of the paper's ablations (Table 3): gain per
 
 Each setting runs the README's default fit (``configs/tiny.yaml``, the default task of docs/default_task.md)
 in a fresh run directory, with ``--model.cycle.ablation`` set, and reads the evaluator's gain over the
-zero-shot white box on the held-out prompts (paired by prompt, with its standard error), the judge requests the run
-sent, and its wall time (validation included, the same for every setting). Printed: gain +- SE, requests,
-seconds, and the gain per 100 judge requests and per minute.
+zero-shot white box on the held-out prompts (paired by prompt, with its standard error), the judge requests
+the run sent, and its wall time (validation included, the same for every setting). Printed: gain +- SE,
+requests, seconds, and the gain per 100 judge requests and per minute.
 
 What to expect: the dynamic demonstrations (``no_d2``) and in-context learning (``no_icl``) only matter with a
 black box that learns from its prompt. The default judge is a rule (a lexicon with blind spots): it reads the

@@ -50,8 +50,7 @@ def main() -> None:
     )
     print(f"wall time (incl. model build and data load): {elapsed:.1f} s")
     print(
-        f"steps/s: {steps / elapsed:.2f}   "
-        f"optimizer steps/s: {module.counters.optimizer_steps / elapsed:.2f}"
+        f"steps/s: {steps / elapsed:.2f}   optimizer steps/s: {module.counters.optimizer_steps / elapsed:.2f}"
     )
     print(f"peak RSS: {peak_mib:.0f} MiB")
     sys.stdout.flush()
