@@ -6,12 +6,15 @@ loads without this package; ``--gguf`` adds a GGUF for llama.cpp and Ollama. Det
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 from pathlib import Path
 
 from cyclealign_pl.cli_parser import OneLineArgumentParser
 from cyclealign_pl.commands import fail, parser_names
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -63,12 +66,18 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, gguf_type: st
 
 def write_gguf_of(model, source: str | None, out_dir: Path, gguf_type: str) -> Path:
     """``out_dir/model.gguf`` of an exported white box; a model that came from a GGUF keeps its tokenizer
-    fields (``source``: the checkpoint's ``model`` setting)."""
+    fields (``source``: the checkpoint's ``model`` setting), or, when that GGUF is gone, takes them from the
+    exported tokenizer files."""
     from cyclealign_pl.gguf_export import GGUFExportError, write_gguf
     from cyclealign_pl.local_models import LocalModelError, is_gguf_name, resolve_gguf
 
+    original = None
+    if is_gguf_name(source):
+        try:
+            original = resolve_gguf(source)
+        except LocalModelError as gone:
+            log.warning("%s: the tokenizer fields come from the exported tokenizer files instead", gone)
     try:
-        original = resolve_gguf(source) if is_gguf_name(source) else None
         return write_gguf(model, out_dir / GGUF_NAME, out_dir, gguf_type, source_gguf=original)
     except (GGUFExportError, LocalModelError) as error:
         raise ExportError(f"GGUF export: {error}") from error

@@ -67,3 +67,29 @@ def test_the_gguf_export_writes_llama_tensors_that_read_back_to_the_same_weights
     fields = gguf.GGUFReader(str(out)).fields
     assert fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
     assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+
+
+def test_a_gguf_export_whose_source_gguf_is_gone_takes_the_tokenizer_from_the_exported_files(
+    tmp_path: Path, caplog
+):
+    """A white box converted from a GGUF that was deleted since: the export says so and writes the GGUF with
+    the tokenizer fields of the exported Hugging Face files, instead of failing."""
+    gguf = pytest.importorskip("gguf", reason="the GGUF export needs the `local` extra (gguf)")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cyclealign_pl.export import write_gguf_of
+    from tests.helpers import QUESTIONS, TINY_LLAMA, chat_tokenizer, hh_prompt
+
+    tokenizer = chat_tokenizer([f"{hh_prompt(q)} Sure." for q in QUESTIONS])
+    settings = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), **settings)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    tokenizer.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="cyclealign_pl.export"):
+        out = write_gguf_of(model, str(tmp_path / "deleted.gguf"), tmp_path, "f32")
+    assert "GGUF file not found" in caplog.text and "exported tokenizer files" in caplog.text
+    fields = gguf.GGUFReader(str(out)).fields
+    assert len(fields["tokenizer.ggml.tokens"].contents()) == len(tokenizer)
+    assert fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
