@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
+import inspect
 import logging
 import textwrap
+import typing
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 from cyclealign_pl.judges.base import Judge, JudgeStop, JudgeUnavailable, Judgment, RankRequest
@@ -76,6 +79,18 @@ def _check_ranking(num_permutations: int, on_failure: str, fallback: Judge | Non
         raise ValueError("OpenAIJudge: on_failure='fallback' needs a fallback judge")
 
 
+def _chat_settings(chat: dict[str, Any]) -> ChatSettings:
+    """``ChatSettings`` from the judge's chat arguments; an unknown one is a clear error."""
+    names = [f.name for f in fields(ChatSettings)]
+    for name in chat:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            raise ValueError(
+                f"unknown argument {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            )
+    return ChatSettings(**chat)
+
+
 def _for_managed_server(settings: ChatSettings, server: LlamaCppServer) -> ChatSettings:
     """The settings for a server the judge starts: the GGUF's name unless a model is named, its port once it
     runs, no key, and as many requests at a time as it serves."""
@@ -129,67 +144,21 @@ class OpenAIJudge(Judge):
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
-        base_url: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
-        temperature: float = 0.0,
-        max_tokens: int | None = 1024,
-        request_timeout: float = 60.0,
-        max_retries: int = 5,
-        backoff_initial_s: float = 1.0,
-        backoff_max_s: float = 30.0,
-        max_retry_after_s: float = 120.0,
-        extra_headers: dict[str, str] | None = None,
-        max_concurrency: int = 16,
-        adaptive_concurrency: bool = True,
-        requests_per_minute: float | None = None,
-        tokens_per_minute: float | None = None,
-        budget_requests: int | None = None,
-        budget_tokens: int | None = None,
-        budget_usd: float | None = None,
-        price_per_million_input_tokens: float = 0.0,
-        price_per_million_output_tokens: float = 0.0,
-        cache_path: str | None = None,
-        replay: bool = False,
         template: str | None = None,
         shuffle_candidates: bool = False,
         num_permutations: int = 1,
         on_failure: Literal["skip", "fallback", "stop"] = "skip",
         fallback: Judge | None = None,
         seed: int = 0,
-        max_consecutive_failures: int | None = 8,
         structured_output: Literal["auto", "json_schema", "json_object", "off"] = "auto",
         server: LlamaCppServer | None = None,
-        max_response_bytes: int = 1 << 20,
+        **chat: Any,
     ) -> None:
-        _check_structured_output_and_server(structured_output, server, base_url, api_key_env)
+        defaults = ChatSettings()
+        base_url, key = chat.get("base_url", defaults.base_url), chat.get("api_key_env", defaults.api_key_env)
+        _check_structured_output_and_server(structured_output, server, base_url, key)
         with _named_errors():
-            settings = ChatSettings(
-                model=model,
-                base_url=base_url,
-                api_key_env=api_key_env,
-                temperature=temperature,
-                max_tokens=max_tokens,
-                request_timeout=request_timeout,
-                max_retries=max_retries,
-                backoff_initial_s=backoff_initial_s,
-                backoff_max_s=backoff_max_s,
-                max_retry_after_s=max_retry_after_s,
-                extra_headers=extra_headers,
-                max_concurrency=max_concurrency,
-                adaptive_concurrency=adaptive_concurrency,
-                requests_per_minute=requests_per_minute,
-                tokens_per_minute=tokens_per_minute,
-                budget_requests=budget_requests,
-                budget_tokens=budget_tokens,
-                budget_usd=budget_usd,
-                price_per_million_input_tokens=price_per_million_input_tokens,
-                price_per_million_output_tokens=price_per_million_output_tokens,
-                cache_path=cache_path,
-                replay=replay,
-                max_consecutive_failures=max_consecutive_failures,
-                max_response_bytes=max_response_bytes,
-            )
+            settings = _chat_settings(chat)
             self.settings = settings if server is None else _for_managed_server(settings, server)
         self.structured_output = structured_output
         self.server = server
@@ -394,11 +363,28 @@ class OpenAIJudge(Judge):
         return out
 
 
-# jsonargparse reads parameter descriptions from __init__'s docstring too: the chat settings, described once
-# in ChatSettings, are shown in --help for the judge's arguments as well.
-OpenAIJudge.__init__.__doc__ = "The chat client's settings (ChatSettings).\n\nArgs:\n" + textwrap.indent(
-    textwrap.dedent((ChatSettings.__doc__ or "").split("Args:", 1)[-1].strip("\n")), "    "
-)
+def _with_chat_settings(init: Any) -> None:
+    """Declare the chat settings, defined once as ``ChatSettings``' fields, as keyword arguments of ``init``
+    (its ``**chat``): the signature and docstring that ``inspect``, jsonargparse's ``--help``, its config
+    checks and the CLI's "did you mean" read."""
+    own = inspect.signature(init)
+    hints = {**typing.get_type_hints(init), **typing.get_type_hints(ChatSettings)}
+    parameters = [
+        p.replace(annotation=hints.get(name, p.annotation))
+        for name, p in own.parameters.items()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    parameters += [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+        for f in fields(ChatSettings)
+    ]
+    init.__signature__ = own.replace(parameters=parameters)
+    init.__doc__ = "The chat client's settings (ChatSettings).\n\nArgs:\n" + textwrap.indent(
+        textwrap.dedent((ChatSettings.__doc__ or "").split("Args:", 1)[-1].strip("\n")), "    "
+    )
+
+
+_with_chat_settings(OpenAIJudge.__init__)
 
 __all__ = [
     "JUDGMENT_FAILURE_KINDS",
