@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import multiprocessing
 import pickle
 import socket
@@ -468,6 +469,11 @@ def test_the_judge_passes_every_chat_setting_on_to_its_client(tmp_path):
     judge = OpenAIJudge(**values)
     assert judge.settings == ChatSettings(**values)
     judge.close()
+    # declared once: the judge's signature (what --help and config checks read) lists each with its default
+    parameters = inspect.signature(OpenAIJudge).parameters
+    assert {name: parameters[name].default for name in defaults} == defaults
+    with pytest.raises(ValueError, match="OpenAIJudge: unknown argument 'temperatur' .did you mean 'temperature'"):
+        OpenAIJudge(temperatur=0.1)
 
 
 # ------------------------------------------------------------------------------- objects and config
