@@ -472,7 +472,7 @@ def test_the_judge_passes_every_chat_setting_on_to_its_client(tmp_path):
     # declared once: the judge's signature (what --help and config checks read) lists each with its default
     parameters = inspect.signature(OpenAIJudge).parameters
     assert {name: parameters[name].default for name in defaults} == defaults
-    with pytest.raises(ValueError, match="OpenAIJudge: unknown argument 'temperatur' .did you mean 'temperature'"):
+    with pytest.raises(ValueError, match="unknown argument 'temperatur' .did you mean 'temperature'"):
         OpenAIJudge(temperatur=0.1)
 
 
