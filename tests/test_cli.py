@@ -23,6 +23,7 @@ from tests.helpers import Capture, cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_OPENAI = str(ROOT / "configs" / "tiny_openai.yaml")
+THREE_STEPS_NO_VALIDATION = ("--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0")
 
 
 # -- the session's default run (tests/conftest.py) is made once ------------------------------------------
@@ -49,10 +50,7 @@ def test_a_learning_rate_warm_up_is_a_config_setting_stepped_once_per_optimizer_
             "fit",
             *cli_args(
                 tmp_path,
-                "--trainer.limit_train_batches",
-                "3",
-                "--trainer.limit_val_batches",
-                "0",
+                *THREE_STEPS_NO_VALIDATION,
                 "--model.lr_scheduler",
                 "torch.optim.lr_scheduler.LinearLR",
                 "--model.lr_scheduler.start_factor",
@@ -96,10 +94,7 @@ def test_tiny_fit_against_a_local_openai_compatible_server(tmp_path, monkeypatch
                 "fit",
                 *cli_args(
                     tmp_path,
-                    "--trainer.limit_train_batches",
-                    "3",
-                    "--trainer.limit_val_batches",
-                    "0",
+                    *THREE_STEPS_NO_VALIDATION,
                     "--config",
                     TINY_OPENAI,
                     "--model.judge.init_args.base_url",
