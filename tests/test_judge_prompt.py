@@ -248,7 +248,11 @@ def test_parser_reads_each_reply_format(reply, ranking, better):
     ],
 )
 def test_parser_rejects_invalid_replies_with_a_reason(reply, reason):
-    parsed = parse_reply(reply, 4)
+    assert_refused(reply, 4, reason)
+
+
+def assert_refused(reply: str, candidates: int, reason: str) -> None:
+    parsed = parse_reply(reply, candidates)
     assert parsed.ranking is None
     assert reason in parsed.failure
 
@@ -352,9 +356,7 @@ def test_an_invalid_json_ranking_is_a_failure_with_its_reason(reply, reason):
     ],
 )
 def test_conflicting_or_negative_rankings_are_refused(reply, reason):
-    parsed = parse_reply(reply, 3)
-    assert parsed.ranking is None
-    assert reason in parsed.failure
+    assert_refused(reply, 3, reason)
 
 
 def test_a_json_ranking_restated_the_same_in_prose_is_accepted():
