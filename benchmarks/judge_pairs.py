@@ -62,26 +62,19 @@ def load_pairs(path: Path, count: int, max_chars: int) -> list[tuple[str, str, s
 
 def measure(judge, pairs: Sequence[tuple[str, str, str]]) -> dict[str, float]:
     """Rank every pair in both orders with ``judge``; the figures of the module docstring."""
-    from cyclealign_pl.demonstrations import STATIC_DEMONSTRATION
-    from cyclealign_pl.judges.base import RankRequest
+    from cyclealign_pl.judges.accuracy import both_orders, count_judgments
 
-    requests, chosen_at = [], []
-    for prompt, chosen, rejected in pairs:
-        for order in ((chosen, rejected), (rejected, chosen)):
-            requests.append(RankRequest(prompt, order, (STATIC_DEMONSTRATION,)))
-            chosen_at.append(order.index(chosen))
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs]
     before = judge.metrics().get("requests_sent", 0.0)
     started = time.perf_counter()
-    judgments = judge.rank(requests)
+    judgments = judge.rank(both_orders(rows))
     seconds = time.perf_counter() - started
-    came = [(j, c) for j, c in zip(judgments, chosen_at) if j.ok]
-    correct = sum(j.ranking[0] == c for j, c in came)
-    first = sum(j.ranking[0] == 0 for j, _ in came)
+    counts = count_judgments(judgments)
     return {
-        "judgments": len(judgments),
-        "failed": len(judgments) - len(came),
-        "accuracy": correct / len(came) if came else float("nan"),
-        "first_shown_first": first / len(came) if came else float("nan"),
+        "judgments": counts.judgments,
+        "failed": counts.failed,
+        "accuracy": counts.correct / counts.answered if counts.answered else float("nan"),
+        "first_shown_first": counts.first_shown_share,
         "requests": judge.metrics().get("requests_sent", 0.0) - before,
         "prompt_tokens": judge.metrics().get("prompt_tokens", 0.0),
         "seconds": seconds,

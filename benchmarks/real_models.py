@@ -112,22 +112,11 @@ def outcome_callback():
     return PromptOutcomes()
 
 
-def pair_requests(rows: list[dict[str, str]], demonstrations: tuple) -> list[Any]:
-    """Each pair asked in both orders: (chosen, rejected) then (rejected, chosen)."""
-    from cyclealign_pl.judges.base import RankRequest
-
-    requests = []
-    for row in rows:
-        requests.append(RankRequest(row["prompt"], (row["chosen"], row["rejected"]), demonstrations))
-        requests.append(RankRequest(row["prompt"], (row["rejected"], row["chosen"]), demonstrations))
-    return requests
-
-
 def pair_accuracies(module: Any, rows: list[dict[str, str]]) -> dict[str, Any]:
     """The evaluator's and the judge's pairwise accuracy on human-labelled pairs (module docstring)."""
-    from cyclealign_pl.demonstrations import STATIC_DEMONSTRATION
     from cyclealign_pl.evaluators.pairs import overlapping_ids
     from cyclealign_pl.evaluators.train import pairwise_accuracy
+    from cyclealign_pl.judges.accuracy import judge_accuracy
 
     out: dict[str, Any] = {"pairs": len(rows)}
     evaluator = module.reward_model
@@ -143,28 +132,19 @@ def pair_accuracies(module: Any, rows: list[dict[str, str]]) -> dict[str, Any]:
     judge = module.judge
     judge.preflight()
     started = time.perf_counter()
-    judgments = judge.rank(pair_requests(rows, (STATIC_DEMONSTRATION,)))
+    counts = judge_accuracy(judge, rows)  # both orders, the static demonstration
     out["judge_seconds"] = time.perf_counter() - started
-    correct, parsed, first, failures = 0, 0, 0, Counter()
-    for index, judgment in enumerate(judgments):
-        if judgment.ranking is None:
-            failures[str(judgment.failure).split(":")[0][:60]] += 1
-            continue
-        parsed += 1
-        first += judgment.ranking[0] == 0
-        chosen_position = 0 if index % 2 == 0 else 1
-        correct += judgment.ranking[0] == chosen_position
-    n = len(judgments)
-    accuracy = correct / parsed if parsed else math.nan
+    n, parsed = counts.judgments, counts.answered
+    accuracy = counts.correct / parsed if parsed else math.nan
     out["judge"] = {
         "n": n,
         "parsed": parsed,
         "accuracy": accuracy,
         "standard_error": math.sqrt(accuracy * (1 - accuracy) / parsed) if parsed else math.nan,
-        "accuracy_failures_as_wrong": correct / n if n else math.nan,
-        "parse_failure_rate": (n - parsed) / n if n else math.nan,
-        "first_position_share": first / parsed if parsed else math.nan,
-        "failures": dict(failures.most_common(5)),
+        "accuracy_failures_as_wrong": counts.accuracy,
+        "parse_failure_rate": counts.failed / n if n else math.nan,
+        "first_position_share": counts.first_shown_share,
+        "failures": dict(counts.failures),
     }
     return out
 
@@ -227,6 +207,8 @@ def child(args: argparse.Namespace) -> None:
             str(args.train_prompts),
             "--data.init_args.eval_prompts_per_subset",
             str(args.eval_prompts),
+            "--model.judge_check.pairs",  # the pairs step measures the judge; the fits train on it anyway
+            "0",
             *args.extra,
         ],
         run=False,

@@ -20,7 +20,9 @@ from cyclealign_pl import storage
 from cyclealign_pl.counters import CycleCounters, RunTotals
 from cyclealign_pl.cycle import CycleConfig, StepOutcome, run_cycle
 from cyclealign_pl.evaluation.stages import EvaluationHooks, StageEvaluator
+from cyclealign_pl.evaluators.pairs import labelled_pairs
 from cyclealign_pl.hf import apply_lora, load_causal_lm, load_tokenizer
+from cyclealign_pl.judges.accuracy import JudgeTooWeak, judge_accuracy
 from cyclealign_pl.judges.base import Judge, JudgeStop, JudgeUnavailable
 from cyclealign_pl.optimization import ManualOptimization
 from cyclealign_pl.policy import SamplingConfig, WhiteBox
@@ -32,13 +34,15 @@ from cyclealign_pl.run_state import (
     state_for_rank,
     uncount_current_batch,
 )
-from cyclealign_pl.settings import EvaluationConfig, WhiteBoxConfig
+from cyclealign_pl.settings import EvaluationConfig, JudgeCheckConfig, WhiteBoxConfig
 from cyclealign_pl.signals import FitSignals
 
 log = logging.getLogger(__name__)
 
 # hparams hold these dataclasses: allow them in ``torch.load(weights_only=True)`` so checkpoints load safely
-torch.serialization.add_safe_globals([CycleConfig, SamplingConfig, WhiteBoxConfig, EvaluationConfig])
+torch.serialization.add_safe_globals(
+    [CycleConfig, SamplingConfig, WhiteBoxConfig, EvaluationConfig, JudgeCheckConfig]
+)
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -63,6 +67,8 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
         sampling: how candidates are sampled.
         whitebox: the white box's token budget, prompt format and memory settings.
         evaluation: greedy reply length and the collapse monitors of the evaluations.
+        judge_check: before training, the judge's accuracy on held-out human-labelled pairs, and the least
+            that a fit accepts (off by default: ``pairs: 0``).
         optimizer, lr_scheduler: factories (paper: AdamW-style, lr 5e-5); the schedule steps per optimizer
             step.
         gradient_clip_val: clip the gradient norm (null: no clipping).
@@ -81,6 +87,7 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
         sampling: SamplingConfig = SamplingConfig(),
         whitebox: WhiteBoxConfig = WhiteBoxConfig(),
         evaluation: EvaluationConfig = EvaluationConfig(),
+        judge_check: JudgeCheckConfig = JudgeCheckConfig(),
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         gradient_clip_val: float | None = 1.0,
@@ -107,6 +114,7 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
         )
         self.judge = judge
         self.reward_model = reward_model
+        self.judge_check = judge_check
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.gradient_clip_val = gradient_clip_val
@@ -159,6 +167,31 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
             error = failed
         if self._any_rank(error is not None):
             raise error or JudgeUnavailable("the judge preflight failed on another process")
+        if self.judge_check.pairs:
+            self._check_judge()
+
+    def _check_judge(self) -> None:
+        """The judge's accuracy on human-labelled pairs (rank 0 asks, every rank decides alike)."""
+        check, result = self.judge_check, None
+        if self.trainer.is_global_zero:
+            try:
+                pairs = labelled_pairs(check.data, check.pairs, check.max_chars)
+                result = judge_accuracy(self.judge, pairs)
+            except JudgeStop as failed:
+                result = failed
+        result = self.trainer.strategy.broadcast(result, src=0)
+        if isinstance(result, JudgeStop):
+            raise result
+        log.info("judge check: %s", result.line())
+        for logger in self.loggers:
+            logger.log_metrics(result.metrics(), step=0)
+        if check.min_accuracy is not None and not result.accuracy >= check.min_accuracy:
+            raise JudgeTooWeak(
+                f"it ranks human preferences too poorly to train on: {result.line()}; below "
+                f"judge_check.min_accuracy {check.min_accuracy:g}, and a white box trained on a judge at "
+                "chance gets worse (docs/real_models.md). Use a stronger judge, or set "
+                "--model.judge_check.min_accuracy null to train anyway"
+            )
 
     def teardown(self, stage: str) -> None:
         self._signals.uninstall()  # also after RunStopped, which skips on_train_end

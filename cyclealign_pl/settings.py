@@ -86,3 +86,31 @@ class EvaluationConfig:
             raise ValueError(
                 f"evaluation.collapse_min_distinct_2 must be in [0, 1], got {self.collapse_min_distinct_2}"
             )
+
+
+@dataclass(frozen=True)
+class JudgeCheckConfig:
+    """Before a fit trains, the judge ranks held-out human-labelled pairs, each in both orders
+    (``judges/accuracy.py``): a judge at chance would make the white box worse, not just no better.
+
+    Attributes:
+        pairs: how many pairs (two requests each); 0: no check.
+        min_accuracy: a judge below it stops the fit before its first step (exit 2); null: measure and log
+            only.
+        data: ``builtin:hh-harmless-base`` (pairs the package ships, from no run's prompts) or the path of an
+            HH-RLHF-format ``.jsonl(.gz)`` of ``chosen``/``rejected`` dialogues.
+        max_chars: use only pairs whose texts fit this many characters (bounds the judge's tokens).
+    """
+
+    pairs: int = 0
+    min_accuracy: float | None = 0.6
+    data: str = "builtin:hh-harmless-base"
+    max_chars: int = 600
+
+    def __post_init__(self) -> None:
+        if self.pairs < 0:
+            raise ValueError(f"judge_check.pairs must be >= 0, got {self.pairs}")
+        if self.min_accuracy is not None and not 0.0 <= self.min_accuracy <= 1.0:
+            raise ValueError(f"judge_check.min_accuracy must be in [0, 1] or null, got {self.min_accuracy}")
+        if self.max_chars < 1:
+            raise ValueError(f"judge_check.max_chars must be >= 1, got {self.max_chars}")

@@ -226,11 +226,18 @@ def load_raw(
         raw = datasets.load_dataset(HUB_NAME, data_dir=subset, split=split, cache_dir=cache_dir)
         return raw, list(range(1, len(raw) + 1)), f"{HUB_NAME}/{subset}/{split}"
     path = split_file(root, subset, split)
+    raw, lines = load_file(path, cache_dir)
+    return raw, lines, str(path)
+
+
+def load_file(path: str | Path, cache_dir: str | None = None) -> tuple[datasets.Dataset, list[int]]:
+    """One local chosen/rejected JSON-lines file (gzipped or not), checked by :func:`scan_jsonl`, and the
+    line number of each row."""
     lines = scan_jsonl(path)
     raw = datasets.load_dataset("json", data_files={"train": str(path)}, split="train", cache_dir=cache_dir)
     if len(raw) != len(lines):
         raise DataFileError(path, f"datasets read {len(raw)} rows where there are {len(lines)} JSON lines")
-    return raw, lines, str(path)
+    return raw, lines
 
 
 def clean_rows(

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from cyclealign_pl.data.hh_rlhf import SAMPLE_ROOT, clean_rows, load_raw, parse_dialogue
-from cyclealign_pl.data.rows import PromptRow
+from cyclealign_pl.data.hh_rlhf import SAMPLE_ROOT, clean_rows, load_file, load_raw, parse_dialogue
+from cyclealign_pl.data.rows import DataFileError, PromptRow
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ PAIRS_ROOT = Path(__file__).resolve().parent / "data" / "hh-rlhf"
 PAIRS_SPLIT = "test-from-line-301"  # lines 301-2,312 of harmless-base/test.jsonl.gz, byte for byte
 FIRST_LINE = 301
 SUBSET = "harmless-base"
+BUILTIN_PAIRS = "builtin:hh-harmless-base"  # the shipped pairs' validation split (labelled_pairs)
 
 
 def prompt_key(prompt: str) -> str:
@@ -101,3 +102,28 @@ def overlapping_ids(trained_keys: Iterable[str], rows: Iterable[PromptRow]) -> l
     must be empty for a fair figure."""
     keys = set(trained_keys)
     return [row["id"] for row in rows if key_digest(prompt_key(row["prompt"])) in keys]
+
+
+def labelled_pairs(source: str, count: int, max_chars: int | None = None) -> list[PromptRow]:
+    """The first ``count`` human-labelled pairs whose texts all fit ``max_chars`` characters.
+
+    ``builtin:hh-harmless-base`` is the shipped pairs' validation split: no run's prompt opens like them and
+    the evaluator never trained on them. Anything else is the path of an HH-RLHF-format JSON-lines file
+    (``chosen``/``rejected`` dialogues, gzipped or not).
+    """
+    if source == BUILTIN_PAIRS:
+        rows = split_pairs(load_training_pairs(), load_reserved_pairs()).validation
+    else:
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"no file of labelled pairs at {source} (or use {BUILTIN_PAIRS})")
+        raw, lines = load_file(source)
+        rows, _ = clean_rows(raw, lines, "pairs", "check", source)
+    fitting = [
+        row
+        for row in rows
+        if max_chars is None or max(len(row["prompt"]), len(row["chosen"]), len(row["rejected"])) <= max_chars
+    ]
+    if len(fitting) < count:
+        problem = f"{len(fitting)} labelled pairs whose texts fit {max_chars} characters, {count} asked"
+        raise DataFileError(source, problem)
+    return fitting[:count]
