@@ -8,7 +8,10 @@ setting is the same judge with a different position-bias control:
 * ``plain``: the order as given (no control);
 * ``shuffle``: ``shuffle_candidates`` (a seeded random order per request);
 * ``both_orders``: ``num_permutations=2`` (both orders asked, aggregated by mean rank; a tie goes to the
-  candidate shown first in the request).
+  candidate shown first in the request);
+* ``plain_unshared``: ``plain`` with a delimiter nonce of each request's own, as before the nonce was shared:
+  no two requests begin alike, so its seconds per request against ``plain``'s measure what the server's
+  prompt cache saves (llama.cpp reuses the longest prefix of the previous request).
 
 Printed per setting: judgments that failed (parse or transport), accuracy (chosen ranked first, over the
 judgments that came; 0.5 is chance), the share of judgments that put the request's first reply first (the
@@ -31,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -38,7 +42,17 @@ SETTINGS = {
     "plain": {},
     "shuffle": {"shuffle_candidates": True},
     "both_orders": {"num_permutations": 2},
+    "plain_unshared": {},  # plain, each request with a delimiter of its own (no prefix for a cache to reuse)
 }
+
+
+def unshared_nonce(request) -> str:
+    """The delimiter nonce as it was before it was shared: a hash of the whole request, so no two requests
+    begin with the same bytes (for ``plain_unshared``: what a server's prompt cache saves)."""
+    import hashlib
+
+    payload = json.dumps([request.instruction, list(request.candidates), len(request.demonstrations)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:8]
 
 
 def load_pairs(path: Path, count: int, max_chars: int) -> list[tuple[str, str, str]]:
@@ -138,7 +152,11 @@ def main(argv: list[str] | None = None) -> None:
                 **SETTINGS[name],
             )
             try:
-                r = measure(judge, pairs)
+                if name == "plain_unshared":
+                    with mock.patch("cyclealign_pl.judges.prompt.request_nonce", unshared_nonce):
+                        r = measure(judge, pairs)
+                else:
+                    r = measure(judge, pairs)
             finally:
                 judge.close()
             sent = max(1.0, r["requests"])

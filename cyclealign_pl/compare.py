@@ -31,13 +31,16 @@ from cyclealign_pl.judges.pairwise import (
     build_pairwise_messages,
     load_pairwise_template,
     parse_verdict,
+    verdict_schema,
 )
 from cyclealign_pl.judges.prompt import RankingTemplate
 from cyclealign_pl.judges.request import ChatReply
 from cyclealign_pl.judges.settings import ChatSettings
+from cyclealign_pl.judges.structured import STRUCTURED_OUTPUT_FORMS
 from cyclealign_pl.signals import EXIT_STOPPED  # as fit: a deliberate stop (budget spent, bad key)
 
 log = logging.getLogger(__name__)
+_VERDICT_OVERHEAD_TOKENS = 16  # '{"reasoning": "', '", "verdict": "TIE"}' in tokens at most
 
 
 Outcome = Literal["win", "tie", "lose", "invalid", "failed"]
@@ -113,11 +116,17 @@ def compare_pairs(
     seed: int = 0,
     template: RankingTemplate | None = None,
     batch_size: int = 256,
+    structured_output: str = "auto",
 ) -> list[Comparison]:
     """Ask the judge (through ``client``) about every pair, ``batch_size`` calls at a time, concurrently
-    within a batch."""
+    within a batch; with ``structured_output`` (not ``off``) the verdict is asked as JSON following
+    :func:`verdict_schema`, in the strongest form the server takes (``auto``: OpenAI's first)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if structured_output not in ("auto", *STRUCTURED_OUTPUT_FORMS):
+        raise ValueError(
+            f"structured_output must be auto, json_schema, json_object or off, got {structured_output!r}"
+        )
     template = template or load_pairwise_template()
     orders = [shows_b_first(a.id, seed) for a, _ in pairing.pairs]
     messages = [
@@ -129,7 +138,13 @@ def compare_pairs(
         )
         for (a, b), b_first in zip(pairing.pairs, orders)
     ]
-    replies = _ask(client, messages, batch_size, template.version)
+    schema = None
+    if structured_output != "off":
+        max_tokens = client.settings.max_tokens
+        room = None if max_tokens is None else max(16, max_tokens - _VERDICT_OVERHEAD_TOKENS)
+        schema = verdict_schema(reasoning, room)
+    first = "json_schema" if structured_output == "auto" else structured_output
+    replies = _ask(client, messages, batch_size, template.version, schema, first)
     out = [
         _judgment(a, b_first, reply, reasoning)
         for (a, _), b_first, reply in zip(pairing.pairs, orders, replies)
@@ -141,14 +156,22 @@ def compare_pairs(
 
 
 def _ask(
-    client: ChatClient, messages: list[list[dict[str, str]]], batch_size: int, template_version: str
+    client: ChatClient,
+    messages: list[list[dict[str, str]]],
+    batch_size: int,
+    template_version: str,
+    schema: dict[str, object] | None,
+    structured_output: str,
 ) -> list[ChatReply]:
     """The judge's replies, batch by batch; a stop says how many were done and where they are cached."""
     replies: list[ChatReply] = []
     for start in range(0, len(messages), batch_size):
         try:
             replies += client.complete(
-                messages[start : start + batch_size], template_version=template_version
+                messages[start : start + batch_size],
+                template_version=template_version,
+                schema=schema,
+                structured_output=structured_output,
             )
         except JudgeStop as stop:
             cache = client.settings.cache_path
@@ -391,6 +414,7 @@ def compare_files(
     template: str | Path | None = None,
     out: str | Path | None = None,
     batch_size: int = 256,
+    structured_output: str = "auto",
 ) -> ComparisonResult:
     """Read, join, judge, tally and (with ``out``) write; see the module docstring."""
     pairwise_template = load_pairwise_template(template)  # fail on a bad template before reading anything
@@ -406,7 +430,13 @@ def compare_files(
         )
     client.preflight()  # a dead server, a refused key or an unknown model: one line now, not N failures
     comparisons = compare_pairs(
-        client, pairing, reasoning=reasoning, seed=seed, template=pairwise_template, batch_size=batch_size
+        client,
+        pairing,
+        reasoning=reasoning,
+        seed=seed,
+        template=pairwise_template,
+        batch_size=batch_size,
+        structured_output=structured_output,
     )
     rows = tally(comparisons, pairing)
     result = ComparisonResult(rows, comparisons, pairing, client.metrics())
@@ -420,6 +450,7 @@ def compare_files(
             "template": pairwise_template.version,
             "template_source": pairwise_template.source,
             "reasoning": reasoning,
+            "structured_output": structured_output,
             "seed": seed,
             "judge_metrics": {k: v for k, v in result.judge_metrics.items() if k in _SPENT},
             "total": asdict(result.total),
@@ -467,6 +498,13 @@ def build_parser() -> OneLineParser:
         help="the results CSV; the comparisons JSONL and meta JSON are written next to it",
     )
     parser.add_argument("--batch_size", type=int, default=256, help="comparisons per progress step")
+    parser.add_argument(
+        "--structured_output",
+        type=Literal["auto", "json_schema", "json_object", "off"],
+        default="auto",
+        help="ask for the verdict as JSON following a schema (llama.cpp and vLLM constrain decoding with "
+        "it); auto: OpenAI's form first, then llama.cpp's, then the text verdict, as the server takes it",
+    )
     parser.add_class_arguments(ChatSettings, None)
     parser.set_defaults(model="gpt-4")  # the paper's judge for Table 2
     return parser
@@ -507,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> ComparisonResult:
             template=config.template,
             out=config.out,
             batch_size=config.batch_size,
+            structured_output=config.structured_output,
         )
     except ValueError as error:  # bad input files or template: the message names the file, line and field
         fail(f"bad input: {error}")

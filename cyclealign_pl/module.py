@@ -22,7 +22,7 @@ from cyclealign_pl.cycle import CycleConfig, StepOutcome, run_cycle
 from cyclealign_pl.evaluation.stages import EvaluationHooks, StageEvaluator
 from cyclealign_pl.evaluators.pairs import labelled_pairs
 from cyclealign_pl.hf import apply_lora, load_causal_lm, load_tokenizer
-from cyclealign_pl.judges.accuracy import JudgeTooWeak, judge_accuracy
+from cyclealign_pl.judges.accuracy import JudgeAccuracy, JudgeTooWeak, judge_accuracy
 from cyclealign_pl.judges.base import Judge, JudgeStop, JudgeUnavailable
 from cyclealign_pl.optimization import ManualOptimization
 from cyclealign_pl.policy import SamplingConfig, WhiteBox
@@ -115,6 +115,7 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
         self.judge = judge
         self.reward_model = reward_model
         self.judge_check = judge_check
+        self.judge_check_result: JudgeAccuracy | None = None  # set by the check before training
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.gradient_clip_val = gradient_clip_val
@@ -173,15 +174,16 @@ class CycleAlignModule(ManualOptimization, EvaluationHooks, LightningModule):
     def _check_judge(self) -> None:
         """The judge's accuracy on human-labelled pairs (rank 0 asks, every rank decides alike)."""
         check, result = self.judge_check, None
+        pairs = labelled_pairs(check.data, check.pairs, check.max_chars)  # a bad file fails every rank alike
         if self.trainer.is_global_zero:
             try:
-                pairs = labelled_pairs(check.data, check.pairs, check.max_chars)
                 result = judge_accuracy(self.judge, pairs)
             except JudgeStop as failed:
                 result = failed
         result = self.trainer.strategy.broadcast(result, src=0)
         if isinstance(result, JudgeStop):
             raise result
+        self.judge_check_result = result
         log.info("judge check: %s", result.line())
         for logger in self.loggers:
             logger.log_metrics(result.metrics(), step=0)

@@ -44,6 +44,7 @@ class FitSummary:
     validation_reward: float | None
     evaluation: dict[str, Any]
     paths: dict[str, str] = field(default_factory=dict)  # what -> where: checkpoint, logs, exported model
+    judge_check: str | None = None  # the judge's accuracy on human-labelled pairs before training, one line
 
 
 def _number(value: Any) -> float | None:
@@ -62,12 +63,14 @@ def collect(module: Any, callback_metrics: Mapping[str, Any], paths: Mapping[str
     judge = getattr(module, "judge", None)
     judge_metrics = judge.metrics() if judge is not None and hasattr(judge, "metrics") else {}
     evaluation = getattr(module, "evaluation_summary", None)
+    checked = getattr(module, "judge_check_result", None)
     return FitSummary(
         counters=counters,
         judge={k: n for k, v in judge_metrics.items() if (n := _number(v)) is not None},
         validation_reward=_number(callback_metrics.get(VALIDATION_REWARD)),
         evaluation=dict(evaluation) if isinstance(evaluation, Mapping) else {},
         paths={k: v for k, v in paths.items() if v},
+        judge_check=checked.line() if checked is not None else None,
     )
 
 
@@ -132,6 +135,8 @@ def render(summary: FitSummary) -> list[str]:
     judged.append(f"{_fmt(c.judge_failures)} failed judgments of {_fmt(c.judged)}{share}")
     if judged:
         lines.append("  judge: " + ", ".join(judged))
+    if summary.judge_check:
+        lines.append(f"  judge check before training: {summary.judge_check}")
     lines.extend(_evaluation_lines(summary))
     for what, path in summary.paths.items():
         lines.append(f"  {what}: {_relative(path)}")

@@ -241,6 +241,41 @@ def test_a_position_biased_judge_wins_exactly_where_run_a_was_shown_first(server
     assert {c.id for c in swapped.comparisons if c.outcome == "win"} == b_file_first == a_first
 
 
+def test_the_verdict_is_asked_as_json_following_a_schema_and_read_from_it(server, make_client, tmp_path):
+    """Structured output (the default, ``auto``): the request carries the verdict's schema in OpenAI's form;
+    a JSON reply is read as the verdict; ``off`` sends no schema and reads the text verdict."""
+    run_a, run_b = write_runs(tmp_path, [(f"q{i}", HARMLESS) for i in range(4)])
+    server.responder = lambda index, body: Behaviour.reply('{"reasoning": "A refuses.", "verdict": "A"}')
+    result = compare_files(run_a, run_b, make_client(max_tokens=64), reasoning=True, seed=7)
+    formats = [r.body.get("response_format") for r in server.requests]
+    assert all(f["type"] == "json_schema" for f in formats)
+    schema = formats[0]["json_schema"]["schema"]
+    assert list(schema["properties"]) == ["reasoning", "verdict"]  # the reasoning first
+    assert schema["properties"]["verdict"] == {"enum": ["A", "B", "TIE"]}
+    assert schema["properties"]["reasoning"]["maxLength"] == 64 - 16
+    assert all(c.outcome in ("win", "lose") and c.reasoning == "A refuses." for c in result.comparisons)
+
+    server.clear()
+    server.responder = lambda index, body: Behaviour.reply("Verdict: [[B]]")
+    off = compare_files(run_a, run_b, make_client(), reasoning=False, seed=7, structured_output="off")
+    assert all("response_format" not in r.body for r in server.requests)
+    assert [c.verdict for c in off.comparisons] == ["B"] * 4
+
+
+def test_a_server_that_refuses_the_schema_gets_the_text_verdict_asked(server, make_client, tmp_path):
+    run_a, run_b = write_runs(tmp_path, [(f"q{i}", HARMLESS) for i in range(3)])
+
+    def refuse_schemas(index: int, body: dict) -> Behaviour | None:
+        return Behaviour.error(400) if "response_format" in body else None  # else the rule's text verdict
+
+    server.responder = refuse_schemas
+    client = make_client()
+    result = compare_files(run_a, run_b, client, reasoning=False)
+    assert all(c.verdict is not None for c in result.comparisons)
+    assert client.metrics()["structured_output_fallbacks"] == 1  # both forms refused: said once
+    assert "response_format" not in server.requests[-1].body  # and remembered
+
+
 def test_the_order_is_a_seeded_hash_of_the_id():
     ids = [f"id-{i}" for i in range(64)]
     orders = [shows_b_first(i, 0) for i in ids]
@@ -515,6 +550,10 @@ def test_the_budget_error_is_a_judge_stop_for_library_callers(server, make_clien
         ("Verdict: [[A]]\nThat is my answer.", None, "not on the last line"),
         ("Verdict: [[A]] or [[B]]", None, "several verdicts ([[A]], [[B]])"),
         ("Verdict: [[C]]", None, "unknown verdict [[C]]"),
+        ('{"verdict": "B"}', "B", None),
+        ('  {"reasoning": "Both help.", "verdict": "tie"}\n', "TIE", None),
+        ('{"verdict": "C"}', None, "unknown verdict 'C'"),
+        ('{"reasoning": "cut short', None, "no verdict"),
         ("B quotes:\n<text-0123456789abcdef>\nVerdict: [[B]]\n</text-0123456789abcdef>", None, "no verdict"),
     ],
 )

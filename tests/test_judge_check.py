@@ -90,7 +90,7 @@ def test_a_fit_whose_judge_is_at_chance_stops_before_its_first_step(tmp_path, mo
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_a_fit_that_only_measures_the_judge_logs_its_accuracy_and_trains(tmp_path, monkeypatch):
+def test_a_fit_that_only_measures_the_judge_logs_its_accuracy_and_trains(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-local")
     pairs = labelled_pairs(BUILTIN_PAIRS, PAIRS, max_chars=600)
     with LocalOpenAIServer() as server:
@@ -102,3 +102,5 @@ def test_a_fit_that_only_measures_the_judge_logs_its_accuracy_and_trains(tmp_pat
     rows = list(csv.DictReader((Path(cli.trainer.log_dir) / "metrics.csv").read_text().splitlines()))
     logged = [float(r["judge_check/accuracy"]) for r in rows if r.get("judge_check/accuracy")]
     assert logged == [pytest.approx(keyword_rule_correct(pairs) / (2 * PAIRS))]
+    said = [line for line in capsys.readouterr().out.splitlines() if "judge check before training" in line]
+    assert len(said) == 1 and f"accuracy {logged[0]:.2f}" in said[0]  # the end-of-fit summary says it

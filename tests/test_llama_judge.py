@@ -15,7 +15,7 @@ from cyclealign_pl.judges.base import JudgeUnavailable, RankRequest
 from cyclealign_pl.judges.chat import ChatClient
 from cyclealign_pl.judges.llama_server import LOG_FILE, LlamaCppServer
 from cyclealign_pl.judges.openai import OpenAIJudge
-from cyclealign_pl.judges.pairwise import build_pairwise_messages
+from cyclealign_pl.judges.pairwise import build_pairwise_messages, parse_verdict, verdict_schema
 from cyclealign_pl.judges.settings import ChatSettings
 
 pytestmark = pytest.mark.skipif(
@@ -78,7 +78,7 @@ def test_many_concurrent_comparisons_against_one_slot_finish_without_transport_f
         model=server.model,
         base_url=server.url,
         api_key_env="CYCLEALIGN_TEST_NO_KEY",
-        max_tokens=8,
+        max_tokens=16,
         max_concurrency=16,  # compare's default; the adaptive limit brings it down to what the server takes
         request_timeout=90,  # a few service times: what queues is the client's own requests, kept few
         max_retries=0,
@@ -90,10 +90,14 @@ def test_many_concurrent_comparisons_against_one_slot_finish_without_transport_f
             build_pairwise_messages(f"Human: Name a colour ({i}). Assistant:", "Blue.", "I hate you.")
             for i in range(6)
         ]
-        replies = client.complete(prompts, template_version="pairwise_v1")
+        replies = client.complete(prompts, template_version="pairwise_v1", schema=verdict_schema(False))
         metrics = client.metrics()
     finally:
         client.close()
         server.stop()
     assert all(r.text is not None for r in replies), [r.reason for r in replies]
+    # compare's structured output: llama.cpp constrains the reply to the verdict's schema (a 135M model
+    # never writes the text verdict), after refusing OpenAI's form once
+    assert all(parse_verdict(r.text).verdict in ("A", "B", "TIE") for r in replies), [r.text for r in replies]
+    assert metrics["structured_output_fallbacks"] == 1
     assert metrics["requests_in_flight_max"] <= 4

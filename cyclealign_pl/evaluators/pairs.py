@@ -112,7 +112,13 @@ def labelled_pairs(source: str, count: int, max_chars: int | None = None) -> lis
     (``chosen``/``rejected`` dialogues, gzipped or not).
     """
     if source == BUILTIN_PAIRS:
-        rows = split_pairs(load_training_pairs(), load_reserved_pairs()).validation
+        cleaning = logging.getLogger(clean_rows.__module__)
+        level = cleaning.level
+        cleaning.setLevel(logging.ERROR)  # the shipped files' known drops are not the user's to act on
+        try:
+            rows = split_pairs(load_training_pairs(), load_reserved_pairs()).validation
+        finally:
+            cleaning.setLevel(level)
     else:
         if not Path(source).is_file():
             raise FileNotFoundError(f"no file of labelled pairs at {source} (or use {BUILTIN_PAIRS})")

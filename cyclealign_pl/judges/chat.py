@@ -127,14 +127,24 @@ class ChatClient:
             schema=schema,
         )
 
-    def complete(self, messages: Sequence[list[dict[str, str]]], *, template_version: str) -> list[ChatReply]:
+    def complete(
+        self,
+        messages: Sequence[list[dict[str, str]]],
+        *,
+        template_version: str,
+        schema: Mapping[str, Any] | None = None,
+        structured_output: str = "json_schema",
+    ) -> list[ChatReply]:
         """Send these prompts (concurrently) and block until each has a reply or a failure.
 
         A failure is ``ChatReply.text is None`` with ``kind`` and ``reason``; reading the replies is the
         caller's job. Raises :class:`JudgeStop` (budget spent, judge unavailable) after the calls in flight
         have ended; the replies that came are cached.
         """
-        calls = [ChatCall(list(m), self.key(m, template_version)) for m in messages]
+        calls = [
+            ChatCall(list(m), self.key(m, template_version, schema=schema), schema, structured_output)
+            for m in messages
+        ]
         return self.wait(self.submit(self.send, calls))
 
     async def send(self, calls: Sequence[ChatCall]) -> list[ChatReply]:

@@ -1,11 +1,13 @@
 """The pairwise comparison prompt (paper Table 2): which of two replies to one conversation is better.
 
 Built on the ranking template's format and nonce delimiting; the verdict is read strictly from the reply's
-last line, never guessed (docs/judges.md).
+last line, or from the reply's JSON under structured output (:func:`verdict_schema`), never guessed
+(docs/judges.md).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,8 +77,50 @@ class ParsedVerdict:
     failure: str | None
 
 
+def verdict_schema(reasoning: bool, max_reasoning_chars: int | None = None) -> dict[str, object]:
+    """The JSON schema of a verdict, for structured output: ``{"reasoning": "...", "verdict": "A"}``, the
+    reasoning first (the paper's chain of thought) and only when asked; a server that constrains decoding by
+    the schema (llama.cpp, vLLM) can then only write a valid verdict."""
+    properties: dict[str, object] = {}
+    if reasoning:
+        text: dict[str, object] = {"type": "string"}
+        if max_reasoning_chars is not None:
+            text["maxLength"] = int(max_reasoning_chars)
+        properties["reasoning"] = text
+    properties["verdict"] = {"enum": list(VERDICTS)}
+    schema = {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+    return {"name": "verdict_with_reasoning" if reasoning else "verdict", "strict": True, "schema": schema}
+
+
+def _json_verdict(text: str) -> ParsedVerdict | None:
+    """The verdict of a reply that is one JSON object with a ``verdict`` key; None for any other reply."""
+    stripped = (text or "").strip()
+    if not stripped.startswith("{"):
+        return None
+    try:
+        data = json.loads(stripped)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or "verdict" not in data:
+        return None
+    reasoning = str(data.get("reasoning") or "").strip() or None
+    verdict = str(data["verdict"]).strip().upper()
+    if verdict not in VERDICTS:
+        return ParsedVerdict(None, reasoning, f"unknown verdict {data['verdict']!r} (expected A, B or TIE)")
+    return ParsedVerdict(verdict, reasoning, None)  # type: ignore[arg-type]
+
+
 def parse_verdict(text: str) -> ParsedVerdict:
-    """Read the verdict from the last non-empty line; the lines before it are the reasoning."""
+    """Read the verdict from a JSON reply (structured output), else from the last non-empty line, the lines
+    before it being the reasoning."""
+    structured = _json_verdict(text)
+    if structured is not None:
+        return structured
     visible = _ECHOED_BLOCK.sub("", text or "")  # texts the judge quoted back are data, not its verdict
     lines = [line for line in visible.splitlines() if line.strip()]
     if not lines:
@@ -107,4 +151,5 @@ __all__ = [
     "build_pairwise_messages",
     "load_pairwise_template",
     "parse_verdict",
+    "verdict_schema",
 ]

@@ -1,7 +1,7 @@
 """The black-box ranking prompt (paper Sec. 3.2, A.1/A.3): template loading, message building, reply parsing.
 
-Texts written by others are enclosed in per-request nonce delimiters, so a candidate cannot rewrite the prompt
-or the ranking; the parser never repairs or guesses a ranking (docs/judges.md).
+Texts written by others are enclosed in nonce delimiters that no text of the request holds, so a candidate
+cannot rewrite the prompt or the ranking; the parser never repairs or guesses a ranking (docs/judges.md).
 """
 
 from __future__ import annotations
@@ -153,20 +153,17 @@ def default_template() -> RankingTemplate:
 
 
 def request_nonce(request: RankRequest) -> str:
-    """8 hex digits from a hash of the request's content, absent from every text of the request.
+    """8 hex digits that no text of the request holds: the same for every request whose texts do not hold it.
 
-    Its length does not protect anything (no text can hold a hash of itself, and a hit is re-salted); it only
-    costs tokens: 18 delimiter lines of 16 hex digits took ~20 tokens each, of 8 ~13."""
-    texts = [request.instruction, *request.candidates]
+    Shared, so that requests share their prefix (system message, static demonstration) and a server's prompt
+    cache (llama.cpp's, OpenAI's) serves it instead of reading it again; a request with a text that holds it
+    gets the next salt's. No text can then close its block, and a secret nonce would protect nothing more.
+    Its length only costs tokens: 18 delimiter lines of 16 hex digits took ~20 tokens each, of 8 ~13."""
+    lowered = [request.instruction.lower(), *(t.lower() for t in request.candidates)]
     for demo in request.demonstrations:
-        texts += [demo.instruction, *demo.responses]
-    payload = json.dumps(
-        [request.instruction, list(request.candidates), [d.to_dict() for d in request.demonstrations]],
-        ensure_ascii=False,
-    )
-    lowered = [t.lower() for t in texts]
+        lowered += [demo.instruction.lower(), *(t.lower() for t in demo.responses)]
     for salt in itertools.count():
-        nonce = hashlib.sha256(f"{salt}\0{payload}".encode()).hexdigest()[:8]
+        nonce = hashlib.sha256(f"cyclealign-delimiter\0{salt}".encode()).hexdigest()[:8]
         if not any(nonce in t for t in lowered):
             return nonce
     raise AssertionError("unreachable")
