@@ -241,7 +241,7 @@ def child(args: argparse.Namespace) -> None:
         prompts_per_hour=3600 * len(records) / outcomes.seconds if outcomes.seconds > 0 else math.nan,
         judge_requests=judge_metrics.get("requests_sent", float(module.counters.iterations)),
         judge_metrics={k: v for k, v in judge_metrics.items() if isinstance(v, (int, float))},
-        counters=dict(module.counters),
+        counters=module.counters.as_dict(),
         threads=__import__("torch").get_num_threads(),
         run_dir=str(root),
     )
