@@ -48,7 +48,8 @@ class CycleConfig:
             rankings), ``blackbox`` or ``whitebox`` (one side's ranking: the w/o WRD and w/o BRD ablations).
         use_judge_response: rank the judge's better reply above the candidates (and train on it as the best).
         overlap_judge: score with the white box while the black box answers (same results, less waiting);
-            false is the paper's serial loop, a baseline for benchmarks.
+            false is the paper's serial loop, and the faster one when the judge computes on the same CPU cores
+            (a local llama.cpp server): overlapped, both compete for them.
         demonstration_scope: ``prompt`` (paper: each prompt starts from the static demonstration) or ``run``
             (a finished prompt's dynamic demonstrations are kept for later prompts).
         max_demonstrations: the most dynamic demonstrations per request, newest kept (null: all).

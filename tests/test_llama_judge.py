@@ -7,6 +7,11 @@ Requests are kept small (short texts, few tokens): each test takes seconds to te
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
 import urllib.request
 
 import pytest
@@ -101,3 +106,41 @@ def test_many_concurrent_comparisons_against_one_slot_finish_without_transport_f
     assert all(parse_verdict(r.text).verdict in ("A", "B", "TIE") for r in replies), [r.text for r in replies]
     assert metrics["structured_output_fallbacks"] == 1
     assert metrics["requests_in_flight_max"] <= 4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_run_killed_by_sigkill_leaves_no_judge_server_behind(tmp_path):
+    """A crash (OOM killer, kill -9) cannot stop the server itself: the kernel does (PR_SET_PDEATHSIG)."""
+    script = (
+        "import sys, time\n"
+        "from cyclealign_pl.judges.llama_server import LlamaCppServer\n"
+        "server = LlamaCppServer(gguf='local:smollm2-135m-instruct', n_ctx=512, n_threads=1)\n"
+        f"server.start({str(tmp_path)!r})\n"
+        "print(server._process.pid, server.url, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid_text, url = run.stdout.readline().split()
+        server_pid = int(pid_text)
+        urllib.request.urlopen(f"{url}/models", timeout=5).close()  # it serves
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while _alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(server_pid):
+        os.kill(server_pid, signal.SIGKILL)
+        pytest.fail("the llama.cpp server outlived the run that started it")
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/models", timeout=2)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie that nobody has reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False
