@@ -311,7 +311,7 @@ def report(pairs: dict[str, Any] | None, results: dict[str, dict[str, Any]], arg
             f"{_pct(jd['first_position_share'])}, {pairs['judge_seconds']:.0f} s",
         ]
     header = (
-        "| setting | gain +- SE (z) | preferred before -> after | empty / distinct-2 after "
+        "| setting | gain +- SE (z) | preferred before -> after | empty / distinct-2 / looping after "
         "| iterations/prompt (agreed; identical; ran out) | judge requests | judge failures "
         "| gain per 100 requests "
         "| prompts/hour | peak RSS (with server) |"
@@ -327,17 +327,19 @@ def report(pairs: dict[str, Any] | None, results: dict[str, dict[str, Any]], arg
         lines.append(
             f"| {setting} | {f['reward_gain']:+.2f} +- {f['reward_gain_se']:.2f} ({z:.1f}) | "
             f"{_pct(f['zero_shot']['preferred_share'])} -> {_pct(f['trained']['preferred_share'])} | "
-            f"{_pct(f['trained']['empty_share'])} / {f['trained']['distinct_2']:.3f} | "
+            f"{_pct(f['trained']['empty_share'])} / {f['trained']['distinct_2']:.3f} / "
+            f"{_pct(f['trained'].get('looping_share'))} | "
             f"{it['all']['iterations']:.2f} ({groups}) | {r['judge_requests']:.0f} | "
             f"{_pct(it['judge_failure_rate'])} | "
             f"{100 * f['reward_gain'] / max(r['judge_requests'], 1):+.2f} | {r['prompts_per_hour']:.0f} | "
             f"{r['peak_rss_gb']:.2f} GB ({r['peak_rss_with_server_gb']:.2f} GB) |"
         )
     lines.append(
-        "\n(zero-shot empty / distinct-2: "
+        "\n(zero-shot empty / distinct-2 / looping: "
         + ", ".join(
             f"{s}: {_pct(r['figures']['zero_shot']['empty_share'])} / "
-            f"{r['figures']['zero_shot']['distinct_2']:.3f}"
+            f"{r['figures']['zero_shot']['distinct_2']:.3f} / "
+            f"{_pct(r['figures']['zero_shot'].get('looping_share'))}"
             for s, r in results.items()
         )
         + f"; torch threads {next(iter(results.values()))['threads'] if results else '?'})"

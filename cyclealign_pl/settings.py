@@ -68,12 +68,16 @@ class EvaluationConfig:
     Attributes:
         max_new_tokens: greedy reply length (paper: 128).
         collapse_max_empty_share: warn that the replies collapsed above this share of empty replies...
-        collapse_min_distinct_2: ...or below this distinct-2 (distinct word bigrams / all bigrams).
+        collapse_min_distinct_2: ...or below this distinct-2 (distinct word bigrams / all bigrams)...
+        collapse_max_looping_share: ...or above this share of replies that loop (fewer than half of a reply's
+            own word bigrams distinct): a white box can loop on every prompt in its own way, which keeps
+            distinct-2 over all replies far from 0.
     """
 
     max_new_tokens: int = 128
     collapse_max_empty_share: float = 0.5
     collapse_min_distinct_2: float = 0.02
+    collapse_max_looping_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -85,6 +89,11 @@ class EvaluationConfig:
         if not 0.0 <= self.collapse_min_distinct_2 <= 1.0:
             raise ValueError(
                 f"evaluation.collapse_min_distinct_2 must be in [0, 1], got {self.collapse_min_distinct_2}"
+            )
+        if not 0.0 <= self.collapse_max_looping_share <= 1.0:
+            raise ValueError(
+                "evaluation.collapse_max_looping_share must be in [0, 1], "
+                f"got {self.collapse_max_looping_share}"
             )
 
 

@@ -196,6 +196,7 @@ def _evaluation_lines(summary: FitSummary) -> list[str]:
         shares.append(
             f"empty {e['empty_share']:.0%}, {e['mean_reply_words']:.1f} words on average, "
             f"distinct-2 {e['distinct_2']:.3f}"
+            + (f", looping {e['looping_share']:.0%}" if e.get("looping_share") is not None else "")
         )
     if shares:
         lines.append("  " + "; ".join(shares))

@@ -430,3 +430,31 @@ def test_collapsed_replies_are_flagged_in_the_logs_the_table_and_the_summary(tmp
     assert trainer.callback_metrics["val/empty_share"].item() == 1.0
     rows = read_rewards_csv(eval_paths(tmp_path / "run", "val")["rewards"])
     assert all(row.empty_share == 1.0 for row in rows)  # beside the reward in the table
+
+
+def test_replies_that_loop_each_in_their_own_way_are_a_collapse_that_distinct_2_over_all_misses() -> None:
+    """Replies of a 64-prompt SmolLM2 fit on a chance-level judge (docs/real_models.md): every prompt gets its
+    own loop, so distinct-2 over all replies stays far above its floor; the share of looping replies shows it.
+    """
+    from cyclealign_pl.evaluation import collapse_warning, reply_stats
+    from cyclealign_pl.settings import EvaluationConfig
+
+    loops = [
+        "I'm a little bit complicated. " * 8,
+        "You can also do some other things with pens, the idea is that you can do " * 4,
+        "I can't. I'm made to be to make people feel comfortable. I'm made to be to make people feel. " * 3,
+        f"{' '.join(f'step {i}.' for i in range(12))} " * 3,
+    ]
+    fine = [
+        "The capital of France is Paris, a city on the Seine with about two million people.",
+        "I'm sorry, I can't help with that.",
+        "Yes yes.",  # too short to call a loop
+    ]
+    stats = reply_stats(loops + fine)
+    assert stats.looping_share == pytest.approx(4 / 7) and stats.distinct_2 > 0.2
+    warning = collapse_warning(stats, max_empty_share=0.5, min_distinct_2=0.02, max_looping_share=0.5)
+    assert warning == "57% of the replies loop, repeating their own words (more than 50%)"
+    assert reply_stats(fine).looping_share == 0.0
+    assert collapse_warning(reply_stats(fine), 0.5, 0.02, 0.5) is None
+    with pytest.raises(ValueError, match="collapse_max_looping_share must be in"):
+        EvaluationConfig(collapse_max_looping_share=1.5)

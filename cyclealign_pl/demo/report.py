@@ -33,6 +33,7 @@ class EvaluationFigures:
     empty_share: float
     mean_words: float
     distinct_2: float
+    looping_share: float
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ def evaluation_figures(
         empty_share=text.empty_share,
         mean_words=text.mean_reply_words,
         distinct_2=text.distinct_2,
+        looping_share=text.looping_share,
     )
 
 
@@ -170,7 +172,15 @@ def _num(value: float | None) -> str:
 def format_figures(f: Figures) -> str:
     """A small table of both evaluations and the target checks."""
     rows = [("", "zero-shot", "trained")]
-    for name in ("prompts", "mean_reward", "preferred_share", "empty_share", "mean_words", "distinct_2"):
+    for name in (
+        "prompts",
+        "mean_reward",
+        "preferred_share",
+        "empty_share",
+        "mean_words",
+        "distinct_2",
+        "looping_share",
+    ):
         a, b = getattr(f.zero_shot, name), getattr(f.trained, name)
         rows.append((name, *(str(v) if isinstance(v, int) else f"{v:.3f}" for v in (a, b))))
     table = "\n".join(f"{a:<18}{b:>12}{c:>12}" for a, b, c in rows)

@@ -31,6 +31,7 @@ class RewardRow(NamedTuple):
     empty_share: float | None = None
     mean_reply_words: float | None = None
     distinct_2: float | None = None  # distinct word bigrams / all word bigrams, over the subset's replies
+    looping_share: float | None = None  # replies that repeat their own words (``scoring.is_looping``)
 
 
 class GenerationRecord(TypedDict):

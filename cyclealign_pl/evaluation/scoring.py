@@ -24,28 +24,48 @@ from cyclealign_pl.evaluation.files import TOTAL, GenerationRecord, RewardRow
 log = logging.getLogger(__name__)
 
 
+LOOP_MIN_WORDS = 10  # shorter replies are too short to call a loop
+LOOP_MAX_DISTINCT_2 = 0.5  # a reply loops when fewer than half of its own word bigrams are distinct
+
+
 class ReplyStats(NamedTuple):
     """Collapse monitors over a set of replies (pure text statistics)."""
 
     empty_share: float
     mean_reply_words: float
     distinct_2: float
+    looping_share: float
 
 
 def reply_stats(replies: Sequence[str]) -> ReplyStats:
-    """Share of empty replies, mean length in words, and distinct-2 (distinct word bigrams over all bigrams of
-    all replies: 1.0 when no bigram repeats, near 0 when every reply is the same text or a loop)."""
+    """Share of empty replies, mean length in words, distinct-2 (distinct word bigrams over all bigrams of
+    all replies: 1.0 when no bigram repeats, near 0 when every reply is the same text), and the share of
+    replies that loop on their own (``is_looping``), which distinct-2 over a varied set of prompts misses."""
     if not replies:
-        return ReplyStats(math.nan, math.nan, math.nan)
+        return ReplyStats(math.nan, math.nan, math.nan, math.nan)
     words = [reply.split() for reply in replies]
     bigrams = [pair for w in words for pair in itertools.pairwise(w)]
     distinct = len(set(bigrams)) / len(bigrams) if bigrams else 0.0
     return ReplyStats(
-        sum(not r.strip() for r in replies) / len(replies), sum(map(len, words)) / len(words), distinct
+        sum(not r.strip() for r in replies) / len(replies),
+        sum(map(len, words)) / len(words),
+        distinct,
+        sum(map(is_looping, words)) / len(words),
     )
 
 
-def collapse_warning(stats: ReplyStats, max_empty_share: float, min_distinct_2: float) -> str | None:
+def is_looping(words: Sequence[str]) -> bool:
+    """A reply of at least ``LOOP_MIN_WORDS`` words that mostly repeats itself ("I'm made to be. I'm made to
+    be. ..."): fewer than ``LOOP_MAX_DISTINCT_2`` of its word bigrams are distinct."""
+    if len(words) < LOOP_MIN_WORDS:
+        return False
+    bigrams = list(itertools.pairwise(words))
+    return len(set(bigrams)) / len(bigrams) < LOOP_MAX_DISTINCT_2
+
+
+def collapse_warning(
+    stats: ReplyStats, max_empty_share: float, min_distinct_2: float, max_looping_share: float
+) -> str | None:
     """Why these replies look collapsed (None: they do not)."""
     problems = []
     if stats.empty_share > max_empty_share:
@@ -54,6 +74,11 @@ def collapse_warning(stats: ReplyStats, max_empty_share: float, min_distinct_2: 
         problems.append(
             f"distinct-2 is {stats.distinct_2:.3f} (below {min_distinct_2:g}): the replies repeat "
             "the same words"
+        )
+    if stats.looping_share > max_looping_share:
+        problems.append(
+            f"{stats.looping_share:.0%} of the replies loop, repeating their own words (more than "
+            f"{max_looping_share:.0%})"
         )
     return "; ".join(problems) or None
 
@@ -116,6 +141,7 @@ def with_reply_stats(
                 empty_share=stats.empty_share,
                 mean_reply_words=stats.mean_reply_words,
                 distinct_2=stats.distinct_2,
+                looping_share=stats.looping_share,
             )
         )
     return out

@@ -103,7 +103,9 @@ class StageEvaluator:
         if rows:
             summary.update(reward=rows[-1].mean_reward, preferred_share=rows[-1].preferred_share)
         s = self.settings
-        warning = collapse_warning(stats, s.collapse_max_empty_share, s.collapse_min_distinct_2)
+        warning = collapse_warning(
+            stats, s.collapse_max_empty_share, s.collapse_min_distinct_2, s.collapse_max_looping_share
+        )
         if warning is not None and records:
             log.warning("%s: the white box's replies collapsed: %s", stage, warning)
             summary["collapse_warning"] = warning
