@@ -11,10 +11,10 @@ harmless-base pairs that no run's prompt comes from). Printed:
    the first position);
 2. per setting (``none`` and the ablations ``no_icl``, ``no_d2``, ``no_cycle``), each a fresh fit in its own
    process: the evaluator's gain over the zero-shot white box on the held-out prompts with its paired SE, the
-   preferred share before and after, empty share and distinct-2 after, iterations per prompt (all; prompts
-   that agreed; prompts whose samples were identical; prompts that ran out of iterations), the judge's
-   requests and failure rate, gain per 100 judge requests, training prompts per hour (training rounds only,
-   not the evaluations) and peak RSS (the run's process, and the run with its judge server).
+   preferred share before and after, empty share, distinct-2 and looping share after, iterations per prompt
+   (all; prompts that agreed; prompts whose samples were identical; prompts that ran out of iterations), the
+   judge's requests and failure rate, gain per 100 judge requests, training prompts per hour (training rounds
+   only, not the evaluations) and peak RSS (the run's process, and the run with its judge server).
 
     python benchmarks/real_models.py            # 64 training prompts, 100 evaluation prompts, 4 settings
     python benchmarks/real_models.py --quick    # smoke test: 2 training, 4 evaluation prompts, 'none' only
