@@ -35,8 +35,8 @@ class CycleMetrics(Callback):
     Logged each training step (``cycle/...``), over the prompts that finished in it: iterations used, the
     share that ended by agreement (``agreement``) and the share that ended because their l samples were one
     reply (``identical_samples``: sample collapse, not agreement), judge failure rate, the collapse monitors
-    of their sampled candidates (``empty_share``, ``mean_reply_words``, ``distinct_2``), and, when the module
-    has a ``reward_model`` (the reference ranker),
+    of their sampled candidates (``empty_share``, ``mean_reply_words``, ``distinct_2``, ``looping_share``),
+    and, when the module has a ``reward_model`` (the reference ranker),
     the black box's ranking accuracy against it at each prompt's last iteration, the mean reward of the
     sampled candidates and their reward spread ("delta score"). ``*_mean`` values are running means since the
     start of the run (checkpointed, reduced over processes). Throughput: ``cycle/active_fraction`` (the share
