@@ -181,7 +181,10 @@ def _evaluation_lines(summary: FitSummary) -> list[str]:
             f"(paired standard error; "
             f"{e['reward_gain_z']:+.1f} SE over {_fmt(e['paired_prompts'])} prompts)"
         )
-        lines.append("  result: " + _result(e["reward_gain_z"]))
+        result = _result(e["reward_gain_z"])
+        if e.get("collapse_warning"):  # a reward model can score loops like any reply (docs/real_models.md)
+            result += "; but the replies collapsed (below): the reward does not measure that"
+        lines.append("  result: " + result)
     elif e.get("reward") is not None:
         lines.append(f"  evaluation on {prompts}: reward {e['reward']:.4g}")
     shares = []

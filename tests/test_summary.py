@@ -130,7 +130,8 @@ def test_the_report_prints_whatever_the_module_and_judge_provide():
         "(paired standard error; +6.0 SE over 16 prompts)",
         "  replies the evaluator prefers: 25% -> 75%; empty 6%, 12.5 words on average, distinct-2 0.500, "
         "looping 25%",
-        "  result: aligned: the evaluator's reward rose by more than 2 standard errors",
+        "  result: aligned: the evaluator's reward rose by more than 2 standard errors; but the replies "
+        "collapsed (below): the reward does not measure that",
         "  warning: the replies collapsed: distinct-2 is 0.010",
         "  checkpoint: /x/last.ckpt",
     ]:
