@@ -21,6 +21,8 @@ harmless-base pairs that no run's prompt comes from). Printed:
     python benchmarks/real_models.py --train_prompts 32 --ablations none no_cycle \
         -- --model.cycle.max_iterations 2
 
+    python benchmarks/real_models.py --combine runs/a runs/b   # one table from settings run separately
+
 Settings after ``--`` go to every fit. Each setting writes its run under ``--out`` and a JSON of its figures;
 the last lines are a Markdown table for docs/real_models.md.
 """
@@ -242,6 +244,8 @@ def child(args: argparse.Namespace) -> None:
         judge_requests=judge_metrics.get("requests_sent", float(module.counters.iterations)),
         judge_metrics={k: v for k, v in judge_metrics.items() if isinstance(v, (int, float))},
         counters=module.counters.as_dict(),
+        # the final evaluation's collapse monitors: a reward model can score loops like any reply
+        collapse_warning=(getattr(module, "evaluation_summary", None) or {}).get("collapse_warning"),
         threads=__import__("torch").get_num_threads(),
         run_dir=str(root),
     )
@@ -324,8 +328,9 @@ def report(pairs: dict[str, Any] | None, results: dict[str, dict[str, Any]], arg
             f"{it[k]['iterations']:.2f} x{it[k]['prompts']}" if it[k]["prompts"] else "- x0"
             for k in ("agreed", "identical_samples", "ran_out_or_failed")
         )
+        collapsed = " **collapsed**" if r.get("collapse_warning") else ""
         lines.append(
-            f"| {setting} | {f['reward_gain']:+.2f} +- {f['reward_gain_se']:.2f} ({z:.1f}) | "
+            f"| {setting} | {f['reward_gain']:+.2f} +- {f['reward_gain_se']:.2f} ({z:.1f}){collapsed} | "
             f"{_pct(f['zero_shot']['preferred_share'])} -> {_pct(f['trained']['preferred_share'])} | "
             f"{_pct(f['trained']['empty_share'])} / {f['trained']['distinct_2']:.3f} / "
             f"{_pct(f['trained'].get('looping_share'))} | "
@@ -344,7 +349,50 @@ def report(pairs: dict[str, Any] | None, results: dict[str, dict[str, Any]], arg
         )
         + f"; torch threads {next(iter(results.values()))['threads'] if results else '?'})"
     )
+    lines += [
+        f"\n{setting}: the replies collapsed: {r['collapse_warning']}; its gain is how the evaluator scores "
+        "collapsed replies, not alignment"
+        for setting, r in results.items()
+        if r.get("collapse_warning")
+    ]
     return "\n".join(lines)
+
+
+def combine(out_dirs: list[str]) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]], tuple[int, int]]:
+    """The pairs and the settings' figures that earlier runs wrote under ``out_dirs``, for one table: the
+    full setting takes hours on 2 cores, so its settings may run apart (the sizes must match)."""
+    pairs, results, sizes = None, {}, set()
+    for out in map(Path, out_dirs):
+        if not out.is_dir():
+            raise SystemExit(f"--combine: {out} is not a directory")
+        for setting in (PAIRS, *ABLATIONS):
+            path = out / f"{setting}.json"
+            if not path.is_file():
+                continue
+            try:
+                result = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise SystemExit(f"--combine: {path} is not a figures file: {err}") from None
+            if setting == PAIRS:
+                if pairs is not None:
+                    raise SystemExit(f"--combine: two pairs files ({path} and one before it)")
+                pairs = result["pairs"]
+                continue
+            if setting in results:
+                raise SystemExit(
+                    f"--combine: {setting} appears twice ({path} and {results[setting]['run_dir']})"
+                )
+            results[setting] = result
+            sizes.add((result["training_prompts"], result["figures"]["trained"]["prompts"]))
+    if not results:
+        raise SystemExit(f"--combine: no setting's figures (<setting>.json) under {' '.join(out_dirs)}")
+    if len(sizes) > 1:
+        raise SystemExit(
+            "--combine: the settings ran at different sizes (training, evaluation prompts): "
+            + ", ".join(f"{t}/{e}" for t, e in sorted(sizes))
+        )
+    results = {s: results[s] for s in ABLATIONS if s in results}
+    return pairs, results, sizes.pop()
 
 
 def main() -> None:
@@ -364,10 +412,20 @@ def main() -> None:
         default=None,
         help="held-out pairs for the accuracies (default: every eval prompt's)",
     )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="OUT",
+        help="print one table from the figures of earlier --out folders",
+    )
     parser.add_argument("extra", nargs="*", help="more CLI arguments for every fit (after --)")
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.combine:
+        pairs, results, (args.train_prompts, args.eval_prompts) = combine(args.combine)
+        print(report(pairs, results, args))
         return
     if args.quick:
         args.train_prompts, args.eval_prompts, args.pairs, args.ablations = 2, 4, 4, ["none"]
