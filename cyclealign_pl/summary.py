@@ -19,6 +19,10 @@ from cyclealign_pl.counters import RunTotals
 EXIT_NO_UPDATE = 4  # fit had prompts but took no optimizer step: the model is unchanged
 EXIT_EXPORT_FAILED = 5  # fit trained, but the end-of-fit export failed (the checkpoints are kept)
 SIGNIFICANT_SE = 2.0  # a reward gain beyond this many standard errors is reported as a change
+# a judge whose rankings repeat the previous one by shown position this often ranks by position, not content
+# (chance: 1/6 with 3 candidates, 1/2 with 2); judged over at least this many rankings
+POSITION_ONLY_SHARE = 0.9
+POSITION_ONLY_MIN_RANKINGS = 20
 
 VALIDATION_REWARD = "val/reward/total"
 
@@ -227,6 +231,14 @@ def verdict(summary: FitSummary, judge_failure_warning: float) -> tuple[int, lis
             f"warning: {rate:.0%} of the judgments failed ({_fmt(c.judge_failures)} of "
             f"{_fmt(c.judged)}; report.judge_failure_warning={judge_failure_warning:g}): see "
             "judge/failures/* in metrics.csv"
+        )
+    compared = summary.judge.get("rankings_compared", 0.0)
+    same = summary.judge.get("rankings_same_positions", 0.0)
+    if compared >= POSITION_ONLY_MIN_RANKINGS and same / compared >= POSITION_ONLY_SHARE:
+        messages.append(
+            f"warning: the judge ranked by position: {same / compared:.0%} of its rankings put the shown "
+            f"replies in the same order as the ranking before ({_fmt(same)} of {_fmt(compared)}), so they "
+            "do not follow what the replies say; measure it with model.judge_check (docs/judges.md)"
         )
     if c.prompts > 0 and c.optimizer_steps == 0:
         reasons = []

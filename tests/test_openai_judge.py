@@ -357,6 +357,21 @@ def test_shuffled_candidates_are_mapped_back(server, make_judge):
     assert all(sorted(order) == [0, 1, 2] for order in orders)
 
 
+def test_rankings_that_repeat_by_shown_position_are_counted(server, make_judge):
+    """A judge that reads the replies, shown them shuffled, varies its ranking by position; one that ranks by
+    position repeats it (the 135M judge did, 168 times in 168: docs/real_models.md)."""
+    reader = make_judge(shuffle_candidates=True, seed=3)
+    reader.rank(make_requests(6))
+    metrics = reader.metrics()
+    assert metrics["rankings_compared"] == 5 and metrics["rankings_same_positions"] < 5
+    server.responder = lambda index, body: Behaviour.reply("### The desired ranking is: [1, 2, 0].")
+    blind = make_judge(shuffle_candidates=True, seed=3)
+    judgments = blind.rank(make_requests(6))
+    assert len({j.ranking for j in judgments}) > 1  # mapped back from shuffled orders, they look varied
+    metrics = blind.metrics()
+    assert metrics["rankings_compared"] == 5 and metrics["rankings_same_positions"] == 5
+
+
 def test_permutations_are_aggregated(server, make_judge):
     judge = make_judge(num_permutations=3)
     assert judge.rank(make_requests(2))[0].ranking == EXPECTED

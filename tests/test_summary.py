@@ -79,6 +79,26 @@ def test_a_fit_without_any_optimizer_step_fails_and_says_why():
     assert verdict(no_prompts, 0.2) == (0, [])
 
 
+@pytest.mark.parametrize(
+    ("compared", "same", "warns"),
+    [(167, 167, True), (167, 151, True), (167, 150, False), (19, 19, False), (0, 0, False)],
+)
+def test_a_judge_that_ranks_by_position_is_a_warning(compared, same, warns):
+    from cyclealign_pl.summary import FitSummary, verdict
+
+    summary = FitSummary(
+        counters=RunTotals(steps=3, prompts=3, iterations=10, optimizer_steps=9),
+        judge={"rankings_compared": compared, "rankings_same_positions": same},
+        validation_reward=None,
+        evaluation={},
+    )
+    status, messages = verdict(summary, 0.2)
+    assert status == 0
+    assert [m.startswith("warning: the judge ranked by position") for m in messages] == (
+        [True] if warns else []
+    )
+
+
 def test_the_report_prints_whatever_the_module_and_judge_provide():
     from cyclealign_pl.summary import collect, render
 

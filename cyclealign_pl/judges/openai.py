@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 # "position_bias": the orders asked (num_permutations > 1) cancel out: every candidate has the same mean rank
 JUDGMENT_FAILURE_KINDS = (*CALL_FAILURE_KINDS, "invalid_reply", "replay_miss", "position_bias")
 _COUNTERS = ("prompts", "failures", "invalid_replies", "missing_better_responses", "fallbacks")
+# rankings compared with the one before them by shown position, and how many were the same: a judge that ranks
+# by where a reply is shown, not by what it says, repeats itself (summary.verdict warns)
+_POSITION_COUNTERS = ("rankings_compared", "rankings_same_positions")
 # an environment variable that is never set: a managed local server gets a placeholder key, never a real one
 _NO_KEY_ENV = "CYCLEALIGN_LOCAL_SERVER_NO_KEY"
 _REPLY_OVERHEAD_TOKENS = 48  # '{"ranking": [...], "better_response": "' and the closing, in tokens at most
@@ -165,7 +168,10 @@ class OpenAIJudge(Judge):
         self._run_dir: str | None = None
         self._set_ranking(template, shuffle_candidates, num_permutations, on_failure, fallback, seed)
         self.client = ChatClient(self.settings, seed=self.seed, name=type(self).__name__)
-        self._counters = Counters([*_COUNTERS, *(f"failures/{kind}" for kind in JUDGMENT_FAILURE_KINDS)])
+        self._counters = Counters(
+            [*_COUNTERS, *_POSITION_COUNTERS, *(f"failures/{kind}" for kind in JUDGMENT_FAILURE_KINDS)]
+        )
+        self._last_shown_ranking: tuple[int, ...] | None = None
 
     def _set_ranking(
         self,
@@ -293,6 +299,15 @@ class OpenAIJudge(Judge):
                 calls.append(_Call(messages, key, schema, first, request_index=index, permutation=perm))
         return calls
 
+    def _count_positions(self, shown_ranking: tuple[int, ...]) -> None:
+        """Count whether this ranking, by shown position, repeats the previous one (a content-blind judge
+        does; candidates sampled alike give a judge that reads them no reason to)."""
+        last, self._last_shown_ranking = self._last_shown_ranking, shown_ranking
+        if last is not None and len(last) == len(shown_ranking):
+            self._counters.bump("rankings_compared")
+            if last == shown_ranking:
+                self._counters.bump("rankings_same_positions")
+
     async def _rank_async(self, requests: list[RankRequest]) -> list[Judgment]:
         calls = self._calls(requests)
         replies = await self.client.send(calls)
@@ -321,6 +336,7 @@ class OpenAIJudge(Judge):
                     self._counters.bump("invalid_replies")
                     first_failure = first_failure or ("invalid_reply", f"invalid reply: {parsed.failure}")
                     continue
+                self._count_positions(tuple(parsed.ranking))
                 # back to the original indices: shown position s held candidate permutation[s]
                 rankings.append(tuple(call.permutation[s] for s in parsed.ranking))
                 better = better if better is not None else parsed.better_response
