@@ -19,10 +19,11 @@ from cyclealign_pl.counters import RunTotals
 EXIT_NO_UPDATE = 4  # fit had prompts but took no optimizer step: the model is unchanged
 EXIT_EXPORT_FAILED = 5  # fit trained, but the end-of-fit export failed (the checkpoints are kept)
 SIGNIFICANT_SE = 2.0  # a reward gain beyond this many standard errors is reported as a change
-# a judge whose rankings repeat the previous one by shown position this often ranks by position, not content
-# (chance: 1/6 with 3 candidates, 1/2 with 2); judged over at least this many rankings
-POSITION_ONLY_SHARE = 0.9
-POSITION_ONLY_MIN_RANKINGS = 20
+# a judge whose rankings repeat the previous one by shown position this far from chance (1/6 with 3
+# candidates, 1/2 with 2) toward always ranks by position, not content; judged over at least this many
+# rankings
+POSITION_BIAS_WARNING = 0.5
+POSITION_BIAS_MIN_RANKINGS = 20
 
 VALIDATION_REWARD = "val/reward/total"
 
@@ -221,6 +222,16 @@ def _result(z: float) -> str:
     return f"no significant change from the zero-shot white box (within {SIGNIFICANT_SE:g} standard errors)"
 
 
+def position_bias(judge: Mapping[str, float]) -> float | None:
+    """How far the judge's repeats of its previous ranking by shown position went from chance (0) toward
+    always (1); None before :data:`POSITION_BIAS_MIN_RANKINGS` rankings."""
+    compared = judge.get("rankings_compared", 0.0)
+    same, chance = judge.get("rankings_same_positions", 0.0), judge.get("rankings_same_by_chance", 0.0)
+    if compared < POSITION_BIAS_MIN_RANKINGS or compared <= chance:
+        return None
+    return (same - chance) / (compared - chance)
+
+
 def verdict(summary: FitSummary, judge_failure_warning: float) -> tuple[int, list[str]]:
     """The exit status and the warning/error lines for a finished ``fit``."""
     c = summary.counters
@@ -232,13 +243,14 @@ def verdict(summary: FitSummary, judge_failure_warning: float) -> tuple[int, lis
             f"{_fmt(c.judged)}; report.judge_failure_warning={judge_failure_warning:g}): see "
             "judge/failures/* in metrics.csv"
         )
-    compared = summary.judge.get("rankings_compared", 0.0)
-    same = summary.judge.get("rankings_same_positions", 0.0)
-    if compared >= POSITION_ONLY_MIN_RANKINGS and same / compared >= POSITION_ONLY_SHARE:
+    bias = position_bias(summary.judge)
+    if bias is not None and bias >= POSITION_BIAS_WARNING:
+        j = summary.judge
         messages.append(
-            f"warning: the judge ranked by position: {same / compared:.0%} of its rankings put the shown "
-            f"replies in the same order as the ranking before ({_fmt(same)} of {_fmt(compared)}), so they "
-            "do not follow what the replies say; measure it with model.judge_check (docs/judges.md)"
+            f"warning: the judge ranked by position: {_fmt(j['rankings_same_positions'])} of "
+            f"{_fmt(j['rankings_compared'])} rankings put the shown replies in the same order as the ranking "
+            f"before (chance: {_fmt(round(j['rankings_same_by_chance']))}), so they do not follow what the "
+            "replies say; measure the judge with model.judge_check (docs/judges.md)"
         )
     if c.prompts > 0 and c.optimizer_steps == 0:
         reasons = []

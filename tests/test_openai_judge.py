@@ -370,6 +370,7 @@ def test_rankings_that_repeat_by_shown_position_are_counted(server, make_judge):
     assert len({j.ranking for j in judgments}) > 1  # mapped back from shuffled orders, they look varied
     metrics = blind.metrics()
     assert metrics["rankings_compared"] == 5 and metrics["rankings_same_positions"] == 5
+    assert metrics["rankings_same_by_chance"] == pytest.approx(5 / 6)
 
 
 def test_permutations_are_aggregated(server, make_judge):

@@ -80,15 +80,28 @@ def test_a_fit_without_any_optimizer_step_fails_and_says_why():
 
 
 @pytest.mark.parametrize(
-    ("compared", "same", "warns"),
-    [(167, 167, True), (167, 151, True), (167, 150, False), (19, 19, False), (0, 0, False)],
+    ("compared", "same", "chance", "warns"),
+    [
+        (167, 167, 167 / 6, True),  # the 135M judge without demonstrations (docs/real_models.md)
+        (185, 126, 185 / 6, True),  # the same judge with them: 68%, against 1/6 by chance
+        (185, 108, 185 / 6, True),  # just past halfway from chance to always
+        (185, 107, 185 / 6, False),
+        (100, 70, 50, False),  # two candidates: chance is 1/2
+        (100, 75, 50, True),
+        (19, 19, 19 / 6, False),  # too few to tell
+        (0, 0, 0, False),
+    ],
 )
-def test_a_judge_that_ranks_by_position_is_a_warning(compared, same, warns):
+def test_a_judge_that_ranks_by_position_is_a_warning(compared, same, chance, warns):
     from cyclealign_pl.summary import FitSummary, verdict
 
     summary = FitSummary(
         counters=RunTotals(steps=3, prompts=3, iterations=10, optimizer_steps=9),
-        judge={"rankings_compared": compared, "rankings_same_positions": same},
+        judge={
+            "rankings_compared": compared,
+            "rankings_same_positions": same,
+            "rankings_same_by_chance": chance,
+        },
         validation_reward=None,
         evaluation={},
     )

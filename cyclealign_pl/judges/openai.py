@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import inspect
 import logging
+import math
 import textwrap
 import typing
 from collections.abc import Iterator, Sequence
@@ -43,9 +44,10 @@ log = logging.getLogger(__name__)
 # "position_bias": the orders asked (num_permutations > 1) cancel out: every candidate has the same mean rank
 JUDGMENT_FAILURE_KINDS = (*CALL_FAILURE_KINDS, "invalid_reply", "replay_miss", "position_bias")
 _COUNTERS = ("prompts", "failures", "invalid_replies", "missing_better_responses", "fallbacks")
-# rankings compared with the one before them by shown position, and how many were the same: a judge that ranks
-# by where a reply is shown, not by what it says, repeats itself (summary.verdict warns)
-_POSITION_COUNTERS = ("rankings_compared", "rankings_same_positions")
+# rankings compared with the one before them by shown position, how many were the same, and how many would
+# be by chance (1/n! each: shuffled or sampled alike, the shown order says nothing of content): a judge that
+# ranks by where a reply is shown, not by what it says, repeats itself (summary.verdict warns)
+_POSITION_COUNTERS = ("rankings_compared", "rankings_same_positions", "rankings_same_by_chance")
 # an environment variable that is never set: a managed local server gets a placeholder key, never a real one
 _NO_KEY_ENV = "CYCLEALIGN_LOCAL_SERVER_NO_KEY"
 _REPLY_OVERHEAD_TOKENS = 48  # '{"ranking": [...], "better_response": "' and the closing, in tokens at most
@@ -305,6 +307,7 @@ class OpenAIJudge(Judge):
         last, self._last_shown_ranking = self._last_shown_ranking, shown_ranking
         if last is not None and len(last) == len(shown_ranking):
             self._counters.bump("rankings_compared")
+            self._counters.bump("rankings_same_by_chance", 1.0 / math.factorial(len(shown_ranking)))
             if last == shown_ranking:
                 self._counters.bump("rankings_same_positions")
 
