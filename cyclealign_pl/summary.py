@@ -3,7 +3,8 @@
 :func:`collect` reads the numbers (pure: from the module's counters, the judge's metrics, the trainer's
 logged metrics and an optional ``evaluation_summary`` dict of the module); :func:`render` writes the lines;
 :func:`verdict` decides whether the run did its job: a run that had prompts but took no optimizer step
-failed (:data:`EXIT_NO_UPDATE`), and a judge failure rate above a threshold is a warning.
+failed (:data:`EXIT_NO_UPDATE`); a judge failure rate above a threshold, and a judge that ranks by shown
+position (:func:`position_bias`), are warnings.
 """
 
 from __future__ import annotations
