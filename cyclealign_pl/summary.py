@@ -223,11 +223,9 @@ def _result(z: float) -> str:
     return f"no significant change from the zero-shot white box (within {SIGNIFICANT_SE:g} standard errors)"
 
 
-def position_bias(judge: Mapping[str, float]) -> float | None:
-    """How far the judge's repeats of its previous ranking by shown position went from chance (0) toward
-    always (1); None before :data:`POSITION_BIAS_MIN_RANKINGS` rankings."""
-    compared = judge.get("rankings_compared", 0.0)
-    same, chance = judge.get("rankings_same_positions", 0.0), judge.get("rankings_same_by_chance", 0.0)
+def position_bias(same: float, compared: float, chance: float) -> float | None:
+    """How far ``same`` of ``compared`` rankings that repeat the one before by shown position went from
+    ``chance`` (0) toward always (1); None before :data:`POSITION_BIAS_MIN_RANKINGS` rankings."""
     if compared < POSITION_BIAS_MIN_RANKINGS or compared <= chance:
         return None
     return (same - chance) / (compared - chance)
@@ -244,14 +242,16 @@ def verdict(summary: FitSummary, judge_failure_warning: float) -> tuple[int, lis
             f"{_fmt(c.judged)}; report.judge_failure_warning={judge_failure_warning:g}): see "
             "judge/failures/* in metrics.csv"
         )
-    bias = position_bias(summary.judge)
+    same, compared, chance = (
+        summary.judge.get(f"rankings_{name}", 0.0)
+        for name in ("same_positions", "compared", "same_by_chance")
+    )
+    bias = position_bias(same, compared, chance)
     if bias is not None and bias >= POSITION_BIAS_WARNING:
-        j = summary.judge
         messages.append(
-            f"warning: the judge ranked by position: {_fmt(j['rankings_same_positions'])} of "
-            f"{_fmt(j['rankings_compared'])} rankings put the shown replies in the same order as the ranking "
-            f"before (chance: {_fmt(round(j['rankings_same_by_chance']))}), so they do not follow what the "
-            "replies say; measure the judge with model.judge_check (docs/judges.md)"
+            f"warning: the judge ranked by position: {_fmt(same)} of {_fmt(compared)} rankings put the "
+            f"shown replies in the same order as the ranking before (chance: {_fmt(round(chance))}), so they "
+            "do not follow what the replies say; measure the judge with model.judge_check (docs/judges.md)"
         )
     if c.prompts > 0 and c.optimizer_steps == 0:
         reasons = []
